@@ -1,0 +1,153 @@
+"""Symmetric positive definite (SPD) matrix functions for fitting transforms.
+
+Everything here is pure and jittable, works on batches of matrices (leading
+axes), and computes in `fit_dtype()`: float64 when x64 is enabled, otherwise
+float32 with matmuls at HIGHEST precision. Second moments of LLM activations
+are extremely ill-conditioned (DESIGN §1.3), so every function damps its
+inputs by `eps · tr(S)/d · I` and floors eigenvalues at `eps` times their mean.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def fit_dtype():
+  """float64 when `jax_enable_x64` is on, else float32."""
+  return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+def _check_square(name: str, a: jax.Array) -> None:
+  if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+    raise ValueError(f"{name} must be a (batch of) square matrices, got {name}.shape={a.shape}")
+
+
+def symmetrize(a: jax.Array) -> jax.Array:
+  return 0.5 * (a + jnp.swapaxes(a, -1, -2))
+
+
+def damp(a: jax.Array, eps: float) -> jax.Array:
+  """`a + eps · tr(a)/d · I`: relative ridge, keeps the scale of `a`."""
+  d = a.shape[-1]
+  mean_eig = jnp.trace(a, axis1=-2, axis2=-1) / d
+  return a + (eps * mean_eig)[..., None, None] * jnp.eye(d, dtype=a.dtype)
+
+
+def spd_eigh(a: jax.Array, *, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+  """Eigen-decomposition of a damped SPD matrix with floored eigenvalues.
+
+  Args:
+    a: `(..., d, d)` symmetric positive semi-definite matrix.
+    eps: relative damping and eigenvalue floor.
+
+  Returns:
+    `(w, v)` with `a ≈ v diag(w) vᵀ` and `w >= eps · mean(w) > 0`.
+  """
+  _check_square("a", a)
+  a = damp(symmetrize(jnp.asarray(a, fit_dtype())), eps)
+  w, v = jnp.linalg.eigh(a)
+  floor = eps * jnp.mean(jnp.abs(w), axis=-1, keepdims=True)
+  floor = jnp.maximum(floor, jnp.finfo(w.dtype).tiny)
+  return jnp.maximum(w, floor), v
+
+
+def _from_eigh(w: jax.Array, v: jax.Array, power: float) -> jax.Array:
+  scaled = v * (w**power)[..., None, :]
+  return symmetrize(jnp.matmul(scaled, jnp.swapaxes(v, -1, -2), precision=HIGHEST))
+
+
+def spd_power(a: jax.Array, power: float, *, eps: float = 1e-6) -> jax.Array:
+  """`a^power` of a (damped) SPD matrix via `eigh`."""
+  w, v = spd_eigh(a, eps=eps)
+  return _from_eigh(w, v, power)
+
+
+def spd_sqrt(a: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+  """SPD square root `a^½`."""
+  return spd_power(a, 0.5, eps=eps)
+
+
+def spd_inv_sqrt(a: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+  """SPD inverse square root `a^-½`."""
+  return spd_power(a, -0.5, eps=eps)
+
+
+def _mm(*mats: jax.Array) -> jax.Array:
+  out = mats[0]
+  for m in mats[1:]:
+    out = jnp.matmul(out, m, precision=HIGHEST)
+  return out
+
+
+def geometric_mean(a: jax.Array, b: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+  """Matrix geometric mean `a # b` of two SPD matrices.
+
+  `a # b = a^½ (a^-½ b a^-½)^½ a^½`, the unique SPD `G` with `G a⁻¹ G = b`
+  (arXiv 2603.04359, optimal alignment). Both inputs are damped by `eps`.
+
+  Args:
+    a, b: `(..., d, d)` SPD matrices of the same shape.
+    eps: relative damping and eigenvalue floor.
+
+  Returns:
+    `G`, symmetric, in `fit_dtype()`.
+
+  Raises:
+    ValueError: for non-square or mismatched shapes.
+  """
+  _check_square("a", a)
+  _check_square("b", b)
+  if a.shape != b.shape:
+    raise ValueError(f"geometric_mean needs equal shapes, got {a.shape=} {b.shape=}")
+  wa, va = spd_eigh(a, eps=eps)
+  a_half, a_inv_half = _from_eigh(wa, va, 0.5), _from_eigh(wa, va, -0.5)
+  b = damp(symmetrize(jnp.asarray(b, fit_dtype())), eps)
+  inner = spd_sqrt(_mm(a_inv_half, b, a_inv_half), eps=0.0)
+  return symmetrize(_mm(a_half, inner, a_half))
+
+
+def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *,
+                        eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+  """The symmetric optimal-alignment transform `M = P^½` and its inverse.
+
+  `P = Σ_x⁻¹ # Σ_W` maximizes the alignment over all invertible transforms
+  (DESIGN §1.3); `M = P^½` satisfies `Mᵀ M = P`. Computed as
+  `P = Σ_x^-½ (Σ_x^½ Σ_W Σ_x^½)^½ Σ_x^-½`, which needs no explicit inverse,
+  then `M` and `M⁻¹` from one `eigh` of `P`.
+
+  Args:
+    sigma_x: `(..., d, d)` activation second moment `E[x xᵀ]`.
+    gram_w: `(..., d, d)` weight Gram `Wᵀ W`.
+    eps: relative damping of both inputs and eigenvalue floor.
+
+  Returns:
+    `(M, M⁻¹)`, both symmetric, in `fit_dtype()`.
+  """
+  _check_square("sigma_x", sigma_x)
+  if sigma_x.shape != gram_w.shape:
+    raise ValueError(f"shapes differ: {sigma_x.shape=} {gram_w.shape=}")
+  wx, vx = spd_eigh(sigma_x, eps=eps)
+  x_half, x_inv_half = _from_eigh(wx, vx, 0.5), _from_eigh(wx, vx, -0.5)
+  g = damp(symmetrize(jnp.asarray(gram_w, fit_dtype())), eps)
+  inner = spd_sqrt(_mm(x_half, g, x_half), eps=0.0)
+  p = _mm(x_inv_half, inner, x_inv_half)
+  wp, vp = spd_eigh(p, eps=0.0)
+  return _from_eigh(wp, vp, 0.5), _from_eigh(wp, vp, -0.5)
+
+
+def ensure_finite(name: str, *arrays: jax.Array) -> None:
+  """Raise `FloatingPointError` naming `name` if a concrete array is not finite.
+
+  Traced arrays (inside `jit`) are skipped: check the result outside.
+  """
+  for a in arrays:
+    if a is None or isinstance(a, jax.core.Tracer):
+      continue
+    if not bool(jnp.all(jnp.isfinite(a))):
+      raise FloatingPointError(
+          f"fit of {name} produced non-finite values; the second moments may be "
+          "degenerate (all-zero activations or weights) or overflow float32 -- "
+          "enable x64 or raise the damping eps")

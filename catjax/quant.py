@@ -1,0 +1,214 @@
+"""Uniform integer round-to-nearest (RTN) quantizers and int4 packing.
+
+Conventions (DESIGN §1.1): activations `x` have shape `(..., tokens, d_in)` and
+are quantized per token (one scale per row, reduction over the last axis);
+kernels have shape `(d_in, d_out)` and are quantized per output channel (one
+scale per column, reduction over axis -2). `group_size` splits the reduced
+axis -- the input channels in both cases -- into groups with a scale each.
+
+Symmetric `b`-bit quantization uses the levels `-qmax..qmax`,
+`qmax = 2^(b-1) - 1`, so the range `2·absmax` is cut into `N(b) = 2^b - 2`
+steps; asymmetric quantization uses `2^b - 1` steps over `[min, max]` (the
+range always contains zero) and an integer zero point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+GRANULARITIES = ("tensor", "token", "channel")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+  """A uniform RTN quantizer.
+
+  Attributes:
+    bits: bit width, 2..8.
+    symmetric: symmetric (`-qmax..qmax`, no zero point) or asymmetric
+      (`0..2^b-1` with an integer zero point).
+    granularity: "tensor" (one scale), "token" (one scale per row of an
+      activation, reduction over the last axis) or "channel" (one scale per
+      output channel of a `(d_in, d_out)` kernel, reduction over axis -2).
+    group_size: optional size of groups of input channels along the reduced
+      axis; each group gets its own scale. Must divide that axis.
+    clip_ratio: the quantization range is `clip_ratio` times the observed
+      range, in (0, 1].
+  """
+
+  bits: int = 4
+  symmetric: bool = True
+  granularity: str = "token"
+  group_size: int | None = None
+  clip_ratio: float = 1.0
+
+  def __post_init__(self):
+    if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+      raise ValueError(f"bits must be an integer in 2..8, got {self.bits=!r}")
+    if self.granularity not in GRANULARITIES:
+      raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity=!r}")
+    if self.group_size is not None:
+      if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+        raise ValueError(f"group_size must be a positive integer or None, got {self.group_size=!r}")
+      if self.granularity == "tensor":
+        raise ValueError(
+            f"group_size={self.group_size} needs granularity 'token' or 'channel', got {self.granularity=!r}")
+    if not 0.0 < float(self.clip_ratio) <= 1.0:
+      raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio=!r}")
+
+  @property
+  def qmax(self) -> int:
+    """Largest integer level: `2^(b-1)-1` symmetric, `2^b-1` asymmetric."""
+    return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+  @property
+  def num_steps(self) -> int:
+    """`N(b)`: quantization steps across the range (DESIGN §1.1)."""
+    return 2**self.bits - 2 if self.symmetric else 2**self.bits - 1
+
+  @property
+  def storage_dtype(self):
+    return jnp.int8 if self.symmetric else jnp.uint8
+
+
+def activation_config(bits: int, **kw) -> QuantConfig:
+  """Symmetric per-token quantizer for activations."""
+  return QuantConfig(bits=bits, granularity="token", **kw)
+
+
+def weight_config(bits: int, **kw) -> QuantConfig:
+  """Symmetric per-output-channel quantizer for `(d_in, d_out)` kernels."""
+  return QuantConfig(bits=bits, granularity="channel", **kw)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["values", "scale", "zero_point"],
+    meta_fields=["config", "shape"])
+@dataclasses.dataclass(frozen=True)
+class QArray:
+  """Integer values with their scales (and zero points when asymmetric).
+
+  `values` has the shape of the quantized array; `scale` and `zero_point`
+  are shaped to broadcast against the grouped view of it (see `dequantize`).
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None
+  config: QuantConfig
+  shape: tuple[int, ...]
+
+
+def _reduced_axis(ndim: int, config: QuantConfig) -> int | None:
+  if config.granularity == "tensor":
+    return None
+  need = 1 if config.granularity == "token" else 2
+  if ndim < need:
+    raise ValueError(
+        f"granularity {config.granularity!r} needs an array of rank >= {need}, got rank {ndim}")
+  return ndim - 1 if config.granularity == "token" else ndim - 2
+
+
+def _grouped(v: jax.Array, config: QuantConfig) -> tuple[jax.Array, tuple[int, ...]]:
+  """Reshape `v` so that every quantization group is reduced over `axes`."""
+  axis = _reduced_axis(v.ndim, config)
+  if axis is None:
+    return v, tuple(range(v.ndim))
+  if config.group_size is None:
+    return v, (axis,)
+  n = v.shape[axis]
+  if n % config.group_size:
+    raise ValueError(
+        f"group_size must divide the reduced axis: {v.shape=} axis={axis} (size {n}) "
+        f"group_size={config.group_size}")
+  shape = v.shape[:axis] + (n // config.group_size, config.group_size) + v.shape[axis + 1:]
+  return v.reshape(shape), (axis + 1,)
+
+
+def quantize(v: jax.Array, config: QuantConfig) -> QArray:
+  """Round-to-nearest quantization of `v` (computed in float32).
+
+  Args:
+    v: array to quantize; rank >= 1 for "token", >= 2 for "channel".
+    config: the quantizer.
+
+  Returns:
+    A `QArray` with int8 (symmetric) or uint8 (asymmetric) values.
+
+  Raises:
+    ValueError: for ranks or group sizes the config cannot take.
+  """
+  v = jnp.asarray(v)
+  shape = v.shape
+  g, axes = _grouped(v.astype(jnp.float32), config)
+  clip = jnp.float32(config.clip_ratio)
+  if config.symmetric:
+    absmax = jnp.max(jnp.abs(g), axis=axes, keepdims=True)
+    scale = clip * absmax / config.qmax
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(g / scale), -config.qmax, config.qmax)
+    zero = None
+  else:
+    lo = jnp.minimum(jnp.min(g, axis=axes, keepdims=True), 0.0) * clip
+    hi = jnp.maximum(jnp.max(g, axis=axes, keepdims=True), 0.0) * clip
+    scale = (hi - lo) / config.qmax
+    scale = jnp.where(scale > 0, scale, 1.0)
+    zero = jnp.clip(jnp.round(-lo / scale), 0, config.qmax)
+    q = jnp.clip(jnp.round(g / scale) + zero, 0, config.qmax)
+    zero = zero.astype(jnp.int32)
+  values = q.astype(config.storage_dtype).reshape(shape)
+  return QArray(values=values, scale=scale, zero_point=zero, config=config, shape=shape)
+
+
+def dequantize(q: QArray, dtype: Any = jnp.float32) -> jax.Array:
+  """Back to real values: `(q - zero_point) * scale`, in `dtype`."""
+  g, _ = _grouped(q.values, q.config)
+  g = g.astype(jnp.float32)
+  if q.zero_point is not None:
+    g = g - q.zero_point.astype(jnp.float32)
+  return (g * q.scale).reshape(q.shape).astype(dtype)
+
+
+def fake_quantize(v: jax.Array, config: QuantConfig) -> jax.Array:
+  """`dequantize(quantize(v))`, returned in the dtype of `v`."""
+  v = jnp.asarray(v)
+  return dequantize(quantize(v, config), v.dtype)
+
+
+def pack_int4(q: jax.Array, *, axis: int = -1) -> jax.Array:
+  """Pack pairs of 4-bit integers along `axis` into one byte each.
+
+  Element `2i` goes to the low nibble and `2i+1` to the high nibble.
+  int8 input must lie in [-8, 7] (signed nibbles); uint8 input in [0, 15].
+
+  Raises:
+    ValueError: for other dtypes or an odd length along `axis`.
+  """
+  q = jnp.asarray(q)
+  if q.dtype not in (jnp.int8, jnp.uint8):
+    raise ValueError(f"pack_int4 takes int8 or uint8 values, got {q.dtype=}")
+  if q.ndim == 0 or q.shape[axis] % 2:
+    raise ValueError(f"pack_int4 needs an even length along axis {axis}, got {q.shape=}")
+  q = jnp.moveaxis(q, axis, -1)
+  lo, hi = q[..., 0::2], q[..., 1::2]
+  packed = (lo & 0x0F) | jnp.left_shift(hi, 4)
+  return jnp.moveaxis(packed.astype(q.dtype), -1, axis)
+
+
+def unpack_int4(p: jax.Array, *, axis: int = -1) -> jax.Array:
+  """Inverse of `pack_int4`: int8 bytes give signed nibbles, uint8 unsigned."""
+  p = jnp.asarray(p)
+  if p.dtype not in (jnp.int8, jnp.uint8):
+    raise ValueError(f"unpack_int4 takes int8 or uint8 bytes, got {p.dtype=}")
+  p = jnp.moveaxis(p, axis, -1)
+  # Arithmetic shifts on int8 sign-extend; on uint8 they are logical.
+  lo = jnp.right_shift(jnp.left_shift(p, 4), 4)
+  hi = jnp.right_shift(p, 4)
+  out = jnp.stack([lo, hi], axis=-1).reshape(p.shape[:-1] + (2 * p.shape[-1],))
+  return jnp.moveaxis(out, -1, axis)

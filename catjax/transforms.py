@@ -1,0 +1,196 @@
+"""Function-preserving transforms of a linear layer's input (DESIGN §1.3).
+
+Every transform is `T = H · D · B`: a block-diagonal `B` (`d/k` blocks of
+`k × k`; absent for pure rotations), then an optional randomized orthonormal
+Hadamard `H · D` (`D` a ±1 diagonal). Activations become `x' = x Tᵀ` and the
+kernel `kernel' = T⁻ᵀ kernel`, so `x' @ kernel' == x @ kernel`. `B⁻¹` is
+computed once, at fit time, from the same eigendecomposition as `B`.
+
+Methods (all fitted from `Σ_x = E[x xᵀ]` and `Σ_W = Wᵀ W = kernel @ kernel.T`):
+
+| method | B | H·D |
+|---|---|---|
+| identity | -- | -- |
+| smoothquant | `diag(1/s)`, `s_j = a_j^α / w_j^(1-α)` | -- |
+| smoothquant_hadamard | as smoothquant | yes |
+| hadamard | -- | yes |
+| cat | blockdiag of `(Σ_x,i⁻¹ # Σ_W,i)^½` over `k × k` diagonal blocks | yes |
+| cat_full | `(Σ_x⁻¹ # Σ_W)^½` (k = d, the optimum) | yes |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from catjax import hadamard as hd
+from catjax import linalg
+
+HIGHEST = jax.lax.Precision.HIGHEST
+METHODS = ("identity", "smoothquant", "smoothquant_hadamard", "hadamard", "cat", "cat_full")
+_WITH_HADAMARD = ("smoothquant_hadamard", "hadamard", "cat", "cat_full")
+DEFAULT_EPS = 1e-6
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["blocks", "inv_blocks", "signs"], meta_fields=["method", "dim"])
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """`T = H · D · B` as a pytree.
+
+  Attributes:
+    blocks: `(d/k, k, k)` float32 blocks `B_i` of `B`, or None.
+    inv_blocks: `(d/k, k, k)` blocks of `B⁻¹`, or None.
+    signs: `(d,)` ±1 diagonal `D` of the randomized Hadamard, or None when
+      the transform has no Hadamard.
+    method: the method it was fitted with.
+    dim: `d`, the input width of the layer.
+  """
+
+  blocks: jax.Array | None
+  inv_blocks: jax.Array | None
+  signs: jax.Array | None
+  method: str
+  dim: int
+
+  @property
+  def block_size(self) -> int | None:
+    return None if self.blocks is None else self.blocks.shape[-1]
+
+  def _check(self, v: jax.Array, axis: int, what: str) -> None:
+    if v.ndim < 1 or v.shape[axis] != self.dim:
+      raise ValueError(f"{what} must have size {self.dim} on axis {axis}, got shape {v.shape}")
+
+  def apply(self, x: jax.Array) -> jax.Array:
+    """`x' = x Tᵀ` for activations `x: (..., d)`; returns the dtype of `x`."""
+    x = jnp.asarray(x)
+    self._check(x, -1, "x")
+    v = x.astype(jnp.float32)
+    if self.blocks is not None:
+      nb, k, _ = self.blocks.shape
+      v = v.reshape(v.shape[:-1] + (nb, k))
+      v = jnp.einsum("...bk,bjk->...bj", v, self.blocks, precision=HIGHEST)
+      v = v.reshape(x.shape)
+    if self.signs is not None:
+      v = hd.apply_hadamard(v, self.signs)
+    return v.astype(x.dtype)
+
+  def merge(self, kernel: jax.Array) -> jax.Array:
+    """`kernel' = T⁻ᵀ kernel` for `kernel: (d, d_out)`; returns its dtype."""
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 2:
+      raise ValueError(f"kernel must be (d_in, d_out), got {kernel.shape=}")
+    self._check(kernel, 0, "kernel")
+    k = kernel.astype(jnp.float32)
+    if self.inv_blocks is not None:
+      nb, bs, _ = self.inv_blocks.shape
+      k = jnp.einsum("bkj,bko->bjo", self.inv_blocks, k.reshape(nb, bs, -1), precision=HIGHEST)
+      k = k.reshape(kernel.shape)
+    if self.signs is not None:
+      k = hd.apply_hadamard(k, self.signs, axis=0)
+    return k.astype(kernel.dtype)
+
+  def matrix(self) -> jax.Array:
+    """Dense `T` (`d × d`), for analysis and tests: `T = apply(I)ᵀ`."""
+    return self.apply(jnp.eye(self.dim, dtype=jnp.float32)).T
+
+
+def _diagonal_blocks(s: jax.Array, k: int) -> jax.Array:
+  nb = s.shape[-1] // k
+  s = s.reshape(nb, k, nb, k).transpose(0, 2, 1, 3)
+  idx = jnp.arange(nb)
+  return s[idx, idx]
+
+
+def _smooth_scales(sigma_x, gram_w, act_absmax, weight_absmax, alpha, eps):
+  """SmoothQuant `s_j = a_j^α / w_j^(1-α)` with RMS fallbacks for the maxima."""
+  a = jnp.sqrt(jnp.maximum(jnp.diagonal(sigma_x), 0.0)) if act_absmax is None else act_absmax
+  w = jnp.sqrt(jnp.maximum(jnp.diagonal(gram_w), 0.0)) if weight_absmax is None else weight_absmax
+  a = jnp.maximum(a.astype(jnp.float32), eps * jnp.max(a) + 1e-30)
+  w = jnp.maximum(w.astype(jnp.float32), eps * jnp.max(w) + 1e-30)
+  return a**alpha / w ** (1.0 - alpha)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "block_size", "alpha", "eps"))
+def _fit(sigma_x, gram_w, signs, act_absmax, weight_absmax, *, method, block_size, alpha, eps):
+  blocks = inv = None
+  if method in ("smoothquant", "smoothquant_hadamard"):
+    s = _smooth_scales(sigma_x, gram_w, act_absmax, weight_absmax, alpha, eps)
+    blocks, inv = (1.0 / s)[:, None, None], s[:, None, None]
+  elif method in ("cat", "cat_full"):
+    sx = _diagonal_blocks(sigma_x, block_size)
+    sw = _diagonal_blocks(gram_w, block_size)
+    blocks, inv = linalg.alignment_transform(sx, sw, eps=eps)
+  d = sigma_x.shape[-1]
+  as32 = lambda a: None if a is None else a.astype(jnp.float32)
+  return Transform(blocks=as32(blocks), inv_blocks=as32(inv), signs=signs, method=method, dim=d)
+
+
+def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
+                  block_size: int | None = None, key: jax.Array | None = None,
+                  act_absmax: jax.Array | None = None, alpha: float = 0.5,
+                  weight_absmax: jax.Array | None = None, eps: float = DEFAULT_EPS,
+                  name: str = "transform") -> Transform:
+  """Fit a function-preserving transform for one linear input.
+
+  Args:
+    method: one of `METHODS`.
+    sigma_x: `(d, d)` activation second moment `E[x xᵀ]`.
+    gram_w: `(d, d)` weight Gram `kernel @ kernel.T` (summed over the linears
+      that share this input).
+    block_size: `k` for "cat" (must divide `d`; default 128 if it divides `d`,
+      else 64); ignored by other methods ("cat_full" uses `k = d`).
+    key: PRNG key for the Hadamard signs (default `PRNGKey(0)`).
+    act_absmax: `(d,)` per-channel `max |x_j|` for SmoothQuant (default: RMS).
+    alpha: SmoothQuant migration strength.
+    weight_absmax: `(d,)` per-input-channel `max |W_:,j|` for SmoothQuant
+      (default: the column norm from `gram_w`; a global factor does not
+      change quantization).
+    eps: relative damping of both second moments and eigenvalue floor.
+    name: label used in error messages (e.g. "layer 3 down_in").
+
+  Returns:
+    A `Transform` with `.apply(x)` and `.merge(kernel)`.
+
+  Raises:
+    ValueError: unknown method, mismatched shapes, a block size that does not
+      divide `d`, or a width without a supported Hadamard.
+    FloatingPointError: the fit produced non-finite values.
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  sigma_x, gram_w = jnp.asarray(sigma_x), jnp.asarray(gram_w)
+  if sigma_x.ndim != 2 or sigma_x.shape[0] != sigma_x.shape[1] or sigma_x.shape != gram_w.shape:
+    raise ValueError(f"sigma_x and gram_w must be equal square (d, d) matrices, got "
+                     f"{sigma_x.shape=} {gram_w.shape=}")
+  d = sigma_x.shape[0]
+  for label, v in (("act_absmax", act_absmax), ("weight_absmax", weight_absmax)):
+    if v is not None and jnp.shape(v) != (d,):
+      raise ValueError(f"{label} must have shape ({d},), got {jnp.shape(v)}")
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha must be in [0, 1], got {alpha=}")
+  if method == "cat":
+    block_size = block_size or (128 if d % 128 == 0 else 64)
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
+        or block_size < 1 or d % block_size:
+      raise ValueError(f"block_size must be a positive divisor of d: {d=} {block_size=}")
+    block_size = int(block_size)
+  elif method == "cat_full":
+    block_size = d
+  else:
+    block_size = None
+  signs = None
+  if method in _WITH_HADAMARD:
+    hd.hadamard_factors(d)  # raises with the nearest supported sizes
+    signs = hd.random_signs(jax.random.PRNGKey(0) if key is None else key, d)
+  t = _fit(sigma_x, gram_w, signs,
+           None if act_absmax is None else jnp.asarray(act_absmax),
+           None if weight_absmax is None else jnp.asarray(weight_absmax),
+           method=method, block_size=block_size, alpha=float(alpha), eps=float(eps))
+  linalg.ensure_finite(name, t.blocks, t.inv_blocks)
+  return t
