@@ -44,12 +44,17 @@ def spd_eigh(a: jax.Array, *, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
     eps: relative damping and eigenvalue floor.
 
   Returns:
-    `(w, v)` with `a ≈ v diag(w) vᵀ` and `w >= eps · mean(w) > 0`.
+    `(w, v)` with `a ≈ v diag(w) vᵀ` and `w >= max(eps · mean(w),
+    d · ulp · max(w)) > 0`.
   """
   _check_square("a", a)
   a = damp(symmetrize(jnp.asarray(a, fit_dtype())), eps)
   w, v = jnp.linalg.eigh(a)
-  floor = eps * jnp.mean(jnp.abs(w), axis=-1, keepdims=True)
+  # Below d·ulp·λmax an eigenvalue is rounding noise (float32: ~1e-5 relative
+  # for d = 128); floor there too, so that inverse powers stay meaningful.
+  scale = jnp.max(jnp.abs(w), axis=-1, keepdims=True)
+  floor = jnp.maximum(eps * jnp.mean(jnp.abs(w), axis=-1, keepdims=True),
+                      a.shape[-1] * jnp.finfo(w.dtype).eps * scale)
   floor = jnp.maximum(floor, jnp.finfo(w.dtype).tiny)
   return jnp.maximum(w, floor), v
 
@@ -134,7 +139,7 @@ def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *,
   g = damp(symmetrize(jnp.asarray(gram_w, fit_dtype())), eps)
   inner = spd_sqrt(_mm(x_half, g, x_half), eps=0.0)
   p = _mm(x_inv_half, inner, x_inv_half)
-  wp, vp = spd_eigh(p, eps=0.0)
+  wp, vp = spd_eigh(p, eps=eps)
   return _from_eigh(wp, vp, 0.5), _from_eigh(wp, vp, -0.5)
 
 

@@ -135,7 +135,7 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
                   block_size: int | None = None, key: jax.Array | None = None,
                   act_absmax: jax.Array | None = None, alpha: float = 0.5,
                   weight_absmax: jax.Array | None = None, eps: float = DEFAULT_EPS,
-                  name: str = "transform") -> Transform:
+                  x64: bool | None = None, name: str = "transform") -> Transform:
   """Fit a function-preserving transform for one linear input.
 
   Args:
@@ -152,6 +152,9 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
       (default: the column norm from `gram_w`; a global factor does not
       change quantization).
     eps: relative damping of both second moments and eigenvalue floor.
+    x64: fit in float64 (default: yes, except on TPU where float64 is
+      emulated); the transform is stored in float32 either way. Activation
+      second moments are too ill-conditioned for float32 eigh (DESIGN §1.3).
     name: label used in error messages (e.g. "layer 3 down_in").
 
   Returns:
@@ -188,9 +191,12 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
   if method in _WITH_HADAMARD:
     hd.hadamard_factors(d)  # raises with the nearest supported sizes
     signs = hd.random_signs(jax.random.PRNGKey(0) if key is None else key, d)
-  t = _fit(sigma_x, gram_w, signs,
-           None if act_absmax is None else jnp.asarray(act_absmax),
-           None if weight_absmax is None else jnp.asarray(weight_absmax),
-           method=method, block_size=block_size, alpha=float(alpha), eps=float(eps))
+  if x64 is None:
+    x64 = jax.default_backend() != "tpu"
+  with jax.enable_x64(bool(x64)):
+    t = _fit(sigma_x, gram_w, signs,
+             None if act_absmax is None else jnp.asarray(act_absmax),
+             None if weight_absmax is None else jnp.asarray(weight_absmax),
+             method=method, block_size=block_size, alpha=float(alpha), eps=float(eps))
   linalg.ensure_finite(name, t.blocks, t.inv_blocks)
   return t

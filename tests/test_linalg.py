@@ -1,0 +1,82 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+import catjax as cj
+from catjax import linalg
+
+
+def _spd(seed, d, cond=1e3):
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+  return (q * np.logspace(0, -np.log10(cond), d)) @ q.T
+
+
+def test_geometric_mean_matches_scipy_float64(x64):
+  a, b = _spd(0, 24), _spd(1, 24, cond=1e5)
+  ah = np.real(scipy.linalg.sqrtm(a))
+  ahi = np.linalg.inv(ah)
+  ref = ah @ np.real(scipy.linalg.sqrtm(ahi @ b @ ahi)) @ ah
+  g = np.asarray(cj.geometric_mean(jnp.asarray(a), jnp.asarray(b), eps=0.0))
+  assert g.dtype == np.float64
+  np.testing.assert_allclose(g, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_geometric_mean_float32_close_to_scipy():
+  a, b = _spd(2, 16, cond=1e2), _spd(3, 16, cond=1e2)
+  ah = np.real(scipy.linalg.sqrtm(a))
+  ahi = np.linalg.inv(ah)
+  ref = ah @ np.real(scipy.linalg.sqrtm(ahi @ b @ ahi)) @ ah
+  g = cj.geometric_mean(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), eps=0.0)
+  assert g.dtype == jnp.float32
+  np.testing.assert_allclose(g, ref, rtol=2e-3, atol=2e-5)
+
+
+def test_riccati_symmetry_and_idempotence(x64):
+  a, b = jnp.asarray(_spd(4, 20, 1e4)), jnp.asarray(_spd(5, 20, 1e4))
+  g = cj.geometric_mean(a, b, eps=0.0)
+  np.testing.assert_allclose(g @ jnp.linalg.inv(a) @ g, b, rtol=1e-7, atol=1e-9)  # G a⁻¹ G = b
+  np.testing.assert_allclose(g, g.T, atol=1e-12)
+  np.testing.assert_allclose(cj.geometric_mean(a, a, eps=0.0), a, rtol=1e-8, atol=1e-10)
+  # symmetric in its arguments: a # b = b # a
+  np.testing.assert_allclose(cj.geometric_mean(b, a, eps=0.0), g, rtol=1e-7, atol=1e-10)
+
+
+def test_sqrt_and_inverse_sqrt(x64):
+  a = jnp.asarray(_spd(6, 12, 1e6))
+  s, si = cj.spd_sqrt(a, eps=0.0), cj.spd_inv_sqrt(a, eps=0.0)
+  np.testing.assert_allclose(s @ s, a, rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(s @ si, np.eye(12), atol=1e-8)
+
+
+def test_damping_and_floor_make_singular_input_invertible():
+  a = jnp.zeros((6, 6)).at[0, 0].set(1.0)  # rank 1
+  w, _ = linalg.spd_eigh(a, eps=1e-3)
+  assert float(w.min()) > 0
+  assert bool(jnp.all(jnp.isfinite(cj.spd_inv_sqrt(a, eps=1e-3))))
+
+
+def test_batched_and_jitted():
+  a = jnp.stack([jnp.asarray(_spd(i, 8), jnp.float32) for i in range(3)])
+  b = jnp.stack([jnp.asarray(_spd(10 + i, 8), jnp.float32) for i in range(3)])
+  g = jax.jit(cj.geometric_mean)(a, b)
+  np.testing.assert_allclose(g[1], cj.geometric_mean(a[1], b[1]), rtol=1e-4, atol=1e-6)
+
+
+def test_alignment_transform_solves_riccati(x64):
+  sx, sw = jnp.asarray(_spd(7, 16, 1e5)), jnp.asarray(_spd(8, 16, 1e3))
+  m, m_inv = linalg.alignment_transform(sx, sw, eps=0.0)
+  np.testing.assert_allclose(m @ m_inv, np.eye(16), atol=1e-8)
+  p = m @ m
+  np.testing.assert_allclose(p @ sx @ p, sw, rtol=1e-7, atol=1e-9)
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="square"):
+    cj.geometric_mean(jnp.ones((3, 4)), jnp.ones((3, 4)))
+  with pytest.raises(ValueError, match="equal shapes"):
+    cj.geometric_mean(jnp.eye(3), jnp.eye(4))
+  with pytest.raises(FloatingPointError, match="layer 7"):
+    linalg.ensure_finite("layer 7", jnp.array([1.0, jnp.nan]))
