@@ -107,11 +107,17 @@ def geometric_mean(a: jax.Array, b: jax.Array, *, eps: float = 1e-6) -> jax.Arra
   _check_square("b", b)
   if a.shape != b.shape:
     raise ValueError(f"geometric_mean needs equal shapes, got {a.shape=} {b.shape=}")
+  return _geometric_mean(a, b, eps=eps, a_power=1.0)
+
+
+def _geometric_mean(a, b, *, eps: float, a_power: float) -> jax.Array:
+  """`a^p # b` for `p = ±1` from one `eigh` of `a` (no explicit inverse):
+  `a^(p/2) (a^(-p/2) b a^(-p/2))^½ a^(p/2)`."""
   wa, va = spd_eigh(a, eps=eps)
-  a_half, a_inv_half = _from_eigh(wa, va, 0.5), _from_eigh(wa, va, -0.5)
+  outer, inner_side = _from_eigh(wa, va, 0.5 * a_power), _from_eigh(wa, va, -0.5 * a_power)
   b = damp(symmetrize(jnp.asarray(b, fit_dtype())), eps)
-  inner = spd_sqrt(_mm(a_inv_half, b, a_inv_half), eps=0.0)
-  return symmetrize(_mm(a_half, inner, a_half))
+  inner = spd_sqrt(_mm(inner_side, b, inner_side), eps=0.0)
+  return symmetrize(_mm(outer, inner, outer))
 
 
 def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *,
@@ -134,11 +140,7 @@ def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *,
   _check_square("sigma_x", sigma_x)
   if sigma_x.shape != gram_w.shape:
     raise ValueError(f"shapes differ: {sigma_x.shape=} {gram_w.shape=}")
-  wx, vx = spd_eigh(sigma_x, eps=eps)
-  x_half, x_inv_half = _from_eigh(wx, vx, 0.5), _from_eigh(wx, vx, -0.5)
-  g = damp(symmetrize(jnp.asarray(gram_w, fit_dtype())), eps)
-  inner = spd_sqrt(_mm(x_half, g, x_half), eps=0.0)
-  p = _mm(x_inv_half, inner, x_inv_half)
+  p = _geometric_mean(sigma_x, gram_w, eps=eps, a_power=-1.0)
   wp, vp = spd_eigh(p, eps=eps)
   return _from_eigh(wp, vp, 0.5), _from_eigh(wp, vp, -0.5)
 
