@@ -166,10 +166,15 @@ def optimal_alignment(sigma_x: jax.Array, gram_w: jax.Array) -> jax.Array:
   return jnp.sum(sig**2) / jnp.sum(sig) ** 2
 
 
+def _operand_sqnrs(c_x, c_w, align, a_config: QuantConfig, w_config: QuantConfig):
+  """`SQNR_x = 12 N_x² C_x A` and `SQNR_w = 12 N_w² C_w A`."""
+  return (12.0 * a_config.num_steps**2 * c_x * align,
+          12.0 * w_config.num_steps**2 * c_w * align)
+
+
 def predicted_sqnr(c_x, c_w, align, *, a_config: QuantConfig, w_config: QuantConfig):
   """`12 · (N_x² C_x ∥ N_w² C_w) · A` (linear, not dB)."""
-  sx = 12.0 * a_config.num_steps**2 * c_x * align
-  sw = 12.0 * w_config.num_steps**2 * c_w * align
+  sx, sw = _operand_sqnrs(c_x, c_w, align, a_config, w_config)
   return sx * sw / (sx + sw)
 
 
@@ -192,8 +197,7 @@ def layer_sqnr_terms(x: jax.Array, kernel: jax.Array, *, a_config: QuantConfig,
   c_w = concentration_w(kernel, w_config)
   sigma_x = second_moment(x2).astype(jnp.float32)
   a = alignment(sigma_x, weight_gram(kernel).astype(jnp.float32))
-  sx = 12.0 * a_config.num_steps**2 * c_x * a
-  sw = 12.0 * w_config.num_steps**2 * c_w * a
+  sx, sw = _operand_sqnrs(c_x, c_w, a, a_config, w_config)
   return {
       "measured_db": db(measured_sqnr(x2, kernel, a_config=a_config, w_config=w_config)),
       "predicted_db": db(sx * sw / (sx + sw)),
