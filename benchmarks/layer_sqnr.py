@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median_time, write  # noqa: E402
@@ -48,7 +47,7 @@ def fit_time(d: int, repeats: int):
 
 
 def hadamard_vs_dense(shape, repeats: int):
-  m, n = shape
+  n = shape[1]
   x = jax.random.normal(jax.random.PRNGKey(3), shape)
   h = jnp.asarray(hadamard.hadamard_matrix(n), jnp.float32)
   fast = jax.jit(cj.apply_hadamard)

@@ -27,10 +27,6 @@ DEFAULT_METHODS = (
     ("cat_full", "cat_full", None),
 )
 
-COLUMNS = ("measured_db", "predicted_db", "concentration_x_db", "concentration_w_db",
-           "alignment_gain_db")
-
-
 @dataclasses.dataclass(frozen=True)
 class MethodResult:
   label: str

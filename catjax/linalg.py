@@ -103,16 +103,16 @@ def geometric_mean(a: jax.Array, b: jax.Array, *, eps: float = 1e-6) -> jax.Arra
   Raises:
     ValueError: for non-square or mismatched shapes.
   """
-  _check_square("a", a)
-  _check_square("b", b)
-  if a.shape != b.shape:
-    raise ValueError(f"geometric_mean needs equal shapes, got {a.shape=} {b.shape=}")
-  return _geometric_mean(a, b, eps=eps, a_power=1.0)
+  return _geometric_mean(a, b, eps=eps, a_power=1.0, names=("a", "b"))
 
 
-def _geometric_mean(a, b, *, eps: float, a_power: float) -> jax.Array:
+def _geometric_mean(a, b, *, eps: float, a_power: float, names: tuple[str, str]) -> jax.Array:
   """`a^p # b` for `p = ±1` from one `eigh` of `a` (no explicit inverse):
-  `a^(p/2) (a^(-p/2) b a^(-p/2))^½ a^(p/2)`."""
+  `a^(p/2) (a^(-p/2) b a^(-p/2))^½ a^(p/2)`. `names` label the inputs in errors."""
+  for name, m in zip(names, (a, b)):
+    _check_square(name, m)
+  if a.shape != b.shape:
+    raise ValueError(f"{names[0]} and {names[1]} need equal shapes, got {a.shape} and {b.shape}")
   wa, va = spd_eigh(a, eps=eps)
   outer, inner_side = _from_eigh(wa, va, 0.5 * a_power), _from_eigh(wa, va, -0.5 * a_power)
   b = damp(symmetrize(jnp.asarray(b, fit_dtype())), eps)
@@ -137,10 +137,7 @@ def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *,
   Returns:
     `(M, M⁻¹)`, both symmetric, in `fit_dtype()`.
   """
-  _check_square("sigma_x", sigma_x)
-  if sigma_x.shape != gram_w.shape:
-    raise ValueError(f"shapes differ: {sigma_x.shape=} {gram_w.shape=}")
-  p = _geometric_mean(sigma_x, gram_w, eps=eps, a_power=-1.0)
+  p = _geometric_mean(sigma_x, gram_w, eps=eps, a_power=-1.0, names=("sigma_x", "gram_w"))
   wp, vp = spd_eigh(p, eps=eps)
   return _from_eigh(wp, vp, 0.5), _from_eigh(wp, vp, -0.5)
 
