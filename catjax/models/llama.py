@@ -1,0 +1,275 @@
+"""A LLaMA-family decoder in Flax NNX (Llama 1/2/3, SmolLM2, Qwen2 with q/k/v biases).
+
+The decoder blocks are stored **stacked**: every block parameter has a leading
+`num_layers` axis (`layers/attn/q_proj/kernel` is `(L, d, H·hd)`) and the
+forward is one `jax.lax.scan` over them, so a 30-block model compiles one
+block. The PTQ pipeline works on these stacked arrays directly.
+
+Site hook. The four quantization sites of a block (DESIGN §2) are the inputs
+of its linears: `attn_in` (q, k, v), `o_in` (o_proj), `mlp_in` (gate, up) and
+`down_in` (down_proj). A forward may take `hook(site, x, state) -> (x', out)`:
+it sees each site input `x (B, T, d)` with `state`, this layer's slice of
+`hook_state[site]` (or None), feeds `x'` to the linears, and `out` is
+collected per site, stacked over layers. Capturing activations, accumulating
+calibration statistics and online transform + fake quantization are all
+hooks; there is one copy of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from catjax.models.config import ModelConfig
+
+SITES = ("attn_in", "o_in", "mlp_in", "down_in")
+Hook = Callable[[str, jax.Array, Any], tuple[jax.Array, Any]]
+_INIT = nnx.initializers.normal(0.02)
+
+
+class Linear(nnx.Module):
+  """`y = x @ kernel (+ bias)`; `kernel` is `(*stack, d_in, d_out)`."""
+
+  def __init__(self, d_in: int, d_out: int, *, bias: bool, stack: tuple[int, ...],
+               dtype, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(_INIT(rngs.params(), (*stack, d_in, d_out), dtype))
+    self.bias = nnx.Param(jnp.zeros((*stack, d_out), dtype)) if bias else None
+
+  def __call__(self, x):
+    y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
+    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMS normalization, computed in float32 as transformers does."""
+
+  def __init__(self, d: int, *, eps: float, stack: tuple[int, ...], dtype):
+    self.scale = nnx.Param(jnp.ones((*stack, d), dtype))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rotate(x, cos, sin):
+  """RoPE in the half-split ("rotate_half") layout of transformers: x (B, T, heads, hd)."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rot = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rot * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with RoPE and an optional KV cache."""
+
+  def __init__(self, cfg: ModelConfig, *, stack, dtype, rngs):
+    d, hd = cfg.hidden_size, cfg.head_dim
+    lin = functools.partial(Linear, stack=stack, dtype=dtype, rngs=rngs)
+    self.q_proj = lin(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
+    self.k_proj = lin(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+    self.v_proj = lin(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+    self.o_proj = lin(cfg.num_heads * hd, d, bias=cfg.o_bias)
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+
+  def __call__(self, x, rope, mask, cache, site):
+    b, t, _ = x.shape
+    x = site("attn_in", x)
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k = rotate(q, *rope), rotate(k, *rope)
+    if cache is not None:  # write this step's keys/values at `start`, attend over the cache
+      start = cache["index"]
+      k = cache["k"] = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                           start, axis=1)
+      v = cache["v"] = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                           start, axis=1)
+      k, v = k.astype(x.dtype), v.astype(x.dtype)
+    groups = self.num_heads // self.num_kv_heads
+    q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * self.head_dim ** -0.5, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, -1)
+    return self.o_proj(site("o_in", out)), cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, stack, dtype, rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    lin = functools.partial(Linear, bias=False, stack=stack, dtype=dtype, rngs=rngs)
+    self.gate_proj, self.up_proj, self.down_proj = lin(d, f), lin(d, f), lin(f, d)
+
+  def __call__(self, x, site):
+    x = site("mlp_in", x)
+    return self.down_proj(site("down_in", jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block; built with `stack=(L,)` to hold all L blocks at once."""
+
+  def __init__(self, cfg: ModelConfig, *, stack=(), dtype=jnp.float32, rngs):
+    norm = functools.partial(RMSNorm, cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack,
+                             dtype=dtype)
+    self.attn_norm, self.mlp_norm = norm(), norm()
+    self.attn = Attention(cfg, stack=stack, dtype=dtype, rngs=rngs)
+    self.mlp = MLP(cfg, stack=stack, dtype=dtype, rngs=rngs)
+
+  def __call__(self, h, rope, mask, cache, site):
+    a, cache = self.attn(self.attn_norm(h), rope, mask, cache, site)
+    h = h + a
+    return h + self.mlp(self.mlp_norm(h), site), cache
+
+
+class Llama(nnx.Module):
+  """LLaMA-family causal LM. Parameters in `dtype` (float32 or bfloat16)."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+      raise ValueError(f"dtype={dtype}; expected float32, bfloat16 or float16")
+    self.config = cfg
+    self.embed = nnx.Param(_INIT(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
+    self.layers = Block(cfg, stack=(cfg.num_layers,), dtype=dtype, rngs=rngs)
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=(), dtype=dtype)
+    self.lm_head = None if cfg.tie_embeddings else Linear(
+        cfg.hidden_size, cfg.vocab_size, bias=False, stack=(), dtype=dtype, rngs=rngs)
+
+  @property
+  def dtype(self):
+    return self.embed[...].dtype
+
+  def __call__(self, tokens, *, positions=None, cache=None, hook: Hook | None = None,
+               hook_state: dict[str, Any] | None = None):
+    """Logits `(B, T, vocab)` in float32.
+
+    Args:
+      tokens: int `(B, T)`.
+      positions: `(B, T)` absolute positions; default `index + arange(T)`.
+      cache: a KV cache from `init_cache` (then returned updated), or None.
+      hook: optional site hook (module docstring); a static Python callable.
+      hook_state: per-site pytrees with a leading `num_layers` axis for `hook`.
+
+    Returns:
+      `logits`, then `cache` if one was given, then the dict of stacked hook
+      outputs if `hook` was given.
+    """
+    b, t = tokens.shape
+    start = 0 if cache is None else cache["index"]
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+    inv_freq = np.asarray(self.config.rope_frequencies(), np.float32)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    dtype = self.dtype
+    rope = (jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype))
+    key_pos = positions if cache is None else jnp.arange(cache["k"].shape[2])[None]
+    mask = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
+
+    hook_state = {} if hook_state is None else hook_state
+    graphdef, layer_params = nnx.split(self.layers)
+    layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+
+    def body(h, xs):
+      params, kv, states = xs
+      outs = {}
+
+      def site(name, x):
+        if hook is None:
+          return x
+        x, outs[name] = hook(name, x, states.get(name))
+        return x
+
+      if kv is not None:
+        kv = {**kv, "index": start}
+      h, kv = nnx.merge(graphdef, params)(h, rope, mask, kv, site)
+      if kv is not None:
+        kv = {"k": kv["k"], "v": kv["v"]}
+      return h, (kv, outs)
+
+    h = jnp.take(self.embed[...], tokens, axis=0)
+    h, (layer_cache, outs) = jax.lax.scan(body, h, (layer_params, layer_cache, hook_state))
+    h = self.norm(h)
+    if self.lm_head is None:
+      logits = jnp.einsum("btd,vd->btv", h, self.embed[...], preferred_element_type=jnp.float32)
+    else:
+      logits = self.lm_head(h).astype(jnp.float32)
+    result = (logits,)
+    if cache is not None:
+      result += ({**layer_cache, "index": start + t},)
+    if hook is not None:
+      result += (outs,)
+    return result[0] if len(result) == 1 else result
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+  """An empty KV cache: `k`, `v` of shape `(L, B, max_len, kv_heads, head_dim)`, `index` 0."""
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "index": jnp.zeros((), jnp.int32)}
+
+
+def random_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.float32) -> Llama:
+  """A randomly initialized model (normal(0.02) weights, unit norms) for tests."""
+  return Llama(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32) -> Llama:
+  """The model's structure with `ShapeDtypeStruct` leaves (no memory, no init)."""
+  return nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
+def _apply(graphdef, state, tokens, cache, hook, hook_state):
+  return nnx.merge(graphdef, state)(tokens, cache=cache, hook=hook, hook_state=hook_state)
+
+
+def forward(model: Llama, tokens, *, cache=None, hook: Hook | None = None, hook_state=None):
+  """Jitted `model(tokens, ...)` (compiled once per shape, hook and model structure)."""
+  graphdef, state = nnx.split(model)
+  return _apply(graphdef, state, jnp.asarray(tokens, jnp.int32), cache, hook, hook_state)
+
+
+def capture(model: Llama, tokens, *, sites=SITES) -> dict[str, jax.Array]:
+  """The inputs of `sites`, each `(num_layers, B, T, d)`: a hook that records them."""
+  unknown = set(sites) - set(SITES)
+  if unknown:
+    raise ValueError(f"unknown sites {sorted(unknown)}; expected some of {SITES}")
+  _, outs = forward(model, tokens, hook=_capture_hook(tuple(sites)))
+  return outs
+
+
+@functools.lru_cache(maxsize=None)
+def _capture_hook(sites: tuple[str, ...]) -> Hook:
+  return lambda site, x, _: (x, x if site in sites else None)
+
+
+def generate(model: Llama, prompt, *, max_new_tokens: int = 32,
+             eos_token_id: int | list[int] | None = None) -> list[int]:
+  """Greedy continuation of one prompt with a KV cache; returns the new token ids.
+
+  Stops after `max_new_tokens` or at an end-of-sequence id (included in the result).
+  """
+  prompt = np.asarray(prompt, np.int32).reshape(1, -1)
+  if prompt.shape[1] == 0:
+    raise ValueError("prompt is empty: generation needs at least one token")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
+  cache = init_cache(model.config, 1, prompt.shape[1] + max_new_tokens, model.dtype)
+  logits, cache = forward(model, prompt, cache=cache)
+  new = []
+  while True:
+    token = int(jnp.argmax(logits[0, -1]))
+    new.append(token)
+    if token in eos or len(new) == max_new_tokens:
+      return new
+    logits, cache = forward(model, np.array([[token]], np.int32), cache=cache)
