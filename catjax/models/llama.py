@@ -38,7 +38,7 @@ class Linear(nnx.Module):
 
   def __init__(self, d_in: int, d_out: int, *, bias: bool, stack: tuple[int, ...],
                dtype, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(_INIT(rngs.params(), (*stack, d_in, d_out), dtype))
+    self.kernel = nnx.Param(_INIT(rngs.params(), (*stack, d_in, d_out)).astype(dtype))
     self.bias = nnx.Param(jnp.zeros((*stack, d_out), dtype)) if bias else None
 
   def __call__(self, x):
@@ -137,7 +137,7 @@ class Llama(nnx.Module):
     if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
       raise ValueError(f"dtype={dtype}; expected float32, bfloat16 or float16")
     self.config = cfg
-    self.embed = nnx.Param(_INIT(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
+    self.embed = nnx.Param(_INIT(rngs.params(), (cfg.vocab_size, cfg.hidden_size)).astype(dtype))
     self.layers = Block(cfg, stack=(cfg.num_layers,), dtype=dtype, rngs=rngs)
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=(), dtype=dtype)
     self.lm_head = None if cfg.tie_embeddings else Linear(

@@ -145,6 +145,15 @@ def load_model(path: str | Path, *, dtype=jnp.float32) -> Llama:
   raise ValueError(f"{path}: expected a Hugging Face model folder or a .gguf file")
 
 
+def load_pretrained(model: str | Path, *, dtype="float32"):
+  """`(model, tokenizer, path)` for a name such as "smollm2-135m" (fetched and
+  cached by `catjax.assets`), a `.gguf` file or a Hugging Face folder."""
+  from catjax.assets import resolve_model
+  from catjax.data import load_tokenizer
+  path = resolve_model(str(model))
+  return load_model(path, dtype=jnp.dtype(dtype)), load_tokenizer(path), path
+
+
 def hf_tensors(model: Llama) -> dict[str, jax.Array]:
   """The model's parameters under Hugging Face names, in PyTorch layout."""
   slots = _flat_params(model)

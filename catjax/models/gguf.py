@@ -1,0 +1,265 @@
+"""Llama checkpoints in GGUF (llama.cpp's file format), read into Hugging Face form.
+
+`read_gguf` returns the config dict and float32 weights a Hugging Face
+`LlamaForCausalLM` checkpoint would have: ggml's reversed dimension order is
+undone, quantized tensors are dequantized with `gguf.quants.dequantize`, and the
+q/k row permutation that llama.cpp's `convert_hf_to_gguf.py` applies for its RoPE
+layout is inverted. `tokenizer_from_gguf` rebuilds the byte-level BPE tokenizer
+from the file's metadata with `tokenizers` alone (transformers' own GGUF
+tokenizer route needs torch, and ignores `tokenizer.ggml.pre` "smollm").
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import gguf
+import numpy as np
+
+_GLOBAL_TENSORS = {
+  "token_embd.weight": "model.embed_tokens.weight",
+  "output_norm.weight": "model.norm.weight",
+  "output.weight": "lm_head.weight",
+}
+_LAYER_TENSORS = {
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
+  "attn_norm": "input_layernorm",
+  "ffn_norm": "post_attention_layernorm",
+}
+_OPTIONAL_TENSORS = ("output.weight", "rope_freqs.weight")
+_REQUIRED = object()
+
+# tokenizer.ggml.pre values whose llama.cpp pre-tokenizer isolates every digit
+# before the GPT-2 split (Hugging Face: Digits(individual_digits) + ByteLevel).
+_DIGIT_PRES = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})
+_LLAMA3_PRES = frozenset({"llama-bpe", "llama3", "llama-v3"})
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _regroup_rows(w: np.ndarray, n_head: int, inner: str) -> np.ndarray:
+  """Splits rows into `n_head` heads and swaps the two inner row axes of each."""
+  w = np.asarray(w)
+  rows = w.shape[0] if w.ndim else 0
+  if n_head <= 0 or rows == 0 or rows % (2 * n_head):
+    raise ValueError(f"cannot split {rows} rows (shape {w.shape}) into n_head={n_head} heads of even size")
+  half = rows // n_head // 2
+  split = (2, half) if inner == "pairs" else (half, 2)
+  return w.reshape(n_head, *split, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Permutes q/k projection rows the way llama.cpp's `convert_hf_to_gguf.py` does.
+
+  Args:
+    w: `(n_head * head_dim, ...)` weight in Hugging Face row order.
+    n_head: number of query heads for q, of key/value heads for k.
+
+  Returns:
+    `w` with each head's rows interleaved (llama.cpp's RoPE layout).
+
+  Raises:
+    ValueError: if the rows do not split into `n_head` heads of even size.
+  """
+  return _regroup_rows(w, n_head, "pairs")
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Inverse of `permute_qk`: llama.cpp row order back to Hugging Face's."""
+  return _regroup_rows(w, n_head, "halves")
+
+
+def _field(reader: gguf.GGUFReader, path: str, key: str, default=_REQUIRED):
+  """One metadata value; a missing key raises unless a default is given."""
+  field = reader.fields.get(key)
+  if field is not None:
+    return field.contents()
+  if default is _REQUIRED:
+    raise ValueError(f"GGUF metadata key {key!r} is missing from {path}")
+  return default
+
+
+def _f32(value) -> float:
+  """A float32 metadata value as the shortest decimal that round-trips (1e-05)."""
+  return float(str(np.float32(value)))
+
+
+def _dequantize(tensor) -> np.ndarray:
+  """One tensor as float32 in PyTorch order (ggml lists dimensions fastest first)."""
+  shape = tuple(int(d) for d in reversed(tensor.shape))
+  return np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
+
+
+def _llama3_factors(scaling: dict, wavelen: np.ndarray) -> np.ndarray:
+  """Per-frequency divisors of Hugging Face's "llama3" rope scaling."""
+  low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+  smooth = (scaling["original_max_position_embeddings"] / wavelen - low) / (high - low)
+  smooth = np.clip(smooth, 0.0, 1.0)
+  return 1.0 / ((1.0 - smooth) / scaling["factor"] + smooth)
+
+
+def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, path: str) -> dict | None:
+  """The "llama3" rope_scaling that reproduces a `rope_freqs.weight` tensor.
+
+  llama.cpp stores Llama 3's per-frequency factors, not the parameters. Between
+  the two cut-off wavelengths the blend is linear in 1 / wavelength; taking
+  low_freq_factor = 1 (Meta's value) fixes the one free degree without changing
+  any frequency. The fit is checked against the stored factors.
+  """
+  wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+  factors = factors.reshape(-1).astype(np.float64)
+  if factors.shape == wavelen.shape and np.allclose(factors, 1.0):
+    return None
+  factor = float(factors.max())
+  if factors.shape == wavelen.shape and factor > 1.0:
+    smooth = (1 / factors - 1 / factor) / (1 - 1 / factor)
+    mid = (smooth > 1e-4) & (smooth < 1 - 1e-4)
+    if mid.sum() >= 2:
+      slope, intercept = np.polyfit(1 / wavelen[mid], smooth[mid], 1)
+      scaling = {"rope_type": "llama3", "factor": _f32(factor), "low_freq_factor": 1.0,
+                 "high_freq_factor": round(1 - 1 / intercept, 4),
+                 "original_max_position_embeddings": int(round(-slope / intercept))}
+      if np.allclose(_llama3_factors(scaling, wavelen), factors, rtol=1e-4):
+        return scaling
+  raise ValueError(f"rope_freqs.weight {factors.tolist()} in {path} is not llama3 rope scaling")
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+  """Reads a llama GGUF file into a Hugging Face config and state dict.
+
+  Args:
+    path: the `.gguf` file (architecture "llama").
+
+  Returns:
+    `(config, weights)`: `config` has the keys of a `LlamaConfig` config.json;
+    `weights` maps Hugging Face tensor names to float32 arrays of PyTorch shape
+    `(out_features, in_features)`, q/k rows in Hugging Face order. `lm_head.weight`
+    is present only when the file has `output.weight` (else tied embeddings).
+
+  Raises:
+    ValueError: for another architecture, a missing metadata key or tensor, an
+      unknown tensor, or rope factors that are not llama3 rope scaling.
+  """
+  path = os.fspath(path)
+  reader = gguf.GGUFReader(path)
+  get = functools.partial(_field, reader, path)
+  arch = get("general.architecture")
+  if arch != "llama":
+    raise ValueError(f"architecture {arch!r} of {path} is not supported (only 'llama')")
+  n_layers = int(get("llama.block_count"))
+  names = dict(_GLOBAL_TENSORS)
+  for i in range(n_layers):
+    names.update({f"blk.{i}.{g}.weight": f"model.layers.{i}.{h}.weight" for g, h in _LAYER_TENSORS.items()})
+  tensors = {t.name: t for t in reader.tensors}
+  for name in tensors:
+    if name not in names and name not in _OPTIONAL_TENSORS:
+      raise ValueError(f"unknown tensor {name!r} in {path}")
+  for name in names:
+    if name not in tensors and name not in _OPTIONAL_TENSORS:
+      raise ValueError(f"expected tensor {name!r} is missing from {path}")
+
+  hidden = int(get("llama.embedding_length"))
+  heads = int(get("llama.attention.head_count"))
+  kv_heads = int(get("llama.attention.head_count_kv", heads))
+  head_dim = int(get("llama.attention.key_length", get("llama.rope.dimension_count", hidden // heads)))
+  theta = _f32(get("llama.rope.freq_base", 10000.0))
+  weights = {}
+  for name, hf_name in names.items():
+    if name in tensors:
+      w = _dequantize(tensors[name])
+      if ".attn_q." in name or ".attn_k." in name:
+        w = unpermute_qk(w, heads if ".attn_q." in name else kv_heads)
+      weights[hf_name] = w
+
+  scaling_type = get("llama.rope.scaling.type", "none")
+  if scaling_type != "none":
+    rope_scaling = {"rope_type": scaling_type, "factor": _f32(get("llama.rope.scaling.factor"))}
+    original = get("llama.rope.scaling.original_context_length", None)
+    if original is not None:
+      rope_scaling["original_max_position_embeddings"] = int(original)
+  elif "rope_freqs.weight" in tensors:
+    rope_scaling = _llama3_scaling(_dequantize(tensors["rope_freqs.weight"]), theta, head_dim, path)
+  else:
+    rope_scaling = None
+  bos, eos = get("tokenizer.ggml.bos_token_id", None), get("tokenizer.ggml.eos_token_id", None)
+  config = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": weights["model.embed_tokens.weight"].shape[0],
+    "hidden_size": hidden,
+    "intermediate_size": int(get("llama.feed_forward_length")),
+    "num_hidden_layers": n_layers,
+    "num_attention_heads": heads,
+    "num_key_value_heads": kv_heads,
+    "head_dim": head_dim,
+    "rms_norm_eps": _f32(get("llama.attention.layer_norm_rms_epsilon")),
+    "rope_theta": theta,
+    "max_position_embeddings": int(get("llama.context_length")),
+    "tie_word_embeddings": "output.weight" not in tensors,
+    "bos_token_id": None if bos is None else int(bos),
+    "eos_token_id": None if eos is None else int(eos),
+    "rope_scaling": rope_scaling,
+  }
+  return config, weights
+
+
+def tokenizer_from_gguf(path: str | os.PathLike):
+  """Builds the byte-level BPE tokenizer ("gpt2" model) a GGUF file describes.
+
+  Args:
+    path: the `.gguf` file.
+
+  Returns:
+    A `transformers.PreTrainedTokenizerFast` with the file's vocabulary, merges,
+    pre-tokenizer (`tokenizer.ggml.pre`), special tokens and chat template.
+
+  Raises:
+    ValueError: for a tokenizer model other than "gpt2", an unsupported
+      `tokenizer.ggml.pre`, or missing metadata.
+  """
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  path = os.fspath(path)
+  get = functools.partial(_field, gguf.GGUFReader(path), path)
+  kind = get("tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise ValueError(f"tokenizer.ggml.model {kind!r} in {path} is not supported (only 'gpt2')")
+  pre = get("tokenizer.ggml.pre", "default")
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _LLAMA3_PRES)
+  if pre in ("default", "gpt2"):
+    pre_tokenizer = byte_level
+  elif pre in _DIGIT_PRES:
+    pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+  elif pre in _LLAMA3_PRES:
+    pre_tokenizer = pre_tokenizers.Sequence(
+      [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"), byte_level])
+  else:
+    raise ValueError(f"tokenizer.ggml.pre {pre!r} in {path} is not supported")
+
+  tokens = get("tokenizer.ggml.tokens")
+  merges = [tuple(merge.split(" ")) for merge in get("tokenizer.ggml.merges")]
+  backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
+                                 ignore_merges=pre in _LLAMA3_PRES))
+  backend.pre_tokenizer = pre_tokenizer
+  backend.decoder = decoders.ByteLevel()
+  types = get("tokenizer.ggml.token_type", [])
+  control, user = gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED
+  backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                              for t, k in zip(tokens, types) if k == control])
+  backend.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == user])
+  special = {role: tokens[get(f"tokenizer.ggml.{key}_token_id")]
+             for role, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                               ("pad_token", "padding"))
+             if get(f"tokenizer.ggml.{key}_token_id", None) is not None}
+  return PreTrainedTokenizerFast(
+    tokenizer_object=backend, chat_template=get("tokenizer.chat_template", None),
+    add_bos_token=bool(get("tokenizer.ggml.add_bos_token", False)),
+    add_eos_token=bool(get("tokenizer.ggml.add_eos_token", False)), **special)

@@ -1,0 +1,145 @@
+"""The Flax LLaMA against transformers' PyTorch models, generation, site hook."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tiny
+from catjax.models import (SITES, ModelConfig, capture, forward, generate, load_hf, random_model,
+                           save_hf)
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+VARIANTS = {
+    "llama-mha": ("LlamaForCausalLM", dict(num_key_value_heads=4)),
+    "llama-gqa": ("LlamaForCausalLM", dict(num_key_value_heads=2)),
+    "llama3-rope-tied": ("LlamaForCausalLM", dict(rope_scaling=LLAMA3_ROPE,
+                                                  tie_word_embeddings=True)),
+    "llama-attention-bias": ("LlamaForCausalLM", dict(attention_bias=True)),
+    "qwen2-bias": ("Qwen2ForCausalLM", dict(num_key_value_heads=1)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def pair(request, tmp_path_factory):
+  """(torch model, catjax model loaded from its save_pretrained folder)."""
+  pytest.importorskip("torch")
+  cls, kw = VARIANTS[request.param]
+  ref = tiny.torch_model(cls, **kw)
+  folder = tmp_path_factory.mktemp(request.param)
+  ref.save_pretrained(folder)
+  return ref, load_hf(folder)
+
+
+def _torch_logits(ref, toks):
+  import torch
+  with torch.no_grad():
+    return ref(torch.tensor(toks, dtype=torch.long)).logits.numpy()
+
+
+def test_logits_match_transformers(pair):
+  ref, ours = pair
+  toks = tiny.tokens((2, 40), ref.config.vocab_size)
+  np.testing.assert_allclose(np.asarray(forward(ours, toks)), _torch_logits(ref, toks),
+                             atol=1e-4, rtol=0)
+
+
+def test_greedy_generation_with_cache_matches_transformers(pair):
+  ref, ours = pair
+  import torch
+  prompt = tiny.tokens((1, 6), ref.config.vocab_size, seed=1)
+  expected = ref.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=10,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
+  assert generate(ours, prompt[0], max_new_tokens=10) == expected
+
+
+def test_saved_folder_loads_in_transformers(pair, tmp_path):
+  ref, ours = pair
+  import transformers
+  save_hf(ours, tmp_path)
+  back = getattr(transformers, type(ref).__name__).from_pretrained(tmp_path).eval()
+  toks = tiny.tokens((1, 24), ref.config.vocab_size, seed=2)
+  np.testing.assert_allclose(_torch_logits(back, toks), _torch_logits(ref, toks), atol=1e-6)
+
+
+def test_kv_cache_decoding_equals_full_forward():
+  model = random_model(tiny.config(), seed=3)
+  toks = tiny.tokens((2, 12), 128, seed=3)
+  full = np.asarray(forward(model, toks))
+  from catjax.models import init_cache
+  cache = init_cache(model.config, 2, 16)
+  first, cache = forward(model, toks[:, :8], cache=cache)
+  steps = [np.asarray(first)]
+  for t in range(8, 12):
+    logits, cache = forward(model, toks[:, t:t + 1], cache=cache)
+    steps.append(np.asarray(logits))
+  assert int(cache["index"]) == 12
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5)
+
+
+def test_generation_stops_at_eos():
+  model = random_model(tiny.config(), seed=4)
+  first = generate(model, [1, 2, 3], max_new_tokens=5)
+  assert len(first) == 5
+  assert generate(model, [1, 2, 3], max_new_tokens=5, eos_token_id=first[1]) == first[:2]
+  with pytest.raises(ValueError, match="prompt is empty"):
+    generate(model, [], max_new_tokens=3)
+
+
+def test_bfloat16_model_tracks_float32():
+  cfg = tiny.config()
+  f32 = random_model(cfg, seed=5)
+  bf16 = random_model(cfg, seed=5, dtype=jnp.bfloat16)
+  assert bf16.dtype == jnp.bfloat16
+  toks = tiny.tokens((1, 32), cfg.vocab_size, seed=5)
+  a, b = np.asarray(forward(f32, toks)), np.asarray(forward(bf16, toks))
+  assert b.dtype == np.float32
+  assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+def test_capture_records_site_inputs():
+  model = random_model(tiny.config(num_layers=3), seed=6)
+  toks = tiny.tokens((2, 10), 128, seed=6)
+  acts = capture(model, toks)
+  assert sorted(acts) == sorted(SITES)
+  assert acts["attn_in"].shape == (3, 2, 10, 64)
+  assert acts["down_in"].shape == (3, 2, 10, 96)
+  # Layer 0's attn_in is the attention RMSNorm of the embeddings.
+  h = np.asarray(model.embed[...])[toks]
+  expected = h / np.sqrt((h * h).mean(-1, keepdims=True) + model.config.rms_norm_eps)
+  expected = expected * np.asarray(model.layers.attn_norm.scale[...][0])
+  np.testing.assert_allclose(np.asarray(acts["attn_in"][0]), expected, rtol=1e-5, atol=1e-6)
+  # Layer 0's down_in feeds down_proj: projecting it reproduces the MLP output path.
+  assert np.all(np.isfinite(np.asarray(acts["down_in"])))
+  with pytest.raises(ValueError, match="unknown sites"):
+    capture(model, toks, sites=("attn_in", "qkv"))
+
+
+def test_hook_state_is_sliced_per_layer():
+  """A hook scaling `down_in` by a per-layer factor: factor 1 is the identity, and
+  scaling layer 1 only changes the logits."""
+  model = random_model(tiny.config(num_layers=2), seed=7)
+  toks = tiny.tokens((1, 8), 128, seed=7)
+
+  def scale_hook(site, x, factor):
+    return (x * factor if factor is not None else x), None
+
+  base = np.asarray(forward(model, toks))
+  ones, _ = forward(model, toks, hook=scale_hook, hook_state={"down_in": jnp.ones(2)})
+  np.testing.assert_allclose(np.asarray(ones), base, atol=1e-6)
+  scaled, _ = forward(model, toks, hook=scale_hook,
+                      hook_state={"down_in": jnp.array([1.0, 0.0])})
+  assert np.abs(np.asarray(scaled) - base).max() > 1e-3
+
+
+def test_config_round_trip_and_errors():
+  cfg = tiny.config(rope_scaling=None, tie_embeddings=True, qkv_bias=True, model_type="qwen2")
+  assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+  hf = tiny.config().to_hf()
+  with pytest.raises(ValueError, match="model_type='gpt2'"):
+    ModelConfig.from_hf({**hf, "model_type": "gpt2"})
+  with pytest.raises(ValueError, match="rope_type='yarn'"):
+    ModelConfig.from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
+  with pytest.raises(ValueError, match="num_heads=4 is not a multiple of num_kv_heads=3"):
+    tiny.config(num_kv_heads=3)
