@@ -143,3 +143,13 @@ def test_config_round_trip_and_errors():
     ModelConfig.from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
   with pytest.raises(ValueError, match="num_heads=4 is not a multiple of num_kv_heads=3"):
     tiny.config(num_kv_heads=3)
+
+
+def test_chunked_causal_attention_equals_masked_attention():
+  from catjax.models.llama import attend, causal_attention
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  q = jax.random.normal(ks[0], (2, 40, 2, 3, 8))
+  k, v = (jax.random.normal(kk, (2, 40, 2, 8)) for kk in ks[1:])
+  mask = np.tril(np.ones((40, 40), bool))
+  np.testing.assert_allclose(np.asarray(causal_attention(q, k, v, chunk=16)),
+                             np.asarray(attend(q, k, v, mask)), atol=1e-6)

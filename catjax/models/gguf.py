@@ -17,21 +17,12 @@ import os
 import gguf
 import numpy as np
 
-_GLOBAL_TENSORS = {
-  "token_embd.weight": "model.embed_tokens.weight",
-  "output_norm.weight": "model.norm.weight",
-  "output.weight": "lm_head.weight",
-}
+_GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight",
+                   "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 _LAYER_TENSORS = {
-  "attn_q": "self_attn.q_proj",
-  "attn_k": "self_attn.k_proj",
-  "attn_v": "self_attn.v_proj",
-  "attn_output": "self_attn.o_proj",
-  "ffn_gate": "mlp.gate_proj",
-  "ffn_up": "mlp.up_proj",
-  "ffn_down": "mlp.down_proj",
-  "attn_norm": "input_layernorm",
-  "ffn_norm": "post_attention_layernorm",
+  "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 _OPTIONAL_TENSORS = ("output.weight", "rope_freqs.weight")
 _REQUIRED = object()
@@ -97,15 +88,7 @@ def _dequantize(tensor) -> np.ndarray:
   return np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
 
 
-def _llama3_factors(scaling: dict, wavelen: np.ndarray) -> np.ndarray:
-  """Per-frequency divisors of Hugging Face's "llama3" rope scaling."""
-  low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-  smooth = (scaling["original_max_position_embeddings"] / wavelen - low) / (high - low)
-  smooth = np.clip(smooth, 0.0, 1.0)
-  return 1.0 / ((1.0 - smooth) / scaling["factor"] + smooth)
-
-
-def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, path: str) -> dict | None:
+def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, path: str) -> dict:
   """The "llama3" rope_scaling that reproduces a `rope_freqs.weight` tensor.
 
   llama.cpp stores Llama 3's per-frequency factors, not the parameters. Between
@@ -115,20 +98,18 @@ def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, path: str)
   """
   wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
   factors = factors.reshape(-1).astype(np.float64)
-  if factors.shape == wavelen.shape and np.allclose(factors, 1.0):
-    return None
   factor = float(factors.max())
   if factors.shape == wavelen.shape and factor > 1.0:
     smooth = (1 / factors - 1 / factor) / (1 - 1 / factor)
     mid = (smooth > 1e-4) & (smooth < 1 - 1e-4)
-    if mid.sum() >= 2:
-      slope, intercept = np.polyfit(1 / wavelen[mid], smooth[mid], 1)
-      scaling = {"rope_type": "llama3", "factor": _f32(factor), "low_freq_factor": 1.0,
-                 "high_freq_factor": round(1 - 1 / intercept, 4),
-                 "original_max_position_embeddings": int(round(-slope / intercept))}
-      if np.allclose(_llama3_factors(scaling, wavelen), factors, rtol=1e-4):
-        return scaling
-  raise ValueError(f"rope_freqs.weight {factors.tolist()} in {path} is not llama3 rope scaling")
+    slope, intercept = np.polyfit(1 / wavelen[mid], smooth[mid], 1) if mid.sum() >= 2 else (0.0, 0.0)
+    if slope > 0 and intercept < 0:
+      high, old = round(float(1 - 1 / intercept), 4), int(round(-slope / intercept))
+      fit = np.clip((old / wavelen - 1) / (high - 1), 0, 1)
+      if np.allclose(1 / ((1 - fit) / factor + fit), factors, rtol=1e-4):
+        return {"rope_type": "llama3", "factor": _f32(factor), "low_freq_factor": 1.0,
+                "high_freq_factor": high, "original_max_position_embeddings": old}
+  raise ValueError(f"rope_freqs.weight in {path} does not hold llama3 rope scaling factors")
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
@@ -179,32 +160,24 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
       weights[hf_name] = w
 
   scaling_type = get("llama.rope.scaling.type", "none")
-  if scaling_type != "none":
-    rope_scaling = {"rope_type": scaling_type, "factor": _f32(get("llama.rope.scaling.factor"))}
-    original = get("llama.rope.scaling.original_context_length", None)
-    if original is not None:
-      rope_scaling["original_max_position_embeddings"] = int(original)
+  original = get("llama.rope.scaling.original_context_length", 0)
+  if scaling_type != "none":  # linear / yarn: llama.cpp writes the parameters as metadata
+    rope_scaling = {"rope_type": scaling_type, "factor": _f32(get("llama.rope.scaling.factor")),
+                    **({"original_max_position_embeddings": int(original)} if original else {})}
   elif "rope_freqs.weight" in tensors:
     rope_scaling = _llama3_scaling(_dequantize(tensors["rope_freqs.weight"]), theta, head_dim, path)
   else:
     rope_scaling = None
   bos, eos = get("tokenizer.ggml.bos_token_id", None), get("tokenizer.ggml.eos_token_id", None)
   config = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": weights["model.embed_tokens.weight"].shape[0],
-    "hidden_size": hidden,
-    "intermediate_size": int(get("llama.feed_forward_length")),
-    "num_hidden_layers": n_layers,
-    "num_attention_heads": heads,
-    "num_key_value_heads": kv_heads,
-    "head_dim": head_dim,
-    "rms_norm_eps": _f32(get("llama.attention.layer_norm_rms_epsilon")),
-    "rope_theta": theta,
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "vocab_size": weights["model.embed_tokens.weight"].shape[0], "hidden_size": hidden,
+    "intermediate_size": int(get("llama.feed_forward_length")), "num_hidden_layers": n_layers,
+    "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+    "rms_norm_eps": _f32(get("llama.attention.layer_norm_rms_epsilon")), "rope_theta": theta,
     "max_position_embeddings": int(get("llama.context_length")),
     "tie_word_embeddings": "output.weight" not in tensors,
-    "bos_token_id": None if bos is None else int(bos),
-    "eos_token_id": None if eos is None else int(eos),
+    "bos_token_id": None if bos is None else int(bos), "eos_token_id": None if eos is None else int(eos),
     "rope_scaling": rope_scaling,
   }
   return config, weights
@@ -255,10 +228,9 @@ def tokenizer_from_gguf(path: str | os.PathLike):
   backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                               for t, k in zip(tokens, types) if k == control])
   backend.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == user])
-  special = {role: tokens[get(f"tokenizer.ggml.{key}_token_id")]
-             for role, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
-                               ("pad_token", "padding"))
-             if get(f"tokenizer.ggml.{key}_token_id", None) is not None}
+  ids = {f"{role}_token": get(f"tokenizer.ggml.{key}_token_id", None)
+         for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+  special = {role: tokens[i] for role, i in ids.items() if i is not None}
   return PreTrainedTokenizerFast(
     tokenizer_object=backend, chat_template=get("tokenizer.chat_template", None),
     add_bos_token=bool(get("tokenizer.ggml.add_bos_token", False)),
