@@ -44,8 +44,9 @@ class PerplexityResult:
 
 def token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   """Negative log-likelihood of `tokens[:, 1:]` under `logits[:, :-1]`, `(B, T-1)`."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  logits = logits[:, :-1].astype(jnp.float32)
+  target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - target
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
