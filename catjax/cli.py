@@ -79,12 +79,11 @@ def _generate(args) -> dict:
   from catjax.models import generate, load_pretrained
   model, tokenizer, _ = load_pretrained(args.model, dtype=args.dtype)
   if args.chat:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                        add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict):
-      ids = ids["input_ids"]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                           add_generation_prompt=True, tokenize=False)
   else:
-    ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    prompt = args.prompt
+  ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
   new = generate(model, ids, max_new_tokens=args.max_new_tokens,
                  eos_token_id=model.config.eos_token_id)
   text = tokenizer.decode(new, skip_special_tokens=True)

@@ -58,6 +58,13 @@ def _window_nll(graphdef, state, tokens, hook, hook_state):
   return token_nll(logits, tokens).sum(axis=-1)
 
 
+def window_nll(model: Llama, *, hook: Hook | None = None, hook_state=None):
+  """A function `tokens (B, T) -> (B,)` float64 summed NLL per window (jitted forward)."""
+  graphdef, state = nnx.split(model)
+  return lambda tokens: np.asarray(
+      _window_nll(graphdef, state, jnp.asarray(tokens, jnp.int32), hook, hook_state), np.float64)
+
+
 def perplexity(model: Llama, windows: np.ndarray, *, batch_size: int = 1,
                hook: Hook | None = None, hook_state=None, model_name: str = "model",
                data_name: str = "text", progress: bool = True) -> PerplexityResult:
@@ -72,15 +79,14 @@ def perplexity(model: Llama, windows: np.ndarray, *, batch_size: int = 1,
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1")
   n, seqlen = windows.shape
-  graphdef, state = nnx.split(model)
+  nll_fn = window_nll(model, hook=hook, hook_state=hook_state)
   total = 0.0
   start = time.perf_counter()
   bar = tqdm(total=n, desc=f"perplexity {model_name} T={seqlen}", unit="win",
              disable=not progress, leave=False)
   for i in range(0, n, batch_size):
     batch = windows[i:i + batch_size]
-    nll = _window_nll(graphdef, state, jnp.asarray(batch), hook, hook_state)
-    total += float(np.sum(np.asarray(nll, np.float64)))
+    total += float(nll_fn(batch).sum())
     bar.update(len(batch))
     bar.set_postfix(ppl=f"{math.exp(total / ((i + len(batch)) * (seqlen - 1))):.3f}")
   bar.close()

@@ -1,0 +1,104 @@
+"""SmolLM2-135M perplexity and CPU throughput: catjax (JAX) vs transformers (PyTorch).
+
+Both models come from the same GGUF file, loaded independently: catjax's own
+reader, and transformers' GGUF loader (which needs `accelerate`). Both see the
+same windows of the Wikipedia eval split. Windows are timed alternately
+(catjax, then PyTorch, window by window) so machine noise hits both alike;
+one warm-up window each is excluded (jit compile, PyTorch first-call setup).
+Batch size 1 for both; PyTorch uses its default thread count.
+
+    python benchmarks/eval_throughput.py [--seqlens 512 2048] [--max-tokens 16384]
+"""
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, write  # noqa: E402
+
+from catjax.data import text_windows  # noqa: E402
+from catjax.evaluate import window_nll  # noqa: E402
+from catjax.models import load_pretrained  # noqa: E402
+
+
+def torch_nll_fn(path):
+  import torch
+  import transformers
+  model = transformers.LlamaForCausalLM.from_pretrained(
+      str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+  def nll(tokens):
+    with torch.no_grad():
+      t = torch.tensor(tokens, dtype=torch.long)
+      return float(model(t, labels=t).loss) * (tokens.shape[1] - 1)
+  return nll, {"torch": torch.__version__, "transformers": transformers.__version__,
+               "torch_threads": torch.get_num_threads()}
+
+
+def timed(fn, *args):
+  t0 = time.perf_counter()
+  out = fn(*args)
+  return out, time.perf_counter() - t0
+
+
+def run(seqlen, max_tokens, tokenizer, ours, theirs):
+  windows = text_windows(tokenizer, "wiki-eval", seqlen=seqlen, max_tokens=max_tokens).tokens
+  (_, compile_s), (_, torch_warm_s) = timed(ours, windows[:1]), timed(theirs, windows[:1])
+  nll = {"catjax": 0.0, "pytorch": 0.0}
+  secs = {"catjax": [], "pytorch": []}
+  for i, w in enumerate(windows):
+    for name, fn in (("catjax", lambda w: float(ours(w[None]).sum())), ("pytorch", theirs)):
+      value, s = timed(fn, w[None])
+      nll[name] += value
+      secs[name].append(s)
+    print(f"  seqlen {seqlen} window {i + 1}/{len(windows)}: catjax {secs['catjax'][-1]:.2f}s "
+          f"pytorch {secs['pytorch'][-1]:.2f}s", flush=True)
+  predicted = len(windows) * (seqlen - 1)
+  row = {"seqlen": seqlen, "windows": len(windows), "tokens": windows.size,
+         "compile_s": compile_s, "torch_warmup_s": torch_warm_s}
+  for name in nll:
+    row[f"ppl_{name}"] = math.exp(nll[name] / predicted)
+    row[f"tok_s_{name}"] = windows.size / sum(secs[name])
+  row["ppl_rel_diff"] = row["ppl_catjax"] / row["ppl_pytorch"] - 1
+  row["speed_ratio"] = row["tok_s_catjax"] / row["tok_s_pytorch"]
+  row["median_window_ratio"] = statistics.median(
+      p / c for c, p in zip(secs["catjax"], secs["pytorch"]))
+  return row
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--seqlens", type=int, nargs="+", default=[512, 2048])
+  ap.add_argument("--max-tokens", type=int, default=16384)
+  args = ap.parse_args()
+  t0 = time.perf_counter()
+  model, tokenizer, path = load_pretrained("smollm2-135m")
+  load_s = time.perf_counter() - t0
+  theirs, versions = torch_nll_fn(path)
+  ours = window_nll(model)
+  rows = [run(s, args.max_tokens, tokenizer, ours, theirs) for s in args.seqlens]
+  header = ("| seqlen | windows | tokens | ppl catjax | ppl PyTorch | rel. diff | tok/s catjax "
+            "| tok/s PyTorch | speed ratio | median window ratio |\n" + "|---" * 10 + "|")
+  lines = [f"| {r['seqlen']} | {r['windows']} | {r['tokens']} | {r['ppl_catjax']:.4f} | "
+           f"{r['ppl_pytorch']:.4f} | {100 * r['ppl_rel_diff']:+.4f}% | {r['tok_s_catjax']:.0f} | "
+           f"{r['tok_s_pytorch']:.0f} | {r['speed_ratio']:.2f}x | {r['median_window_ratio']:.2f}x |"
+           for r in rows]
+  info = {**machine(), **versions}
+  md = "\n".join([
+      "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32), Wikipedia eval split, "
+      "batch 1, float32.", "", header, *lines, "",
+      f"catjax GGUF load {load_s:.1f} s; jit compile (first window) "
+      + ", ".join(f"{r['compile_s']:.1f} s at {r['seqlen']}" for r in rows) + ".",
+      "", "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items())])
+  print("\n" + md)
+  write("eval_throughput", {"machine": info, "load_s": load_s, "rows": rows}, md)
+
+
+if __name__ == "__main__":
+  main()
