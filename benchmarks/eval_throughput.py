@@ -53,7 +53,7 @@ def run(seqlen, max_tokens, tokenizer, ours, theirs):
   nll = {"catjax": 0.0, "pytorch": 0.0}
   secs = {"catjax": [], "pytorch": []}
   for i, w in enumerate(windows):
-    for name, fn in (("catjax", lambda w: float(ours(w[None]).sum())), ("pytorch", theirs)):
+    for name, fn in (("catjax", lambda w: float(ours(w).sum())), ("pytorch", theirs)):
       value, s = timed(fn, w[None])
       nll[name] += value
       secs[name].append(s)
