@@ -1,0 +1,48 @@
+"""PTQ pipeline: calibration statistics."""
+
+import numpy as np
+import pytest
+
+import tiny
+from catjax.models import SITES, capture, random_model
+from catjax.ptq import SITE_LINEARS, calibrate, site_dims
+
+
+def test_site_table_matches_the_model():
+  model = random_model(tiny.config(num_layers=1))
+  dims = site_dims(model.config)
+  for site, linears in SITE_LINEARS.items():
+    for group, name in linears:
+      kernel = getattr(getattr(model.layers, group), name).kernel[...]
+      assert kernel.shape[1] == dims[site], (site, name)
+
+
+def test_calibration_equals_direct_second_moments():
+  model = random_model(tiny.config(num_layers=2), seed=1)
+  windows = tiny.tokens((5, 16), 128, seed=1)
+  stats = calibrate(model, windows, batch_size=2, progress=False)
+  acts = capture(model, windows)
+  for site in SITES:
+    x = np.asarray(acts[site], np.float64)  # (L, B, T, d)
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    expected = np.einsum("lni,lnj->lij", x, x) / x.shape[1]
+    st = stats[site]
+    assert st.xx.shape == (2, x.shape[-1], x.shape[-1])
+    np.testing.assert_array_equal(np.asarray(st.count), [80, 80])
+    sigma = np.asarray(st.xx) / 80
+    np.testing.assert_allclose(sigma, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(np.asarray(st.absmax), np.abs(x).max(axis=1), rtol=1e-6)
+
+
+def test_calibration_can_continue_and_rejects_bad_input():
+  model = random_model(tiny.config(num_layers=1), seed=2)
+  windows = tiny.tokens((4, 8), 128, seed=2)
+  whole = calibrate(model, windows, progress=False)
+  part = calibrate(model, windows[:2], progress=False)
+  part = calibrate(model, windows[2:], stats=part, progress=False)
+  np.testing.assert_allclose(np.asarray(part["down_in"].xx), np.asarray(whole["down_in"].xx),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="batch_size=0"):
+    calibrate(model, windows, batch_size=0)
+  with pytest.raises(ValueError, match="windows.shape"):
+    calibrate(model, windows[0])
