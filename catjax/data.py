@@ -106,10 +106,6 @@ class Windows:
   tokens: np.ndarray
   source: str
 
-  @property
-  def seqlen(self) -> int:
-    return self.tokens.shape[1]
-
   def describe(self) -> dict:
     n, t = self.tokens.shape
     return {"data": self.source, "seqlen": t, "windows": n, "tokens": n * t}

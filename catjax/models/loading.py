@@ -71,24 +71,21 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, dtype=jn
                          f"this config (qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, "
                          f"tie_embeddings={cfg.tie_embeddings})")
       continue
-    if "{i}" in hf_name:
-      names = [hf_name.format(i=i) for i in range(cfg.num_layers)]
-    else:
-      names = [hf_name]
+    stacked = "{i}" in hf_name
+    names = [hf_name.format(i=i) for i in range(cfg.num_layers)] if stacked else [hf_name]
     missing = [n for n in names if n not in tensors]
     if missing:
       raise ValueError(f"{source}: tensor {missing[0]!r} is missing "
                        f"({len(missing)} missing for {hf_name!r})")
-    stacked = "{i}" in hf_name
     want = tuple(slots[path].shape[1:] if stacked else slots[path].shape)
     want = want[::-1] if transpose else want
     arrays = []
     for n in names:
-      a = tensors.pop(n)
-      if tuple(a.shape) != want:
-        raise ValueError(f"{source}: tensor {n!r} has shape {tuple(a.shape)}, expected {want} "
+      a = np.asarray(tensors.pop(n), np.float32)
+      if a.shape != want:
+        raise ValueError(f"{source}: tensor {n!r} has shape {a.shape}, expected {want} "
                          f"for {'/'.join(path)}")
-      arrays.append(np.asarray(a, np.float32).T if transpose else np.asarray(a, np.float32))
+      arrays.append(a.T if transpose else a)
     value = np.stack(arrays) if stacked else arrays[0]
     values[path] = jnp.asarray(value, dtype)
   unknown = sorted(n for n in tensors if not _IGNORED.fullmatch(n))
