@@ -212,3 +212,47 @@ def unpack_int4(p: jax.Array, *, axis: int = -1) -> jax.Array:
   hi = jnp.right_shift(p, 4)
   out = jnp.stack([lo, hi], axis=-1).reshape(p.shape[:-1] + (2 * p.shape[-1],))
   return jnp.moveaxis(out, -1, axis)
+
+
+def fake_quantize_clip_search(kernel: jax.Array, config: QuantConfig, *,
+                              importance: jax.Array | None = None,
+                              ratios=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5)) -> jax.Array:
+  """Per-output-channel fake quantization with the best clip ratio of each channel.
+
+  For every column `j` of `kernel (..., d_in, d_out)` and every ratio `r` in
+  `ratios`, quantize with the range `r · max_i |w_ij|` and keep the result
+  with the least `Σ_i importance_i (w_ij - Q(w)_ij)²` (plain squared error
+  when `importance` is None; use the energy `E[x_i²]` of each input channel
+  to minimize the output error of a diagonal activation model).
+
+  Raises:
+    ValueError: a config that is not symmetric per channel without groups,
+      or an `importance` that does not match `d_in`.
+  """
+  if config.granularity != "channel" or not config.symmetric or config.group_size is not None:
+    raise ValueError(f"clip search takes a symmetric per-channel config without groups, got {config}")
+  kernel = jnp.asarray(kernel)
+  if kernel.ndim < 2:
+    raise ValueError(f"kernel must be (..., d_in, d_out), got {kernel.shape=}")
+  k = kernel.astype(jnp.float32)
+  if importance is None:
+    w = jnp.ones(k.shape[:-1] + (1,), jnp.float32)
+  else:
+    importance = jnp.asarray(importance, jnp.float32)
+    if importance.shape != k.shape[:-1]:
+      raise ValueError(f"importance must have shape {k.shape[:-1]}, got {importance.shape=}")
+    w = importance[..., None]
+  absmax = jnp.max(jnp.abs(k), axis=-2, keepdims=True)
+  best = best_err = None
+  for r in ratios:
+    if not 0.0 < float(r) <= 1.0:
+      raise ValueError(f"clip ratios must lie in (0, 1], got {r!r}")
+    scale = jnp.where(absmax > 0, float(r) * absmax / config.qmax, 1.0)
+    q = jnp.clip(jnp.round(k / scale), -config.qmax, config.qmax) * scale
+    err = jnp.sum(w * (q - k) ** 2, axis=-2, keepdims=True)
+    if best is None:
+      best, best_err = q, err
+    else:
+      take = err < best_err
+      best, best_err = jnp.where(take, q, best), jnp.where(take, err, best_err)
+  return best.astype(kernel.dtype)

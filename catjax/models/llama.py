@@ -10,7 +10,9 @@ of its linears: `attn_in` (q, k, v), `o_in` (o_proj), `mlp_in` (gate, up) and
 `down_in` (down_proj). A forward may take `hook(site, x, state) -> (x', out)`:
 it sees each site input `x (B, T, d)` with `state`, this layer's slice of
 `hook_state[site]` (or None), feeds `x'` to the linears, and `out` is
-collected per site, stacked over layers. Capturing activations, accumulating
+collected per site, stacked over layers. The hook also sees the attention
+keys (after RoPE) and values on their way into the KV cache, as the sites
+`KV_SITES` with `x (B, T, kv_heads, head_dim)`. Capturing activations, accumulating
 calibration statistics and online transform + fake quantization are all
 hooks; there is one copy of the model.
 """
@@ -29,6 +31,9 @@ from flax import nnx
 from catjax.models.config import ModelConfig
 
 SITES = ("attn_in", "o_in", "mlp_in", "down_in")
+# Hook points of the attention keys (after RoPE) and values, `(B, T, kv_heads, hd)`,
+# before they enter the KV cache: where KV-cache quantization happens.
+KV_SITES = ("keys", "values")
 Hook = Callable[[str, jax.Array, Any], tuple[jax.Array, Any]]
 _INIT = nnx.initializers.normal(0.02)
 
@@ -112,7 +117,8 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    q, k = rotate(q, *rope), rotate(k, *rope)
+    q, k = rotate(q, *rope), site("keys", rotate(k, *rope))
+    v = site("values", v)
     if cache is not None:  # write this step's keys/values at `start`, attend over the cache
       start = cache["index"]
       k = cache["k"] = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
@@ -271,12 +277,13 @@ def forward(model: Llama, tokens, *, cache=None, hook: Hook | None = None, hook_
 
 
 def capture(model: Llama, tokens, *, sites=SITES) -> dict[str, jax.Array]:
-  """The inputs of `sites`, each `(num_layers, B, T, d)`: a hook that records them."""
-  unknown = set(sites) - set(SITES)
+  """The inputs of `sites` (any of `SITES + KV_SITES`), each `(num_layers, B, T, ...)`:
+  a hook that records them."""
+  unknown = set(sites) - set(SITES + KV_SITES)
   if unknown:
-    raise ValueError(f"unknown sites {sorted(unknown)}; expected some of {SITES}")
+    raise ValueError(f"unknown sites {sorted(unknown)}; expected some of {SITES + KV_SITES}")
   _, outs = forward(model, tokens, hook=_capture_hook(tuple(sites)))
-  return outs
+  return {site: outs[site] for site in sites}
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,232 @@
+"""The whole PTQ job on a real model: calibrate once, then for every recipe fit,
+transform, quantize, report per site and evaluate perplexity (DESIGN §3).
+
+`run(RunConfig(...))` returns one JSON-able report; `write_outputs` writes it as
+JSON, Markdown and two PNG plots side by side. The CLI commands `quantize` and
+`compare` and `benchmarks/smollm2_w4a4.py` are thin wrappers around these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catjax import report as rep
+from catjax.ptq import Recipe, calibrate, load_stats, quantize_model, save_stats
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+  """Everything one comparison needs.
+
+  Attributes:
+    recipes: the recipes to compare; all share one calibration.
+    model: model name, .gguf file or Hugging Face folder.
+    dtype: "float32" or "bfloat16".
+    calib_text / eval_text: text sources (`catjax.data.load_text`); the
+      default Wikipedia splits are disjoint by article.
+    calib_windows: windows of `calib_seqlen` tokens for the statistics.
+    calib_seqlen: calibration window length (default: `seqlen`).
+    report_windows: further calibration-text windows, held out from the fit,
+      on which the per-site SQNR is measured.
+    seqlen / eval_max_tokens: evaluation windows and token budget.
+    batch_size: windows per step in calibration and evaluation.
+    stats_in: reuse statistics saved by `save_stats` instead of calibrating.
+    stats_out: save the statistics here.
+    progress: show progress bars.
+  """
+
+  recipes: tuple[Recipe, ...]
+  model: str = "smollm2-135m"
+  dtype: str = "float32"
+  calib_text: str = "wiki-calib"
+  calib_windows: int = 32
+  calib_seqlen: int | None = None
+  report_windows: int = 2
+  eval_text: str = "wiki-eval"
+  seqlen: int = 512
+  eval_max_tokens: int = 16384
+  batch_size: int = 1
+  stats_in: Path | None = None
+  stats_out: Path | None = None
+  progress: bool = True
+
+  def __post_init__(self):
+    if not self.recipes:
+      raise ValueError("recipes is empty: give at least one method")
+    labels = [r.label for r in self.recipes]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+      raise ValueError(f"recipes repeat {dup}; each method spec must differ")
+    for name in ("calib_windows", "report_windows", "seqlen", "eval_max_tokens", "batch_size"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}={v!r}: expected a positive integer")
+    if self.calib_seqlen is not None and self.calib_seqlen < 2:
+      raise ValueError(f"calib_seqlen={self.calib_seqlen!r}: expected an integer >= 2")
+    if self.eval_max_tokens < self.seqlen:
+      raise ValueError(f"eval_max_tokens={self.eval_max_tokens} is less than one window of "
+                       f"seqlen={self.seqlen}")
+
+
+def _calibration(cfg: RunConfig, model, tokenizer):
+  from catjax.data import text_windows
+  seqlen = cfg.calib_seqlen or cfg.seqlen
+  need = cfg.calib_windows + cfg.report_windows
+  windows = text_windows(tokenizer, cfg.calib_text, seqlen=seqlen, max_tokens=need * seqlen)
+  if len(windows.tokens) < need:
+    raise ValueError(f"calibration text {cfg.calib_text!r} gives {len(windows.tokens)} windows of "
+                     f"{seqlen} tokens; calib_windows + report_windows = {need} are needed")
+  fit, held = windows.tokens[:cfg.calib_windows], windows.tokens[cfg.calib_windows:]
+  info = {"data": cfg.calib_text, "seqlen": seqlen, "windows": cfg.calib_windows,
+          "tokens": cfg.calib_windows * seqlen, "report_windows": cfg.report_windows}
+  t0 = time.perf_counter()
+  if cfg.stats_in is not None:
+    stats, meta = load_stats(cfg.stats_in, model.config)
+    info = {**meta, "report_windows": cfg.report_windows, "loaded_from": str(cfg.stats_in)}
+  else:
+    stats = calibrate(model, fit, batch_size=cfg.batch_size, progress=cfg.progress)
+  info["seconds"] = time.perf_counter() - t0
+  if cfg.stats_out is not None:
+    save_stats(cfg.stats_out, stats, model=cfg.model,
+               **{k: v for k, v in info.items() if k not in ("seconds", "report_windows")})
+  return stats, held, info
+
+
+def _baseline(results: list[dict], method: str, w_bits, a_bits) -> dict | None:
+  for r in results:
+    rc = r["recipe"]
+    if rc["method"] == method and (rc["w_bits"], rc["a_bits"]) == (w_bits, a_bits):
+      return r
+  return None
+
+
+def comparisons(results: list[dict]) -> list[dict]:
+  """For every transform recipe other than hadamard: its per-site SQNR gain over
+  hadamard at the same bits, its perplexity gap as a fraction of hadamard's, and
+  the fraction of sites where it is at least `none` at W6A6."""
+  fp = next((r for r in results if r["recipe"]["method"] == "fp"), None)
+  out = []
+  for r in results:
+    rc = r["recipe"]
+    if rc["method"] in ("fp", "none", "hadamard"):
+      continue
+    c: dict[str, Any] = {"method": rc["label"]}
+    had = _baseline(results, "hadamard", rc["w_bits"], rc["a_bits"])
+    if had is not None:
+      c["sqnr_gain_over_hadamard"] = rep.sqnr_gain(r["sites"], had["sites"])
+      if fp is not None and had["perplexity"] > fp["perplexity"]:
+        c["ppl_gap_fraction_of_hadamard"] = ((r["perplexity"] - fp["perplexity"])
+                                             / (had["perplexity"] - fp["perplexity"]))
+    w6 = _baseline(results, "none", 6, 6)
+    if w6 is not None:
+      c["vs_none_w6a6"] = rep.sqnr_gain(r["sites"], w6["sites"])
+    out.append(c)
+  return out
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+  """Calibrate once and quantize, report and evaluate every recipe of `cfg`.
+
+  Every recipe is checked against the model's widths before any work starts.
+
+  Returns:
+    `{"config", "model", "calibration", "evaluation", "methods": [{recipe,
+    perplexity, evaluation, fit_seconds, sites}], "summary", "comparisons"}`.
+  """
+  from catjax.data import text_windows
+  from catjax.evaluate import perplexity
+  from catjax.models import load_pretrained
+  model, tokenizer, path = load_pretrained(cfg.model, dtype=cfg.dtype)
+  for r in cfg.recipes:
+    r.check_model(model.config)
+  eval_windows = text_windows(tokenizer, cfg.eval_text, seqlen=cfg.seqlen,
+                              max_tokens=cfg.eval_max_tokens)
+  stats, held, calib_info = _calibration(cfg, model, tokenizer)
+  results = []
+  for recipe in cfg.recipes:
+    t0 = time.perf_counter()
+    qm = quantize_model(model, stats, recipe, progress=cfg.progress)
+    fit_seconds = time.perf_counter() - t0
+    sites = rep.site_report(model, qm, held)
+    quantized = recipe.method != "fp"
+    ppl = perplexity(qm.model, eval_windows.tokens, batch_size=cfg.batch_size,
+                     hook=qm.hook if quantized else None,
+                     hook_state=qm.transforms, model_name=f"{cfg.model} {recipe.label}",
+                     data_name=cfg.eval_text, progress=cfg.progress)
+    results.append({"recipe": recipe.to_dict(), "perplexity": ppl.perplexity,
+                    "evaluation": ppl.to_dict(), "fit_seconds": fit_seconds, "sites": sites})
+    if cfg.progress:
+      print(f"{recipe.label:>28}: perplexity {ppl.perplexity:.3f}  (fit {fit_seconds:.1f} s, "
+            f"eval {ppl.seconds:.0f} s)", flush=True)
+  fp = next((r["perplexity"] for r in results if r["recipe"]["method"] == "fp"), None)
+  summary = [rep.summary_row(r["recipe"]["label"], r["perplexity"], r["sites"], fp)
+             for r in results]
+  return {
+      "config": {k: (str(v) if isinstance(v, Path) else v)
+                 for k, v in dataclasses.asdict(cfg).items() if k != "recipes"},
+      "model": {"name": cfg.model, "path": str(path), "dtype": cfg.dtype},
+      "calibration": calib_info,
+      "evaluation": {**eval_windows.describe()},
+      "methods": results,
+      "summary": summary,
+      "comparisons": comparisons(results),
+  }
+
+
+def comparisons_markdown(comps: list[dict]) -> str:
+  head = ["method", "SQNR gain over hadamard: mean / median / max dB",
+          "ppl gap / hadamard's gap", "sites ≥ none W6A6"]
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for c in comps:
+    g = c.get("sqnr_gain_over_hadamard")
+    gain = (f"{g['mean_db']:+.2f} / {g['median_db']:+.2f} / {g['max_db']:+.2f}"
+            if g and g.get("sites") else "–")
+    frac = c.get("ppl_gap_fraction_of_hadamard")
+    w6 = c.get("vs_none_w6a6")
+    lines.append("| " + " | ".join([
+        c["method"], gain, "–" if frac is None else f"{100 * frac:.0f}%",
+        f"{100 * w6['fraction_at_least']:.0f}% of {w6['sites']}" if w6 and w6.get("sites")
+        else "–"]) + " |")
+  return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+  """The report as Markdown: setup, comparison table, gains, per-site table per method."""
+  c, e = report["calibration"], report["evaluation"]
+  parts = [
+      f"Model `{report['model']['name']}` ({report['model']['dtype']}). "
+      f"Calibration: {c['windows']} × {c['seqlen']} tokens of `{c['data']}` "
+      f"({c['seconds']:.1f} s); per-site SQNR on {c['report_windows']} further held-out windows. "
+      f"Evaluation: {e['windows']} × {e['seqlen']} tokens of `{e['data']}`.",
+      "", rep.comparison_markdown(report["summary"])]
+  if report["comparisons"]:
+    parts += ["", comparisons_markdown(report["comparisons"])]
+  for r in report["methods"]:
+    parts += ["", f"### {r['recipe']['label']} (fit {r['fit_seconds']:.1f} s)", "",
+              rep.sites_markdown(r["sites"])]
+  return "\n".join(parts)
+
+
+def write_outputs(report: dict[str, Any], json_path: str | Path) -> list[Path]:
+  """Write `X.json`, `X.md`, `X.sqnr.png` and `X.decomposition.png` for `json_path=X.json`."""
+  json_path = Path(json_path)
+  json_path.parent.mkdir(parents=True, exist_ok=True)
+  stem = json_path.with_suffix("")
+  json_path.write_text(json.dumps(report, indent=2) + "\n")
+  md = stem.with_suffix(".md")
+  md.write_text(markdown(report) + "\n")
+  by_method = {r["recipe"]["label"]: r["sites"] for r in report["methods"]
+               if r["recipe"]["method"] != "fp"}
+  paths = [json_path, md]
+  if by_method:
+    paths.append(rep.plot_sqnr(by_method, f"{stem}.sqnr.png"))
+    focus = {k: v for k, v in by_method.items()
+             if k.split()[0] in ("none", "hadamard", "cat", "cat_full")}
+    paths.append(rep.plot_decomposition(focus or by_method, f"{stem}.decomposition.png"))
+  return paths

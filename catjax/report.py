@@ -1,0 +1,209 @@
+"""Per-site reports of a quantized model: measured and predicted SQNR and its factors.
+
+For every block and site, on held-out tokens with full-precision inputs
+(DESIGN §3): the SQNR of the site's output `x W` (all its linears side by
+side) under the recipe's online transform and quantizers, the SQNR the
+uniform-noise model predicts (DESIGN §1.2), `C(x)`, `C(W)` of the transformed
+operands and their alignment gain `d · A`. Tables as Markdown, plots as PNG.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from catjax import stats as st
+from catjax.models.llama import SITES, Llama, capture
+from catjax.ptq import QuantizedModel, site_kernel
+from catjax.quant import QuantConfig, activation_config, fake_quantize, weight_config
+
+HIGHEST = jax.lax.Precision.HIGHEST
+SITE_FIELDS = ("measured_sqnr_db", "measured_sqnr_excl_pos0_db", "predicted_sqnr_db",
+               "concentration_x_db", "concentration_w_db", "alignment_gain_db")
+
+
+@functools.partial(jax.jit, static_argnames=("a_config", "w_config"))
+def _site_terms(x, kernel, qkernel, transform, *, a_config, w_config):
+  """Linear-scale terms for each layer; `x (L, B, T, d)`, kernels `(L, d, o)`."""
+
+  def one(args):
+    x, k, kq, t = args
+    xt = x if t is None else t.apply(x)
+    kt = k if t is None else t.merge(k)
+    xq = xt if a_config is None else fake_quantize(xt, a_config)
+    y = jnp.einsum("btd,do->bto", x, k, precision=HIGHEST)
+    yq = jnp.einsum("btd,do->bto", xq, kq, precision=HIGHEST)
+    sig, err = jnp.sum(y**2, -1), jnp.sum((y - yq) ** 2, -1)  # (B, T)
+    x2 = xt.reshape(-1, xt.shape[-1])
+    return {
+        "measured": jnp.sum(sig) / jnp.sum(err),
+        "measured_excl_pos0": jnp.sum(sig[:, 1:]) / jnp.sum(err[:, 1:]),
+        "c_x": st.concentration_x(x2, a_config or activation_config(8)),
+        "c_w": st.concentration_w(kt, w_config or weight_config(8)),
+        "align": st.alignment(st.second_moment(x2).astype(jnp.float32),
+                              st.weight_gram(kt).astype(jnp.float32)),
+    }
+
+  return jax.lax.map(one, (x, kernel, qkernel, transform))
+
+
+def _db(v: float) -> float | None:
+  """dB of a linear ratio; None for an infinite or undefined one (JSON has no inf)."""
+  return None if not math.isfinite(v) or v <= 0 else 10.0 * math.log10(v)
+
+
+def _predicted(c_x: float, c_w: float, align: float, a_config: QuantConfig | None,
+               w_config: QuantConfig | None) -> float:
+  """`1 / (1/SQNR_x + 1/SQNR_w)`; an unquantized operand contributes no noise."""
+  inv = 0.0
+  if a_config is not None:
+    inv += 1.0 / (12.0 * a_config.num_steps**2 * c_x * align)
+  if w_config is not None:
+    inv += 1.0 / (12.0 * w_config.num_steps**2 * c_w * align)
+  return math.inf if inv == 0 else 1.0 / inv
+
+
+def site_report(model: Llama, qm: QuantizedModel, windows: np.ndarray) -> list[dict[str, Any]]:
+  """One row per block and site: SQNR terms of `qm` on `windows` (held-out tokens).
+
+  Inputs of every site are captured from the full-precision `model`, so each
+  row measures that site alone. Returns dicts with `layer`, `site`, `method`
+  (the recipe label) and `SITE_FIELDS` (dB; None where infinite, e.g. "fp").
+  """
+  windows = np.asarray(windows, np.int32)
+  acts = capture(model, windows)
+  a_config, w_config = qm.recipe.a_config, qm.recipe.w_config
+  rows = []
+  for site in SITES:
+    t = None if qm.transforms is None else qm.transforms[site]
+    terms = jax.device_get(_site_terms(acts[site], site_kernel(model, site),
+                                       site_kernel(qm.model, site), t,
+                                       a_config=a_config, w_config=w_config))
+    for layer in range(model.config.num_layers):
+      v = {k: float(a[layer]) for k, a in terms.items()}
+      d = acts[site].shape[-1]
+      rows.append({
+          "layer": layer, "site": site, "method": qm.recipe.label,
+          "measured_sqnr_db": _db(v["measured"]),
+          "measured_sqnr_excl_pos0_db": _db(v["measured_excl_pos0"]),
+          "predicted_sqnr_db": _db(_predicted(v["c_x"], v["c_w"], v["align"], a_config, w_config)),
+          "concentration_x_db": _db(v["c_x"]),
+          "concentration_w_db": _db(v["c_w"]),
+          "alignment_gain_db": _db(d * v["align"]),
+      })
+  rows.sort(key=lambda r: (r["layer"], SITES.index(r["site"])))
+  return rows
+
+
+def sqnr_gain(rows: list[dict], base: list[dict], *, field: str = "measured_sqnr_db") -> dict:
+  """Per-site `rows - base` of `field` (matched on layer and site): mean, median, max,
+  min and the fraction of sites where `rows >= base`."""
+  ref = {(r["layer"], r["site"]): r[field] for r in base}
+  diffs = np.array([r[field] - ref[(r["layer"], r["site"])] for r in rows
+                    if r[field] is not None and ref.get((r["layer"], r["site"])) is not None])
+  if diffs.size == 0:
+    return {"sites": 0}
+  return {"sites": int(diffs.size), "mean_db": float(diffs.mean()),
+          "median_db": float(np.median(diffs)), "max_db": float(diffs.max()),
+          "min_db": float(diffs.min()), "fraction_at_least": float(np.mean(diffs >= 0))}
+
+
+def _mean(rows: list[dict], field: str) -> float | None:
+  vals = [r[field] for r in rows if r[field] is not None]
+  return float(np.mean(vals)) if vals else None
+
+
+def summary_row(label: str, ppl: float | None, rows: list[dict], fp_ppl: float | None) -> dict:
+  """One line of the comparison table: perplexity, its gap to fp, mean site terms."""
+  out = {"method": label, "perplexity": ppl,
+         "ppl_gap_to_fp": None if ppl is None or fp_ppl is None else ppl - fp_ppl}
+  out.update({f"mean_{f}": _mean(rows, f) for f in SITE_FIELDS})
+  return out
+
+
+def _fmt(v, spec=".2f") -> str:
+  return "–" if v is None else format(v, spec)
+
+
+def comparison_markdown(summary: list[dict]) -> str:
+  """The side-by-side table: one row per method."""
+  head = ["method", "perplexity", "Δ vs fp", "mean SQNR dB", "mean SQNR dB (pos ≥ 1)",
+          "mean predicted dB", "mean C(x) dB", "mean C(W) dB", "mean align gain dB"]
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for s in summary:
+    lines.append("| " + " | ".join([
+        s["method"], _fmt(s["perplexity"], ".3f"), _fmt(s["ppl_gap_to_fp"], "+.3f"),
+        _fmt(s["mean_measured_sqnr_db"]), _fmt(s["mean_measured_sqnr_excl_pos0_db"]),
+        _fmt(s["mean_predicted_sqnr_db"]), _fmt(s["mean_concentration_x_db"]),
+        _fmt(s["mean_concentration_w_db"]), _fmt(s["mean_alignment_gain_db"])]) + " |")
+  return "\n".join(lines)
+
+
+def sites_markdown(rows: list[dict]) -> str:
+  """Every block × site row of one method."""
+  head = ["layer", "site", "measured dB", "measured dB (pos ≥ 1)", "predicted dB", "C(x) dB",
+          "C(W) dB", "align gain dB"]
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for r in rows:
+    lines.append("| " + " | ".join([str(r["layer"]), r["site"]] + [_fmt(r[f])
+                                                                   for f in SITE_FIELDS]) + " |")
+  return "\n".join(lines)
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_sqnr(rows_by_method: dict[str, list[dict]], path: str | Path,
+              field: str = "measured_sqnr_db") -> Path:
+  """SQNR per layer, one panel per site, one line per method."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+  for ax, site in zip(axes.flat, SITES):
+    for label, rows in rows_by_method.items():
+      pts = [(r["layer"], r[field]) for r in rows if r["site"] == site and r[field] is not None]
+      if pts:
+        ax.plot(*zip(*pts), marker=".", label=label)
+    ax.set_title(site)
+    ax.set_ylabel(f"{field.replace('_db', '')} (dB)")
+    ax.grid(alpha=0.3)
+  for ax in axes[-1]:
+    ax.set_xlabel("layer")
+  axes.flat[0].legend(fontsize=8)
+  fig.tight_layout()
+  path = Path(path)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_decomposition(rows_by_method: dict[str, list[dict]], path: str | Path) -> Path:
+  """`C(x)`, `C(W)`, alignment gain and measured SQNR along the sites of the model
+  (layer-major), one line per method: where each method's SQNR comes from."""
+  plt = _pyplot()
+  fields = ("concentration_x_db", "concentration_w_db", "alignment_gain_db", "measured_sqnr_db")
+  fig, axes = plt.subplots(len(fields), 1, figsize=(13, 11), sharex=True)
+  for ax, field in zip(axes, fields):
+    for label, rows in rows_by_method.items():
+      ax.plot([r[field] if r[field] is not None else np.nan for r in rows], label=label, lw=1)
+    ax.set_ylabel(field.replace("_db", " dB").replace("_", " "), fontsize=8)
+    ax.grid(alpha=0.3)
+  n = len(next(iter(rows_by_method.values())))
+  axes[-1].set_xticks(range(0, n, len(SITES) * 5))
+  axes[-1].set_xticklabels([str(i // len(SITES)) for i in range(0, n, len(SITES) * 5)])
+  axes[-1].set_xlabel(f"layer (each has {len(SITES)} sites: {', '.join(SITES)})")
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  path = Path(path)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
