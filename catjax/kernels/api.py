@@ -1,0 +1,111 @@
+"""`quantized_matmul`: validation and dispatch to the reference or a kernel."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from catjax.kernels import pallas_gpu, reference
+from catjax.kernels.qweight import QuantizedWeight
+
+IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret")
+
+
+def _validate(x, transform_blocks, qweight, a_bits, implementation, out_dtype):
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation=!r}")
+  if not isinstance(qweight, QuantizedWeight):
+    raise ValueError(f"qweight must be a QuantizedWeight (from quantize_weight), got {type(qweight).__name__}")
+  if isinstance(a_bits, bool) or not isinstance(a_bits, int) or not 2 <= a_bits <= 8:
+    raise ValueError(f"a_bits must be an integer in 2..8, got {a_bits=!r}")
+  if jnp.dtype(out_dtype) not in pallas_gpu.OUT_DTYPES:
+    raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype=}")
+  d_in, d_out = qweight.shape
+  if x.ndim < 1 or x.shape[-1] != d_in:
+    raise ValueError(f"x must be (..., d_in) with d_in={d_in} of the weight, got {x.shape=}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x must be a float array, got {x.dtype=}")
+  stored = (d_out, d_in // 2 if qweight.packed else d_in)
+  if qweight.values.shape != stored or qweight.scale.shape != (d_out,):
+    raise ValueError(
+        f"qweight of one layer must have values {stored} and scale ({d_out},) for "
+        f"shape={qweight.shape} bits={qweight.bits}, got {qweight.values.shape=} "
+        f"{qweight.scale.shape=} (slice stacked layers first)")
+  if transform_blocks is not None:
+    tb = transform_blocks
+    if tb.ndim != 3 or tb.shape[1] != tb.shape[2] or tb.shape[0] * tb.shape[1] != d_in:
+      raise ValueError(f"transform_blocks must be (d_in/k, k, k) with d_in={d_in}, got {tb.shape=}")
+
+
+@functools.partial(jax.jit, static_argnames=("a_bits", "kind", "config", "out_dtype"))
+def _run(x2, transform_blocks, qweight, *, a_bits, kind, config, out_dtype):
+  if kind == "reference":
+    return reference.quantized_matmul(x2, transform_blocks, qweight, a_bits=a_bits, out_dtype=out_dtype)
+  x_q, s_x = reference.quantize_activations(x2, transform_blocks, a_bits=a_bits)
+  body, interpret = {"mosaic": ("mosaic", False), "mosaic_interpret": ("mosaic", True),
+                     "portable_interpret": ("portable", True)}[kind]
+  return pallas_gpu.int_matmul(x_q, s_x, qweight.values, qweight.scale, bits=qweight.bits,
+                               config=config, out_dtype=out_dtype, body=body, interpret=interpret)
+
+
+def quantized_matmul(x: jax.Array, transform_blocks: jax.Array | None, qweight: QuantizedWeight, *,
+                     a_bits: int, implementation: str | None = None, out_dtype=jnp.float32,
+                     config: pallas_gpu.BlockConfig | None = None) -> jax.Array:
+  """Transformed, dynamically quantized activations times quantized weights.
+
+  Computes `Q_a(x Bᵀ) · Q_w(W)` with int32 accumulation and both scales
+  applied at the end; `reference` (`catjax.kernels.reference`) is the spec.
+
+  Args:
+    x: `(..., d_in)` float activations; leading axes are flattened to tokens.
+    transform_blocks: `(d_in/k, k, k)` block-diagonal transform (as
+      `Transform.blocks`) applied online, or None.
+    qweight: one layer from `quantize_weight`.
+    a_bits: activation bits (symmetric per token), 2..8.
+    implementation: None (the Pallas kernel on a Hopper GPU when the shape is
+      supported, else the reference, silently), "reference", "pallas"
+      (Mosaic GPU; ValueError with the reason where it cannot run) or
+      "pallas_interpret" (CPU: the Mosaic GPU body in GPU interpret mode on
+      jax >= 0.12, else the portable Pallas body in interpret mode).
+    out_dtype: float32 or bfloat16.
+    config: kernel tiles (default `choose_block_config`).
+
+  Returns:
+    `(..., d_out)` in `out_dtype`.
+
+  Raises:
+    ValueError: mismatched shapes, bad bit widths or dtypes, an unknown
+      implementation, or "pallas"/"pallas_interpret" on a problem the kernel
+      cannot take (the message says why).
+  """
+  x = jnp.asarray(x)
+  _validate(x, transform_blocks, qweight, a_bits, implementation, out_dtype)
+  out_dtype = jnp.dtype(out_dtype)
+  lead = x.shape[:-1]
+  d_in, d_out = qweight.shape
+  x2 = x.reshape(-1, d_in)
+  m = x2.shape[0]
+  if config is None:
+    config = pallas_gpu.choose_block_config(m, d_in, d_out, bits=qweight.bits, out_dtype=out_dtype)
+  kind = "reference"
+  if implementation in (None, "pallas"):
+    reason = pallas_gpu.unsupported_reason(m, d_in, d_out, bits=qweight.bits, out_dtype=out_dtype,
+                                           config=config)
+    if reason is None:
+      kind = "mosaic"
+    elif implementation == "pallas":
+      raise ValueError(f"implementation='pallas' cannot run {x.shape=} @ {qweight.shape} "
+                       f"(bits={qweight.bits}): {reason}")
+  elif implementation == "pallas_interpret":
+    reason = pallas_gpu.unsupported_reason(m, d_in, d_out, bits=qweight.bits, out_dtype=out_dtype,
+                                           config=config, interpret=True)
+    if reason is not None:
+      raise ValueError(f"implementation='pallas_interpret' cannot run {x.shape=} @ {qweight.shape} "
+                       f"(bits={qweight.bits}): {reason}")
+    kind = "mosaic_interpret" if pallas_gpu.has_gpu_interpret() else "portable_interpret"
+  if m == 0:
+    return jnp.zeros(lead + (d_out,), out_dtype)
+  out = _run(x2, transform_blocks, qweight, a_bits=a_bits, kind=kind, config=config, out_dtype=out_dtype)
+  return out.reshape(lead + (d_out,))
