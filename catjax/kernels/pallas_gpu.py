@@ -245,11 +245,13 @@ def _load_vector(ref, layout):
 
 
 def _transposed(ref):
-  return plgpu.transpose_ref(ref, (1, 0)) if not hasattr(ref, "transpose") else ref.transpose((1, 0))
+  """A `(n, k)` SMEM ref viewed as `(k, n)`: the K-major B operand of int8 wgmma."""
+  return ref.transpose((1, 0)) if hasattr(ref, "transpose") else plgpu.transpose_ref(ref, (1, 0))
 
 
 def _mosaic_body(x_gmem, sx_gmem, w_gmem, sw_gmem, o_gmem, o_smem, wu_smem=None, *,
                  halves, config, k_steps, out_dtype):
+  """One `(block_m, block_n)` output tile per CTA; a TMA pipeline over K tiles."""
   bm, bn, bk = config.block_m, config.block_n, config.block_k
   m_slice = pl.ds(lax.axis_index("m") * bm, bm)
   n_slice = pl.ds(lax.axis_index("n") * bn, bn)
