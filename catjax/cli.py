@@ -2,6 +2,8 @@
 
     catjax eval --model smollm2-135m --seqlen 512 --max-tokens 16384 --json ppl.json
     catjax generate --model smollm2-135m --prompt "The capital of France is"
+    catjax quantize --model smollm2-135m --method cat --block-size 64 --w-bits 4 --a-bits 4 --json q.json
+    catjax compare --model smollm2-135m --methods fp,none,hadamard,cat,cat_full --json cmp.json
 """
 
 from __future__ import annotations
@@ -27,6 +29,71 @@ def _positive(text: str) -> int:
   if value < 1:
     raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
   return value
+
+
+def _bits(text: str) -> int | None:
+  value = int(text)
+  if value == 16:
+    return None
+  if not 2 <= value <= 8:
+    raise argparse.ArgumentTypeError(f"{value} bits: expected 2..8, or 16 for no quantization")
+  return value
+
+
+def _ratio(text: str) -> float:
+  value = float(text)
+  if not 0.0 < value <= 1.0:
+    raise argparse.ArgumentTypeError(f"{value} is not a ratio in (0, 1]")
+  return value
+
+
+def _ptq_args(p: argparse.ArgumentParser, *, several: bool):
+  _model_args(p)
+  if several:
+    p.add_argument("--methods", default="fp,none,smoothquant,hadamard,cat,cat_full",
+                   help="comma-separated method specs METHOD[@wNaM][@kN][@kvN], e.g. "
+                        "none@w6a6 or cat@k192; options override the flags below "
+                        "(default: %(default)s)")
+  else:
+    from catjax.ptq import PTQ_METHODS
+    p.add_argument("--method", default="cat", choices=PTQ_METHODS,
+                   help="(default: %(default)s)")
+  q = p.add_argument_group("recipe")
+  q.add_argument("--block-size", type=_positive, default=64,
+                 help="block size k of 'cat'; must divide every site width (default: %(default)s)")
+  q.add_argument("--w-bits", type=_bits, default=4, help="weight bits, 2..8 or 16 (default: 4)")
+  q.add_argument("--a-bits", type=_bits, default=4,
+                 help="activation bits, 2..8 or 16 (default: 4)")
+  q.add_argument("--kv-bits", type=_bits, default=None,
+                 help="KV-cache bits, 2..8 (default: 16, not quantized)")
+  q.add_argument("--a-clip", type=_ratio, default=1.0,
+                 help="activation clip ratio (default: %(default)s)")
+  q.add_argument("--w-clip-search", action="store_true",
+                 help="search each weight channel's clip ratio")
+  q.add_argument("--seed", type=int, default=0, help="Hadamard sign seed (default: %(default)s)")
+  d = p.add_argument_group("data")
+  d.add_argument("--calib-windows", type=_positive, default=32,
+                 help="calibration windows (default: %(default)s)")
+  d.add_argument("--calib-seqlen", type=_positive, default=None,
+                 help="calibration window length (default: --seqlen)")
+  d.add_argument("--report-windows", type=_positive, default=2,
+                 help="held-out calibration windows for the per-site SQNR (default: %(default)s)")
+  d.add_argument("--calib-text", default="wiki-calib",
+                 help="wiki-calib (default), wiki-eval, brown, or a text file")
+  d.add_argument("--seqlen", type=_positive, default=512,
+                 help="evaluation window length (default: %(default)s)")
+  d.add_argument("--eval-max-tokens", type=_positive, default=16384,
+                 help="evaluation token budget (default: %(default)s)")
+  d.add_argument("--eval-text", default="wiki-eval",
+                 help="wiki-eval (default), wiki-calib, brown, or a text file")
+  d.add_argument("--batch-size", type=_positive, default=1,
+                 help="windows per step (default: %(default)s)")
+  o = p.add_argument_group("statistics and output")
+  o.add_argument("--save-stats", type=Path, help="save the calibration statistics (.npz)")
+  o.add_argument("--load-stats", type=Path, help="reuse saved statistics instead of calibrating")
+  o.add_argument("--json", type=Path,
+                 help="write the report here, with .md, .sqnr.png and .decomposition.png beside it")
+  o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +123,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(default: %(default)s)")
   gen.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template")
+
+  qz = sub.add_parser("quantize", help="calibrate, quantize with one recipe, evaluate, report")
+  _ptq_args(qz, several=False)
+  cmp = sub.add_parser("compare", help="several methods on one calibration, side by side")
+  _ptq_args(cmp, several=True)
   return parser
+
+
+def _run_config(args, specs: list[str]):
+  from catjax.pipeline import RunConfig
+  from catjax.ptq import Recipe
+  base = Recipe(method="fp", block_size=args.block_size, w_bits=args.w_bits, a_bits=args.a_bits,
+                kv_bits=args.kv_bits, a_clip=args.a_clip, w_clip_search=args.w_clip_search,
+                seed=args.seed)
+  recipes = tuple(base.with_spec(s) for s in specs)
+  return RunConfig(recipes=recipes, model=args.model, dtype=args.dtype,
+                   calib_text=args.calib_text, calib_windows=args.calib_windows,
+                   calib_seqlen=args.calib_seqlen, report_windows=args.report_windows,
+                   eval_text=args.eval_text, seqlen=args.seqlen,
+                   eval_max_tokens=args.eval_max_tokens, batch_size=args.batch_size,
+                   stats_in=args.load_stats, stats_out=args.save_stats,
+                   progress=not args.no_progress)
+
+
+def _print_tables(report: dict) -> None:
+  from catjax import report as rep
+  from catjax.pipeline import comparisons_markdown
+  print(rep.comparison_markdown(report["summary"]))
+  if report["comparisons"]:
+    print()
+    print(comparisons_markdown(report["comparisons"]))
+
+
+def _quantize(args) -> dict:
+  from catjax.pipeline import run, write_outputs
+  report = run(_run_config(args, [args.method]))
+  _print_tables(report)
+  method = report["methods"][0]
+  out = {"perplexity": method["perplexity"], "sites": method["sites"], **report}
+  if args.json:
+    write_outputs(out, args.json)
+  return out
+
+
+def _compare(args) -> dict:
+  from catjax.pipeline import run, write_outputs
+  specs = [s for s in args.methods.split(",") if s.strip()]
+  report = run(_run_config(args, specs))
+  _print_tables(report)
+  if args.json:
+    write_outputs(report, args.json)
+  return report
 
 
 def _eval(args) -> dict:
@@ -94,11 +212,12 @@ def _generate(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
-    report = {"eval": _eval, "generate": _generate}[args.command](args)
+    report = {"eval": _eval, "generate": _generate, "quantize": _quantize,
+              "compare": _compare}[args.command](args)
   except (ValueError, FileNotFoundError) as e:
     print(f"catjax {args.command}: error: {e}", file=sys.stderr)
     return 2
-  if getattr(args, "json", None):
+  if getattr(args, "json", None) and args.command in ("eval", "generate"):
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
   return 0

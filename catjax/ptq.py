@@ -58,7 +58,7 @@ def _stats_hook(site, x, state):
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("stats",))
 def _calibration_step(graphdef, params, tokens, stats):
   _, stats = nnx.merge(graphdef, params)(tokens, hook=_stats_hook, hook_state=stats)
-  return stats
+  return {site: stats[site] for site in SITES}
 
 
 def calibrate(model: Llama, windows: np.ndarray, *, batch_size: int = 1,
@@ -344,8 +344,16 @@ def transform_params(params, transforms: dict[str, Transform] | None) -> dict:
   params = _pure(params)
   if transforms is None:
     return params
-  return _map_site_kernels(
-      params, lambda site, k: jax.vmap(lambda t, kk: t.merge(kk))(transforms[site], k))
+  return _map_site_kernels(params, lambda site, k: _merge_stacked(transforms[site], k))
+
+
+@jax.jit
+def _merge_stacked(transform: Transform, kernel: jax.Array) -> jax.Array:
+  return jax.vmap(lambda t, k: t.merge(k))(transform, kernel)
+
+
+_fake_quantize = jax.jit(fake_quantize, static_argnames="config")
+_clip_search = jax.jit(fake_quantize_clip_search, static_argnames=("config", "ratios"))
 
 
 def _transformed_importance(sigma: jax.Array, t: Transform | None) -> jax.Array:
@@ -367,12 +375,12 @@ def quantize_params(params, recipe: Recipe, *, transforms=None,
   if config is None:
     return params
   if not recipe.w_clip_search:
-    return _map_site_kernels(params, lambda site, k: fake_quantize(k, config))
+    return _map_site_kernels(params, lambda site, k: _fake_quantize(k, config))
   if stats is None:
     raise ValueError("w_clip_search=True needs the calibration statistics (stats=...)")
   importance = {site: jax.vmap(lambda st, t: _transformed_importance(st.sigma, t))(
       stats[site], None if transforms is None else transforms[site]) for site in SITES}
-  return _map_site_kernels(params, lambda site, k: fake_quantize_clip_search(
+  return _map_site_kernels(params, lambda site, k: _clip_search(
       k, config, importance=importance[site], ratios=CLIP_GRID))
 
 

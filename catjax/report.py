@@ -41,13 +41,15 @@ def _site_terms(x, kernel, qkernel, transform, *, a_config, w_config):
     yq = jnp.einsum("btd,do->bto", xq, kq, precision=HIGHEST)
     sig, err = jnp.sum(y**2, -1), jnp.sum((y - yq) ** 2, -1)  # (B, T)
     x2 = xt.reshape(-1, xt.shape[-1])
+    # A = tr(Σ_x Σ_W) / (tr Σ_x tr Σ_W) with Σ_W = kt ktᵀ: tr(Σ_x Σ_W) = E‖x kt‖² and
+    # x' kt = x k (the transform preserves the function), so no d × d products are needed.
+    align = (jnp.sum(sig) / jnp.sum(x2.astype(jnp.float32) ** 2)) / jnp.sum(kt.astype(jnp.float32) ** 2)
     return {
         "measured": jnp.sum(sig) / jnp.sum(err),
         "measured_excl_pos0": jnp.sum(sig[:, 1:]) / jnp.sum(err[:, 1:]),
         "c_x": st.concentration_x(x2, a_config or activation_config(8)),
         "c_w": st.concentration_w(kt, w_config or weight_config(8)),
-        "align": st.alignment(st.second_moment(x2).astype(jnp.float32),
-                              st.weight_gram(kt).astype(jnp.float32)),
+        "align": align,
     }
 
   return jax.lax.map(one, (x, kernel, qkernel, transform))

@@ -115,3 +115,25 @@ def test_shape_errors():
     quant.pack_int4(jnp.ones((3,), jnp.int8))
   with pytest.raises(ValueError, match="int8 or uint8"):
     quant.pack_int4(jnp.ones((4,), jnp.int32))
+
+
+def test_clip_search_never_worse_than_full_range_and_helps_outliers():
+  from catjax.quant import activation_config, fake_quantize, fake_quantize_clip_search, weight_config
+  rng = np.random.RandomState(0)
+  k = rng.randn(3, 64, 8).astype(np.float32)
+  k[:, 5, :4] *= 12.0  # one outlier input channel in half of the columns
+  imp = rng.uniform(0.5, 2.0, (3, 64)).astype(np.float32)
+  cfg = weight_config(4)
+  plain = np.asarray(fake_quantize(k, cfg))
+  searched = np.asarray(fake_quantize_clip_search(k, cfg, importance=imp,
+                                                  ratios=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5)))
+  err = lambda q: np.sum(imp[..., None] * (q - k) ** 2, axis=-2)
+  assert np.all(err(searched) <= err(plain) + 1e-6)
+  assert np.mean(err(searched) < 0.99 * err(plain)) > 0.2
+  # Ratio 1.0 alone is plain RTN.
+  np.testing.assert_allclose(np.asarray(fake_quantize_clip_search(k, cfg, ratios=(1.0,))), plain,
+                             rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="importance must have shape"):
+    fake_quantize_clip_search(k, cfg, importance=imp[0])
+  with pytest.raises(ValueError, match="symmetric per-channel"):
+    fake_quantize_clip_search(k, activation_config(4))

@@ -1,0 +1,124 @@
+"""Per-site reports and the `quantize` / `compare` commands on a tiny model."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import tiny
+from catjax import cli
+from catjax.models import SITES, capture, random_model
+from catjax.ptq import Recipe, calibrate, quantize_model, site_kernel
+from catjax.report import SITE_FIELDS, site_report, sqnr_gain
+from catjax.stats import measured_sqnr, sqnr_decomposition
+from catjax.quant import activation_config, weight_config
+
+
+@pytest.fixture(scope="module")
+def model_and_windows():
+  model = random_model(tiny.config(num_layers=2), seed=11)
+  windows = tiny.tokens((6, 16), 128, seed=11)
+  return model, windows, calibrate(model, windows[:4], progress=False)
+
+
+def test_site_report_of_rtn_equals_the_layer_decomposition(model_and_windows):
+  """For `none` (no transform) every row equals `sqnr_decomposition` of the captured
+  input and the site's concatenated kernel, computed independently."""
+  model, windows, stats = model_and_windows
+  qm = quantize_model(model, stats, Recipe(method="none", w_bits=4, a_bits=6), progress=False)
+  rows = site_report(model, qm, windows[4:])
+  assert len(rows) == 2 * len(SITES)
+  acts = capture(model, windows[4:])
+  for r in rows:
+    x, k = np.asarray(acts[r["site"]][r["layer"]]), np.asarray(site_kernel(model, r["site"])[r["layer"]])
+    ref = sqnr_decomposition(x, k, w_bits=4, a_bits=6)
+    for field, want in [("measured_sqnr_db", ref.measured_db), ("predicted_sqnr_db", ref.predicted_db),
+                        ("concentration_x_db", ref.concentration_x_db),
+                        ("concentration_w_db", ref.concentration_w_db),
+                        ("alignment_gain_db", ref.alignment_gain_db)]:
+      assert r[field] == pytest.approx(want, abs=1e-3), (r["layer"], r["site"], field)
+    excl = measured_sqnr(x[:, 1:], k, a_config=activation_config(6), w_config=weight_config(4))
+    assert r["measured_sqnr_excl_pos0_db"] == pytest.approx(10 * math.log10(float(excl)), abs=1e-3)
+
+
+def test_site_report_of_a_transform_measures_the_transformed_operands(model_and_windows):
+  model, windows, stats = model_and_windows
+  had = site_report(model, quantize_model(model, stats, Recipe(method="hadamard"),
+                                          progress=False), windows[4:])
+  none = site_report(model, quantize_model(model, stats, Recipe(method="none"), progress=False),
+                     windows[4:])
+  for a, b in zip(had, none):
+    # A rotation leaves the alignment unchanged and the measured SQNR differs.
+    assert a["alignment_gain_db"] == pytest.approx(b["alignment_gain_db"], abs=1e-3)
+    assert a["measured_sqnr_db"] != b["measured_sqnr_db"]
+  g = sqnr_gain(had, none)
+  assert g["sites"] == 8 and g["min_db"] <= g["median_db"] <= g["max_db"]
+  fp = site_report(model, quantize_model(model, stats, Recipe(method="fp"), progress=False),
+                   windows[4:])
+  assert all(r["measured_sqnr_db"] is None and r["predicted_sqnr_db"] is None for r in fp)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  path = tmp_path_factory.mktemp("ptq") / "tiny"
+  tiny.hf_folder(path, seed=12)
+  text = path.parent / "text.txt"
+  text.write_text(tiny.TEXT * 3)
+  return path, text
+
+
+def _common(folder):
+  path, text = folder
+  return ["--model", str(path), "--calib-text", str(text), "--eval-text", str(text),
+          "--seqlen", "16", "--calib-windows", "4", "--report-windows", "1",
+          "--eval-max-tokens", "64", "--block-size", "16", "--no-progress"]
+
+
+def test_cli_quantize_writes_report_and_plots(folder, tmp_path, capsys):
+  out = tmp_path / "q" / "cat.json"
+  assert cli.main(["quantize", *_common(folder), "--method", "cat", "--json", str(out),
+                   "--save-stats", str(tmp_path / "stats.npz")]) == 0
+  report = json.loads(out.read_text())
+  assert math.isfinite(report["perplexity"]) and report["perplexity"] > 1
+  assert len(report["sites"]) == 2 * len(SITES)
+  site = report["sites"][0]
+  assert {"layer", "site", *SITE_FIELDS} <= set(site) and site["site"] in SITES
+  assert isinstance(site["layer"], int) and isinstance(site["measured_sqnr_db"], float)
+  for suffix in (".md", ".sqnr.png", ".decomposition.png"):
+    assert out.with_suffix("").with_name("cat" + suffix).stat().st_size > 0
+  assert "cat k=16 W4A4" in capsys.readouterr().out
+  # The saved statistics give the same result without calibrating.
+  out2 = tmp_path / "q" / "again.json"
+  assert cli.main(["quantize", *_common(folder), "--method", "cat", "--json", str(out2),
+                   "--load-stats", str(tmp_path / "stats.npz")]) == 0
+  again = json.loads(out2.read_text())
+  assert again["perplexity"] == pytest.approx(report["perplexity"], rel=1e-6)
+  assert again["calibration"]["loaded_from"] == str(tmp_path / "stats.npz")
+
+
+def test_cli_compare_side_by_side(folder, tmp_path, capsys):
+  out = tmp_path / "cmp.json"
+  assert cli.main(["compare", *_common(folder), "--methods", "fp,none,hadamard,cat,none@w6a6",
+                   "--json", str(out)]) == 0
+  report = json.loads(out.read_text())
+  labels = [m["recipe"]["label"] for m in report["methods"]]
+  assert labels == ["fp", "none W4A4", "hadamard W4A4", "cat k=16 W4A4", "none W6A6"]
+  assert [s["method"] for s in report["summary"]] == labels
+  assert report["summary"][0]["ppl_gap_to_fp"] == 0.0
+  (cat,) = [c for c in report["comparisons"] if c["method"] == "cat k=16 W4A4"]
+  assert cat["sqnr_gain_over_hadamard"]["sites"] == 8 and cat["vs_none_w6a6"]["sites"] == 8
+  printed = capsys.readouterr().out
+  assert "| cat k=16 W4A4 |" in printed and "sites ≥ none W6A6" in printed
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--methods", "fp,cat@k48"], "block_size=48 does not divide"),
+    (["--methods", "cat,quarot"], "method='quarot'"),
+    (["--methods", "none,none"], "recipes repeat"),
+    (["--calib-windows", "500"], "calib_windows \\+ report_windows = 501"),
+])
+def test_cli_compare_errors_before_work(folder, capsys, args, match):
+  assert cli.main(["compare", *_common(folder), *args]) == 2
+  import re
+  assert re.search(match, capsys.readouterr().err)
