@@ -107,9 +107,13 @@ def test_fake_quant_forward_equals_explicit_reference(setup, method):
   tokens = windows[4:]
   got, ref = _run(qm, tokens), reference_logits(model, qm, tokens)
   fp = np.asarray(forward(model, tokens), np.float64)
-  err, quant_err = np.abs(got - ref).max(), np.abs(fp - ref).max()
+  rms = lambda a: np.sqrt(np.mean(a**2))
+  err, quant_err = rms(got - ref), rms(fp - ref)
   assert quant_err > 1e-2  # W4A4 changes the logits ...
-  assert err < 1e-3 * quant_err  # ... and ours equals the reference far below (measured 2e-6)
+  # ... and ours equals the reference far below that change. Float32 vs float64 can put
+  # a value on the other side of a rounding boundary (one step of one element): measured
+  # RMS ratios 1e-6 (jax 0.10, no flip) and 3e-3 (jax 0.12, one flip).
+  assert err < 1e-2 * quant_err
 
 
 
