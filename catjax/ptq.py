@@ -26,7 +26,7 @@ from catjax.models.llama import KV_SITES, SITES, Llama
 from catjax.quant import (QuantConfig, activation_config, fake_quantize, fake_quantize_clip_search,
                           weight_config)
 from catjax.stats import SecondMoment
-from catjax.transforms import DEFAULT_EPS, Transform, fit_transform
+from catjax.transforms import DEFAULT_EPS, Transform, fit_transform, fold_block_hadamard
 
 # site -> the linears (paths under the stacked `layers`) whose input it is.
 SITE_LINEARS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -159,6 +159,10 @@ class Recipe:
     w_clip_search: per output channel, choose the weight clip ratio from
       `CLIP_GRID` that minimizes the activation-weighted squared error.
     seed: seed of the randomized Hadamard signs.
+    hadamard: where the Hadamard of "cat" / "cat_full" acts: "full" (one
+      randomized Hadamard of the whole width after the blocks, as fitted) or
+      "block" (a Hadamard of the block size folded into each block, so the
+      transform is one block-diagonal matrix, as a fused kernel wants).
     alpha: SmoothQuant migration strength.
     eps: relative damping of the second moments in the fits.
   """
@@ -171,6 +175,7 @@ class Recipe:
   a_clip: float = 1.0
   w_clip_search: bool = False
   seed: int = 0
+  hadamard: str = "full"
   alpha: float = 0.5
   eps: float = DEFAULT_EPS
 
@@ -185,6 +190,10 @@ class Recipe:
     _check_bits("kv_bits", self.kv_bits)
     if not 0.0 < float(self.a_clip) <= 1.0:
       raise ValueError(f"a_clip={self.a_clip!r}: expected a ratio in (0, 1]")
+    if self.hadamard not in ("full", "block"):
+      raise ValueError(f"hadamard={self.hadamard!r}: expected 'full' or 'block'")
+    if self.hadamard == "block" and self.method not in ("cat", "cat_full"):
+      raise ValueError(f"hadamard='block' applies to 'cat' and 'cat_full', not {self.method!r}")
     if not 0.0 <= float(self.alpha) <= 1.0:
       raise ValueError(f"alpha={self.alpha!r}: expected a value in [0, 1]")
 
@@ -214,6 +223,7 @@ class Recipe:
     if self.method == "fp":
       return "fp"
     name = f"{self.method} k={self.block_size}" if self.method == "cat" else self.method
+    name += " blockH" if self.hadamard == "block" else ""
     bits = f"W{self.w_bits or 16}A{self.a_bits or 16}"
     return f"{name} {bits}" + (f" KV{self.kv_bits}" if self.kv_bits else "")
 
@@ -230,6 +240,9 @@ class Recipe:
         raise ValueError(
             f"block_size={self.block_size} does not divide the site widths {bad} of this "
             f"model; block sizes that divide every width divide {common}")
+    if self.hadamard == "block" and not hd.is_supported(self.block_size):
+      raise ValueError(f"hadamard='block' needs a Hadamard matrix of block_size="
+                       f"{self.block_size}; it has none (see catjax.hadamard)")
     if self.method in _WITH_HADAMARD:
       bad = sorted({d for d in dims.values() if not hd.is_supported(d)})
       if bad:
@@ -238,20 +251,24 @@ class Recipe:
 
   def with_spec(self, spec: str) -> "Recipe":
     """This recipe with a method spec applied: `METHOD[@OPT...]`, options `wNaM`
-    (bits), `kN` (block size), `kvN` (KV bits), e.g. "none@w6a6", "cat@k192"."""
+    (bits), `kN` (block size), `kvN` (KV bits), `bh` (block Hadamard), e.g.
+    "none@w6a6", "cat@k192", "cat@bh"."""
     method, *opts = spec.strip().split("@")
     kw: dict[str, Any] = {"method": method}
     for opt in opts:
       o = opt.lower()
       m = (re.fullmatch(r"w(\d+)a(\d+)", o), re.fullmatch(r"kv(\d+)", o), re.fullmatch(r"k(\d+)", o))
-      if m[0]:
+      if o == "bh":
+        kw["hadamard"] = "block"
+      elif m[0]:
         kw["w_bits"], kw["a_bits"] = int(m[0][1]), int(m[0][2])
       elif m[1]:
         kw["kv_bits"] = int(m[1][1])
       elif m[2]:
         kw["block_size"] = int(m[2][1])
       else:
-        raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected wNaM, kN or kvN")
+        raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected wNaM, kN, kvN "
+                         "or bh")
     return dataclasses.replace(self, **kw)
 
 
@@ -315,11 +332,12 @@ def fit_transforms(params, stats: dict[str, SecondMoment], recipe: Recipe, *,
     per_layer = []  # fitted one layer at a time (float64 eigh); stacked below
     for layer in range(num_layers):
       st_l = jax.tree.map(lambda a: a[layer], st)
-      per_layer.append(fit_transform(
+      t = fit_transform(
           tmethod, st_l.sigma, grams[site][layer], block_size=recipe.block_size,
           key=jax.random.fold_in(key, layer * len(SITES) + s), act_absmax=st_l.absmax,
           alpha=recipe.alpha, weight_absmax=weight_absmax[site][layer], eps=recipe.eps,
-          name=f"layer {layer} {site}"))
+          name=f"layer {layer} {site}")
+      per_layer.append(fold_block_hadamard(t) if recipe.hadamard == "block" else t)
       bar.update()
     out[site] = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
   bar.close()

@@ -200,3 +200,27 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
              method=method, block_size=block_size, alpha=float(alpha), eps=float(eps))
   linalg.ensure_finite(name, t.blocks, t.inv_blocks)
   return t
+
+
+def fold_block_hadamard(t: Transform) -> Transform:
+  """A block-only transform: the full-width Hadamard `H·D` of `t` replaced by a
+  Hadamard of the block size inside every block, `B'_i = H_k D_i B_i`.
+
+  `T' = blockdiag(H_k D_i B_i)` is one block-diagonal matrix (what a fused
+  kernel applies), still function-preserving with `B'_i⁻¹ = B_i⁻¹ D_i H_kᵀ`,
+  but its Hadamard mixes channels only within a block. It keeps `t`'s signs.
+
+  Raises:
+    ValueError: `t` lacks blocks or a Hadamard, or `k` has no Hadamard matrix.
+  """
+  if t.blocks is None or t.signs is None:
+    raise ValueError(f"fold_block_hadamard needs blocks and a Hadamard, got method {t.method!r}")
+  nb, k, _ = t.blocks.shape[-3:]
+  if not hd.is_supported(k):
+    raise ValueError(f"block size k={k} has no Hadamard matrix (see catjax.hadamard)")
+  h = jnp.asarray(hd.hadamard_matrix(k), jnp.float32)
+  s = t.signs.reshape(t.signs.shape[:-1] + (nb, k))
+  hs = h * s[..., None, :]  # H_k D_i
+  blocks = jnp.einsum("...bij,...bjk->...bik", hs, t.blocks, precision=HIGHEST)
+  inv = jnp.einsum("...bij,...bkj->...bik", t.inv_blocks, hs, precision=HIGHEST)
+  return Transform(blocks=blocks, inv_blocks=inv, signs=None, method=t.method, dim=t.dim)

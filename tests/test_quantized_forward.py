@@ -25,11 +25,12 @@ def _run(qm, tokens):
   return np.asarray(logits, np.float64)
 
 
-@pytest.mark.parametrize("method", PTQ_METHODS)
-def test_quantization_off_preserves_the_function(setup, method):
+@pytest.mark.parametrize("spec", PTQ_METHODS + ("cat@bh", "cat_full@bh"))
+def test_quantization_off_preserves_the_function(setup, spec):
   model, windows, stats = setup
-  qm = quantize_model(model, stats, Recipe(method=method, block_size=16, w_bits=None,
-                                           a_bits=None), progress=False)
+  qm = quantize_model(model, stats, Recipe(block_size=16, w_bits=None, a_bits=None
+                                           ).with_spec(spec), progress=False)
+  method = qm.recipe.method
   base = np.asarray(forward(model, windows[4:]))
   got = _run(qm, windows[4:])
   np.testing.assert_allclose(got, base, rtol=1e-4, atol=1e-4 * np.abs(base).max())
@@ -194,5 +195,8 @@ def test_method_specs():
   assert base.with_spec("none@w6a6").label == "none W6A6"
   assert base.with_spec("cat@k192@kv8").label == "cat k=192 W4A4 KV8"
   assert base.with_spec("fp").label == "fp" and not base.with_spec("fp").quantized
+  assert base.with_spec("cat@bh").label == "cat k=64 blockH W4A4"
+  with pytest.raises(ValueError, match="hadamard='block' applies to 'cat' and 'cat_full'"):
+    base.with_spec("hadamard@bh")
   with pytest.raises(ValueError, match="unknown option 'x3'"):
     base.with_spec("cat@x3")

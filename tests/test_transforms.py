@@ -147,3 +147,20 @@ def test_non_finite_fit_names_the_layer():
   g = jnp.eye(16).at[0, 0].set(jnp.nan)
   with pytest.raises(FloatingPointError, match="layer 3 down_in"):
     cj.fit_transform("cat", jnp.eye(16), g, block_size=8, name="layer 3 down_in")
+
+
+def test_fold_block_hadamard_is_block_diagonal_and_preserves_the_function():
+  from catjax.transforms import fold_block_hadamard
+  rng = np.random.RandomState(3)
+  d, k = 48, 16
+  x = rng.randn(200, d).astype(np.float32) * np.linspace(0.2, 5, d).astype(np.float32)
+  w = rng.randn(d, 24).astype(np.float32)
+  t = transforms.fit_transform("cat", x.T @ x / 200, w @ w.T, block_size=k, key=jax.random.PRNGKey(1))
+  f = fold_block_hadamard(t)
+  assert f.signs is None and f.blocks.shape == (d // k, k, k)
+  m = np.asarray(f.matrix())
+  mask = np.kron(np.eye(d // k), np.ones((k, k))).astype(bool)
+  assert np.abs(m[~mask]).max() == 0 and np.abs(m[mask]).max() > 0
+  np.testing.assert_allclose(np.asarray(f.apply(x) @ f.merge(w)), x @ w, rtol=1e-4, atol=1e-3)
+  with pytest.raises(ValueError, match="needs blocks and a Hadamard"):
+    fold_block_hadamard(transforms.fit_transform("hadamard", x.T @ x, w @ w.T))
