@@ -444,15 +444,19 @@ class QuantizedModel:
 
   Run it with `forward(qm.model, tokens, hook=qm.hook, hook_state=qm.transforms)`
   or `perplexity(qm.model, windows, hook=qm.hook, hook_state=qm.transforms)`.
+  `real`: the linears are integer (`catjax.models.quantized.realize`) and
+  quantize their inputs themselves, so the hook only transforms (and
+  quantizes the KV cache).
   """
 
   model: Llama
   transforms: dict[str, Transform] | None
   recipe: Recipe
+  real: bool = False
 
   @property
   def hook(self) -> QuantHook:
-    return QuantHook(self.recipe.a_config, self.recipe.kv_config)
+    return QuantHook(None if self.real else self.recipe.a_config, self.recipe.kv_config)
 
 
 def quantize_model(model: Llama, stats: dict[str, SecondMoment], recipe: Recipe, *,

@@ -1,0 +1,91 @@
+"""Real quantized inference: linears that store integer weights and run
+`catjax.kernels.quantized_matmul`.
+
+`realize(model, qm)` turns a fake-quantized model from the PTQ pipeline into
+one whose seven block linears hold packed int4 (or int8) weights, per-channel
+scales and, when the site's transform is block-diagonal, that transform, which
+the kernel applies before quantizing the activations per token. Transforms with
+a full-width Hadamard stay in the site hook (online), ahead of the kernel.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from catjax.kernels import QuantizedWeight, quantize_weight, quantized_matmul
+from catjax.models.llama import Llama
+from catjax.ptq import SITE_LINEARS, QuantizedModel, transform_params
+
+
+class QLinear(nnx.Module):
+  """`y = Q_a(x Bᵀ) · Q_w(W) (+ bias)` with integer weights, stacked like `Linear`.
+
+  Attributes:
+    values, scale: the `QuantizedWeight` arrays (leading layer axis).
+    blocks: the site's block-diagonal transform `(L, d/k, k, k)`, or None.
+    bias: float bias or None.
+  """
+
+  def __init__(self, qweight: QuantizedWeight, *, bias, blocks, a_bits: int,
+               implementation: str | None = None):
+    self.values = nnx.Param(qweight.values)
+    self.scale = nnx.Param(qweight.scale)
+    self.blocks = None if blocks is None else nnx.Param(blocks)
+    self.bias = None if bias is None else nnx.Param(bias)
+    self.bits, self.shape = qweight.bits, qweight.shape
+    self.a_bits, self.implementation = a_bits, implementation
+
+  def __call__(self, x):
+    qw = QuantizedWeight(self.values[...], self.scale[...], self.bits, self.shape)
+    y = quantized_matmul(x, None if self.blocks is None else self.blocks[...], qw,
+                         a_bits=self.a_bits, implementation=self.implementation).astype(x.dtype)
+    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.values[...].nbytes + self.scale[...].nbytes)
+
+
+def realize(model: Llama, qm: QuantizedModel, *, implementation: str | None = None
+            ) -> QuantizedModel:
+  """The real quantized counterpart of `qm` (made from `model` by `quantize_model`).
+
+  Run it exactly like `qm`: `forward(r.model, tokens, hook=r.hook,
+  hook_state=r.transforms)`; its outputs equal `qm`'s up to float rounding.
+
+  Raises:
+    ValueError: a recipe without both weight and activation quantization
+      (the integer matmul needs both).
+  """
+  r = qm.recipe
+  if r.method == "fp" or r.w_bits is None or r.a_bits is None:
+    raise ValueError(f"real quantized inference needs w_bits and a_bits; recipe {r.label!r} "
+                     f"has w_bits={r.w_bits} a_bits={r.a_bits}")
+  kernels = transform_params(model, qm.transforms)
+  graphdef, state = nnx.split(model)
+  new = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+  online = {}
+  for site, linears in SITE_LINEARS.items():
+    t = None if qm.transforms is None else qm.transforms[site]
+    fused = t is not None and t.signs is None  # block-diagonal: the kernel applies it
+    if t is not None and not fused:
+      online[site] = t
+    for group, name in linears:
+      parent = getattr(new.layers, group)
+      old = getattr(parent, name)
+      qw = quantize_weight(kernels["layers"][group][name]["kernel"], bits=r.w_bits)
+      setattr(parent, name, QLinear(qw, bias=None if old.bias is None else old.bias[...],
+                                    blocks=t.blocks if fused else None, a_bits=r.a_bits,
+                                    implementation=implementation))
+  return QuantizedModel(new, online or None, r, real=True)
+
+
+def linear_bytes(model: Llama) -> int:
+  """Bytes of the block linears' weights (kernels or integer values + scales)."""
+  total = 0
+  for linears in SITE_LINEARS.values():
+    for group, name in linears:
+      lin = getattr(getattr(model.layers, group), name)
+      total += lin.nbytes if isinstance(lin, QLinear) else int(lin.kernel[...].nbytes)
+  return total

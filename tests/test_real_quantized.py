@@ -1,0 +1,50 @@
+"""Real quantized inference (integer linears) equals the fake-quantized model."""
+
+import numpy as np
+import pytest
+
+import tiny
+from catjax.evaluate import perplexity
+from catjax.models import forward, random_model
+from catjax.models.quantized import QLinear, linear_bytes, realize
+from catjax.ptq import Recipe, calibrate, quantize_model
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = random_model(tiny.config(num_layers=2), seed=21)
+  windows = tiny.tokens((6, 16), 128, seed=21)
+  return model, windows, calibrate(model, windows[:4], progress=False)
+
+
+@pytest.mark.parametrize("spec", ["none", "hadamard", "cat", "cat@bh", "none@w8a8", "cat@kv4"])
+def test_real_model_equals_fake_quantized(setup, spec):
+  model, windows, stats = setup
+  qm = quantize_model(model, stats, Recipe(block_size=16).with_spec(spec), progress=False)
+  real = realize(model, qm)
+  assert isinstance(real.model.layers.mlp.down_proj, QLinear)
+  # Block-only transforms go into the kernel; full-width Hadamards stay in the hook.
+  fused = qm.recipe.hadamard == "block"
+  assert (real.model.layers.attn.q_proj.blocks is not None) == fused
+  assert (real.transforms is None) == (fused or qm.transforms is None)
+  fake = np.asarray(forward(qm.model, windows[4:], hook=qm.hook, hook_state=qm.transforms)[0])
+  got = np.asarray(forward(real.model, windows[4:], hook=real.hook,
+                           hook_state=real.transforms)[0])
+  fp = np.asarray(forward(model, windows[4:]))
+  rms = lambda a: np.sqrt(np.mean(a**2))
+  assert rms(got - fake) < 1e-2 * rms(fp - fake), spec  # float rounding only
+  p_fake = perplexity(qm.model, windows[4:], hook=qm.hook, hook_state=qm.transforms,
+                      progress=False).perplexity
+  p_real = perplexity(real.model, windows[4:], hook=real.hook, hook_state=real.transforms,
+                      progress=False).perplexity
+  assert p_real == pytest.approx(p_fake, rel=1e-3)
+
+
+def test_real_weights_are_a_quarter_of_bf16_or_less(setup):
+  model, _, stats = setup
+  real = realize(model, quantize_model(model, stats, Recipe(method="none"), progress=False))
+  bf16 = linear_bytes(model) // 2  # the float32 tiny model in bfloat16
+  assert linear_bytes(real.model) < 0.3 * bf16
+  with pytest.raises(ValueError, match="needs w_bits and a_bits"):
+    realize(model, quantize_model(model, stats, Recipe(method="none", a_bits=None),
+                                  progress=False))
