@@ -1,0 +1,60 @@
+"""W4A4 (and W6A6 / W8A8 RTN) quantization of SmolLM2-135M, every method in one harness.
+
+One calibration (32 × 512 tokens of the Wikipedia calibration split), then for
+each method: fit, transform, fake-quantize, per-site SQNR on 2 held-out
+calibration windows, perplexity on 16,384 tokens of the disjoint Wikipedia
+eval split at seqlen 512. Writes `results/smollm2_w4a4{,_<seqlen>}.{json,md}`
+and the two plots beside them; prints the tables.
+
+    python benchmarks/smollm2_w4a4.py [--seqlen 512] [--calib-windows 32]
+        [--eval-max-tokens 16384] [--methods ...]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine  # noqa: E402
+
+from catjax.pipeline import RunConfig, comparisons_markdown, run, write_outputs  # noqa: E402
+from catjax.ptq import Recipe  # noqa: E402
+from catjax.report import comparison_markdown  # noqa: E402
+
+METHODS = ("fp,none,smoothquant,smoothquant_hadamard,hadamard,cat@k64,cat@k192,cat_full,"
+           "none@w6a6,none@w8a8")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--seqlen", type=int, default=512)
+  p.add_argument("--calib-windows", type=int, default=32)
+  p.add_argument("--calib-seqlen", type=int, default=512)
+  p.add_argument("--eval-max-tokens", type=int, default=16384)
+  p.add_argument("--methods", default=METHODS)
+  args = p.parse_args()
+  base = Recipe(w_bits=4, a_bits=4)
+  cfg = RunConfig(recipes=tuple(base.with_spec(s) for s in args.methods.split(",")),
+                  calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
+                  seqlen=args.seqlen, eval_max_tokens=args.eval_max_tokens)
+  t0 = time.perf_counter()
+  report = run(cfg)
+  report["machine"] = machine()
+  report["total_seconds"] = time.perf_counter() - t0
+  name = "smollm2_w4a4" + ("" if args.seqlen == 512 else f"_{args.seqlen}")
+  paths = write_outputs(report, RESULTS / f"{name}.json")
+  print()
+  print(comparison_markdown(report["summary"]))
+  print()
+  print(comparisons_markdown(report["comparisons"]))
+  times = [(m["recipe"]["label"], m["fit_seconds"], m["evaluation"]["seconds"])
+           for m in report["methods"]]
+  print(f"\ncalibration {report['calibration']['seconds']:.1f} s; fit / eval seconds: "
+        + ", ".join(f"{lab} {f:.1f}/{e:.0f}" for lab, f, e in times))
+  print(f"total {report['total_seconds']:.0f} s on {report['machine']}")
+  print("wrote", ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+  main()
