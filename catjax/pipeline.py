@@ -141,19 +141,20 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   """
   from catjax.data import text_windows
   from catjax.evaluate import perplexity
-  from catjax.models import load_pretrained
+  from catjax.models import capture, load_pretrained
   model, tokenizer, path = load_pretrained(cfg.model, dtype=cfg.dtype)
   for r in cfg.recipes:
     r.check_model(model.config)
   eval_windows = text_windows(tokenizer, cfg.eval_text, seqlen=cfg.seqlen,
                               max_tokens=cfg.eval_max_tokens)
   stats, held, calib_info = _calibration(cfg, model, tokenizer)
+  held_acts = capture(model, held)  # full-precision site inputs, shared by every recipe
   results = []
   for recipe in cfg.recipes:
     t0 = time.perf_counter()
     qm = quantize_model(model, stats, recipe, progress=cfg.progress)
     fit_seconds = time.perf_counter() - t0
-    sites = rep.site_report(model, qm, held)
+    sites = rep.site_report(model, qm, held, acts=held_acts)
     quantized = recipe.method != "fp"
     ppl = perplexity(qm.model, eval_windows.tokens, batch_size=cfg.batch_size,
                      hook=qm.hook if quantized else None,

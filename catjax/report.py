@@ -71,15 +71,17 @@ def _predicted(c_x: float, c_w: float, align: float, a_config: QuantConfig | Non
   return math.inf if inv == 0 else 1.0 / inv
 
 
-def site_report(model: Llama, qm: QuantizedModel, windows: np.ndarray) -> list[dict[str, Any]]:
+def site_report(model: Llama, qm: QuantizedModel, windows: np.ndarray, *,
+                acts: dict[str, jax.Array] | None = None) -> list[dict[str, Any]]:
   """One row per block and site: SQNR terms of `qm` on `windows` (held-out tokens).
 
   Inputs of every site are captured from the full-precision `model`, so each
   row measures that site alone. Returns dicts with `layer`, `site`, `method`
   (the recipe label) and `SITE_FIELDS` (dB; None where infinite, e.g. "fp").
+  Pass `acts=capture(model, windows)` to reuse one capture across recipes.
   """
   windows = np.asarray(windows, np.int32)
-  acts = capture(model, windows)
+  acts = capture(model, windows) if acts is None else acts
   a_config, w_config = qm.recipe.a_config, qm.recipe.w_config
   rows = []
   for site in SITES:
