@@ -30,7 +30,7 @@ def _problem(m, d_in, d_out, k, seed=0, integer=False):
   return x, (None if tb is None else jnp.asarray(tb)), w
 
 
-def _numpy_matmul(x, tb, w, *, bits, a_bits):
+def _numpy_matmul(x, tb, w, *, bits, a_bits, a_clip=1.0):
   """Independent numpy oracle: float32 RTN, int64 accumulation."""
   m, d_in = x.shape
   if tb is not None:
@@ -38,7 +38,7 @@ def _numpy_matmul(x, tb, w, *, bits, a_bits):
     x = np.einsum("mbk,bjk->mbj", x.reshape(m, nb, k), np.asarray(tb)).reshape(m, d_in)
   x = x.astype(np.float32)
   qa, qw = 2 ** (a_bits - 1) - 1, 2 ** (bits - 1) - 1
-  sx = (np.abs(x).max(axis=1, keepdims=True) / np.float32(qa)).astype(np.float32)
+  sx = (np.float32(a_clip) * np.abs(x).max(axis=1, keepdims=True) / np.float32(qa)).astype(np.float32)
   sx = np.where(sx > 0, sx, np.float32(1))
   xq = np.clip(np.round(x / sx), -qa, qa).astype(np.int64)
   sw = (np.abs(w).max(axis=0, keepdims=True) / np.float32(qw)).astype(np.float32)
@@ -48,20 +48,23 @@ def _numpy_matmul(x, tb, w, *, bits, a_bits):
   return acc, (acc.astype(np.float32) * sx * sw).astype(np.float32), wq, sw
 
 
-@pytest.mark.parametrize("bits,a_bits,k", [(4, 4, 16), (8, 8, None), (4, 8, 64), (3, 6, 32)])
-def test_reference_matches_numpy(bits, a_bits, k):
+@pytest.mark.parametrize("bits,a_bits,k,a_clip", [(4, 4, 16, 1.0), (8, 8, None, 1.0),
+                                                 (4, 8, 64, 1.0), (3, 6, 32, 1.0), (4, 4, 16, 0.75)])
+def test_reference_matches_numpy(bits, a_bits, k, a_clip):
   x, tb, w = _problem(9, 128, 48, k, seed=bits + a_bits, integer=True)
-  acc_np, out_np, wq_np, sw_np = _numpy_matmul(x, tb, w, bits=bits, a_bits=a_bits)
+  acc_np, out_np, wq_np, sw_np = _numpy_matmul(x, tb, w, bits=bits, a_bits=a_bits, a_clip=a_clip)
   qw = kernels.quantize_weight(jnp.asarray(w), bits=bits)
   np.testing.assert_array_equal(np.asarray(qweight.unpack_values(qw.values, bits=bits)).T, wq_np)
   # XLA may turn `/ qmax` into a multiply by the reciprocal: scales agree to an ulp.
   np.testing.assert_allclose(np.asarray(qw.scale), sw_np[0], rtol=1e-6)
-  x_q, s_x = reference.quantize_activations(jnp.asarray(x), tb, a_bits=a_bits)
+  x_q, s_x = reference.quantize_activations(jnp.asarray(x), tb, a_bits=a_bits, a_clip=a_clip)
   out, acc = reference.int_matmul(x_q, s_x, qw.values, qw.scale, bits=bits)
   np.testing.assert_array_equal(np.asarray(acc), acc_np)
   np.testing.assert_allclose(np.asarray(out), out_np, rtol=1e-6)
-  api = kernels.quantized_matmul(jnp.asarray(x), tb, qw, a_bits=a_bits, implementation="reference")
-  np.testing.assert_array_equal(np.asarray(api), np.asarray(out))
+  api = kernels.quantized_matmul(jnp.asarray(x), tb, qw, a_bits=a_bits, a_clip=a_clip,
+                                 implementation="reference")
+  # Jitted, XLA may fold `clip · absmax / qmax` differently: an ulp in the scales.
+  np.testing.assert_allclose(np.asarray(api), np.asarray(out), rtol=1e-6)
 
 
 # (m, d_in, d_out, k, bits, a_bits, out_dtype): odd m, several tilings, both packings.
@@ -169,6 +172,8 @@ def test_bad_inputs_raise_value_errors():
     kernels.quantized_matmul(jnp.ones((4, 64)), None, qw, a_bits=4)
   with pytest.raises(ValueError, match="a_bits=9"):
     kernels.quantized_matmul(x, None, qw, a_bits=9)
+  with pytest.raises(ValueError, match="a_clip=1.5"):
+    kernels.quantized_matmul(x, None, qw, a_bits=4, a_clip=1.5)
   with pytest.raises(ValueError, match="bits=1"):
     kernels.quantize_weight(w, bits=1)
   with pytest.raises(ValueError, match=r"kernel.shape=\(127, 32\)"):

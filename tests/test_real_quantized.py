@@ -17,10 +17,13 @@ def setup():
   return model, windows, calibrate(model, windows[:4], progress=False)
 
 
-@pytest.mark.parametrize("spec", ["none", "hadamard", "cat", "cat@bh", "none@w8a8", "cat@kv4"])
-def test_real_model_equals_fake_quantized(setup, spec):
+@pytest.mark.parametrize("spec,a_clip", [("none", 1.0), ("hadamard", 1.0), ("cat", 1.0),
+                                         ("cat@bh", 1.0), ("none@w8a8", 1.0), ("cat@kv4", 1.0),
+                                         ("cat@bh", 0.8)])
+def test_real_model_equals_fake_quantized(setup, spec, a_clip):
   model, windows, stats = setup
-  qm = quantize_model(model, stats, Recipe(block_size=16).with_spec(spec), progress=False)
+  recipe = Recipe(block_size=16, a_clip=a_clip).with_spec(spec)
+  qm = quantize_model(model, stats, recipe, progress=False)
   real = realize(model, qm)
   assert isinstance(real.model.layers.mlp.down_proj, QLinear)
   # Block-only transforms go into the kernel; full-width Hadamards stay in the hook.

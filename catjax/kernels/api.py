@@ -13,13 +13,15 @@ from catjax.kernels.qweight import QuantizedWeight
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret")
 
 
-def _validate(x, transform_blocks, qweight, a_bits, implementation, out_dtype):
+def _validate(x, transform_blocks, qweight, a_bits, a_clip, implementation, out_dtype):
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation=!r}")
   if not isinstance(qweight, QuantizedWeight):
     raise ValueError(f"qweight must be a QuantizedWeight (from quantize_weight), got {type(qweight).__name__}")
   if isinstance(a_bits, bool) or not isinstance(a_bits, int) or not 2 <= a_bits <= 8:
     raise ValueError(f"a_bits must be an integer in 2..8, got {a_bits=!r}")
+  if isinstance(a_clip, bool) or not isinstance(a_clip, (int, float)) or not 0 < a_clip <= 1:
+    raise ValueError(f"a_clip must be a number in (0, 1], got {a_clip=!r}")
   if jnp.dtype(out_dtype) not in pallas_gpu.OUT_DTYPES:
     raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype=}")
   d_in, d_out = qweight.shape
@@ -39,11 +41,12 @@ def _validate(x, transform_blocks, qweight, a_bits, implementation, out_dtype):
       raise ValueError(f"transform_blocks must be (d_in/k, k, k) with d_in={d_in}, got {tb.shape=}")
 
 
-@functools.partial(jax.jit, static_argnames=("a_bits", "kind", "config", "out_dtype"))
-def _run(x2, transform_blocks, qweight, *, a_bits, kind, config, out_dtype):
+@functools.partial(jax.jit, static_argnames=("a_bits", "a_clip", "kind", "config", "out_dtype"))
+def _run(x2, transform_blocks, qweight, *, a_bits, a_clip, kind, config, out_dtype):
   if kind == "reference":
-    return reference.quantized_matmul(x2, transform_blocks, qweight, a_bits=a_bits, out_dtype=out_dtype)
-  x_q, s_x = reference.quantize_activations(x2, transform_blocks, a_bits=a_bits)
+    return reference.quantized_matmul(x2, transform_blocks, qweight, a_bits=a_bits, a_clip=a_clip,
+                                      out_dtype=out_dtype)
+  x_q, s_x = reference.quantize_activations(x2, transform_blocks, a_bits=a_bits, a_clip=a_clip)
   body, interpret = {"mosaic": ("mosaic", False), "mosaic_interpret": ("mosaic", True),
                      "portable_interpret": ("portable", True)}[kind]
   return pallas_gpu.int_matmul(x_q, s_x, qweight.values, qweight.scale, bits=qweight.bits,
@@ -51,7 +54,8 @@ def _run(x2, transform_blocks, qweight, *, a_bits, kind, config, out_dtype):
 
 
 def quantized_matmul(x: jax.Array, transform_blocks: jax.Array | None, qweight: QuantizedWeight, *,
-                     a_bits: int, implementation: str | None = None, out_dtype=jnp.float32,
+                     a_bits: int, a_clip: float = 1.0, implementation: str | None = None,
+                     out_dtype=jnp.float32,
                      config: pallas_gpu.BlockConfig | None = None) -> jax.Array:
   """Transformed, dynamically quantized activations times quantized weights.
 
@@ -64,6 +68,7 @@ def quantized_matmul(x: jax.Array, transform_blocks: jax.Array | None, qweight: 
       `Transform.blocks`) applied online, or None.
     qweight: one layer from `quantize_weight`.
     a_bits: activation bits (symmetric per token), 2..8.
+    a_clip: the activation range is `a_clip` times each token's absmax, in (0, 1].
     implementation: None (the Pallas kernel on a Hopper GPU when the shape is
       supported, else the reference, silently), "reference", "pallas"
       (Mosaic GPU; ValueError with the reason where it cannot run) or
@@ -81,7 +86,7 @@ def quantized_matmul(x: jax.Array, transform_blocks: jax.Array | None, qweight: 
       cannot take (the message says why).
   """
   x = jnp.asarray(x)
-  _validate(x, transform_blocks, qweight, a_bits, implementation, out_dtype)
+  _validate(x, transform_blocks, qweight, a_bits, a_clip, implementation, out_dtype)
   out_dtype = jnp.dtype(out_dtype)
   lead = x.shape[:-1]
   d_in, d_out = qweight.shape
@@ -107,5 +112,6 @@ def quantized_matmul(x: jax.Array, transform_blocks: jax.Array | None, qweight: 
     kind = "mosaic_interpret" if pallas_gpu.has_gpu_interpret() else "portable_interpret"
   if m == 0:
     return jnp.zeros(lead + (d_out,), out_dtype)
-  out = _run(x2, transform_blocks, qweight, a_bits=a_bits, kind=kind, config=config, out_dtype=out_dtype)
+  out = _run(x2, transform_blocks, qweight, a_bits=a_bits, a_clip=float(a_clip), kind=kind,
+             config=config, out_dtype=out_dtype)
   return out.reshape(lead + (d_out,))

@@ -6,7 +6,8 @@ For activations `x (m, d_in)`, an optional block-diagonal transform `B`
 
 1. `x' = x Bᵀ` blockwise in float32 (`"...bk,bjk->...bj"`, HIGHEST precision);
 2. `x'` is quantized per token to `a_bits` with `catjax.quant.quantize`
-   (symmetric, `scale = absmax / qmax`, round-half-even, clip; int8 values);
+   (symmetric, `scale = a_clip · absmax / qmax`, round-half-even, clip; int8
+   values);
 3. `acc = x_q · w_qᵀ` with int32 accumulation;
 4. `out = (acc · s_x) · s_w`, in float32, cast to `out_dtype`.
 
@@ -38,18 +39,19 @@ def transform_activations(x: jax.Array, transform_blocks: jax.Array | None) -> j
 
 
 def quantize_activations(x: jax.Array, transform_blocks: jax.Array | None, *,
-                         a_bits: int) -> tuple[jax.Array, jax.Array]:
+                         a_bits: int, a_clip: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """The pre-pass: transform, then quantize per token.
 
   Args:
     x: `(m, d_in)` activations (any float dtype).
     transform_blocks: `(d_in/k, k, k)` blocks or None.
     a_bits: activation bit width, 2..8.
+    a_clip: clip ratio of the per-token range, in (0, 1].
 
   Returns:
     `(x_q, s_x)`: int8 `(m, d_in)` integers and float32 `(m, 1)` scales.
   """
-  q = quant.quantize(transform_activations(x, transform_blocks), quant.activation_config(a_bits))
+  q = quant.quantize(transform_activations(x, transform_blocks), quant.activation_config(a_bits, clip_ratio=a_clip))
   return q.values, q.scale
 
 
@@ -75,11 +77,11 @@ def int_matmul(x_q: jax.Array, s_x: jax.Array, values: jax.Array, scale: jax.Arr
 
 
 def quantized_matmul(x: jax.Array, transform_blocks: jax.Array | None,
-                     qw: qweight.QuantizedWeight, *, a_bits: int,
+                     qw: qweight.QuantizedWeight, *, a_bits: int, a_clip: float = 1.0,
                      out_dtype=jnp.float32) -> jax.Array:
   """Reference `(m, d_in) -> (m, d_out)` transformed W`bits`A`a_bits` matmul.
 
   Inputs are assumed validated (see `catjax.kernels.quantized_matmul`).
   """
-  x_q, s_x = quantize_activations(x, transform_blocks, a_bits=a_bits)
+  x_q, s_x = quantize_activations(x, transform_blocks, a_bits=a_bits, a_clip=a_clip)
   return int_matmul(x_q, s_x, qw.values, qw.scale, bits=qw.bits, out_dtype=out_dtype)[0]

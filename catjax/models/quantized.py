@@ -28,18 +28,19 @@ class QLinear(nnx.Module):
   """
 
   def __init__(self, qweight: QuantizedWeight, *, bias, blocks, a_bits: int,
-               implementation: str | None = None):
+               a_clip: float = 1.0, implementation: str | None = None):
     self.values = nnx.Param(qweight.values)
     self.scale = nnx.Param(qweight.scale)
     self.blocks = None if blocks is None else nnx.Param(blocks)
     self.bias = None if bias is None else nnx.Param(bias)
     self.bits, self.shape = qweight.bits, qweight.shape
-    self.a_bits, self.implementation = a_bits, implementation
+    self.a_bits, self.a_clip, self.implementation = a_bits, a_clip, implementation
 
   def __call__(self, x):
     qw = QuantizedWeight(self.values[...], self.scale[...], self.bits, self.shape)
     y = quantized_matmul(x, None if self.blocks is None else self.blocks[...], qw,
-                         a_bits=self.a_bits, implementation=self.implementation).astype(x.dtype)
+                         a_bits=self.a_bits, a_clip=self.a_clip,
+                         implementation=self.implementation).astype(x.dtype)
     return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
   @property
@@ -77,7 +78,7 @@ def realize(model: Llama, qm: QuantizedModel, *, implementation: str | None = No
       qw = quantize_weight(kernels["layers"][group][name]["kernel"], bits=r.w_bits)
       setattr(parent, name, QLinear(qw, bias=None if old.bias is None else old.bias[...],
                                     blocks=t.blocks if fused else None, a_bits=r.a_bits,
-                                    implementation=implementation))
+                                    a_clip=float(r.a_clip), implementation=implementation))
   return QuantizedModel(new, online or None, r, real=True)
 
 
