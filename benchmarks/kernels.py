@@ -8,12 +8,16 @@ m in {1, 16, 256, 2048, 8192} tokens, all timed in one run (median of
   W`bits`A`a_bits` (transform + per-token quantization pre-pass, then the
   Pallas Mosaic GPU integer matmul with the scale epilogue);
 - `no_transform`: the same with `transform_blocks=None`;
+- `full_hadamard`: a fast full-width Hadamard (`catjax.hadamard.apply_hadamard`,
+  Kronecker factors, never the d×d matrix) then the kernel without transform:
+  the other way CAT's Hadamard can reach the kernel (DESIGN §6);
 - `bf16`: `jnp.dot` of bf16 operands (float32 accumulation);
 - `int8`: `lax.dot_general` of pre-quantized int8 operands with int32
   accumulation (XLA's integer GEMM, no quantization or scales).
 
 Reports TOPS (2·m·d_in·d_out / time) and ratios: speedup of `fused` over
-`bf16` and `int8`, and the transform overhead `fused / no_transform - 1`.
+`bf16` and `int8`, and the transform overheads `fused / no_transform - 1`
+(block-diagonal, folded) and `full_hadamard / no_transform - 1`.
 Without a GPU it refuses; `--allow-cpu` runs a tiny subset through the
 reference implementation only to smoke-test this script (results go to
 `kernels_cpu_smoke.*`, never to `kernels.*`).
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median_time, write  # noqa: E402
 
 from catjax import kernels  # noqa: E402
+from catjax.hadamard import apply_hadamard  # noqa: E402
 from catjax.kernels import pallas_gpu  # noqa: E402
 
 LLAMA_7B = ((4096, 4096), (4096, 11008), (11008, 4096))
@@ -64,6 +69,8 @@ def bench_one(m, d_in, d_out, *, bits, a_bits, implementation, repeats, key):
   times = {
       "fused": _timer(fused, x, tb, qw, repeats=repeats),
       "no_transform": _timer(lambda x, qw: fused(x, None, qw), x, qw, repeats=repeats),
+      "full_hadamard": _timer(lambda x, qw: fused(apply_hadamard(x), None, qw), x, qw,
+                              repeats=repeats),
       "bf16": _timer(jnp.dot, x, w_bf16, repeats=repeats),
       "int8": _timer(lambda a, b: jax.lax.dot_general(
           a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32), x_i8, w_i8,
@@ -78,6 +85,7 @@ def bench_one(m, d_in, d_out, *, bits, a_bits, implementation, repeats, key):
       "speedup_vs_bf16": times["bf16"] / times["fused"],
       "speedup_vs_int8": times["int8"] / times["fused"],
       "transform_overhead": times["fused"] / times["no_transform"] - 1.0,
+      "full_hadamard_overhead": times["full_hadamard"] / times["no_transform"] - 1.0,
       "block_config": vars(cfg),
       "weight_bytes": {"quantized": qw.nbytes, "bf16": d_in * d_out * 2},
   }
@@ -91,9 +99,9 @@ def markdown(payload):
       f"Python {info['python']}. Implementation: `{payload['implementation']}`, "
       f"W{payload['bits']}A{payload['a_bits']}, transform blocks k={BLOCK}, bf16 in/out; "
       f"median of {payload['repeats']} runs.", "",
-      "| d_in→d_out | m | fused µs | no-transform µs | bf16 µs | int8 µs | fused TOPS "
-      "| vs bf16 | vs int8 | transform overhead |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      "| d_in→d_out | m | fused µs | no-transform µs | full-Hadamard µs | bf16 µs | int8 µs "
+      "| fused TOPS | vs bf16 | vs int8 | block transform overhead | full Hadamard overhead |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   if payload["implementation"] == "reference":
     lines[2:2] = ["**CPU smoke test of the script (reference implementation, tiny shapes): "
@@ -102,11 +110,13 @@ def markdown(payload):
     s = r["seconds"]
     lines.append(
         f"| {r['d_in']}→{r['d_out']} | {r['m']} | {s['fused'] * 1e6:.1f} | {s['no_transform'] * 1e6:.1f} "
-        f"| {s['bf16'] * 1e6:.1f} | {s['int8'] * 1e6:.1f} | {r['tops']['fused']:.2f} "
-        f"| {r['speedup_vs_bf16']:.2f}x | {r['speedup_vs_int8']:.2f}x | {100 * r['transform_overhead']:+.0f}% |")
+        f"| {s['full_hadamard'] * 1e6:.1f} | {s['bf16'] * 1e6:.1f} | {s['int8'] * 1e6:.1f} "
+        f"| {r['tops']['fused']:.2f} | {r['speedup_vs_bf16']:.2f}x | {r['speedup_vs_int8']:.2f}x "
+        f"| {100 * r['transform_overhead']:+.0f}% | {100 * r['full_hadamard_overhead']:+.0f}% |")
   lines += ["", "`vs bf16` / `vs int8`: time of `jnp.dot` (bf16) / XLA int8 dot (int32 accumulation) "
-            "divided by the fused time (>1: the fused kernel is faster). `transform overhead`: fused "
-            "time over the same call with `transform_blocks=None`, minus one."]
+            "divided by the fused time (>1: the fused kernel is faster). Overheads: the time with the "
+            "k-block transform (fused) or with a fast full-width Hadamard before the kernel, over "
+            "the same call with `transform_blocks=None`, minus one."]
   return "\n".join(lines)
 
 
@@ -143,10 +153,12 @@ def main(argv=None):
       results.append(r)
       print(f"{d_in:>5}->{d_out:<5} m={m:<5} fused {r['seconds']['fused'] * 1e6:9.1f}us "
             f"{r['tops']['fused']:7.2f} TOPS | vs bf16 {r['speedup_vs_bf16']:.2f}x "
-            f"vs int8 {r['speedup_vs_int8']:.2f}x | transform {100 * r['transform_overhead']:+.0f}%",
+            f"vs int8 {r['speedup_vs_int8']:.2f}x | transform {100 * r['transform_overhead']:+.0f}% "
+            f"full H {100 * r['full_hadamard_overhead']:+.0f}%",
             flush=True)
-  payload = {"machine": machine(), "jaxlib": jaxlib.__version__, "implementation": implementation, "bits": args.bits, "a_bits": args.a_bits,
-             "transform_block": BLOCK, "repeats": repeats, "results": results}
+  payload = {"machine": machine(), "jaxlib": jaxlib.__version__, "implementation": implementation,
+             "bits": args.bits, "a_bits": args.a_bits, "transform_block": BLOCK, "repeats": repeats,
+             "results": results}
   write(name, payload, markdown(payload))
   return 0
 
