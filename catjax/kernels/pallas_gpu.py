@@ -239,9 +239,16 @@ def _smem_transforms(row_bytes: int):
 
 
 def _load_vector(ref, layout):
+  """A scale vector from GMEM into registers in `layout`.
+
+  `optimized=False`: jax 0.11 has no optimized (vectorized) GMEM load into a
+  WGMMA row/column layout ("Only optimized transfers to SMEM supported");
+  the vectors are `block_m` / `block_n` floats per tile, so a plain load is
+  cheap.
+  """
   if "idx" in inspect.signature(plgpu.load).parameters:  # jax < 0.12
-    return plgpu.load(ref, (), layout=layout)
-  return plgpu.load(ref, layout=layout)
+    return plgpu.load(ref.at[...], layout=layout, optimized=False)
+  return plgpu.load(ref, layout=layout, optimized=False)
 
 
 def _transposed(ref):
