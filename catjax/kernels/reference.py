@@ -51,7 +51,8 @@ def quantize_activations(x: jax.Array, transform_blocks: jax.Array | None, *,
   Returns:
     `(x_q, s_x)`: int8 `(m, d_in)` integers and float32 `(m, 1)` scales.
   """
-  q = quant.quantize(transform_activations(x, transform_blocks), quant.activation_config(a_bits, clip_ratio=a_clip))
+  config = quant.activation_config(a_bits, clip_ratio=a_clip)
+  q = quant.quantize(transform_activations(x, transform_blocks), config)
   return q.values, q.scale
 
 
