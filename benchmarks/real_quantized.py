@@ -68,8 +68,7 @@ def site_differences(qm, real, acts) -> dict[str, float]:
 
 def embed_scaled(model, factor: float):
   """A copy of `model` with its (tied) embedding table times `factor`."""
-  graphdef, state = nnx.split(model)
-  copy = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+  copy = nnx.clone(model)
   copy.embed = nnx.Param(copy.embed[...] * factor)
   return copy
 

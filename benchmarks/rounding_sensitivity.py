@@ -16,7 +16,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,6 +24,7 @@ from _common import machine, write  # noqa: E402
 from real_quantized import embed_scaled  # noqa: E402
 
 from catjax.data import text_windows  # noqa: E402
+from catjax.evaluate import token_nll  # noqa: E402
 from catjax.models import load_pretrained  # noqa: E402
 from catjax.models.llama import SITES, forward  # noqa: E402
 from catjax.ptq import QuantHook, Recipe, calibrate, quantize_model  # noqa: E402
@@ -40,9 +40,7 @@ class RecordingHook(QuantHook):
 
 def _run(model, tokens, hook, state):
   logits, inputs = forward(model, tokens, hook=hook, hook_state=state)
-  logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32))
-  nll = -jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0]
-  return inputs, np.asarray(nll)
+  return inputs, np.asarray(token_nll(logits, tokens)[0])
 
 
 def divergence(model, tokens, hook, state, factor):

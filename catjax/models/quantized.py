@@ -10,7 +10,6 @@ a full-width Hadamard stay in the site hook (online), ahead of the kernel.
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from catjax.kernels import QuantizedWeight, quantize_weight, quantized_matmul
@@ -64,8 +63,7 @@ def realize(model: Llama, qm: QuantizedModel, *, implementation: str | None = No
     raise ValueError(f"real quantized inference needs w_bits and a_bits; recipe {r.label!r} "
                      f"has w_bits={r.w_bits} a_bits={r.a_bits}")
   kernels = transform_params(model, qm.transforms)
-  graphdef, state = nnx.split(model)
-  new = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+  new = nnx.clone(model)  # new modules and variables, shared arrays
   online = {}
   for site, linears in SITE_LINEARS.items():
     t = None if qm.transforms is None else qm.transforms[site]
