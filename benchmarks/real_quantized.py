@@ -36,7 +36,6 @@ from catjax.models import load_pretrained  # noqa: E402
 from catjax.models.llama import capture  # noqa: E402
 from catjax.models.quantized import linear_bytes, realize  # noqa: E402
 from catjax.ptq import SITE_LINEARS, Recipe, calibrate, quantize_model  # noqa: E402
-from catjax.quant import fake_quantize  # noqa: E402
 from catjax.report import site_report  # noqa: E402
 
 
@@ -53,12 +52,12 @@ def site_differences(qm, real, acts) -> dict[str, float]:
     worst = 0.0
     for l in range(acts[site].shape[0]):
       x = acts[site][l]
+      # Each model's own site hook: fake = transform + fake-quant, real = transform only.
       t = _layer(None if qm.transforms is None else qm.transforms[site], l)
-      xt = x if t is None else t.apply(x)
-      y_fake = fake_quantize(xt, qm.recipe.a_config) @ fake_lin.kernel[...][l]
+      y_fake = qm.hook(site, x, t)[0] @ fake_lin.kernel[...][l]
       online = _layer(None if real.transforms is None else real.transforms.get(site), l)
       y_real = quantized_matmul(
-          x if online is None else online.apply(x), None if q.blocks is None else q.blocks[...][l],
+          real.hook(site, x, online)[0], None if q.blocks is None else q.blocks[...][l],
           QuantizedWeight(q.values[...][l], q.scale[...][l], q.bits, q.shape),
           a_bits=q.a_bits, a_clip=q.a_clip)
       worst = max(worst, float(np.linalg.norm(y_real - y_fake) / np.linalg.norm(y_fake)))
