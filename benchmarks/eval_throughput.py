@@ -24,7 +24,7 @@ from _common import machine, write  # noqa: E402
 
 from catjax.data import text_windows  # noqa: E402
 from catjax.evaluate import window_nll  # noqa: E402
-from catjax.models import load_pretrained  # noqa: E402
+from catjax.assets import load_pretrained  # noqa: E402
 
 
 def torch_nll_fn(path):

@@ -32,9 +32,9 @@ from _common import machine, write  # noqa: E402
 from catjax.data import text_windows  # noqa: E402
 from catjax.evaluate import perplexity  # noqa: E402
 from catjax.kernels import QuantizedWeight, quantized_matmul  # noqa: E402
-from catjax.models import load_pretrained  # noqa: E402
+from catjax.assets import load_pretrained  # noqa: E402
 from catjax.models.llama import capture  # noqa: E402
-from catjax.models.quantized import linear_bytes, realize  # noqa: E402
+from catjax.quantized import linear_bytes, realize  # noqa: E402
 from catjax.ptq import SITE_LINEARS, Recipe, calibrate, quantize_model  # noqa: E402
 from catjax.report import site_report  # noqa: E402
 

@@ -25,7 +25,7 @@ from real_quantized import embed_scaled  # noqa: E402
 
 from catjax.data import text_windows  # noqa: E402
 from catjax.evaluate import token_nll  # noqa: E402
-from catjax.models import load_pretrained  # noqa: E402
+from catjax.assets import load_pretrained  # noqa: E402
 from catjax.models.llama import SITES, forward  # noqa: E402
 from catjax.ptq import QuantHook, Recipe, calibrate, quantize_model  # noqa: E402
 

@@ -1,6 +1,7 @@
 """catjax: post-training quantization of LLaMA-family models with
 Concentration-Alignment Transforms (arXiv 2603.04359) in JAX."""
 
+from catjax.gptq import gptq_error, gptq_quantize
 from catjax.hadamard import apply_hadamard, hadamard_matrix, is_supported as hadamard_supported
 from catjax.linalg import geometric_mean, spd_inv_sqrt, spd_sqrt
 from catjax.quant import (QArray, QuantConfig, activation_config, dequantize, fake_quantize,
@@ -16,6 +17,7 @@ __all__ = [
     "METHODS", "QArray", "QuantConfig", "SQNRDecomposition", "SecondMoment", "Transform",
     "activation_config", "alignment", "alignment_gain", "apply_hadamard", "concentration_w",
     "concentration_x", "dequantize", "fake_quantize", "fit_transform", "geometric_mean",
+    "gptq_error", "gptq_quantize",
     "hadamard_matrix", "hadamard_supported", "measured_sqnr", "optimal_alignment", "pack_int4",
     "predicted_sqnr", "quantize", "second_moment", "spd_inv_sqrt", "spd_sqrt",
     "sqnr_decomposition", "unpack_int4", "weight_config", "weight_gram",

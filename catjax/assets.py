@@ -243,3 +243,14 @@ def resolve_model(model: str, **kw) -> Path:
     return fetch(MODEL_ALIASES[model], **kw)
   raise ValueError(f"model {model!r} is neither an existing path nor a known name "
                    f"({sorted(MODEL_ALIASES)})")
+
+
+def load_pretrained(model: str | Path, *, dtype="float32"):
+  """`(model, tokenizer, path)` for a name such as "smollm2-135m" (fetched and
+  cached here), a `.gguf` file or a Hugging Face folder."""
+  import jax.numpy as jnp
+
+  from catjax.data import load_tokenizer
+  from catjax.models import load_model
+  path = resolve_model(str(model))
+  return load_model(path, dtype=jnp.dtype(dtype)), load_tokenizer(path), path

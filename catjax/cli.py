@@ -31,6 +31,20 @@ def _positive(text: str) -> int:
   return value
 
 
+def _nonnegative(text: str) -> int:
+  value = int(text)
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"{value} is negative")
+  return value
+
+
+def _positive_float(text: str) -> float:
+  value = float(text)
+  if not value > 0 or value == float("inf"):
+    raise argparse.ArgumentTypeError(f"{value} is not a positive finite number")
+  return value
+
+
 def _bits(text: str) -> int | None:
   value = int(text)
   if value == 16:
@@ -51,8 +65,9 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool):
   _model_args(p)
   if several:
     p.add_argument("--methods", default="fp,none,smoothquant,hadamard,cat,cat_full",
-                   help="comma-separated method specs METHOD[@wNaM][@kN][@kvN], e.g. "
-                        "none@w6a6 or cat@k192; options override the flags below "
+                   help="comma-separated method specs METHOD[@wNaM][@kN][@kvN][@gptq|@clip]"
+                        "[@tN][@bh][@pfp|@pq], e.g. none@w6a6, hadamard@gptq or "
+                        "cat@gptq@t200; options override the flags below "
                         "(default: %(default)s)")
   else:
     from catjax.ptq import PTQ_METHODS
@@ -68,8 +83,18 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool):
                  help="KV-cache bits, 2..8 (default: 16, not quantized)")
   q.add_argument("--a-clip", type=_ratio, default=1.0,
                  help="activation clip ratio (default: %(default)s)")
-  q.add_argument("--w-clip-search", action="store_true",
-                 help="search each weight channel's clip ratio")
+  q.add_argument("--weights", default="rtn", choices=("rtn", "clip", "gptq"),
+                 help="weight rounding: round to nearest, per-channel clip search, or GPTQ "
+                      "with the transformed Hessian (default: %(default)s)")
+  q.add_argument("--train-steps", type=_nonnegative, default=0,
+                 help="trained CAT: AdamW steps per block on the block's output error "
+                      "(default: 0, closed form)")
+  q.add_argument("--train-lr", type=_positive_float, default=1e-3,
+                 help="trained CAT peak learning rate, cosine decay (default: %(default)s)")
+  q.add_argument("--propagate", default="auto", choices=("auto", "fp", "quantized"),
+                 help="what each block's successor sees during quantization: the quantized or "
+                      "the full-precision outputs; auto = quantized for GPTQ and trained "
+                      "recipes (default: %(default)s)")
   q.add_argument("--seed", type=int, default=0, help="Hadamard sign seed (default: %(default)s)")
   d = p.add_argument_group("data")
   d.add_argument("--calib-windows", type=_positive, default=32,
@@ -135,8 +160,9 @@ def _run_config(args, specs: list[str]):
   from catjax.pipeline import RunConfig
   from catjax.ptq import Recipe
   base = Recipe(method="fp", block_size=args.block_size, w_bits=args.w_bits, a_bits=args.a_bits,
-                kv_bits=args.kv_bits, a_clip=args.a_clip, w_clip_search=args.w_clip_search,
-                seed=args.seed)
+                kv_bits=args.kv_bits, a_clip=args.a_clip, weights=args.weights,
+                train_steps=args.train_steps, train_lr=args.train_lr,
+                propagate=args.propagate, seed=args.seed)
   recipes = tuple(base.with_spec(s) for s in specs)
   return RunConfig(recipes=recipes, model=args.model, dtype=args.dtype,
                    calib_text=args.calib_text, calib_windows=args.calib_windows,
@@ -180,7 +206,7 @@ def _compare(args) -> dict:
 def _eval(args) -> dict:
   from catjax.data import text_windows
   from catjax.evaluate import perplexity
-  from catjax.models import load_pretrained
+  from catjax.assets import load_pretrained
   model, tokenizer, path = load_pretrained(args.model, dtype=args.dtype)
   windows = text_windows(tokenizer, args.eval_text, seqlen=args.seqlen,
                          max_tokens=args.max_tokens)
@@ -194,7 +220,8 @@ def _eval(args) -> dict:
 
 
 def _generate(args) -> dict:
-  from catjax.models import generate, load_pretrained
+  from catjax.assets import load_pretrained
+  from catjax.models import generate
   model, tokenizer, _ = load_pretrained(args.model, dtype=args.dtype)
   if args.chat:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],

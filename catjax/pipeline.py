@@ -1,5 +1,9 @@
-"""The whole PTQ job on a real model: calibrate once, then for every recipe fit,
-transform, quantize, report per site and evaluate perplexity (DESIGN §3).
+"""The whole PTQ job on a real model: for every recipe quantize with the block
+engine, report per site and evaluate perplexity, all on one calibration text.
+
+Recipes that would compute identical statistics (closed form, full-precision
+propagation) share one calibration pass when there are several of them; GPTQ
+and trained recipes walk the model with their own quantized activations.
 
 `run(RunConfig(...))` returns one JSON-able report; `write_outputs` writes it as
 JSON, Markdown and two PNG plots side by side. The CLI commands `quantize` and
@@ -17,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from catjax import report as rep
-from catjax.ptq import Recipe, calibrate, load_stats, quantize_model, save_stats
+from catjax.engine import quantize_model
+from catjax.ptq import Recipe, calibrate, load_stats, save_stats
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,7 +79,13 @@ class RunConfig:
                        f"seqlen={self.seqlen}")
 
 
+def _shares_stats(recipe: Recipe) -> bool:
+  """Whether `recipe` can use the full-precision statistics of all blocks."""
+  return recipe.quantized and not recipe.propagates_quantized and not recipe.train_steps
+
+
 def _calibration(cfg: RunConfig, model, tokenizer):
+  """`(shared statistics or None, fit windows, held-out windows, info)`."""
   from catjax.data import text_windows
   seqlen = cfg.calib_seqlen or cfg.seqlen
   need = cfg.calib_windows + cfg.report_windows
@@ -86,16 +97,17 @@ def _calibration(cfg: RunConfig, model, tokenizer):
   info = {"data": cfg.calib_text, "seqlen": seqlen, "windows": cfg.calib_windows,
           "tokens": cfg.calib_windows * seqlen, "report_windows": cfg.report_windows}
   t0 = time.perf_counter()
+  stats = None
   if cfg.stats_in is not None:
     stats, meta = load_stats(cfg.stats_in, model.config)
     info = {**meta, "report_windows": cfg.report_windows, "loaded_from": str(cfg.stats_in)}
-  else:
+  elif cfg.stats_out is not None or sum(map(_shares_stats, cfg.recipes)) > 1:
     stats = calibrate(model, fit, batch_size=cfg.batch_size, progress=cfg.progress)
   info["seconds"] = time.perf_counter() - t0
   if cfg.stats_out is not None:
     save_stats(cfg.stats_out, stats, model=cfg.model,
                **{k: v for k, v in info.items() if k not in ("seconds", "report_windows")})
-  return stats, held, info
+  return stats, fit, held, info
 
 
 def _baseline(results: list[dict], method: str, w_bits, a_bits) -> dict | None:
@@ -141,18 +153,20 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   """
   from catjax.data import text_windows
   from catjax.evaluate import perplexity
-  from catjax.models import capture, load_pretrained
+  from catjax.assets import load_pretrained
+  from catjax.models import capture
   model, tokenizer, path = load_pretrained(cfg.model, dtype=cfg.dtype)
   for r in cfg.recipes:
     r.check_model(model.config)
   eval_windows = text_windows(tokenizer, cfg.eval_text, seqlen=cfg.seqlen,
                               max_tokens=cfg.eval_max_tokens)
-  stats, held, calib_info = _calibration(cfg, model, tokenizer)
+  stats, fit, held, calib_info = _calibration(cfg, model, tokenizer)
   held_acts = capture(model, held)  # full-precision site inputs, shared by every recipe
   results = []
   for recipe in cfg.recipes:
     t0 = time.perf_counter()
-    qm = quantize_model(model, stats, recipe, progress=cfg.progress)
+    qm = quantize_model(model, fit, recipe, stats=stats if _shares_stats(recipe) else None,
+                        batch_size=cfg.batch_size, progress=cfg.progress)
     fit_seconds = time.perf_counter() - t0
     sites = rep.site_report(model, qm, held, acts=held_acts)
     quantized = recipe.method != "fp"
@@ -161,7 +175,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                      hook_state=qm.transforms, model_name=f"{cfg.model} {recipe.label}",
                      data_name=cfg.eval_text, progress=cfg.progress)
     results.append({"recipe": recipe.to_dict(), "perplexity": ppl.perplexity,
-                    "evaluation": ppl.to_dict(), "fit_seconds": fit_seconds, "sites": sites})
+                    "evaluation": ppl.to_dict(), "fit_seconds": fit_seconds,
+                    "engine": qm.info or {}, "sites": sites})
     if cfg.progress:
       print(f"{recipe.label:>28}: perplexity {ppl.perplexity:.3f}  (fit {fit_seconds:.1f} s, "
             f"eval {ppl.seconds:.0f} s)", flush=True)

@@ -1,8 +1,12 @@
-"""Post-training quantization pipeline: calibrate -> fit -> transform -> quantize.
+"""Post-training quantization: recipes and the per-block pure functions.
 
-The one table of the pipeline is `SITE_LINEARS`: which linears of a decoder
-block read each quantization site (DESIGN §2). Everything else — Grams for
-shared inputs, where the inverse transforms are merged — is derived from it.
+A decoder block is quantized by `fit_block` (one transform per site from that
+block's statistics) -> `merge_block` (`kernel' = T⁻ᵀ kernel`) ->
+`quantize_block` (RTN, clip search or GPTQ per output channel); the block
+engine (`catjax.engine`) walks the model through them. Which linears read each
+site comes from the model's architecture spec (`catjax.models.spec`); every
+function here takes one block's pure parameter dict (or, where noted, the
+stacked `layers` dict: the leading layer axis is carried along).
 """
 
 from __future__ import annotations
@@ -21,54 +25,47 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from catjax import hadamard as hd
+from catjax import transforms as tf
+from catjax.gptq import gptq_quantize
 from catjax.models.config import ModelConfig
-from catjax.models.llama import KV_SITES, SITES, Llama
+from catjax.models.llama import Llama
+from catjax.models.spec import ArchSpec, get_path, set_path, spec_for
 from catjax.quant import (QuantConfig, activation_config, fake_quantize, fake_quantize_clip_search,
-                          weight_config)
+                          quantize, weight_config)
 from catjax.stats import SecondMoment
 from catjax.transforms import DEFAULT_EPS, Transform, fit_transform, fold_block_hadamard
-
-# site -> the linears (paths under the stacked `layers`) whose input it is.
-SITE_LINEARS: dict[str, tuple[tuple[str, str], ...]] = {
-    "attn_in": (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj")),
-    "o_in": (("attn", "o_proj"),),
-    "mlp_in": (("mlp", "gate_proj"), ("mlp", "up_proj")),
-    "down_in": (("mlp", "down_proj"),),
-}
-assert tuple(SITE_LINEARS) == SITES
-
-
-def site_dims(cfg: ModelConfig) -> dict[str, int]:
-  """Input width of every site."""
-  return {"attn_in": cfg.hidden_size, "o_in": cfg.num_heads * cfg.head_dim,
-          "mlp_in": cfg.hidden_size, "down_in": cfg.intermediate_size}
 
 
 def init_stats(cfg: ModelConfig) -> dict[str, SecondMoment]:
   """Empty per-site statistics, stacked over the `num_layers` blocks."""
-  return {site: jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_layers, *a.shape)),
+  n = cfg.num_layers
+  return {site: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)),
                              SecondMoment.zeros(d, dtype=jnp.float32))
-          for site, d in site_dims(cfg).items()}
+          for site, d in spec_for(cfg).site_dims(cfg).items()}
 
 
-def _stats_hook(site, x, state):
+def stats_hook(site, x, state):
+  """Site hook that adds `x` to this site's `SecondMoment` (the hook state)."""
   return x, (None if state is None else state.update(x))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("stats",))
 def _calibration_step(graphdef, params, tokens, stats):
-  _, stats = nnx.merge(graphdef, params)(tokens, hook=_stats_hook, hook_state=stats)
-  return {site: stats[site] for site in SITES}
+  _, out = nnx.merge(graphdef, params)(tokens, hook=stats_hook, hook_state=stats)
+  return {site: out[site] for site in stats}
 
 
 def calibrate(model: Llama, windows: np.ndarray, *, batch_size: int = 1,
               stats: dict[str, SecondMoment] | None = None,
               progress: bool = True) -> dict[str, SecondMoment]:
-  """Accumulate `Σ x xᵀ`, per-channel `max |x|` and token counts of every site.
+  """Accumulate `Σ x xᵀ`, per-channel `max |x|` and token counts of every site
+  of every block at once, in full precision.
 
   One jitted forward per batch of windows updates the statistics inside the
   model's site hook; memory is that of the statistics (`L · Σ d²` floats),
-  whatever the number of tokens. Pass `stats` to continue an accumulation.
+  whatever the number of tokens. For analysis and `save_stats`; quantization
+  walks the model block by block instead (`catjax.engine`), holding one
+  block's statistics. Pass `stats` to continue an accumulation.
 
   Returns:
     `{site: SecondMoment}` with a leading `num_layers` axis.
@@ -110,14 +107,18 @@ def load_stats(path: str | Path, cfg: ModelConfig | None = None
   if not path.is_file():
     raise FileNotFoundError(f"no calibration statistics at {path}")
   with np.load(path) as z:
-    missing = [f"{s}.xx" for s in SITES if f"{s}.xx" not in z.files]
-    if missing:
-      raise ValueError(f"{path} lacks statistics {missing}; was it written by save_stats?")
+    sites = sorted({f.split(".")[0] for f in z.files if f.endswith(".xx")})
+    if cfg is not None:
+      sites = list(spec_for(cfg).site_names)
+    missing = [f"{s}.xx" for s in sites if f"{s}.xx" not in z.files]
+    if missing or not sites:
+      raise ValueError(f"{path} lacks statistics {missing or 'of any site'}; was it written by "
+                       "save_stats?")
     stats = {s: SecondMoment(xx=jnp.asarray(z[f"{s}.xx"]), absmax=jnp.asarray(z[f"{s}.absmax"]),
-                             count=jnp.asarray(z[f"{s}.count"])) for s in SITES}
+                             count=jnp.asarray(z[f"{s}.count"])) for s in sites}
     meta = json.loads(str(z["meta"]))
   if cfg is not None:
-    for site, d in site_dims(cfg).items():
+    for site, d in spec_for(cfg).site_dims(cfg).items():
       want = (cfg.num_layers, d, d)
       if stats[site].xx.shape != want:
         raise ValueError(f"statistics in {path} do not fit this model: {site} has shape "
@@ -128,12 +129,11 @@ def load_stats(path: str | Path, cfg: ModelConfig | None = None
 # ---------------------------------------------------------------------------
 # Recipe
 
-PTQ_METHODS = ("fp", "none", "smoothquant", "smoothquant_hadamard", "hadamard", "cat", "cat_full")
-# PTQ method -> the transform method of `catjax.transforms` (None: no transform).
-_TRANSFORM_OF = {"fp": None, "none": None, "smoothquant": "smoothquant",
-                 "smoothquant_hadamard": "smoothquant_hadamard", "hadamard": "hadamard",
-                 "cat": "cat", "cat_full": "cat_full"}
-_WITH_HADAMARD = ("smoothquant_hadamard", "hadamard", "cat", "cat_full")
+# "fp" switches quantization off; "none" quantizes without a transform; every other
+# method is a transform of the registry `catjax.transforms.REGISTRY`.
+PTQ_METHODS = ("fp", "none") + tuple(m for m in tf.METHODS if m != "identity")
+WEIGHT_METHODS = ("rtn", "clip", "gptq")
+PROPAGATE = ("auto", "fp", "quantized")
 CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00, 0.95, ..., 0.50
 
 
@@ -142,6 +142,11 @@ def _check_bits(name: str, bits) -> None:
     return
   if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
     raise ValueError(f"{name}={bits!r}: expected an integer in 2..8, or None for 16-bit")
+
+
+def _check_int(name: str, v, lo: int) -> None:
+  if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+    raise ValueError(f"{name}={v!r}: expected an integer >= {lo}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -156,9 +161,20 @@ class Recipe:
     a_bits: activation bits (symmetric, per token), 2..8; None keeps them.
     kv_bits: KV-cache bits (asymmetric, per token and head), or None (16-bit).
     a_clip: activation clip ratio in (0, 1].
-    w_clip_search: per output channel, choose the weight clip ratio from
-      `CLIP_GRID` that minimizes the activation-weighted squared error.
-    seed: seed of the randomized Hadamard signs.
+    weights: how kernels are rounded: "rtn" (round to nearest), "clip" (per
+      output channel, the clip ratio of `CLIP_GRID` with the least
+      activation-weighted squared error) or "gptq" (`catjax.gptq_quantize`
+      with the site's Hessian `T Σ_x Tᵀ`).
+    gptq_damping / gptq_block / act_order: GPTQ's relative damping, lazy
+      batch size and descending-diag(H) order.
+    train_steps: optimizer steps of trained CAT per block (0: closed form);
+      methods with a block-diagonal part only.
+    train_lr: peak AdamW learning rate (cosine decay) of trained CAT.
+    train_batch: calibration windows per training step.
+    propagate: what the next block sees: "fp" (outputs of the
+      full-precision block) or "quantized" (of the quantized block); "auto"
+      is "quantized" for GPTQ or trained recipes, else "fp".
+    seed: seed of the randomized Hadamard signs and of the training batches.
     hadamard: where the Hadamard of "cat" / "cat_full" acts: "full" (one
       randomized Hadamard of the whole width after the blocks, as fitted) or
       "block" (a Hadamard of the block size folded into each block, so the
@@ -173,7 +189,14 @@ class Recipe:
   a_bits: int | None = 4
   kv_bits: int | None = None
   a_clip: float = 1.0
-  w_clip_search: bool = False
+  weights: str = "rtn"
+  gptq_damping: float = 0.01
+  gptq_block: int = 128
+  act_order: bool = False
+  train_steps: int = 0
+  train_lr: float = 1e-3
+  train_batch: int = 4
+  propagate: str = "auto"
   seed: int = 0
   hadamard: str = "full"
   alpha: float = 0.5
@@ -182,14 +205,27 @@ class Recipe:
   def __post_init__(self):
     if self.method not in PTQ_METHODS:
       raise ValueError(f"method={self.method!r}: expected one of {PTQ_METHODS}")
-    if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
-        or self.block_size < 1:
-      raise ValueError(f"block_size={self.block_size!r}: expected a positive integer")
+    _check_int("block_size", self.block_size, 1)
     _check_bits("w_bits", self.w_bits)
     _check_bits("a_bits", self.a_bits)
     _check_bits("kv_bits", self.kv_bits)
     if not 0.0 < float(self.a_clip) <= 1.0:
       raise ValueError(f"a_clip={self.a_clip!r}: expected a ratio in (0, 1]")
+    if self.weights not in WEIGHT_METHODS:
+      raise ValueError(f"weights={self.weights!r}: expected one of {WEIGHT_METHODS}")
+    if not (np.isfinite(self.gptq_damping) and self.gptq_damping >= 0):
+      raise ValueError(f"gptq_damping={self.gptq_damping!r}: expected a finite value >= 0")
+    _check_int("gptq_block", self.gptq_block, 1)
+    _check_int("train_steps", self.train_steps, 0)
+    _check_int("train_batch", self.train_batch, 1)
+    if not (np.isfinite(self.train_lr) and self.train_lr > 0):
+      raise ValueError(f"train_lr={self.train_lr!r}: expected a finite value > 0")
+    if self.propagate not in PROPAGATE:
+      raise ValueError(f"propagate={self.propagate!r}: expected one of {PROPAGATE}")
+    if self.train_steps and (self.method == "fp" or self.transform_method is None
+                             or tf.REGISTRY[self.transform_method].blocks is None):
+      raise ValueError(f"train_steps={self.train_steps} needs a method with trainable blocks "
+                       f"(cat, cat_full, smoothquant...), not {self.method!r}")
     if self.hadamard not in ("full", "block"):
       raise ValueError(f"hadamard={self.hadamard!r}: expected 'full' or 'block'")
     if self.hadamard == "block" and self.method not in ("cat", "cat_full"):
@@ -198,8 +234,20 @@ class Recipe:
       raise ValueError(f"alpha={self.alpha!r}: expected a value in [0, 1]")
 
   @property
+  def transform_method(self) -> str | None:
+    """The transform of `catjax.transforms` this recipe fits (None: no transform)."""
+    return None if self.method in ("fp", "none") else self.method
+
+  @property
   def quantized(self) -> bool:
     return self.method != "fp" and (self.w_bits, self.a_bits, self.kv_bits) != (None,) * 3
+
+  @property
+  def propagates_quantized(self) -> bool:
+    """Whether the next block sees the quantized block's outputs (resolves "auto")."""
+    if self.propagate == "auto":
+      return self.quantized and (self.weights == "gptq" or self.train_steps > 0)
+    return self.propagate == "quantized" and self.quantized
 
   @property
   def a_config(self) -> QuantConfig | None:
@@ -219,11 +267,15 @@ class Recipe:
 
   @property
   def label(self) -> str:
-    """Short name, e.g. "cat k=64 W4A4", "none W6A6", "fp"."""
+    """Short name, e.g. "cat k=64 W4A4", "cat k=64 gptq t200 W4A4", "fp"."""
     if self.method == "fp":
       return "fp"
     name = f"{self.method} k={self.block_size}" if self.method == "cat" else self.method
     name += " blockH" if self.hadamard == "block" else ""
+    name += "" if self.weights == "rtn" else f" {self.weights}"
+    name += f" t{self.train_steps}" if self.train_steps else ""
+    if self.propagate != "auto":
+      name += f" prop={self.propagate}"
     bits = f"W{self.w_bits or 16}A{self.a_bits or 16}"
     return f"{name} {bits}" + (f" KV{self.kv_bits}" if self.kv_bits else "")
 
@@ -232,7 +284,7 @@ class Recipe:
 
   def check_model(self, cfg: ModelConfig) -> None:
     """Raise ValueError, before any work, if this recipe cannot quantize `cfg`'s widths."""
-    dims = site_dims(cfg)
+    dims = spec_for(cfg).site_dims(cfg)
     if self.method == "cat":
       bad = {s: d for s, d in dims.items() if d % self.block_size}
       if bad:
@@ -243,7 +295,7 @@ class Recipe:
     if self.hadamard == "block" and not hd.is_supported(self.block_size):
       raise ValueError(f"hadamard='block' needs a Hadamard matrix of block_size="
                        f"{self.block_size}; it has none (see catjax.hadamard)")
-    if self.method in _WITH_HADAMARD:
+    if self.transform_method and tf.REGISTRY[self.transform_method].hadamard:
       bad = sorted({d for d in dims.values() if not hd.is_supported(d)})
       if bad:
         raise ValueError(f"method {self.method!r} needs a Hadamard matrix of every site width; "
@@ -251,169 +303,169 @@ class Recipe:
 
   def with_spec(self, spec: str) -> "Recipe":
     """This recipe with a method spec applied: `METHOD[@OPT...]`, options `wNaM`
-    (bits), `kN` (block size), `kvN` (KV bits), `bh` (block Hadamard), e.g.
-    "none@w6a6", "cat@k192", "cat@bh"."""
+    (bits), `kN` (block size), `kvN` (KV bits), `bh` (block Hadamard), `rtn` /
+    `clip` / `gptq` (weight rounding), `tN` (trained CAT, N steps per block),
+    `pfp` / `pq` (propagate fp / quantized outputs), e.g. "none@w6a6",
+    "cat@k192", "cat@bh", "hadamard@gptq", "cat@gptq@t200"."""
     method, *opts = spec.strip().split("@")
     kw: dict[str, Any] = {"method": method}
+    flags = {"bh": ("hadamard", "block"), "pfp": ("propagate", "fp"),
+             "pq": ("propagate", "quantized"), **{w: ("weights", w) for w in WEIGHT_METHODS}}
     for opt in opts:
       o = opt.lower()
-      m = (re.fullmatch(r"w(\d+)a(\d+)", o), re.fullmatch(r"kv(\d+)", o), re.fullmatch(r"k(\d+)", o))
-      if o == "bh":
-        kw["hadamard"] = "block"
+      m = (re.fullmatch(r"w(\d+)a(\d+)", o), re.fullmatch(r"kv(\d+)", o), re.fullmatch(r"k(\d+)", o),
+           re.fullmatch(r"t(\d+)", o))
+      if o in flags:
+        kw[flags[o][0]] = flags[o][1]
       elif m[0]:
         kw["w_bits"], kw["a_bits"] = int(m[0][1]), int(m[0][2])
       elif m[1]:
         kw["kv_bits"] = int(m[1][1])
       elif m[2]:
         kw["block_size"] = int(m[2][1])
+      elif m[3]:
+        kw["train_steps"] = int(m[3][1])
       else:
-        raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected wNaM, kN, kvN "
-                         "or bh")
+        raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected wNaM, kN, kvN, "
+                         f"tN, bh, rtn, clip, gptq, pfp or pq")
     return dataclasses.replace(self, **kw)
 
 
 # ---------------------------------------------------------------------------
-# Fit, transform, quantize: pure functions of the parameter dict
+# One block: fit -> merge -> quantize, pure functions of its parameter dict
+
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _pure(model_or_params) -> dict:
-  if isinstance(model_or_params, Llama):
-    return nnx.to_pure_dict(nnx.state(model_or_params))
-  return model_or_params
+def _kernel(block: dict, path) -> jax.Array:
+  return get_path(block, path)["kernel"]
 
 
-def _kernel(params: dict, path: tuple[str, str]) -> jax.Array:
-  group, name = path
-  return params["layers"][group][name]["kernel"]
+def site_kernel(block: dict, site: str, *, spec: ArchSpec) -> jax.Array:
+  """The kernels that read `site`, side by side on the output axis: `(..., d, Σ d_out)`.
+  `block` is one block's parameter dict or the stacked `layers` dict."""
+  return jnp.concatenate([_kernel(block, p) for p in spec.site(site).linears], axis=-1)
 
 
-def site_kernel(params, site: str) -> jax.Array:
-  """The kernels that read `site`, concatenated on the output axis: `(L, d, Σ d_out)`."""
-  params = _pure(params)
-  return jnp.concatenate([_kernel(params, p) for p in SITE_LINEARS[site]], axis=-1)
+def site_grams(block: dict, *, spec: ArchSpec) -> dict[str, jax.Array]:
+  """`Σ_W` of every site, `(..., d, d)`: `Σ_j kernel_j kernel_jᵀ` over the linears it feeds."""
+  return {s.name: sum(jnp.einsum("...io,...jo->...ij", k, k, precision=HIGHEST)
+                      for k in (_kernel(block, p).astype(jnp.float32) for p in s.linears))
+          for s in spec.sites}
 
 
-def site_grams(params) -> dict[str, jax.Array]:
-  """`Σ_W` of every site, `(L, d, d)`: `Σ_j kernel_j kernel_jᵀ` over the linears it feeds."""
-  params = _pure(params)
-  return {site: sum(jnp.einsum("lio,ljo->lij", k, k, precision=jax.lax.Precision.HIGHEST)
-                    for k in (_kernel(params, p) for p in linears))
-          for site, linears in SITE_LINEARS.items()}
+def fit_block(block: dict, stats: dict[str, SecondMoment], recipe: Recipe, *, spec: ArchSpec,
+              layer: int) -> dict[str, Transform] | None:
+  """One transform per site of block `layer` from its statistics (closed form).
 
-
-def fit_transforms(params, stats: dict[str, SecondMoment], recipe: Recipe, *,
-                   progress: bool = True) -> dict[str, Transform] | None:
-  """Fit one transform per block and site from calibration statistics.
-
-  Args:
-    params: a `Llama` or its pure parameter dict.
-    stats: `calibrate`'s statistics.
-    recipe: method, block size, seed, alpha, eps.
+  Hadamard signs depend on `recipe.seed`, the layer and the site only.
 
   Returns:
-    `{site: Transform}` stacked over layers (a leading `num_layers` axis on
-    every array), or None for methods without a transform ("fp", "none").
+    `{site: Transform}`, or None for recipes without a transform.
   """
-  tmethod = _TRANSFORM_OF[recipe.method]
-  if tmethod is None:
+  method = recipe.transform_method
+  if method is None:
     return None
-  params = _pure(params)
-  grams = site_grams(params)
-  weight_absmax = {site: jnp.max(jnp.stack([jnp.abs(_kernel(params, p)).max(-1)
-                                            for p in linears]), axis=0)
-                   for site, linears in SITE_LINEARS.items()}
+  grams = site_grams(block, spec=spec)
   key = jax.random.PRNGKey(recipe.seed)
-  num_layers = grams["attn_in"].shape[0]
   out = {}
-  bar = tqdm(total=num_layers * len(SITES), desc=f"fit {recipe.method}", disable=not progress,
-             leave=False)
-  for s, site in enumerate(SITES):
-    st = stats[site]
-    per_layer = []  # fitted one layer at a time (float64 eigh); stacked below
-    for layer in range(num_layers):
-      st_l = jax.tree.map(lambda a: a[layer], st)
-      t = fit_transform(
-          tmethod, st_l.sigma, grams[site][layer], block_size=recipe.block_size,
-          key=jax.random.fold_in(key, layer * len(SITES) + s), act_absmax=st_l.absmax,
-          alpha=recipe.alpha, weight_absmax=weight_absmax[site][layer], eps=recipe.eps,
-          name=f"layer {layer} {site}")
-      per_layer.append(fold_block_hadamard(t) if recipe.hadamard == "block" else t)
-      bar.update()
-    out[site] = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
-  bar.close()
+  for i, s in enumerate(spec.sites):
+    weight_absmax = jnp.max(jnp.stack([jnp.abs(_kernel(block, p)).max(-1) for p in s.linears]), 0)
+    t = fit_transform(
+        method, stats[s.name].sigma, grams[s.name], block_size=recipe.block_size,
+        key=jax.random.fold_in(key, layer * len(spec.sites) + i),
+        act_absmax=stats[s.name].absmax, alpha=recipe.alpha, weight_absmax=weight_absmax,
+        eps=recipe.eps, name=f"layer {layer} {s.name}")
+    out[s.name] = fold_block_hadamard(t) if recipe.hadamard == "block" else t
   return out
 
 
-def _map_site_kernels(params: dict, fn) -> dict:
-  """A copy of `params` with every block kernel replaced by `fn(site, kernel)`."""
-  params = jax.tree.map(lambda a: a, params)  # new containers, shared leaves
-  for site, linears in SITE_LINEARS.items():
-    for group, name in linears:
-      leaf = params["layers"][group][name]
-      leaf["kernel"] = fn(site, leaf["kernel"])
-  return params
-
-
-def transform_params(params, transforms: dict[str, Transform] | None) -> dict:
-  """Kernels carrying the inverse transforms: `kernel' = T⁻ᵀ kernel` (pure dict in, out).
-
-  Together with the online `x' = x Tᵀ` of `QuantHook` the function is unchanged.
-  """
-  params = _pure(params)
-  if transforms is None:
-    return params
-  return _map_site_kernels(params, lambda site, k: _merge_stacked(transforms[site], k))
+def _map_kernels(block: dict, spec: ArchSpec, fn) -> dict:
+  """A copy of `block` with every quantized kernel replaced by `fn(site, path, kernel)`."""
+  block = jax.tree.map(lambda a: a, block)  # new containers, shared leaves
+  for site, path in spec.linears:
+    leaf = get_path(block, path)
+    leaf["kernel"] = fn(site, path, leaf["kernel"])
+  return block
 
 
 @jax.jit
-def _merge_stacked(transform: Transform, kernel: jax.Array) -> jax.Array:
-  return jax.vmap(lambda t, k: t.merge(k))(transform, kernel)
+def _merge(transform: Transform, kernel: jax.Array) -> jax.Array:
+  return transform.merge(kernel)
 
 
-_fake_quantize = jax.jit(fake_quantize, static_argnames="config")
-_clip_search = jax.jit(fake_quantize_clip_search, static_argnames=("config", "ratios"))
+def merge_block(block: dict, transforms: dict[str, Transform] | None, *, spec: ArchSpec) -> dict:
+  """Kernels carrying the inverse transforms: `kernel' = T⁻ᵀ kernel`.
 
-
-def _transformed_importance(sigma: jax.Array, t: Transform | None) -> jax.Array:
-  """`diag(T Σ Tᵀ)`: the energy of each transformed input channel."""
-  if t is None:
-    return jnp.diagonal(sigma)
-  return jnp.diagonal(t.apply(t.apply(sigma).T))
-
-
-def quantize_params(params, recipe: Recipe, *, transforms=None,
-                    stats: dict[str, SecondMoment] | None = None) -> dict:
-  """Fake-quantize every block kernel per output channel at `recipe.w_bits`.
-
-  With `recipe.w_clip_search`, each output channel takes the clip ratio of
-  `CLIP_GRID` that minimizes `Σ_i diag(T Σ_x Tᵀ)_i (w_i - Q(w)_i)²` (needs `stats`).
+  Together with the online `x' = x Tᵀ` of `QuantHook` the function is unchanged.
   """
-  params = _pure(params)
+  if transforms is None:
+    return block
+  return _map_kernels(block, spec, lambda site, _, k: _merge(transforms[site], k))
+
+
+def transformed_sigma(sigma: jax.Array, t: Transform | None) -> jax.Array:
+  """`T Σ Tᵀ`: the second moment of the transformed input."""
+  return sigma if t is None else t.apply(t.apply(sigma).T)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _rtn(kernel, *, config):
+  q = quantize(kernel, config)
+  return (q.values.astype(jnp.float32) * q.scale).astype(kernel.dtype), q.scale[0]
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _clip(kernel, importance, *, config):
+  return fake_quantize_clip_search(kernel, config, importance=importance, ratios=CLIP_GRID,
+                                   return_scale=True)
+
+
+def quantize_block(block: dict, recipe: Recipe, *, spec: ArchSpec,
+                   transforms: dict[str, Transform] | None = None,
+                   stats: dict[str, SecondMoment] | None = None
+                   ) -> tuple[dict, dict[tuple[str, ...], jax.Array]]:
+  """Fake-quantize every kernel of a (merged) block per output channel.
+
+  `recipe.weights`: "rtn"; "clip" (importance `diag(T Σ_x Tᵀ)`) or "gptq"
+  (Hessian `T Σ_x Tᵀ`), both of which need `stats`.
+
+  Returns:
+    `(block with fake-quantized kernels, {linear path: per-channel scales (d_out,)})`;
+    the scales are those of the grid the kernels lie on, for integer export.
+  """
   config = recipe.w_config
   if config is None:
-    return params
-  if not recipe.w_clip_search:
-    return _map_site_kernels(params, lambda site, k: _fake_quantize(k, config))
-  if stats is None:
-    raise ValueError("w_clip_search=True needs the calibration statistics (stats=...)")
-  importance = {site: jax.vmap(lambda st, t: _transformed_importance(st.sigma, t))(
-      stats[site], None if transforms is None else transforms[site]) for site in SITES}
-  return _map_site_kernels(params, lambda site, k: _clip_search(
-      k, config, importance=importance[site], ratios=CLIP_GRID))
+    return block, {}
+  if recipe.weights != "rtn" and stats is None:
+    raise ValueError(f"weights={recipe.weights!r} needs the site statistics (stats=...)")
+  scales = {}
+  sigmas = {}
+
+  def sigma_t(site):  # T Σ Tᵀ of a site, shared by its linears
+    if site not in sigmas:
+      t = None if transforms is None else transforms[site]
+      sigmas[site] = transformed_sigma(stats[site].sigma.astype(jnp.float32), t)
+    return sigmas[site]
+
+  def one(site, path, kernel):
+    if recipe.weights == "rtn":
+      q, scale = _rtn(kernel, config=config)
+    elif recipe.weights == "clip":
+      q, scale = _clip(kernel, jnp.diagonal(sigma_t(site)), config=config)
+    else:
+      q = gptq_quantize(kernel, sigma_t(site), bits=config.bits, damping=recipe.gptq_damping,
+                        block_size=recipe.gptq_block, act_order=recipe.act_order)
+      scale = _rtn(kernel, config=config)[1]
+    scales[path] = scale
+    return q
+
+  return _map_kernels(block, spec, one), scales
 
 
-def apply_recipe(params, stats: dict[str, SecondMoment], recipe: Recipe, *,
-                 progress: bool = True) -> tuple[dict, dict[str, Transform] | None]:
-  """`(params, stats, recipe) -> (quantized params, per-site online transforms)`.
-
-  Fits the transforms, merges their inverses into the kernels and
-  fake-quantizes the kernels; all pure pytree transformations.
-  """
-  transforms = fit_transforms(params, stats, recipe, progress=progress)
-  qparams = transform_params(params, transforms)
-  if recipe.method != "fp":
-    qparams = quantize_params(qparams, recipe, transforms=transforms, stats=stats)
-  return qparams, transforms
+def _fake_quantize(x: jax.Array, config: QuantConfig, ste: bool) -> jax.Array:
+  q = fake_quantize(x, config)
+  return x + jax.lax.stop_gradient(q - x) if ste else q
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,19 +474,22 @@ class QuantHook:
 
   At every linear-input site: online transform (this layer's `Transform`, the
   hook state) then per-token activation fake quantization; at the key/value
-  sites: KV fake quantization. Frozen and hashable: a static jit argument.
+  sites `kv_sites`: KV fake quantization. `ste`: straight-through gradients
+  of the rounding (for training). Frozen and hashable: a static jit argument.
   """
 
   a_config: QuantConfig | None = None
   kv_config: QuantConfig | None = None
+  kv_sites: tuple[str, ...] = ("keys", "values")
+  ste: bool = False
 
   def __call__(self, site: str, x: jax.Array, transform: Transform | None):
-    if site in KV_SITES:
-      return (x if self.kv_config is None else fake_quantize(x, self.kv_config)), None
+    if site in self.kv_sites:
+      return (x if self.kv_config is None else _fake_quantize(x, self.kv_config, self.ste)), None
     if transform is not None:
       x = transform.apply(x)
     if self.a_config is not None:
-      x = fake_quantize(x, self.a_config)
+      x = _fake_quantize(x, self.a_config, self.ste)
     return x, None
 
 
@@ -444,27 +499,28 @@ class QuantizedModel:
 
   Run it with `forward(qm.model, tokens, hook=qm.hook, hook_state=qm.transforms)`
   or `perplexity(qm.model, windows, hook=qm.hook, hook_state=qm.transforms)`.
-  `real`: the linears are integer (`catjax.models.quantized.realize`) and
+  `real`: the linears are integer (`catjax.quantized.realize`) and
   quantize their inputs themselves, so the hook only transforms (and
   quantizes the KV cache).
+
+  Attributes:
+    model: the model with merged, fake-quantized kernels.
+    transforms: `{site: Transform}` stacked over layers, or None.
+    recipe: the recipe.
+    real: see above.
+    w_scales: `{linear path: (num_layers, d_out)}` per-channel scales of the
+      grid every fake-quantized kernel lies on (for integer export).
+    info: what the engine measured (seconds, training losses per block, ...).
   """
 
   model: Llama
   transforms: dict[str, Transform] | None
   recipe: Recipe
   real: bool = False
+  w_scales: dict[tuple[str, ...], jax.Array] | None = None
+  info: dict[str, Any] | None = None
 
   @property
   def hook(self) -> QuantHook:
-    return QuantHook(None if self.real else self.recipe.a_config, self.recipe.kv_config)
-
-
-def quantize_model(model: Llama, stats: dict[str, SecondMoment], recipe: Recipe, *,
-                   progress: bool = True) -> QuantizedModel:
-  """Apply `recipe` to `model` (checked against its widths first); `model` is unchanged."""
-  recipe.check_model(model.config)
-  graphdef, state = nnx.split(model)
-  qparams, transforms = apply_recipe(nnx.to_pure_dict(state), stats, recipe, progress=progress)
-  state = jax.tree.map(lambda a: a, state)
-  nnx.replace_by_pure_dict(state, qparams)
-  return QuantizedModel(nnx.merge(graphdef, state), transforms, recipe)
+    return QuantHook(None if self.real else self.recipe.a_config, self.recipe.kv_config,
+                     spec_for(self.model.config).kv_sites)

@@ -216,7 +216,8 @@ def unpack_int4(p: jax.Array, *, axis: int = -1) -> jax.Array:
 
 def fake_quantize_clip_search(kernel: jax.Array, config: QuantConfig, *,
                               importance: jax.Array | None = None,
-                              ratios=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5)) -> jax.Array:
+                              ratios=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
+                              return_scale: bool = False):
   """Per-output-channel fake quantization with the best clip ratio of each channel.
 
   For every column `j` of `kernel (..., d_in, d_out)` and every ratio `r` in
@@ -224,6 +225,10 @@ def fake_quantize_clip_search(kernel: jax.Array, config: QuantConfig, *,
   with the least `Σ_i importance_i (w_ij - Q(w)_ij)²` (plain squared error
   when `importance` is None; use the energy `E[x_i²]` of each input channel
   to minimize the output error of a diagonal activation model).
+
+  Returns:
+    The fake-quantized kernel; with `return_scale`, also the chosen scales
+    `(..., d_out)`.
 
   Raises:
     ValueError: a config that is not symmetric per channel without groups,
@@ -243,7 +248,7 @@ def fake_quantize_clip_search(kernel: jax.Array, config: QuantConfig, *,
       raise ValueError(f"importance must have shape {k.shape[:-1]}, got {importance.shape=}")
     w = importance[..., None]
   absmax = jnp.max(jnp.abs(k), axis=-2, keepdims=True)
-  best = best_err = None
+  best = best_err = best_scale = None
   for r in ratios:
     if not 0.0 < float(r) <= 1.0:
       raise ValueError(f"clip ratios must lie in (0, 1], got {r!r}")
@@ -251,8 +256,10 @@ def fake_quantize_clip_search(kernel: jax.Array, config: QuantConfig, *,
     q = jnp.clip(jnp.round(k / scale), -config.qmax, config.qmax) * scale
     err = jnp.sum(w * (q - k) ** 2, axis=-2, keepdims=True)
     if best is None:
-      best, best_err = q, err
+      best, best_err, best_scale = q, err, scale
     else:
       take = err < best_err
       best, best_err = jnp.where(take, q, best), jnp.where(take, err, best_err)
-  return best.astype(kernel.dtype)
+      best_scale = jnp.where(take, scale, best_scale)
+  best = best.astype(kernel.dtype)
+  return (best, best_scale[..., 0, :]) if return_scale else best

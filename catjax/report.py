@@ -19,7 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from catjax import stats as st
+from flax import nnx
+
 from catjax.models.llama import SITES, Llama, capture
+from catjax.models.spec import spec_for
 from catjax.ptq import QuantizedModel, site_kernel
 from catjax.quant import QuantConfig, activation_config, fake_quantize, weight_config
 
@@ -83,11 +86,13 @@ def site_report(model: Llama, qm: QuantizedModel, windows: np.ndarray, *,
   windows = np.asarray(windows, np.int32)
   acts = capture(model, windows) if acts is None else acts
   a_config, w_config = qm.recipe.a_config, qm.recipe.w_config
+  spec = spec_for(model.config)
+  layers, qlayers = (nnx.to_pure_dict(nnx.state(m.layers)) for m in (model, qm.model))
   rows = []
-  for site in SITES:
+  for site in spec.site_names:
     t = None if qm.transforms is None else qm.transforms[site]
-    terms = jax.device_get(_site_terms(acts[site], site_kernel(model, site),
-                                       site_kernel(qm.model, site), t,
+    terms = jax.device_get(_site_terms(acts[site], site_kernel(layers, site, spec=spec),
+                                       site_kernel(qlayers, site, spec=spec), t,
                                        a_config=a_config, w_config=w_config))
     for layer in range(model.config.num_layers):
       v = {k: float(a[layer]) for k, a in terms.items()}
@@ -101,7 +106,7 @@ def site_report(model: Llama, qm: QuantizedModel, windows: np.ndarray, *,
           "concentration_w_db": _db(v["c_w"]),
           "alignment_gain_db": _db(d * v["align"]),
       })
-  rows.sort(key=lambda r: (r["layer"], SITES.index(r["site"])))
+  rows.sort(key=lambda r: (r["layer"], spec.site_names.index(r["site"])))
   return rows
 
 

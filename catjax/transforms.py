@@ -31,9 +31,35 @@ from catjax import hadamard as hd
 from catjax import linalg
 
 HIGHEST = jax.lax.Precision.HIGHEST
-METHODS = ("identity", "smoothquant", "smoothquant_hadamard", "hadamard", "cat", "cat_full")
-_WITH_HADAMARD = ("smoothquant_hadamard", "hadamard", "cat", "cat_full")
 DEFAULT_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One entry of the method registry.
+
+  Attributes:
+    name: the method's name.
+    blocks: what `B` is: None (no `B`), "diagonal" (`1 × 1` blocks), "block"
+      (`k × k` blocks) or "full" (`k = d`).
+    hadamard: whether a randomized Hadamard follows `B`.
+  """
+
+  name: str
+  blocks: str | None
+  hadamard: bool
+
+
+# The one registry of transform methods; `catjax.ptq` adds "fp" and "none" on top.
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("identity", None, False),
+    Method("smoothquant", "diagonal", False),
+    Method("smoothquant_hadamard", "diagonal", True),
+    Method("hadamard", None, True),
+    Method("cat", "block", True),
+    Method("cat_full", "full", True),
+)}
+METHODS = tuple(REGISTRY)
 
 
 @functools.partial(
@@ -119,10 +145,11 @@ def _smooth_scales(sigma_x, gram_w, act_absmax, weight_absmax, alpha, eps):
 @functools.partial(jax.jit, static_argnames=("method", "block_size", "alpha", "eps"))
 def _fit(sigma_x, gram_w, signs, act_absmax, weight_absmax, *, method, block_size, alpha, eps):
   blocks = inv = None
-  if method in ("smoothquant", "smoothquant_hadamard"):
+  kind = REGISTRY[method].blocks
+  if kind == "diagonal":
     s = _smooth_scales(sigma_x, gram_w, act_absmax, weight_absmax, alpha, eps)
     blocks, inv = (1.0 / s)[:, None, None], s[:, None, None]
-  elif method in ("cat", "cat_full"):
+  elif kind is not None:
     sx = _diagonal_blocks(sigma_x, block_size)
     sw = _diagonal_blocks(gram_w, block_size)
     blocks, inv = linalg.alignment_transform(sx, sw, eps=eps)
@@ -177,18 +204,19 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
       raise ValueError(f"{label} must have shape ({d},), got {jnp.shape(v)}")
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be in [0, 1], got {alpha=}")
-  if method == "cat":
+  kind = REGISTRY[method].blocks
+  if kind == "block":
     block_size = block_size or (128 if d % 128 == 0 else 64)
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
         or block_size < 1 or d % block_size:
       raise ValueError(f"block_size must be a positive divisor of d: {d=} {block_size=}")
     block_size = int(block_size)
-  elif method == "cat_full":
+  elif kind == "full":
     block_size = d
   else:
     block_size = None
   signs = None
-  if method in _WITH_HADAMARD:
+  if REGISTRY[method].hadamard:
     hd.hadamard_factors(d)  # raises with the nearest supported sizes
     signs = hd.random_signs(jax.random.PRNGKey(0) if key is None else key, d)
   if x64 is None:

@@ -6,7 +6,7 @@ import pytest
 import tiny
 from catjax.evaluate import perplexity
 from catjax.models import forward, random_model
-from catjax.models.quantized import QLinear, linear_bytes, realize
+from catjax.quantized import QLinear, linear_bytes, realize
 from catjax.ptq import Recipe, calibrate, quantize_model
 
 

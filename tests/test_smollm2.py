@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from catjax import assets
-from catjax.models import forward, generate, load_pretrained
+from catjax.assets import load_pretrained
+from catjax.models import forward, generate
 
 TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "
         "France. It is named after the engineer Gustave Eiffel, whose company designed and "

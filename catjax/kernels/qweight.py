@@ -101,13 +101,17 @@ def unpack_values(values: jax.Array, *, bits: int) -> jax.Array:
   return jnp.concatenate([pairs[..., 0], pairs[..., 1]], axis=-1)
 
 
-def quantize_weight(kernel: jax.Array, *, bits: int) -> QuantizedWeight:
+def quantize_weight(kernel: jax.Array, *, bits: int, scale: jax.Array | None = None
+                    ) -> QuantizedWeight:
   """Quantize a `(..., d_in, d_out)` kernel per output channel for the kernels.
 
   Args:
     kernel: float kernel of a linear layer `y = x @ kernel` (leading axes,
       such as stacked layers, are kept).
     bits: weight bit width, 2..8; `bits <= 4` packs two values per byte.
+    scale: optional per-channel scales `(..., d_out)` of a grid the kernel
+      already lies on (e.g. GPTQ or clip-searched fake-quantized kernels);
+      default: RTN scales `max |kernel| / qmax`.
 
   Returns:
     A `QuantizedWeight` with K-major values (see the module docstring).
@@ -123,9 +127,17 @@ def quantize_weight(kernel: jax.Array, *, bits: int) -> QuantizedWeight:
   d_in, d_out = kernel.shape[-2:]
   if bits <= 4 and d_in % 2:
     raise ValueError(f"packing {bits}-bit weights needs an even d_in, got {kernel.shape=} {bits=}")
-  q = quant.quantize(kernel, quant.weight_config(bits))
-  values = jnp.swapaxes(q.values, -1, -2)
+  config = quant.weight_config(bits)
+  if scale is None:
+    q = quant.quantize(kernel, config)
+    values, scale = q.values, q.scale[..., 0, :].astype(jnp.float32)
+  else:
+    scale = jnp.asarray(scale, jnp.float32)
+    if scale.shape != kernel.shape[:-2] + (d_out,):
+      raise ValueError(f"scale must have shape {kernel.shape[:-2] + (d_out,)}, got {scale.shape=}")
+    v = jnp.round(kernel.astype(jnp.float32) / scale[..., None, :])
+    values = jnp.clip(v, -config.qmax, config.qmax).astype(jnp.int8)
+  values = jnp.swapaxes(values, -1, -2)
   if bits <= 4:
     values = pack_values(values)
-  scale = q.scale[..., 0, :].astype(jnp.float32)
   return QuantizedWeight(values=values, scale=scale, bits=bits, shape=(int(d_in), int(d_out)))

@@ -29,11 +29,12 @@ import numpy as np
 from flax import nnx
 
 from catjax.models.config import ModelConfig
+from catjax.models.spec import LLAMA
 
-SITES = ("attn_in", "o_in", "mlp_in", "down_in")
+SITES = LLAMA.site_names
 # Hook points of the attention keys (after RoPE) and values, `(B, T, kv_heads, hd)`,
 # before they enter the KV cache: where KV-cache quantization happens.
-KV_SITES = ("keys", "values")
+KV_SITES = LLAMA.kv_sites
 Hook = Callable[[str, jax.Array, Any], tuple[jax.Array, Any]]
 _INIT = nnx.initializers.normal(0.02)
 
@@ -181,6 +182,10 @@ class Llama(nnx.Module):
   def dtype(self):
     return self.embed[...].dtype
 
+  def embed_tokens(self, tokens):
+    """The residual stream entering block 0: `(B, T, d)` in the model's dtype."""
+    return jnp.take(self.embed[...], tokens, axis=0)
+
   def __call__(self, tokens, *, positions=None, cache=None, hook: Hook | None = None,
                hook_state: dict[str, Any] | None = None):
     """Logits `(B, T, vocab)` in float32.
@@ -201,11 +206,7 @@ class Llama(nnx.Module):
     default_positions = positions is None
     if default_positions:
       positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-    inv_freq = np.asarray(self.config.rope_frequencies(), np.float32)
-    angles = positions[..., None].astype(jnp.float32) * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    dtype = self.dtype
-    rope = (jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype))
+    rope = rope_tables(self.config, positions, self.dtype)
     if cache is None and default_positions:
       mask = None  # plain causal self-attention, computed in chunks
     else:
@@ -218,22 +219,15 @@ class Llama(nnx.Module):
 
     def body(h, xs):
       params, kv, states = xs
-      outs = {}
-
-      def site(name, x):
-        if hook is None:
-          return x
-        x, outs[name] = hook(name, x, states.get(name))
-        return x
-
       if kv is not None:
         kv = {**kv, "index": start}
-      h, kv = nnx.merge(graphdef, params)(h, rope, mask, kv, site)
+      h, kv, outs = block_forward(graphdef, params, h, rope, hook=hook, hook_state=states,
+                                  mask=mask, cache=kv)
       if kv is not None:
         kv = {"k": kv["k"], "v": kv["v"]}
       return h, (kv, outs)
 
-    h = jnp.take(self.embed[...], tokens, axis=0)
+    h = self.embed_tokens(tokens)
     h, (layer_cache, outs) = jax.lax.scan(body, h, (layer_params, layer_cache, hook_state))
     h = self.norm(h)
     if self.lm_head is None:
@@ -246,6 +240,36 @@ class Llama(nnx.Module):
     if hook is not None:
       result += (outs,)
     return result[0] if len(result) == 1 else result
+
+
+def rope_tables(cfg: ModelConfig, positions, dtype) -> tuple[jax.Array, jax.Array]:
+  """RoPE `(cos, sin)`, each `(B, T, 1, head_dim)`, for integer `positions (B, T)`."""
+  inv_freq = np.asarray(cfg.rope_frequencies(), np.float32)
+  angles = jnp.asarray(positions)[..., None].astype(jnp.float32) * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def block_forward(graphdef, params, h, rope, *, hook: Hook | None = None, hook_state=None,
+                  mask=None, cache=None):
+  """One decoder block: `(h', cache', hook outputs)`.
+
+  `graphdef` is the block's (from `nnx.split(model.layers)`), `params` one
+  block's slice of the stacked state; the site hook and `hook_state` (this
+  block's per-site states) work as in `Llama.__call__`. The block-by-block PTQ
+  engine and the model's own scan both run blocks through here.
+  """
+  states = {} if hook_state is None else hook_state
+  outs = {}
+
+  def site(name, x):
+    if hook is None:
+      return x
+    x, outs[name] = hook(name, x, states.get(name))
+    return x
+
+  h, cache = nnx.merge(graphdef, params)(h, rope, mask, cache, site)
+  return h, cache, outs
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:

@@ -1,7 +1,7 @@
 """Checkpoints in and out: Hugging Face safetensors folders and GGUF files.
 
-One table, `HF_TABLE`, maps checkpoint tensor names to catjax parameter
-paths. Per-block tensors (`model.layers.{i}...`) are stacked along the
+One table, the architecture spec's `hf_table` (`catjax.models.spec`), maps
+checkpoint tensor names to catjax parameter paths. Per-block tensors (`model.layers.{i}...`) are stacked along the
 leading `num_layers` axis of the stacked block parameters; linear weights are
 transposed (PyTorch stores `(out, in)`, catjax `kernel` is `(in, out)`).
 GGUF files are first read into the same Hugging Face names
@@ -21,20 +21,8 @@ from flax import nnx
 
 from catjax.models.config import ModelConfig
 from catjax.models.llama import Llama, abstract_model
+from catjax.models.spec import spec_for
 
-# (checkpoint name, catjax path, transposed). "{i}" marks a per-block tensor.
-_LINEARS = {"self_attn": ("attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-            "mlp": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
-HF_TABLE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
-    ("model.embed_tokens.weight", ("embed",), False),
-    ("model.norm.weight", ("norm", "scale"), False),
-    ("lm_head.weight", ("lm_head", "kernel"), True),
-    ("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm", "scale"), False),
-    ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), False),
-    *((f"model.layers.{{i}}.{hf}.{proj}.{kind}", ("layers", ours, proj, leaf), kind == "weight")
-      for hf, (ours, projs) in _LINEARS.items() for proj in projs
-      for kind, leaf in (("weight", "kernel"), ("bias", "bias"))),
-)
 # Buffers some checkpoints carry that are recomputed here.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -57,14 +45,16 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, dtype=jn
   tensors = dict(tensors)
   if cfg.tie_embeddings:
     tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy
-  layer_re = re.compile(r"model\.layers\.(\d+)\.(.+)")
+  spec = spec_for(cfg)
+  prefix = spec.hf_block_prefix
+  layer_re = re.compile(re.escape(prefix).replace(re.escape("{i}"), r"(\d+)") + "(.+)")
   by_name = {}
   for name in tensors:
     m = layer_re.fullmatch(name)
-    key = f"model.layers.{{i}}.{m.group(2)}" if m else name
+    key = prefix + m.group(2) if m else name
     by_name.setdefault(key, []).append(name)
   values = {}
-  for hf_name, path, transpose in HF_TABLE:
+  for hf_name, path, transpose in spec.hf_table:
     if path not in slots:
       if hf_name in by_name:
         raise ValueError(f"{source}: tensor {by_name[hf_name][0]!r} has no place in a model with "
@@ -142,21 +132,12 @@ def load_model(path: str | Path, *, dtype=jnp.float32) -> Llama:
   raise ValueError(f"{path}: expected a Hugging Face model folder or a .gguf file")
 
 
-def load_pretrained(model: str | Path, *, dtype="float32"):
-  """`(model, tokenizer, path)` for a name such as "smollm2-135m" (fetched and
-  cached by `catjax.assets`), a `.gguf` file or a Hugging Face folder."""
-  from catjax.assets import resolve_model
-  from catjax.data import load_tokenizer
-  path = resolve_model(str(model))
-  return load_model(path, dtype=jnp.dtype(dtype)), load_tokenizer(path), path
-
-
 def hf_tensors(model: Llama) -> dict[str, jax.Array]:
   """The model's parameters under Hugging Face names, in PyTorch layout."""
   slots = _flat_params(model)
   cfg = model.config
   out = {}
-  for hf_name, path, transpose in HF_TABLE:
+  for hf_name, path, transpose in spec_for(cfg).hf_table:
     if path not in slots:
       continue
     value = slots[path][...]

@@ -14,7 +14,8 @@ from flax import nnx
 
 from catjax.kernels import QuantizedWeight, quantize_weight, quantized_matmul
 from catjax.models.llama import Llama
-from catjax.ptq import SITE_LINEARS, QuantizedModel, transform_params
+from catjax.models.spec import get_path, set_path, spec_for
+from catjax.ptq import QuantizedModel
 
 
 class QLinear(nnx.Module):
@@ -49,7 +50,8 @@ class QLinear(nnx.Module):
 
 def realize(model: Llama, qm: QuantizedModel, *, implementation: str | None = None
             ) -> QuantizedModel:
-  """The real quantized counterpart of `qm` (made from `model` by `quantize_model`).
+  """The real quantized counterpart of `qm` (made from `model` by `quantize_model`):
+  `qm`'s fake-quantized kernels as integers on the grid of `qm.w_scales`.
 
   Run it exactly like `qm`: `forward(r.model, tokens, hook=r.hook,
   hook_state=r.transforms)`; its outputs equal `qm`'s up to float rounding.
@@ -62,29 +64,27 @@ def realize(model: Llama, qm: QuantizedModel, *, implementation: str | None = No
   if r.method == "fp" or r.w_bits is None or r.a_bits is None:
     raise ValueError(f"real quantized inference needs w_bits and a_bits; recipe {r.label!r} "
                      f"has w_bits={r.w_bits} a_bits={r.a_bits}")
-  kernels = transform_params(model, qm.transforms)
-  new = nnx.clone(model)  # new modules and variables, shared arrays
+  new = nnx.clone(qm.model)  # new modules and variables, shared arrays
+  spec = spec_for(model.config)
   online = {}
-  for site, linears in SITE_LINEARS.items():
+  for site, path in spec.linears:
     t = None if qm.transforms is None else qm.transforms[site]
     fused = t is not None and t.signs is None  # block-diagonal: the kernel applies it
     if t is not None and not fused:
       online[site] = t
-    for group, name in linears:
-      parent = getattr(new.layers, group)
-      old = getattr(parent, name)
-      qw = quantize_weight(kernels["layers"][group][name]["kernel"], bits=r.w_bits)
-      setattr(parent, name, QLinear(qw, bias=None if old.bias is None else old.bias[...],
-                                    blocks=t.blocks if fused else None, a_bits=r.a_bits,
-                                    a_clip=float(r.a_clip), implementation=implementation))
+    old = get_path(new.layers, path)
+    scale = None if qm.w_scales is None else qm.w_scales[path]
+    qw = quantize_weight(old.kernel[...], bits=r.w_bits, scale=scale)
+    set_path(new.layers, path, QLinear(qw, bias=None if old.bias is None else old.bias[...],
+                                       blocks=t.blocks if fused else None, a_bits=r.a_bits,
+                                       a_clip=float(r.a_clip), implementation=implementation))
   return QuantizedModel(new, online or None, r, real=True)
 
 
 def linear_bytes(model: Llama) -> int:
   """Bytes of the block linears' weights (kernels or integer values + scales)."""
   total = 0
-  for linears in SITE_LINEARS.values():
-    for group, name in linears:
-      lin = getattr(getattr(model.layers, group), name)
-      total += lin.nbytes if isinstance(lin, QLinear) else int(lin.kernel[...].nbytes)
+  for _, path in spec_for(model.config).linears:
+    lin = get_path(model.layers, path)
+    total += lin.nbytes if isinstance(lin, QLinear) else int(lin.kernel[...].nbytes)
   return total

@@ -1,0 +1,149 @@
+"""Trained CAT: refine one block's closed-form transforms by gradient descent.
+
+For every site whose transform has a block-diagonal part `B` (cat, cat_full,
+smoothquant...), the trained transform is `B(Δ) = (I + Δ) B₀` per `k × k` block,
+`Δ` initialised at zero, so step 0 is exactly the closed form `B₀`. Its inverse
+is `B₀⁻¹ (I + Δ)⁻¹`: the closed form's own (float64-fitted) inverse times an
+exact `k × k` inverse of a near-identity matrix, so the function stays
+preserved without quantization and the inverse is well conditioned as long as
+`I + Δ` is. The loss is the block's output error under fake quantization,
+`‖block_q(X) − Y‖² / ‖Y‖²` against the full-precision block's outputs `Y`,
+with straight-through rounding of activations, weights and the KV cache, and
+AdamW with a cosine learning-rate decay (optax), on random batches of the
+calibration windows (deterministic under `Recipe.seed`).
+
+Safeguards (per block): the trained transforms are kept only if their loss on
+all calibration windows is below the closed form's and every `I + Δ` has a
+condition number below `MAX_COND`; otherwise the closed form stays.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from catjax.models.llama import block_forward
+from catjax.models.spec import ArchSpec, get_path
+from catjax.quant import QuantConfig, fake_quantize
+from catjax.transforms import Transform
+
+MAX_COND = 1e3
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def with_delta(t: Transform, delta: jax.Array) -> Transform:
+  """`t` with blocks `(I + Δ) B₀` and inverse blocks `B₀⁻¹ (I + Δ)⁻¹`."""
+  k = delta.shape[-1]
+  m = jnp.eye(k, dtype=jnp.float32) + delta
+  blocks = jnp.einsum("bij,bjk->bik", m, t.blocks, precision=HIGHEST)
+  inv = jnp.einsum("bij,bjk->bik", t.inv_blocks, jnp.linalg.inv(m), precision=HIGHEST)
+  return Transform(blocks=blocks, inv_blocks=inv, signs=t.signs, method=t.method, dim=t.dim)
+
+
+def _quantized_block(block, transforms, spec: ArchSpec, w_config: QuantConfig | None):
+  """The block's kernels merged with `transforms` and fake-quantized with STE."""
+  block = jax.tree.map(lambda a: a, block)
+  for site, path in spec.linears:
+    leaf = get_path(block, path)
+    k = leaf["kernel"]
+    if transforms is not None:
+      k = transforms[site].merge(k)
+    if w_config is not None:
+      k = k + jax.lax.stop_gradient(fake_quantize(k, w_config) - k)
+    leaf["kernel"] = k
+  return block
+
+
+def _loss(deltas, block, base, x, y, rope, *, graphdef, hook, spec, w_config):
+  ts = {site: (with_delta(t, deltas[site]) if site in deltas else t) for site, t in base.items()}
+  qblock = _quantized_block(block, ts, spec, w_config)
+  out, _, _ = block_forward(graphdef, qblock, x, rope, hook=hook, hook_state=ts)
+  err = jnp.sum((out.astype(jnp.float32) - y) ** 2)
+  return err / jnp.sum(y.astype(jnp.float32) ** 2)
+
+
+_STATIC = ("graphdef", "hook", "spec", "w_config")
+_loss_jit = jax.jit(_loss, static_argnames=_STATIC)
+
+
+def _optimizer(lr: float, steps: int):
+  return optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1)), weight_decay=0.0)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("lr", "steps"))
+def _step(deltas, opt_state, block, base, x, y, rope, *, graphdef, hook, spec, w_config, lr,
+          steps):
+  loss, grads = jax.value_and_grad(_loss)(deltas, block, base, x, y, rope, graphdef=graphdef,
+                                          hook=hook, spec=spec, w_config=w_config)
+  updates, opt_state = _optimizer(lr, steps).update(grads, opt_state, deltas)
+  return optax.apply_updates(deltas, updates), opt_state, loss
+
+
+def block_loss(runner, block, transforms, x, y, recipe, *, spec: ArchSpec, deltas=None) -> float:
+  """The training loss on all windows (in batches), without straight-through estimation's
+  effect on values (forward values are identical)."""
+  hook = _hook(recipe, spec)
+  deltas = {} if deltas is None else deltas
+  err = 0.0
+  for i in range(0, x.shape[0], runner.batch_size):
+    xb, yb = x[i:i + runner.batch_size], y[i:i + runner.batch_size]
+    part = _loss_jit(deltas, block, transforms, xb, yb, runner.rope, graphdef=runner.graphdef,
+                     hook=hook, spec=spec, w_config=recipe.w_config)
+    err += float(part) * float(jnp.sum(yb.astype(jnp.float32) ** 2))
+  return err / float(jnp.sum(y.astype(jnp.float32) ** 2))
+
+
+def _hook(recipe, spec):
+  from catjax.ptq import QuantHook
+  return QuantHook(recipe.a_config, recipe.kv_config, spec.kv_sites, ste=True)
+
+
+def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Array,
+                y: jax.Array, recipe, *, spec: ArchSpec, layer: int
+                ) -> tuple[dict[str, Transform], dict]:
+  """Refine `transforms` of one block (see the module docstring).
+
+  Args:
+    runner: the engine's `BlockRunner` (block graph, RoPE tables, batch size).
+    block: the block's full-precision parameter dict.
+    transforms: the closed-form `{site: Transform}` of the block.
+    x: the block's calibration inputs `(n, T, d)`.
+    y: the targets, the full-precision block's outputs `(n, T, d)`.
+    recipe: `train_steps`, `train_lr`, `train_batch`, `seed` and the quantizers.
+    layer: the block index (seeds the batch order).
+
+  Returns:
+    `(transforms, info)`: the kept transforms and the losses (closed form,
+    first and last training step, trained on all windows), max condition
+    number of `I + Δ`, and whether the trained transforms were kept.
+  """
+  trainable = {s: t for s, t in transforms.items() if t.blocks is not None}
+  deltas = {s: jnp.zeros_like(t.blocks) for s, t in trainable.items()}
+  steps, n = recipe.train_steps, x.shape[0]
+  batch = min(recipe.train_batch, n)
+  static = dict(graphdef=runner.graphdef, hook=_hook(recipe, spec), spec=spec,
+                w_config=recipe.w_config)
+  opt_state = _optimizer(recipe.train_lr, steps).init(deltas)
+  key = jax.random.fold_in(jax.random.PRNGKey(recipe.seed), layer)
+  curve = []
+  for step in range(steps):
+    idx = jax.random.choice(jax.random.fold_in(key, step), n, (batch,), replace=False)
+    deltas, opt_state, loss = _step(deltas, opt_state, block, transforms, x[idx], y[idx],
+                                    runner.rope, lr=float(recipe.train_lr), steps=steps, **static)
+    curve.append(float(loss))
+  closed = block_loss(runner, block, transforms, x, y, recipe, spec=spec)
+  trained = block_loss(runner, block, transforms, x, y, recipe, spec=spec, deltas=deltas)
+  cond = max((float(np.max(np.linalg.cond(np.eye(d.shape[-1]) + np.asarray(d, np.float64))))
+              for d in deltas.values()), default=1.0)
+  keep = bool(np.isfinite(trained) and trained < closed and cond < MAX_COND)
+  info = {"layer": layer, "closed_form_loss": closed, "trained_loss": trained,
+          "first_step_loss": curve[0] if curve else None,
+          "last_step_loss": curve[-1] if curve else None, "max_cond": cond, "kept": keep}
+  if not keep:
+    return transforms, info
+  return {s: (with_delta(t, deltas[s]) if s in deltas else t)
+          for s, t in transforms.items()}, info
