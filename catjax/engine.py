@@ -124,7 +124,8 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
   if stats is not None and quant_prop:
     raise ValueError(f"recipe {recipe.label!r} propagates quantized outputs: its statistics "
                      "come from the quantized model and cannot be given (stats=...)")
-  walk = stats is None or quant_prop or train
+  needs_stats = recipe.transform_method is not None or recipe.weights != "rtn"
+  walk = (needs_stats and stats is None) or quant_prop or train
   spec = spec_for(cfg)
   t_start = time.perf_counter()
   graphdef_m, state_m = nnx.split(model)
@@ -140,14 +141,17 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
   for b in tqdm(range(cfg.num_layers), desc=f"quantize {recipe.label}", unit="block",
                 disable=not progress, leave=False):
     block = jax.tree.map(lambda a: a[b], layers)
-    if stats is None:
+    if not walk and stats is None:  # RTN without a transform: nothing to measure
+      stats_b = y = None
+    elif stats is None:
       empty = {site: SecondMoment.zeros(d, dtype=jnp.float32)
                for site, d in spec.site_dims(cfg).items()}
       y, stats_b = runner.statistics(block, x, empty)
     else:
       stats_b = jax.tree.map(lambda a: a[b], stats)
       y = runner(block, x)[0] if walk else None
-    _check_finite(stats_b, b)
+    if stats_b is not None:
+      _check_finite(stats_b, b)
     t_b = fit_block(block, stats_b, recipe, spec=spec, layer=b)
     if train:
       from catjax.train import train_block

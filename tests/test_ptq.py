@@ -5,16 +5,25 @@ import pytest
 
 import tiny
 from catjax.models import SITES, capture, random_model
-from catjax.ptq import SITE_LINEARS, calibrate, site_dims
+from catjax.models import LLAMA, get_path, spec_for
+from catjax.models.loading import hf_tensors
+from catjax.ptq import calibrate
 
 
-def test_site_table_matches_the_model():
-  model = random_model(tiny.config(num_layers=1))
-  dims = site_dims(model.config)
-  for site, linears in SITE_LINEARS.items():
-    for group, name in linears:
-      kernel = getattr(getattr(model.layers, group), name).kernel[...]
-      assert kernel.shape[1] == dims[site], (site, name)
+def test_spec_matches_the_model_and_the_checkpoint_names():
+  cfg = tiny.config(num_layers=2, qkv_bias=True)
+  model = random_model(cfg)
+  spec = spec_for(cfg)
+  assert spec is LLAMA and spec.site_names == SITES
+  dims = spec.site_dims(cfg)
+  for site, path in spec.linears:
+    assert get_path(model.layers, path).kernel[...].shape[1] == dims[site], (site, path)
+  assert [s.name for s in spec.sites if s.shared] == ["attn_in", "mlp_in"]
+  # Every parameter has exactly one checkpoint name, derived from the spec.
+  names = set(hf_tensors(model))
+  assert "model.layers.1.self_attn.q_proj.bias" in names
+  assert "model.layers.0.mlp.down_proj.weight" in names
+  assert len(names) == 2 + 2 * (2 + 7 + 3) + 1  # embed, norm, lm_head; per block 2 norms, 7 W, 3 b
 
 
 def test_calibration_equals_direct_second_moments():

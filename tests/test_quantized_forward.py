@@ -7,7 +7,8 @@ import pytest
 import jax
 import tiny
 from catjax.models import forward, random_model
-from catjax.ptq import PTQ_METHODS, Recipe, calibrate, quantize_model
+from catjax.engine import quantize_model
+from catjax.ptq import PTQ_METHODS, Recipe, calibrate
 
 TRANSFORM_METHODS = [m for m in PTQ_METHODS if m not in ("fp", "none")]
 
@@ -28,7 +29,7 @@ def _run(qm, tokens):
 @pytest.mark.parametrize("spec", PTQ_METHODS + ("cat@bh", "cat_full@bh"))
 def test_quantization_off_preserves_the_function(setup, spec):
   model, windows, stats = setup
-  qm = quantize_model(model, stats, Recipe(block_size=16, w_bits=None, a_bits=None
+  qm = quantize_model(model, None, stats=stats, recipe=Recipe(block_size=16, w_bits=None, a_bits=None
                                            ).with_spec(spec), progress=False)
   method = qm.recipe.method
   base = np.asarray(forward(model, windows[4:]))
@@ -103,7 +104,7 @@ def reference_logits(model, qm, tokens):
 @pytest.mark.parametrize("method", ["none", "hadamard", "cat"])
 def test_fake_quant_forward_equals_explicit_reference(setup, method):
   model, windows, stats = setup
-  qm = quantize_model(model, stats, Recipe(method=method, block_size=16, w_bits=4, a_bits=4),
+  qm = quantize_model(model, None, stats=stats, recipe=Recipe(method=method, block_size=16, w_bits=4, a_bits=4),
                       progress=False)
   tokens = windows[4:]
   got, ref = _run(qm, tokens), reference_logits(model, qm, tokens)
@@ -123,7 +124,7 @@ def test_kv_quantization_error_shrinks_with_bits(setup):
   fp = np.asarray(forward(model, windows[4:]), np.float64)
   errs = []
   for bits in (3, 4, 8):
-    qm = quantize_model(model, stats, Recipe(method="none", w_bits=None, a_bits=None,
+    qm = quantize_model(model, None, stats=stats, recipe=Recipe(method="none", w_bits=None, a_bits=None,
                                              kv_bits=bits), progress=False)
     assert qm.hook.kv_config.bits == bits and not qm.hook.kv_config.symmetric
     errs.append(np.abs(_run(qm, windows[4:]) - fp).max())
@@ -161,7 +162,7 @@ def test_outlier_channels_order_cat_hadamard_none():
   fp = np.asarray(forward(model, windows[8:]), np.float64)
   err = {}
   for method in ("none", "hadamard", "cat"):
-    qm = quantize_model(model, stats, Recipe(method=method, block_size=16), progress=False)
+    qm = quantize_model(model, None, stats=stats, recipe=Recipe(method=method, block_size=16), progress=False)
     err[method] = np.mean((_run(qm, windows[8:]) - fp) ** 2)
   assert err["cat"] < err["hadamard"] < err["none"], err
 

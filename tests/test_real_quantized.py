@@ -7,7 +7,8 @@ import tiny
 from catjax.evaluate import perplexity
 from catjax.models import forward, random_model
 from catjax.quantized import QLinear, linear_bytes, realize
-from catjax.ptq import Recipe, calibrate, quantize_model
+from catjax.engine import quantize_model
+from catjax.ptq import Recipe, calibrate
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +20,12 @@ def setup():
 
 @pytest.mark.parametrize("spec,a_clip", [("none", 1.0), ("hadamard", 1.0), ("cat", 1.0),
                                          ("cat@bh", 1.0), ("none@w8a8", 1.0), ("cat@kv4", 1.0),
-                                         ("cat@bh", 0.8)])
+                                         ("cat@bh", 0.8), ("cat@gptq", 1.0), ("none@clip", 1.0),
+                                         ("cat@bh@gptq@t2", 1.0)])
 def test_real_model_equals_fake_quantized(setup, spec, a_clip):
   model, windows, stats = setup
   recipe = Recipe(block_size=16, a_clip=a_clip).with_spec(spec)
-  qm = quantize_model(model, stats, recipe, progress=False)
+  qm = quantize_model(model, windows[:4], recipe, progress=False)
   real = realize(model, qm)
   assert isinstance(real.model.layers.mlp.down_proj, QLinear)
   # Block-only transforms go into the kernel; full-width Hadamards stay in the hook.
@@ -45,9 +47,9 @@ def test_real_model_equals_fake_quantized(setup, spec, a_clip):
 
 def test_real_weights_are_a_quarter_of_bf16_or_less(setup):
   model, _, stats = setup
-  real = realize(model, quantize_model(model, stats, Recipe(method="none"), progress=False))
+  real = realize(model, quantize_model(model, None, stats=stats, recipe=Recipe(method="none"), progress=False))
   bf16 = linear_bytes(model) // 2  # the float32 tiny model in bfloat16
   assert linear_bytes(real.model) < 0.3 * bf16
   with pytest.raises(ValueError, match="needs w_bits and a_bits"):
-    realize(model, quantize_model(model, stats, Recipe(method="none", a_bits=None),
+    realize(model, quantize_model(model, None, stats=stats, recipe=Recipe(method="none", a_bits=None),
                                   progress=False))

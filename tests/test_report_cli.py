@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 import tiny
+from flax import nnx
+
 from catjax import cli
-from catjax.models import SITES, capture, random_model
-from catjax.ptq import Recipe, calibrate, quantize_model, site_kernel
+from catjax.models import LLAMA, SITES, capture, random_model
+from catjax.engine import quantize_model
+from catjax.ptq import Recipe, calibrate, site_kernel
 from catjax.report import SITE_FIELDS, site_report, sqnr_gain
 from catjax.stats import measured_sqnr, sqnr_decomposition
 from catjax.quant import activation_config, weight_config
@@ -26,12 +29,13 @@ def test_site_report_of_rtn_equals_the_layer_decomposition(model_and_windows):
   """For `none` (no transform) every row equals `sqnr_decomposition` of the captured
   input and the site's concatenated kernel, computed independently."""
   model, windows, stats = model_and_windows
-  qm = quantize_model(model, stats, Recipe(method="none", w_bits=4, a_bits=6), progress=False)
+  qm = quantize_model(model, None, stats=stats, recipe=Recipe(method="none", w_bits=4, a_bits=6), progress=False)
   rows = site_report(model, qm, windows[4:])
   assert len(rows) == 2 * len(SITES)
   acts = capture(model, windows[4:])
+  layers = nnx.to_pure_dict(nnx.state(model.layers))
   for r in rows:
-    x, k = np.asarray(acts[r["site"]][r["layer"]]), np.asarray(site_kernel(model, r["site"])[r["layer"]])
+    x, k = np.asarray(acts[r["site"]][r["layer"]]), np.asarray(site_kernel(layers, r["site"], spec=LLAMA)[r["layer"]])
     ref = sqnr_decomposition(x, k, w_bits=4, a_bits=6)
     for field, want in [("measured_sqnr_db", ref.measured_db), ("predicted_sqnr_db", ref.predicted_db),
                         ("concentration_x_db", ref.concentration_x_db),
@@ -44,9 +48,9 @@ def test_site_report_of_rtn_equals_the_layer_decomposition(model_and_windows):
 
 def test_site_report_of_a_transform_measures_the_transformed_operands(model_and_windows):
   model, windows, stats = model_and_windows
-  had = site_report(model, quantize_model(model, stats, Recipe(method="hadamard"),
+  had = site_report(model, quantize_model(model, None, stats=stats, recipe=Recipe(method="hadamard"),
                                           progress=False), windows[4:])
-  none = site_report(model, quantize_model(model, stats, Recipe(method="none"), progress=False),
+  none = site_report(model, quantize_model(model, None, stats=stats, recipe=Recipe(method="none"), progress=False),
                      windows[4:])
   for a, b in zip(had, none):
     # A rotation leaves the alignment unchanged and the measured SQNR differs.
@@ -54,7 +58,7 @@ def test_site_report_of_a_transform_measures_the_transformed_operands(model_and_
     assert a["measured_sqnr_db"] != b["measured_sqnr_db"]
   g = sqnr_gain(had, none)
   assert g["sites"] == 8 and g["min_db"] <= g["median_db"] <= g["max_db"]
-  fp = site_report(model, quantize_model(model, stats, Recipe(method="fp"), progress=False),
+  fp = site_report(model, quantize_model(model, None, stats=stats, recipe=Recipe(method="fp"), progress=False),
                    windows[4:])
   assert all(r["measured_sqnr_db"] is None and r["predicted_sqnr_db"] is None for r in fp)
 
@@ -99,11 +103,15 @@ def test_cli_quantize_writes_report_and_plots(folder, tmp_path, capsys):
 
 def test_cli_compare_side_by_side(folder, tmp_path, capsys):
   out = tmp_path / "cmp.json"
-  assert cli.main(["compare", *_common(folder), "--methods", "fp,none,hadamard,cat,none@w6a6",
+  assert cli.main(["compare", *_common(folder), "--methods",
+                   "fp,none,hadamard,cat,none@w6a6,hadamard@gptq,cat@gptq@t2",
                    "--json", str(out)]) == 0
   report = json.loads(out.read_text())
   labels = [m["recipe"]["label"] for m in report["methods"]]
-  assert labels == ["fp", "none W4A4", "hadamard W4A4", "cat k=16 W4A4", "none W6A6"]
+  assert labels == ["fp", "none W4A4", "hadamard W4A4", "cat k=16 W4A4", "none W6A6",
+                    "hadamard gptq W4A4", "cat k=16 gptq t2 W4A4"]
+  trained = report["methods"][-1]["engine"]
+  assert trained["propagate"] == "quantized" and len(trained["train"]) == 2
   assert [s["method"] for s in report["summary"]] == labels
   assert report["summary"][0]["ppl_gap_to_fp"] == 0.0
   (cat,) = [c for c in report["comparisons"] if c["method"] == "cat k=16 W4A4"]
