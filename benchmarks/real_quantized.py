@@ -35,7 +35,9 @@ from catjax.kernels import QuantizedWeight, quantized_matmul  # noqa: E402
 from catjax.assets import load_pretrained  # noqa: E402
 from catjax.models.llama import capture  # noqa: E402
 from catjax.quantized import linear_bytes, realize  # noqa: E402
-from catjax.ptq import SITE_LINEARS, Recipe, calibrate, quantize_model  # noqa: E402
+from catjax.engine import quantize_model  # noqa: E402
+from catjax.models import LLAMA, get_path  # noqa: E402
+from catjax.ptq import Recipe, calibrate  # noqa: E402
 from catjax.report import site_report  # noqa: E402
 
 
@@ -46,9 +48,9 @@ def _layer(tree, l):
 def site_differences(qm, real, acts) -> dict[str, float]:
   """Largest `‖y_real - y_fake‖ / ‖y_fake‖` over layers, per site (its first linear)."""
   out = {}
-  for site, ((group, name), *_) in SITE_LINEARS.items():
-    fake_lin = getattr(getattr(qm.model.layers, group), name)
-    q = getattr(getattr(real.model.layers, group), name)
+  for site in LLAMA.sites:
+    fake_lin, q = (get_path(m.model.layers, site.linears[0]) for m in (qm, real))
+    site = site.name
     worst = 0.0
     for l in range(acts[site].shape[0]):
       x = acts[site][l]
@@ -92,7 +94,7 @@ def main() -> None:
   acts = {site: a[:, 0] for site, a in capture(model, calib[args.calib_windows:][:1]).items()}
   rows = []
   for spec in args.specs.split(","):
-    qm = quantize_model(model, stats, Recipe().with_spec(spec))
+    qm = quantize_model(model, None, Recipe().with_spec(spec), stats=stats)
     sites = site_report(model, qm, calib[args.calib_windows:])
     real = realize(model, qm)
     runs = {}

@@ -27,7 +27,8 @@ from catjax.data import text_windows  # noqa: E402
 from catjax.evaluate import token_nll  # noqa: E402
 from catjax.assets import load_pretrained  # noqa: E402
 from catjax.models.llama import SITES, forward  # noqa: E402
-from catjax.ptq import QuantHook, Recipe, calibrate, quantize_model  # noqa: E402
+from catjax.engine import quantize_model  # noqa: E402
+from catjax.ptq import QuantHook, Recipe  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +61,7 @@ def main() -> None:
   model, tok, _ = load_pretrained("smollm2-135m")
   calib = text_windows(tok, "wiki-calib", seqlen=512, max_tokens=args.calib_windows * 512).tokens
   tokens = jnp.asarray(text_windows(tok, "wiki-eval", seqlen=512, max_tokens=512).tokens[:1])
-  qm = quantize_model(model, calibrate(model, calib), Recipe().with_spec(args.spec))
+  qm = quantize_model(model, calib, Recipe().with_spec(args.spec), batch_size=4)
   factor = 1 + 2.0**-21
   runs = {"fp": divergence(model, tokens, RecordingHook(), None, factor),
           qm.recipe.label: divergence(qm.model, tokens, RecordingHook(qm.recipe.a_config),

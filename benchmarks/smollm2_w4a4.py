@@ -1,9 +1,11 @@
 """W4A4 (and W6A6 / W8A8 RTN) quantization of SmolLM2-135M, every method in one harness.
 
-One calibration (32 × 512 tokens of the Wikipedia calibration split), then for
-each method: fit, transform, fake-quantize, per-site SQNR on 2 held-out
-calibration windows, perplexity on 16,384 tokens of the disjoint Wikipedia
-eval split at seqlen 512. Writes `results/smollm2_w4a4{,_<seqlen>}.{json,md}`
+One calibration text (32 × 512 tokens of the Wikipedia calibration split), then
+for each method the block engine: fit, (train,) transform, fake-quantize
+(RTN or GPTQ), per-site SQNR on 2 held-out calibration windows, perplexity on
+16,384 tokens of the disjoint Wikipedia eval split at seqlen 512. Closed-form
+RTN recipes share one full-precision calibration pass; GPTQ and trained
+recipes walk the model on their own quantized activations. Writes `results/smollm2_w4a4{,_<seqlen>}.{json,md}`
 and the two plots beside them; prints the tables.
 
     python benchmarks/smollm2_w4a4.py [--seqlen 512] [--calib-windows 32]
@@ -23,7 +25,8 @@ from catjax.ptq import Recipe  # noqa: E402
 from catjax.report import comparison_markdown  # noqa: E402
 
 METHODS = ("fp,none,smoothquant,smoothquant_hadamard,hadamard,cat@k64,cat@k192,cat_full,"
-           "none@w6a6,none@w8a8")
+           "none@w6a6,none@w8a8,hadamard@gptq,smoothquant_hadamard@gptq,cat@k64@gptq,"
+           "cat@k64@t{T},cat@k64@gptq@t{T}")
 
 
 def main() -> None:
@@ -32,17 +35,27 @@ def main() -> None:
   p.add_argument("--calib-windows", type=int, default=32)
   p.add_argument("--calib-seqlen", type=int, default=512)
   p.add_argument("--eval-max-tokens", type=int, default=16384)
-  p.add_argument("--methods", default=METHODS)
+  p.add_argument("--methods", default=METHODS,
+                  help="method specs; {T} stands for --train-steps (default: %(default)s)")
+  p.add_argument("--train-steps", type=int, default=TRAIN_STEPS,
+                 help="trained CAT steps per block (default: %(default)s)")
+  p.add_argument("--train-lr", type=float, default=TRAIN_LR)
+  p.add_argument("--train-batch", type=int, default=TRAIN_BATCH,
+                 help="windows per training step (default: %(default)s)")
+  p.add_argument("--batch-size", type=int, default=4, help="windows per engine step")
+  p.add_argument("--name", default=None, help="results file stem")
   args = p.parse_args()
-  base = Recipe(w_bits=4, a_bits=4)
-  cfg = RunConfig(recipes=tuple(base.with_spec(s) for s in args.methods.split(",")),
+  base = Recipe(w_bits=4, a_bits=4, train_lr=args.train_lr, train_batch=args.train_batch)
+  specs = args.methods.replace("{T}", str(args.train_steps)).split(",")
+  cfg = RunConfig(recipes=tuple(base.with_spec(s) for s in specs),
                   calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
-                  seqlen=args.seqlen, eval_max_tokens=args.eval_max_tokens)
+                  seqlen=args.seqlen, eval_max_tokens=args.eval_max_tokens,
+                  batch_size=args.batch_size)
   t0 = time.perf_counter()
   report = run(cfg)
   report["machine"] = machine()
   report["total_seconds"] = time.perf_counter() - t0
-  name = "smollm2_w4a4" + ("" if args.seqlen == 512 else f"_{args.seqlen}")
+  name = args.name or "smollm2_w4a4" + ("" if args.seqlen == 512 else f"_{args.seqlen}")
   paths = write_outputs(report, RESULTS / f"{name}.json")
   print()
   print(comparison_markdown(report["summary"]))
