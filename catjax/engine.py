@@ -32,6 +32,7 @@ from catjax.models.spec import spec_for
 from catjax.ptq import (QuantHook, QuantizedModel, Recipe, fit_block, merge_block, quantize_block,
                         stats_hook)
 from catjax.stats import SecondMoment
+from catjax.train import train_block
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
@@ -154,7 +155,6 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
       _check_finite(stats_b, b)
     t_b = fit_block(block, stats_b, recipe, spec=spec, layer=b)
     if train:
-      from catjax.train import train_block
       target = y if x_fp is None else runner(block, x_fp)[0]
       t_b, info = train_block(runner, block, t_b, x, target, recipe, spec=spec, layer=b)
       losses.append(info)

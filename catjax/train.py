@@ -3,10 +3,11 @@
 For every site whose transform has a block-diagonal part `B` (cat, cat_full,
 smoothquant...), the trained transform is `B(Δ) = (I + Δ) B₀` per `k × k` block,
 `Δ` initialised at zero, so step 0 is exactly the closed form `B₀`. Its inverse
-is `B₀⁻¹ (I + Δ)⁻¹`: the closed form's own (float64-fitted) inverse times an
-exact `k × k` inverse of a near-identity matrix, so the function stays
-preserved without quantization and the inverse is well conditioned as long as
-`I + Δ` is. The loss is the block's output error under fake quantization,
+is `B₀⁻¹ (I + Δ)⁻¹`: the closed form's own (float64-fitted) inverse times the
+inverse of a near-identity `k × k` matrix — Newton–Schulz iterations inside the
+training step, an exact float64 inverse for the transforms that are kept — so
+the function stays preserved without quantization and the inverse is well
+conditioned as long as `I + Δ` is. The loss is the block's output error under fake quantization,
 `‖block_q(X) − Y‖² / ‖Y‖²` against the full-precision block's outputs `Y`,
 with straight-through rounding of activations, weights and the KV cache, and
 AdamW with a cosine learning-rate decay (optax), on random batches of the
@@ -35,13 +36,41 @@ MAX_COND = 1e3
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+NEWTON_STEPS = 12
+
+
+def _near_identity_inverse(m: jax.Array) -> jax.Array:
+  """`m⁻¹` of near-identity blocks by Newton–Schulz, `X ← X (2I − m X)` from `X = I`.
+
+  Matmuls only (a LAPACK inverse inside the training step deadlocks XLA's CPU
+  runtime on small machines); converges quadratically while `‖m − I‖ < 1`,
+  to float32 rounding in these steps for `‖m − I‖ ≤ 0.8`. The kept transforms
+  get an exact float64 inverse afterwards (`exact_with_delta`).
+  """
+  eye = jnp.eye(m.shape[-1], dtype=m.dtype)
+  x = jnp.broadcast_to(eye, m.shape)
+  for _ in range(NEWTON_STEPS):
+    x = jnp.einsum("bij,bjk->bik", x, 2 * eye - jnp.einsum("bij,bjk->bik", m, x,
+                                                           precision=HIGHEST), precision=HIGHEST)
+  return x
+
+
 def with_delta(t: Transform, delta: jax.Array) -> Transform:
-  """`t` with blocks `(I + Δ) B₀` and inverse blocks `B₀⁻¹ (I + Δ)⁻¹`."""
-  k = delta.shape[-1]
-  m = jnp.eye(k, dtype=jnp.float32) + delta
+  """`t` with blocks `(I + Δ) B₀` and inverse blocks `B₀⁻¹ (I + Δ)⁻¹` (Newton–Schulz;
+  traceable, used in the training loss)."""
+  m = jnp.eye(delta.shape[-1], dtype=jnp.float32) + delta
   blocks = jnp.einsum("bij,bjk->bik", m, t.blocks, precision=HIGHEST)
-  inv = jnp.einsum("bij,bjk->bik", t.inv_blocks, jnp.linalg.inv(m), precision=HIGHEST)
+  inv = jnp.einsum("bij,bjk->bik", t.inv_blocks, _near_identity_inverse(m), precision=HIGHEST)
   return Transform(blocks=blocks, inv_blocks=inv, signs=t.signs, method=t.method, dim=t.dim)
+
+
+def exact_with_delta(t: Transform, delta: jax.Array) -> Transform:
+  """As `with_delta`, computed in float64 with an exact (LU) inverse of `I + Δ`."""
+  m = np.eye(delta.shape[-1]) + np.asarray(delta, np.float64)
+  b0, inv0 = np.asarray(t.blocks, np.float64), np.asarray(t.inv_blocks, np.float64)
+  blocks, inv = m @ b0, inv0 @ np.linalg.inv(m)
+  return Transform(blocks=jnp.asarray(blocks, jnp.float32), inv_blocks=jnp.asarray(inv, jnp.float32),
+                   signs=t.signs, method=t.method, dim=t.dim)
 
 
 def _quantized_block(block, transforms, spec: ArchSpec, w_config: QuantConfig | None):
@@ -83,11 +112,11 @@ def _step(deltas, opt_state, block, base, x, y, rope, *, graphdef, hook, spec, w
   return optax.apply_updates(deltas, updates), opt_state, loss
 
 
-def block_loss(runner, block, transforms, x, y, recipe, *, spec: ArchSpec, deltas=None) -> float:
-  """The training loss on all windows (in batches), without straight-through estimation's
-  effect on values (forward values are identical)."""
+def block_loss(runner, block, transforms, x, y, recipe, *, spec: ArchSpec) -> float:
+  """The training loss of `transforms` on all windows (in batches); straight-through
+  estimation changes gradients only, so these are the quantized block's true errors."""
   hook = _hook(recipe, spec)
-  deltas = {} if deltas is None else deltas
+  deltas = {}
   err = 0.0
   for i in range(0, x.shape[0], runner.batch_size):
     xb, yb = x[i:i + runner.batch_size], y[i:i + runner.batch_size]
@@ -135,15 +164,20 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
     deltas, opt_state, loss = _step(deltas, opt_state, block, transforms, x[idx], y[idx],
                                     runner.rope, lr=float(recipe.train_lr), steps=steps, **static)
     curve.append(float(loss))
+  def _cond(d):
+    m = np.eye(d.shape[-1]) + np.asarray(d, np.float64)
+    return float(np.max(np.linalg.cond(m))) if np.isfinite(m).all() else float("inf")
+
+  cond = max(map(_cond, deltas.values()), default=1.0)
   closed = block_loss(runner, block, transforms, x, y, recipe, spec=spec)
-  trained = block_loss(runner, block, transforms, x, y, recipe, spec=spec, deltas=deltas)
-  cond = max((float(np.max(np.linalg.cond(np.eye(d.shape[-1]) + np.asarray(d, np.float64))))
-              for d in deltas.values()), default=1.0)
-  keep = bool(np.isfinite(trained) and trained < closed and cond < MAX_COND)
+  result = transforms
+  trained = float("inf")
+  if np.isfinite(cond) and cond < MAX_COND:
+    result = {s: (exact_with_delta(t, deltas[s]) if s in deltas else t)
+              for s, t in transforms.items()}
+    trained = block_loss(runner, block, result, x, y, recipe, spec=spec)
+  keep = bool(np.isfinite(trained) and trained < closed)
   info = {"layer": layer, "closed_form_loss": closed, "trained_loss": trained,
           "first_step_loss": curve[0] if curve else None,
           "last_step_loss": curve[-1] if curve else None, "max_cond": cond, "kept": keep}
-  if not keep:
-    return transforms, info
-  return {s: (with_delta(t, deltas[s]) if s in deltas else t)
-          for s, t in transforms.items()}, info
+  return (result if keep else transforms), info
