@@ -41,3 +41,21 @@ def test_logits_match_transformers_gguf_loader(smollm2):
   got = np.asarray(forward(model, np.array([ids])))
   rel = np.abs(got - expected).max() / np.abs(expected).max()
   assert rel < 1e-3, rel
+
+
+@pytest.mark.parametrize("site, path", [("down_in", ("mlp", "down_proj")),
+                                        ("attn_in", ("attn", "v_proj"))])
+def test_gptq_beats_rtn_on_real_layers(smollm2, site, path):
+  """`tr((W−Q)ᵀ H (W−Q))` of GPTQ ≤ RTN's on SmolLM2 layers, H from real activations."""
+  from catjax import fake_quantize, gptq_error, gptq_quantize, weight_config
+  from catjax.models import capture, get_path
+  model, tokenizer, _ = smollm2
+  ids = tokenizer(TEXT * 4, add_special_tokens=False)["input_ids"]
+  acts = capture(model, np.array([ids]), sites=(site,))[site]
+  for layer in (2, 20):
+    x = np.asarray(acts[layer, 0], np.float64)
+    h = (x.T @ x / len(x)).astype(np.float32)
+    k = get_path(model.layers, path).kernel[...][layer]
+    rtn = gptq_error(k, fake_quantize(k, weight_config(4)), h)
+    gptq = gptq_error(k, gptq_quantize(k, h, bits=4), h)
+    assert float(gptq) < float(rtn), (layer, float(gptq), float(rtn))
