@@ -79,6 +79,13 @@ class RunConfig:
                        f"seqlen={self.seqlen}")
 
 
+def _timed(result, t0: float) -> float:
+  """Seconds since `t0` once `result` is computed (JAX dispatches asynchronously)."""
+  import jax
+  jax.block_until_ready(result)
+  return time.perf_counter() - t0
+
+
 def _shares_stats(recipe: Recipe) -> bool:
   """Whether `recipe` can use the full-precision statistics of all blocks."""
   return recipe.quantized and not recipe.propagates_quantized and not recipe.train_steps
@@ -103,7 +110,7 @@ def _calibration(cfg: RunConfig, model, tokenizer):
     info = {**meta, "report_windows": cfg.report_windows, "loaded_from": str(cfg.stats_in)}
   elif cfg.stats_out is not None or sum(map(_shares_stats, cfg.recipes)) > 1:
     stats = calibrate(model, fit, batch_size=cfg.batch_size, progress=cfg.progress)
-  info["seconds"] = time.perf_counter() - t0
+  info["seconds"] = time.perf_counter() - t0 if stats is None else _timed(stats, t0)
   if cfg.stats_out is not None:
     save_stats(cfg.stats_out, stats, model=cfg.model,
                **{k: v for k, v in info.items() if k not in ("seconds", "report_windows")})
@@ -167,7 +174,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     qm = quantize_model(model, fit, recipe, stats=stats if _shares_stats(recipe) else None,
                         batch_size=cfg.batch_size, progress=cfg.progress)
-    fit_seconds = time.perf_counter() - t0
+    fit_seconds = _timed(qm.model, t0)
     sites = rep.site_report(model, qm, held, acts=held_acts)
     quantized = recipe.method != "fp"
     ppl = perplexity(qm.model, eval_windows.tokens, batch_size=cfg.batch_size,
