@@ -307,7 +307,7 @@ class Recipe:
 
   def with_spec(self, spec: str) -> "Recipe":
     """This recipe with a method spec applied: `METHOD[@OPT...]`, options `wNaM`
-    (bits), `kN` (block size), `kvN` (KV bits), `bh` (block Hadamard), `rtn` /
+    (bits; 16 = not quantized), `kN` (block size), `kvN` (KV bits), `bh` (block Hadamard), `rtn` /
     `clip` / `gptq` (weight rounding), `tN` (trained CAT, N steps per block),
     `pfp` / `pq` (propagate fp / quantized outputs), `f32` (float32 fits), e.g. "none@w6a6",
     "cat@k192", "cat@bh", "hadamard@gptq", "cat@gptq@t200"."""
@@ -322,10 +322,10 @@ class Recipe:
            re.fullmatch(r"t(\d+)", o))
       if o in flags:
         kw[flags[o][0]] = flags[o][1]
-      elif m[0]:
-        kw["w_bits"], kw["a_bits"] = int(m[0][1]), int(m[0][2])
+      elif m[0]:  # 16 bits: not quantized
+        kw["w_bits"], kw["a_bits"] = (None if int(v) == 16 else int(v) for v in m[0].groups())
       elif m[1]:
-        kw["kv_bits"] = int(m[1][1])
+        kw["kv_bits"] = None if int(m[1][1]) == 16 else int(m[1][1])
       elif m[2]:
         kw["block_size"] = int(m[2][1])
       elif m[3]:

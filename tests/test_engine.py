@@ -183,4 +183,6 @@ def test_engine_method_specs():
   assert r.with_spec("cat@gptq@t200").propagates_quantized
   assert not r.with_spec("cat@gptq@pfp").propagates_quantized
   assert r.with_spec("hadamard@clip").weights == "clip"
+  w4 = r.with_spec("hadamard@gptq@w4a16")
+  assert (w4.w_bits, w4.a_bits, w4.label) == (4, None, "hadamard gptq W4A16")
   assert dataclasses.replace(r, method="fp", weights="gptq").propagates_quantized is False
