@@ -29,7 +29,7 @@ from catjax import transforms as tf
 from catjax.gptq import gptq_quantize
 from catjax.models.config import ModelConfig
 from catjax.models.llama import Llama
-from catjax.models.spec import ArchSpec, get_path, set_path, spec_for
+from catjax.models.spec import ArchSpec, get_path, spec_for
 from catjax.quant import (QuantConfig, activation_config, fake_quantize, fake_quantize_clip_search,
                           quantize, weight_config)
 from catjax.stats import SecondMoment
