@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up Python 3.11, then quantize SmolLM2-135M to W4A4 with every
-# baseline and CAT (also with GPTQ weights) on one calibration text and print the
+# baseline (Hadamard also with GPTQ weights, the QuaRot recipe) and CAT on one
+# calibration text and print the
 # side-by-side table (see README).
 # CPU-friendly budget: 8 x 512 calibration tokens, 4096 evaluation tokens (~8 min on
 # 2 cores). Extra arguments go to `catjax compare` (e.g. --methods, --eval-max-tokens).
@@ -8,6 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=$(scripts/setup.sh 3.11 | tail -n 1)
 exec "$py" -m catjax compare --model smollm2-135m \
-  --methods fp,none,smoothquant,hadamard,cat,cat@gptq,cat_full,none@w6a6 \
+  --methods fp,none,smoothquant,hadamard,hadamard@gptq,cat,cat_full,none@w6a6 \
   --calib-windows 8 --seqlen 512 --eval-max-tokens 4096 --batch-size 4 \
   --json results/main/compare.json "$@"
