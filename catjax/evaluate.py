@@ -1,4 +1,4 @@
-"""Perplexity in a jitted loop (DESIGN §3).
+"""Perplexity in a jitted loop (docs/design.md §3).
 
 Perplexity is token-level: `exp(mean NLL)` over every predicted token of every
 window (each window of `seqlen` tokens predicts its last `seqlen - 1`).

@@ -1,7 +1,7 @@
 """Hadamard matrices of practical sizes and their fast application.
 
 An order `n = 2^a · m` is built as the Kronecker product of a small base
-Hadamard matrix `H_m` and Sylvester matrices `H_{2^j}` (DESIGN §1.4). Base
+Hadamard matrix `H_m` and Sylvester matrices `H_{2^j}` (docs/design.md §1.4). Base
 orders `m` (multiples of 4 that are not powers of two, up to `MAX_BASE_ORDER`):
 
 * Paley I: `q + 1` for primes `q ≡ 3 (mod 4)` (12, 20, 24, 44, 48, 60, ...);

@@ -3,7 +3,7 @@
 Everything here is pure and jittable, works on batches of matrices (leading
 axes), and computes in `fit_dtype()`: float64 when x64 is enabled, otherwise
 float32 with matmuls at HIGHEST precision. Second moments of LLM activations
-are extremely ill-conditioned (DESIGN §1.3), so every function damps its
+are extremely ill-conditioned (docs/design.md §1.3), so every function damps its
 inputs by `eps · tr(S)/d · I` and floors eigenvalues at `eps` times their mean.
 """
 
@@ -125,7 +125,7 @@ def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *,
   """The symmetric optimal-alignment transform `M = P^½` and its inverse.
 
   `P = Σ_x⁻¹ # Σ_W` maximizes the alignment over all invertible transforms
-  (DESIGN §1.3); `M = P^½` satisfies `Mᵀ M = P`. Computed as
+  (docs/design.md §1.3); `M = P^½` satisfies `Mᵀ M = P`. Computed as
   `P = Σ_x^-½ (Σ_x^½ Σ_W Σ_x^½)^½ Σ_x^-½`, which needs no explicit inverse,
   then `M` and `M⁻¹` from one `eigh` of `P`.
 

@@ -385,7 +385,7 @@ def fit_block(block: dict, stats: dict[str, SecondMoment], recipe: Recipe, *, sp
   return out
 
 
-def _map_kernels(block: dict, spec: ArchSpec, fn) -> dict:
+def map_kernels(block: dict, spec: ArchSpec, fn) -> dict:
   """A copy of `block` with every quantized kernel replaced by `fn(site, path, kernel)`."""
   block = jax.tree.map(lambda a: a, block)  # new containers, shared leaves
   for site, path in spec.linears:
@@ -406,7 +406,7 @@ def merge_block(block: dict, transforms: dict[str, Transform] | None, *, spec: A
   """
   if transforms is None:
     return block
-  return _map_kernels(block, spec, lambda site, _, k: _merge(transforms[site], k))
+  return map_kernels(block, spec, lambda site, _, k: _merge(transforms[site], k))
 
 
 def transformed_sigma(sigma: jax.Array, t: Transform | None) -> jax.Array:
@@ -465,10 +465,11 @@ def quantize_block(block: dict, recipe: Recipe, *, spec: ArchSpec,
     scales[path] = scale
     return q
 
-  return _map_kernels(block, spec, one), scales
+  return map_kernels(block, spec, one), scales
 
 
-def _fake_quantize(x: jax.Array, config: QuantConfig, ste: bool) -> jax.Array:
+def fake_quantize_ste(x: jax.Array, config: QuantConfig, *, ste: bool) -> jax.Array:
+  """`fake_quantize`; with `ste`, its gradient is the identity (straight-through)."""
   q = fake_quantize(x, config)
   return x + jax.lax.stop_gradient(q - x) if ste else q
 
@@ -490,11 +491,11 @@ class QuantHook:
 
   def __call__(self, site: str, x: jax.Array, transform: Transform | None):
     if site in self.kv_sites:
-      return (x if self.kv_config is None else _fake_quantize(x, self.kv_config, self.ste)), None
+      return (x if self.kv_config is None else fake_quantize_ste(x, self.kv_config, ste=self.ste)), None
     if transform is not None:
       x = transform.apply(x)
     if self.a_config is not None:
-      x = _fake_quantize(x, self.a_config, self.ste)
+      x = fake_quantize_ste(x, self.a_config, ste=self.ste)
     return x, None
 
 

@@ -1,6 +1,6 @@
 """Uniform integer round-to-nearest (RTN) quantizers and int4 packing.
 
-Conventions (DESIGN §1.1): activations `x` have shape `(..., tokens, d_in)` and
+Conventions (docs/design.md §1.1): activations `x` have shape `(..., tokens, d_in)` and
 are quantized per token (one scale per row, reduction over the last axis);
 kernels have shape `(d_in, d_out)` and are quantized per output channel (one
 scale per column, reduction over axis -2). `group_size` splits the reduced
@@ -68,7 +68,7 @@ class QuantConfig:
 
   @property
   def num_steps(self) -> int:
-    """`N(b)`: quantization steps across the range (DESIGN §1.1)."""
+    """`N(b)`: quantization steps across the range (docs/design.md §1.1)."""
     return 2**self.bits - 2 if self.symmetric else 2**self.bits - 1
 
   @property

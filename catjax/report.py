@@ -1,9 +1,9 @@
 """Per-site reports of a quantized model: measured and predicted SQNR and its factors.
 
 For every block and site, on held-out tokens with full-precision inputs
-(DESIGN §3): the SQNR of the site's output `x W` (all its linears side by
+(docs/design.md §3): the SQNR of the site's output `x W` (all its linears side by
 side) under the recipe's online transform and quantizers, the SQNR the
-uniform-noise model predicts (DESIGN §1.2), `C(x)`, `C(W)` of the transformed
+uniform-noise model predicts (docs/design.md §1.2), `C(x)`, `C(W)` of the transformed
 operands and their alignment gain `d · A`. Tables as Markdown, plots as PNG.
 """
 

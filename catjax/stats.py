@@ -2,7 +2,7 @@
 
 For `y = x @ kernel` with `x: (tokens, d_in)` and `kernel: (d_in, d_out)`,
 assuming uncorrelated weight and activation errors (arXiv 2603.04359,
-DESIGN §1.2):
+docs/design.md §1.2):
 
     SQNR ≈ 12 · (N(b_x)² C(x) ∥ N(b_w)² C(W)) · A(x, W),   a ∥ b = ab/(a+b)
 
@@ -157,7 +157,7 @@ def optimal_alignment(sigma_x: jax.Array, gram_w: jax.Array) -> jax.Array:
   """Best alignment over invertible transforms, `A* = Σσ_i² / (Σσ_i)²`.
 
   `σ_i` are the singular values of `W Σ_x^½`, i.e. `σ_i²` the eigenvalues of
-  `Σ_x^½ Σ_W Σ_x^½` (DESIGN §1.3). No damping is applied.
+  `Σ_x^½ Σ_W Σ_x^½` (docs/design.md §1.3). No damping is applied.
   """
   s_half = linalg.spd_sqrt(sigma_x, eps=0.0)
   g = jnp.asarray(gram_w, s_half.dtype)
@@ -227,7 +227,7 @@ class SQNRDecomposition:
 
 def sqnr_decomposition(x: jax.Array, kernel: jax.Array, *, w_bits: int = 4,
                        a_bits: int = 4) -> SQNRDecomposition:
-  """Decompose the W{w_bits}A{a_bits} SQNR of `y = x @ kernel` (DESIGN §1.2).
+  """Decompose the W{w_bits}A{a_bits} SQNR of `y = x @ kernel` (docs/design.md §1.2).
 
   Symmetric RTN, activations per token, weights per output channel, no
   clipping.

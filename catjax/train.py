@@ -28,8 +28,9 @@ import numpy as np
 import optax
 
 from catjax.models.llama import block_forward
-from catjax.models.spec import ArchSpec, get_path
-from catjax.quant import QuantConfig, fake_quantize
+from catjax.models.spec import ArchSpec
+from catjax.ptq import QuantHook, fake_quantize_ste, map_kernels
+from catjax.quant import QuantConfig
 from catjax.transforms import Transform
 
 MAX_COND = 1e3
@@ -75,16 +76,12 @@ def exact_with_delta(t: Transform, delta: jax.Array) -> Transform:
 
 def _quantized_block(block, transforms, spec: ArchSpec, w_config: QuantConfig | None):
   """The block's kernels merged with `transforms` and fake-quantized with STE."""
-  block = jax.tree.map(lambda a: a, block)
-  for site, path in spec.linears:
-    leaf = get_path(block, path)
-    k = leaf["kernel"]
-    if transforms is not None:
-      k = transforms[site].merge(k)
-    if w_config is not None:
-      k = k + jax.lax.stop_gradient(fake_quantize(k, w_config) - k)
-    leaf["kernel"] = k
-  return block
+
+  def one(site, _, k):
+    k = transforms[site].merge(k)
+    return k if w_config is None else fake_quantize_ste(k, w_config, ste=True)
+
+  return map_kernels(block, spec, one)
 
 
 def _loss(deltas, block, base, x, y, rope, *, graphdef, hook, spec, w_config):
@@ -127,7 +124,6 @@ def block_loss(runner, block, transforms, x, y, recipe, *, spec: ArchSpec) -> fl
 
 
 def _hook(recipe, spec):
-  from catjax.ptq import QuantHook
   return QuantHook(recipe.a_config, recipe.kv_config, spec.kv_sites, ste=True)
 
 

@@ -1,4 +1,4 @@
-"""Function-preserving transforms of a linear layer's input (DESIGN §1.3).
+"""Function-preserving transforms of a linear layer's input (docs/design.md §1.3).
 
 Every transform is `T = H · D · B`: a block-diagonal `B` (`d/k` blocks of
 `k × k`; absent for pure rotations), then an optional randomized orthonormal
@@ -181,7 +181,7 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
     eps: relative damping of both second moments and eigenvalue floor.
     x64: fit in float64 (default: yes, except on TPU where float64 is
       emulated); the transform is stored in float32 either way. Activation
-      second moments are too ill-conditioned for float32 eigh (DESIGN §1.3).
+      second moments are too ill-conditioned for float32 eigh (docs/design.md §1.3).
     name: label used in error messages (e.g. "layer 3 down_in").
 
   Returns:

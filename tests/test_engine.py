@@ -164,19 +164,6 @@ def test_engine_errors(setup):
     quantize_model(broken, windows[:2], Recipe(method="none", weights="clip"), progress=False)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(weights="awq"), "weights='awq'"),
-    (dict(train_steps=-1), "train_steps=-1"),
-    (dict(method="hadamard", train_steps=5), "needs a method with trainable blocks"),
-    (dict(propagate="q"), "propagate='q'"),
-    (dict(train_lr=0.0), "train_lr=0.0"),
-    (dict(gptq_damping=-1.0), "gptq_damping=-1.0"),
-])
-def test_bad_engine_recipes(kw, match):
-  with pytest.raises(ValueError, match=match):
-    Recipe(**kw)
-
-
 def test_engine_method_specs():
   r = Recipe(block_size=64)
   assert r.with_spec("cat@gptq@t200").label == "cat k=64 gptq t200 W4A4"

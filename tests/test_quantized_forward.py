@@ -185,6 +185,12 @@ def test_bad_recipe_for_the_model_fails_before_any_work(kw, match):
     (dict(kv_bits=True), "kv_bits=True"),
     (dict(block_size=0), "block_size=0"),
     (dict(a_clip=1.5), "a_clip=1.5"),
+    (dict(weights="awq"), "weights='awq'"),
+    (dict(train_steps=-1), "train_steps=-1"),
+    (dict(method="hadamard", train_steps=5), "needs a method with trainable blocks"),
+    (dict(propagate="q"), "propagate='q'"),
+    (dict(train_lr=0.0), "train_lr=0.0"),
+    (dict(gptq_damping=-1.0), "gptq_damping=-1.0"),
 ])
 def test_bad_recipes_are_rejected(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -1,4 +1,4 @@
-"""Quantized weights in the layout the kernels read (DESIGN §1.1).
+"""Quantized weights in the layout the kernels read (docs/design.md §1.1).
 
 A `(d_in, d_out)` kernel is quantized symmetrically per output channel with
 `catjax.quant.quantize` (so the integers and scales are exactly those of

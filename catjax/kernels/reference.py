@@ -13,7 +13,7 @@ For activations `x (m, d_in)`, an optional block-diagonal transform `B`
 
 Steps 1-2 (`quantize_activations`) are the pre-pass every implementation
 shares; steps 3-4 (`int_matmul`) are what the Pallas kernels compute, so a
-kernel agrees with this reference bit for bit (DESIGN §1.1, §1.3).
+kernel agrees with this reference bit for bit (docs/design.md §1.1, §1.3).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The decoder blocks are stored **stacked**: every block parameter has a leading
 forward is one `jax.lax.scan` over them, so a 30-block model compiles one
 block. The PTQ pipeline works on these stacked arrays directly.
 
-Site hook. The four quantization sites of a block (DESIGN §2) are the inputs
+Site hook. The four quantization sites of a block (docs/design.md §2) are the inputs
 of its linears: `attn_in` (q, k, v), `o_in` (o_proj), `mlp_in` (gate, up) and
 `down_in` (down_proj). A forward may take `hook(site, x, state) -> (x', out)`:
 it sees each site input `x (B, T, d)` with `state`, this layer's slice of
