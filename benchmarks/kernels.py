@@ -10,7 +10,7 @@ m in {1, 16, 256, 2048, 8192} tokens, all timed in one run (median of
 - `no_transform`: the same with `transform_blocks=None`;
 - `full_hadamard`: a fast full-width Hadamard (`catjax.hadamard.apply_hadamard`,
   Kronecker factors, never the d×d matrix) then the kernel without transform:
-  the other way CAT's Hadamard can reach the kernel (DESIGN §6);
+  the other way CAT's Hadamard can reach the kernel (README, "Real integer weights");
 - `bf16`: `jnp.dot` of bf16 operands (float32 accumulation);
 - `int8`: `lax.dot_general` of pre-quantized int8 operands with int32
   accumulation (XLA's integer GEMM, no quantization or scales).
