@@ -122,7 +122,7 @@ def _gptq(kernel, hessian, scales, damping, *, qmax, block_size, act_order):
 
 
 def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_order=False,
-                  group_size=None, clip_ratio=1.0) -> jax.Array:
+                  group_size=None, clip_ratio=1.0, scale=None) -> jax.Array:
   """Quantize a kernel with GPTQ (Frantar et al., 2022, arXiv:2210.17323).
 
   Works in `linalg.fit_dtype()` (float64 with x64 enabled, else float32 with
@@ -141,11 +141,13 @@ def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_
     group_size: if set, one scale per group of `group_size` consecutive input
       channels (in the original order) and output channel; must divide d_in.
     clip_ratio: scales are `clip_ratio · absmax / qmax`, in (0, 1].
+    scale: optional `(d_out,)` positive per-output-channel scales to use
+      instead (e.g. from a clip search); not with `group_size` or `clip_ratio`.
 
   Returns:
     The fake-quantized (dequantized) kernel, same shape and dtype as `kernel`,
     on the grid of `quant.fake_quantize(kernel, quant.weight_config(bits,
-    group_size=group_size, clip_ratio=clip_ratio))`.
+    group_size=group_size, clip_ratio=clip_ratio))` (or of `scale`).
 
   Raises:
     ValueError: bad shapes, parameters, or non-finite inputs.
@@ -176,7 +178,17 @@ def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_
                                clip_ratio=float(clip_ratio))
   # Scales outside the jit, op by op like `quant.fake_quantize`: inside a jit XLA
   # folds `clip · absmax / qmax` into one multiply, which can move a scale by an ulp.
-  scales = _row_scales(kernel, config)
+  if scale is None:
+    scales = _row_scales(kernel, config)
+  else:
+    scale = jnp.asarray(scale, jnp.float32)
+    if group_size is not None or float(clip_ratio) != 1.0:
+      raise ValueError("scale= replaces the grid: give it without group_size or clip_ratio")
+    if scale.shape != kernel.shape[1:]:
+      raise ValueError(f"scale must have shape (d_out,) = {kernel.shape[1:]}, got {scale.shape=}")
+    if concrete and not bool(jnp.all(jnp.isfinite(scale) & (scale > 0))):
+      raise ValueError("scale must be finite and > 0")
+    scales = jnp.broadcast_to(scale, kernel.shape)
   q, ok = _gptq(kernel, hessian, scales, float(damping), qmax=config.qmax,
                 block_size=int(block_size), act_order=bool(act_order))
   if not isinstance(ok, jax.core.Tracer) and not bool(ok):

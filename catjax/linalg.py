@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 
 HIGHEST = jax.lax.Precision.HIGHEST
+# Smallest ridge of an activation second moment, relative to its trace: ~8
+# float32 ulps, the rounding noise of statistics accumulated in float32.
+CHOLESKY_RIDGE = 1e-6
 
 
 def fit_dtype():
@@ -120,26 +123,51 @@ def _geometric_mean(a, b, *, eps: float, a_power: float, names: tuple[str, str])
   return symmetrize(_mm(outer, inner, outer))
 
 
-def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *,
-                        eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
-  """The symmetric optimal-alignment transform `M = P^½` and its inverse.
+def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *, eps: float = 1e-6,
+                        min_ridge: float = CHOLESKY_RIDGE) -> tuple[jax.Array, jax.Array]:
+  """An optimal-alignment transform `M` and its inverse, from one `eigh`.
 
-  `P = Σ_x⁻¹ # Σ_W` maximizes the alignment over all invertible transforms
-  (docs/design.md §1.3); `M = P^½` satisfies `Mᵀ M = P`. Computed as
-  `P = Σ_x^-½ (Σ_x^½ Σ_W Σ_x^½)^½ Σ_x^-½`, which needs no explicit inverse,
-  then `M` and `M⁻¹` from one `eigh` of `P`.
+  Alignment is maximized by every `M` with `Mᵀ M = P = Σ_x⁻¹ # Σ_W`
+  (docs/design.md §1.3): then the transformed activation second moment and the
+  transformed weight Gram are the same matrix, `M Σ_x Mᵀ = M⁻ᵀ Σ_W M⁻¹`. With
+  the Cholesky factor `Σ_x = L Lᵀ` and `K = Lᵀ Σ_W L`,
+
+      M = K^¼ L⁻¹,   M⁻¹ = L K^-¼,   M Σ_x Mᵀ = M⁻ᵀ Σ_W M⁻¹ = K^½,
+
+  and `Mᵀ M = L⁻ᵀ K^½ L⁻¹ = Σ_x⁻¹ # Σ_W`. One Cholesky and one `eigh` instead
+  of the three `eigh` of the symmetric root `P^½`, which differs from `M` by a
+  rotation only (alignment is rotation invariant; the Hadamard that follows
+  spreads either). Both inputs are damped by `eps`; `K`'s eigenvalues are
+  floored (`spd_eigh`).
 
   Args:
     sigma_x: `(..., d, d)` activation second moment `E[x xᵀ]`.
     gram_w: `(..., d, d)` weight Gram `Wᵀ W`.
-    eps: relative damping of both inputs and eigenvalue floor.
+    eps: relative damping of both inputs and eigenvalue floor; `sigma_x`
+      is damped by at least `min_ridge · tr(sigma_x)` (and `d` ulps of its
+      mean eigenvalue), so that its Cholesky factor exists.
+    min_ridge: see `eps`; default `CHOLESKY_RIDGE`.
 
   Returns:
-    `(M, M⁻¹)`, both symmetric, in `fit_dtype()`.
+    `(M, M⁻¹)` in `fit_dtype()`.
   """
-  p = _geometric_mean(sigma_x, gram_w, eps=eps, a_power=-1.0, names=("sigma_x", "gram_w"))
-  wp, vp = spd_eigh(p, eps=eps)
-  return _from_eigh(wp, vp, 0.5), _from_eigh(wp, vp, -0.5)
+  for name, m in (("sigma_x", sigma_x), ("gram_w", gram_w)):
+    _check_square(name, m)
+  if sigma_x.shape != gram_w.shape:
+    raise ValueError(f"sigma_x and gram_w need equal shapes, got {sigma_x.shape} and {gram_w.shape}")
+  dtype = fit_dtype()
+  d = sigma_x.shape[-1]
+  # Second moments are sums accumulated in float32: eigenvalues below a few
+  # float32 ulps of the trace are rounding noise and may be negative. The
+  # ridge covers them (at least min_ridge · tr), so the Cholesky exists.
+  ridge = max(eps, d * max(min_ridge, float(jnp.finfo(dtype).eps)))
+  lower = jnp.linalg.cholesky(damp(symmetrize(jnp.asarray(sigma_x, dtype)), ridge))
+  gram = damp(symmetrize(jnp.asarray(gram_w, dtype)), eps)
+  w, v = spd_eigh(_mm(jnp.swapaxes(lower, -1, -2), gram, lower), eps=eps)
+  k_quarter, k_inv_quarter = _from_eigh(w, v, 0.25), _from_eigh(w, v, -0.25)
+  # M = K^¼ L⁻¹, i.e. Mᵀ solves Lᵀ Mᵀ = K^¼ (K^¼ is symmetric).
+  m_t = jax.scipy.linalg.solve_triangular(lower, k_quarter, lower=True, trans="T")
+  return jnp.swapaxes(m_t, -1, -2), _mm(lower, k_inv_quarter)
 
 
 def ensure_finite(name: str, *arrays: jax.Array) -> None:

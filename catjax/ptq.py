@@ -276,6 +276,9 @@ class Recipe:
     name = f"{self.method} k={self.block_size}" if self.method == "cat" else self.method
     name += " blockH" if self.hadamard == "block" else ""
     name += "" if self.weights == "rtn" else f" {self.weights}"
+    if self.weights == "gptq" and self.gptq_damping != Recipe.gptq_damping:
+      name += f" d={self.gptq_damping:g}"
+    name += f" aclip={self.a_clip:g}" if self.a_clip != 1.0 else ""
     name += f" t{self.train_steps}" if self.train_steps else ""
     name += "" if self.fit_x64 else " f32"
     if self.propagate != "auto":
@@ -309,8 +312,9 @@ class Recipe:
     """This recipe with a method spec applied: `METHOD[@OPT...]`, options `wNaM`
     (bits; 16 = not quantized), `kN` (block size), `kvN` (KV bits), `bh` (block Hadamard), `rtn` /
     `clip` / `gptq` (weight rounding), `tN` (trained CAT, N steps per block),
-    `pfp` / `pq` (propagate fp / quantized outputs), `f32` (float32 fits), e.g. "none@w6a6",
-    "cat@k192", "cat@bh", "hadamard@gptq", "cat@gptq@t200"."""
+    `pfp` / `pq` (propagate fp / quantized outputs), `f32` (float32 fits), `dX` (GPTQ damping),
+    `acX` (activation clip ratio), e.g. "none@w6a6", "cat@k192", "cat@bh", "hadamard@gptq",
+    "cat@gptq@d0.1@t200", "hadamard@ac0.9"."""
     method, *opts = spec.strip().split("@")
     kw: dict[str, Any] = {"method": method}
     flags = {"bh": ("hadamard", "block"), "pfp": ("propagate", "fp"),
@@ -319,7 +323,8 @@ class Recipe:
     for opt in opts:
       o = opt.lower()
       m = (re.fullmatch(r"w(\d+)a(\d+)", o), re.fullmatch(r"kv(\d+)", o), re.fullmatch(r"k(\d+)", o),
-           re.fullmatch(r"t(\d+)", o))
+           re.fullmatch(r"t(\d+)", o), re.fullmatch(r"d(\d*\.?\d+)", o),
+           re.fullmatch(r"ac(\d*\.?\d+)", o))
       if o in flags:
         kw[flags[o][0]] = flags[o][1]
       elif m[0]:  # 16 bits: not quantized
@@ -330,9 +335,13 @@ class Recipe:
         kw["block_size"] = int(m[2][1])
       elif m[3]:
         kw["train_steps"] = int(m[3][1])
+      elif m[4]:
+        kw["gptq_damping"] = float(m[4][1])
+      elif m[5]:
+        kw["a_clip"] = float(m[5][1])
       else:
         raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected wNaM, kN, kvN, "
-                         f"tN, bh, rtn, clip, gptq, pfp, pq or f32")
+                         f"tN, dX, acX, bh, rtn, clip, gptq, pfp, pq or f32")
     return dataclasses.replace(self, **kw)
 
 

@@ -87,9 +87,10 @@ class SecondMoment:
 
   @property
   def sigma(self) -> jax.Array:
-    """`E[x xᵀ]` (uncentered), symmetrized. NaN when no token was seen."""
-    s = self.xx / self.count.astype(self.xx.dtype)
-    return 0.5 * (s + s.T)
+    """`E[x xᵀ]` (uncentered), symmetrized; stacked moments (leading axes,
+    e.g. layers) give stacked matrices. NaN when no token was seen."""
+    s = self.xx / self.count.astype(self.xx.dtype)[..., None, None]
+    return 0.5 * (s + jnp.swapaxes(s, -1, -2))
 
 
 def second_moment(x: jax.Array) -> jax.Array:

@@ -108,6 +108,19 @@ def test_diagonal_hessian_equals_rtn(group, act_order):
   np.testing.assert_array_equal(out, _rtn(kernel, 4, group, clip_ratio=0.9))
 
 
+def test_given_scales_set_the_grid():
+  rng = np.random.default_rng(4)
+  kernel = rng.standard_normal((40, 12)).astype(np.float32)
+  scale = np.abs(kernel).max(0) * rng.uniform(0.5, 1.0, 12) / 7
+  # Diagonal hessian: no error to spread, so GPTQ is RTN on the given grid.
+  h = np.diag(rng.uniform(0.1, 5.0, 40)).astype(np.float32)
+  out = np.asarray(gptq_quantize(kernel, h, bits=4, scale=scale))
+  np.testing.assert_allclose(out, np.clip(np.round(kernel / scale), -7, 7) * scale, rtol=1e-6)
+  h = _hessian(rng, 40)
+  levels = np.asarray(gptq_quantize(kernel, h, bits=4, scale=scale)) / scale
+  np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("group", [None, 16])
 def test_shape_dtype_and_grid(dtype, group):
@@ -151,6 +164,9 @@ def test_bad_inputs_raise():
       (k, h, {"group_size": 0}),
       (k, h, {"clip_ratio": 0.0}),
       (k, h, {"clip_ratio": 1.5}),
+      (k, h, {"scale": np.ones(3, np.float32)}),
+      (k, h, {"scale": np.zeros(4, np.float32)}),
+      (k, h, {"scale": np.ones(4, np.float32), "group_size": 8}),
       (k, np.where(np.eye(16) > 0, np.nan, 0.0).astype(np.float32), {}),
       (np.full((16, 4), np.inf, np.float32), h, {}),
   ]

@@ -67,10 +67,34 @@ def test_batched_and_jitted():
 
 def test_alignment_transform_solves_riccati(x64):
   sx, sw = jnp.asarray(_spd(7, 16, 1e5)), jnp.asarray(_spd(8, 16, 1e3))
-  m, m_inv = linalg.alignment_transform(sx, sw, eps=0.0)
+  m, m_inv = linalg.alignment_transform(sx, sw, eps=0.0, min_ridge=0.0)
   np.testing.assert_allclose(m @ m_inv, np.eye(16), atol=1e-8)
-  p = m @ m
+  p = m.T @ m  # P = Σ_x⁻¹ # Σ_W solves P Σ_x P = Σ_W
   np.testing.assert_allclose(p @ sx @ p, sw, rtol=1e-7, atol=1e-9)
+  np.testing.assert_allclose(p, cj.geometric_mean(jnp.linalg.inv(sx), sw, eps=0.0), rtol=1e-6)
+  # Transformed activation moment and weight Gram are one matrix.
+  np.testing.assert_allclose(m @ sx @ m.T, m_inv.T @ sw @ m_inv, rtol=1e-7, atol=1e-9)
+
+
+def test_alignment_transform_rank_deficient_sigma(x64):
+  # A rank-1 activation moment whose float32 accumulation left a slightly
+  # negative eigenvalue (as a dead attention head does): the ridge absorbs it.
+  v = np.random.default_rng(0).normal(size=(16, 1))
+  sx = jnp.asarray(v @ v.T - 1e-5 * np.trace(v @ v.T) / 16 * np.eye(16))
+  sw = jnp.asarray(_spd(3, 16))
+  assert not np.isfinite(linalg.alignment_transform(sx, sw, min_ridge=0.0)[0]).all()
+  m, m_inv = linalg.alignment_transform(sx, sw)
+  assert np.isfinite(m).all() and np.isfinite(m_inv).all()
+  np.testing.assert_allclose(m @ m_inv, np.eye(16), atol=1e-6)
+
+
+def test_alignment_transform_batched_float32():
+  sx = jnp.stack([jnp.asarray(_spd(i, 8, 1e4), jnp.float32) for i in range(3)])
+  sw = jnp.stack([jnp.asarray(_spd(10 + i, 8), jnp.float32) for i in range(3)])
+  m, m_inv = jax.jit(linalg.alignment_transform)(sx, sw)
+  m1, _ = linalg.alignment_transform(sx[1], sw[1])
+  np.testing.assert_allclose(m[1], m1, rtol=1e-2, atol=1e-4)  # float32 noise, cond 1e4
+  np.testing.assert_allclose(m @ m_inv, np.broadcast_to(np.eye(8), (3, 8, 8)), atol=1e-3)
 
 
 def test_errors():

@@ -203,6 +203,11 @@ def test_method_specs():
   assert base.with_spec("cat@k192@kv8").label == "cat k=192 W4A4 KV8"
   assert base.with_spec("fp").label == "fp" and not base.with_spec("fp").quantized
   assert base.with_spec("cat@bh").label == "cat k=64 blockH W4A4"
+  r = base.with_spec("hadamard@gptq@d0.5@ac0.9")
+  assert (r.weights, r.gptq_damping, r.a_clip) == ("gptq", 0.5, 0.9)
+  assert r.label == "hadamard gptq d=0.5 aclip=0.9 W4A4"
+  with pytest.raises(ValueError, match="a_clip"):
+    base.with_spec("cat@ac1.5")
   with pytest.raises(ValueError, match="hadamard='block' applies to 'cat' and 'cat_full'"):
     base.with_spec("hadamard@bh")
   with pytest.raises(ValueError, match="unknown option 'x3'"):

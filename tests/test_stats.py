@@ -23,6 +23,15 @@ def test_streaming_second_moment_matches_batch(key):
   np.testing.assert_allclose(halves.sigma, acc.sigma, rtol=1e-5, atol=1e-6 * float(jnp.max(ref)))
 
 
+def test_stacked_second_moments_give_stacked_sigmas(key):
+  x = jax.random.normal(key, (3, 20, 8))
+  per_layer = [cj.SecondMoment.zeros(8).update(x[i][: 10 + 5 * i]) for i in range(3)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+  assert stacked.sigma.shape == (3, 8, 8)
+  for i in range(3):
+    np.testing.assert_allclose(stacked.sigma[i], per_layer[i].sigma, rtol=1e-6)
+
+
 def test_second_moment_mask_drops_tokens(key):
   x = jax.random.normal(key, (10, 8))
   mask = jnp.arange(10) < 6
