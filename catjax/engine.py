@@ -13,17 +13,13 @@ propagation, which keeps the full-precision twin for the targets), never the
 statistics of all blocks. With statistics given (`stats=`, e.g. from
 `catjax.ptq.calibrate` or a saved file) and full-precision propagation, a
 closed-form recipe needs no forward at all: the old all-at-once path is this
-engine's special case. Closed-form fits with full-precision propagation do not
-feed the walk, so they run on `FIT_WORKERS` threads beside it.
+engine's special case.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +33,6 @@ from catjax.ptq import (QuantHook, QuantizedModel, Recipe, fit_block, merge_bloc
                         stats_hook)
 from catjax.stats import SecondMoment
 from catjax.train import train_block
-
-# Threads fitting closed-form blocks while the walk goes on (see `quantize_model`).
-FIT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
@@ -136,7 +129,6 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
   walk = (needs_stats and stats is None) or quant_prop or train
   spec = spec_for(cfg)
   t_start = time.perf_counter()
-  losses = []
   graphdef_m, state_m = nnx.split(model)
   pure = nnx.to_pure_dict(state_m)
   layers = pure["layers"]
@@ -146,53 +138,34 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
     x = model.embed_tokens(jnp.asarray(windows))
     x_fp = x if (train and quant_prop) else None  # the full-precision twin (training targets)
   hook = QuantHook(recipe.a_config, recipe.kv_config, spec.kv_sites)
-
-  def finish(block, stats_b, t_b, b):  # (fit,) merge, quantize one block
-    t_b = fit_block(block, stats_b, recipe, spec=spec, layer=b) if t_b is False else t_b
+  blocks, transforms, scales, losses = [], [], [], []
+  for b in tqdm(range(cfg.num_layers), desc=f"quantize {recipe.label}", unit="block",
+                disable=not progress, leave=False):
+    block = jax.tree.map(lambda a: a[b], layers)
+    if not walk and stats is None:  # RTN without a transform: nothing to measure
+      stats_b = y = None
+    elif stats is None:
+      empty = {site: SecondMoment.zeros(d, dtype=jnp.float32)
+               for site, d in spec.site_dims(cfg).items()}
+      y, stats_b = runner.statistics(block, x, empty)
+    else:
+      stats_b = jax.tree.map(lambda a: a[b], stats)
+      y = runner(block, x)[0] if walk else None
+    if stats_b is not None:
+      _check_finite(stats_b, b)
+    t_b = fit_block(block, stats_b, recipe, spec=spec, layer=b)
+    if train:
+      target = y if x_fp is None else runner(block, x_fp)[0]
+      t_b, info = train_block(runner, block, t_b, x, target, recipe, spec=spec, layer=b)
+      losses.append(info)
+      x_fp = None if x_fp is None else target
     qblock, s_b = quantize_block(merge_block(block, t_b, spec=spec), recipe, spec=spec,
                                  transforms=t_b, stats=stats_b)
-    return qblock, t_b, s_b
-
-  # Closed form with full-precision propagation: block b's fit does not feed
-  # block b+1, so fits run on FIT_WORKERS threads (LAPACK eigh is
-  # single-threaded) beside the walk; at most FIT_WORKERS blocks of statistics wait.
-  pool = None if (quant_prop or train) else ThreadPoolExecutor(FIT_WORKERS)
-  pending, done = collections.deque(), []
-  try:
-    for b in tqdm(range(cfg.num_layers), desc=f"quantize {recipe.label}", unit="block",
-                  disable=not progress, leave=False):
-      block = jax.tree.map(lambda a: a[b], layers)
-      if not walk and stats is None:  # RTN without a transform: nothing to measure
-        stats_b = y = None
-      elif stats is None:
-        empty = {site: SecondMoment.zeros(d, dtype=jnp.float32)
-                 for site, d in spec.site_dims(cfg).items()}
-        y, stats_b = runner.statistics(block, x, empty)
-      else:
-        stats_b = jax.tree.map(lambda a: a[b], stats)
-        y = runner(block, x)[0] if walk else None
-      if stats_b is not None:
-        _check_finite(stats_b, b)
-      if pool is not None:
-        if len(pending) >= FIT_WORKERS:
-          done.append(pending.popleft().result())
-        pending.append(pool.submit(finish, block, stats_b, False, b))
-        x = y
-        continue
-      t_b = fit_block(block, stats_b, recipe, spec=spec, layer=b)
-      if train:
-        target = y if x_fp is None else runner(block, x_fp)[0]
-        t_b, info = train_block(runner, block, t_b, x, target, recipe, spec=spec, layer=b)
-        losses.append(info)
-        x_fp = None if x_fp is None else target
-      done.append(finish(block, stats_b, t_b, b))
-      if walk:
-        x = runner(done[-1][0], x, hook=hook, hook_state=t_b)[0] if quant_prop else y
-    done.extend(f.result() for f in pending)
-  finally:
-    if pool is not None:
-      pool.shutdown(cancel_futures=True)
-  blocks, transforms, scales = (list(z) for z in zip(*done))
+    if walk:
+      x = runner(qblock, x, hook=hook, hook_state=t_b)[0] if quant_prop else y
+    blocks.append(qblock)
+    transforms.append(t_b)
+    scales.append(s_b)
   pure["layers"] = _stack(blocks)
   state = jax.tree.map(lambda a: a, state_m)
   nnx.replace_by_pure_dict(state, pure)
