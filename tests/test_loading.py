@@ -9,7 +9,8 @@ from safetensors.flax import load_file, save_file
 
 import tiny
 from catjax.models import forward, load_hf, load_model, save_hf
-from catjax.models.loading import hf_tensors
+from catjax.models.lazy import LazyTensors
+from catjax.models.loading import hf_tensors, params_from_hf
 
 
 @pytest.fixture
@@ -86,3 +87,54 @@ def test_missing_files_are_clear(tmp_path):
     load_hf(tmp_path)
   with pytest.raises(ValueError, match="expected a Hugging Face model folder or a .gguf file"):
     load_model(tmp_path / "config.json")
+
+
+def _counting(tensors):
+  reads = {}
+
+  def read(name):
+    reads[name] = reads.get(name, 0) + 1
+    return np.asarray(tensors[name])
+
+  return LazyTensors({n: (lambda n=n: read(n)) for n in tensors}), reads
+
+
+def test_lazy_tensors_are_read_once_each_and_names_checked_first(folder):
+  path, model = folder
+  tensors = {k: np.asarray(v) for k, v in hf_tensors(model).items()}
+  lazy, reads = _counting(tensors)
+  back = params_from_hf(model.config, lazy)
+  assert reads == dict.fromkeys(tensors, 1)
+  toks = tiny.tokens((1, 16), 128)
+  np.testing.assert_array_equal(np.asarray(forward(back, toks)), np.asarray(forward(model, toks)))
+  lazy, reads = _counting({**tensors, "model.extra.weight": np.zeros(3, np.float32)})
+  with pytest.raises(ValueError, match="unknown tensor 'model.extra.weight'"):
+    params_from_hf(model.config, lazy)
+  assert reads == {}  # refused before reading anything
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_conversion_to_the_target_dtype_matches_jax(folder, dtype):
+  path, model = folder
+  got = hf_tensors(load_hf(path, dtype=dtype))
+  for name, want in hf_tensors(model).items():
+    assert got[name].dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want.astype(dtype)))
+
+
+def test_save_shards_above_the_threshold(folder, tmp_path):
+  _, model = folder
+  out = tmp_path / "sharded"
+  save_hf(model, out, max_shard_bytes=40_000)
+  index = json.loads((out / "model.safetensors.index.json").read_text())
+  files = sorted(set(index["weight_map"].values()))
+  assert len(files) > 2 and not (out / "model.safetensors").exists()
+  assert sorted(p.name for p in out.glob("model-*.safetensors")) == files
+  assert index["metadata"]["total_size"] == sum(t.nbytes for t in hf_tensors(model).values())
+  toks = tiny.tokens((1, 16), 128)
+  np.testing.assert_array_equal(np.asarray(forward(load_hf(out), toks)),
+                                np.asarray(forward(model, toks)))
+  save_hf(model, out)  # one file again: the shards and index go
+  assert [p.name for p in out.glob("model*.safetensors*")] == ["model.safetensors"]
+  with pytest.raises(ValueError, match="max_shard_bytes=0"):
+    save_hf(model, out, max_shard_bytes=0)

@@ -17,6 +17,8 @@ import os
 import gguf
 import numpy as np
 
+from catjax.models.lazy import LazyTensors
+
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight",
                    "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 _LAYER_TENSORS = {
@@ -120,7 +122,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
 
   Returns:
     `(config, weights)`: `config` has the keys of a `LlamaConfig` config.json;
-    `weights` maps Hugging Face tensor names to float32 arrays of PyTorch shape
+    `weights` (a `LazyTensors`: each tensor is dequantized from the
+    memory-mapped file when read) maps Hugging Face tensor names to float32
+    arrays of PyTorch shape
     `(out_features, in_features)`, q/k rows in Hugging Face order. `lm_head.weight`
     is present only when the file has `output.weight` (else tied embeddings).
 
@@ -151,13 +155,17 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
   kv_heads = int(get("llama.attention.head_count_kv", heads))
   head_dim = int(get("llama.attention.key_length", get("llama.rope.dimension_count", hidden // heads)))
   theta = _f32(get("llama.rope.freq_base", 10000.0))
-  weights = {}
+  def load(tensor, n_head):
+    w = _dequantize(tensor)
+    return w if n_head is None else unpermute_qk(w, n_head)
+
+  loaders, shapes = {}, {}
   for name, hf_name in names.items():
     if name in tensors:
-      w = _dequantize(tensors[name])
-      if ".attn_q." in name or ".attn_k." in name:
-        w = unpermute_qk(w, heads if ".attn_q." in name else kv_heads)
-      weights[hf_name] = w
+      n_head = heads if ".attn_q." in name else kv_heads if ".attn_k." in name else None
+      loaders[hf_name] = functools.partial(load, tensors[name], n_head)
+      shapes[hf_name] = tuple(int(d) for d in reversed(tensors[name].shape))
+  weights = LazyTensors(loaders, shapes)
 
   scaling_type = get("llama.rope.scaling.type", "none")
   original = get("llama.rope.scaling.original_context_length", 0)
@@ -171,7 +179,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
   bos, eos = get("tokenizer.ggml.bos_token_id", None), get("tokenizer.ggml.eos_token_id", None)
   config = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-    "vocab_size": weights["model.embed_tokens.weight"].shape[0], "hidden_size": hidden,
+    "vocab_size": weights.shape("model.embed_tokens.weight")[0], "hidden_size": hidden,
     "intermediate_size": int(get("llama.feed_forward_length")), "num_hidden_layers": n_layers,
     "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
     "rms_norm_eps": _f32(get("llama.attention.layer_norm_rms_epsilon")), "rope_theta": theta,

@@ -10,8 +10,10 @@ GGUF files are first read into the same Hugging Face names
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -20,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from catjax.models.config import ModelConfig
+from catjax.models.lazy import LazyTensors
 from catjax.models.llama import Llama, abstract_model
 from catjax.models.spec import spec_for
 
@@ -32,9 +35,15 @@ def _flat_params(model: Llama) -> dict[tuple[str, ...], nnx.Variable]:
           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, dtype=jnp.float32,
+def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
                    source: str = "checkpoint") -> Llama:
   """Build a model from Hugging Face-named tensors (`(out, in)` weights).
+
+  Every name is checked before any tensor is read. Then tensors are read one
+  at a time (`tensors[name]`; a `LazyTensors` reads from the file only then),
+  converted into a buffer of the target dtype for their parameter (all
+  blocks of it), and each finished parameter goes to the device at once: host
+  memory peaks near the model in `dtype` plus one stacked parameter.
 
   Raises:
     ValueError: naming the tensor, for an unknown or missing tensor or a
@@ -42,52 +51,55 @@ def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, dtype=jn
   """
   model = abstract_model(cfg, dtype=dtype)
   slots = _flat_params(model)
-  tensors = dict(tensors)
+  left = set(tensors)
   if cfg.tie_embeddings:
-    tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy
+    left.discard("lm_head.weight")  # some tied checkpoints store the copy
   spec = spec_for(cfg)
   prefix = spec.hf_block_prefix
   layer_re = re.compile(re.escape(prefix).replace(re.escape("{i}"), r"(\d+)") + "(.+)")
   by_name = {}
-  for name in tensors:
+  for name in left:
     m = layer_re.fullmatch(name)
-    key = prefix + m.group(2) if m else name
-    by_name.setdefault(key, []).append(name)
-  values = {}
+    by_name.setdefault(prefix + m.group(2) if m else name, []).append(name)
+  plan = []
   for hf_name, path, transpose in spec.hf_table:
     if path not in slots:
       if hf_name in by_name:
-        raise ValueError(f"{source}: tensor {by_name[hf_name][0]!r} has no place in a model with "
-                         f"this config (qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, "
+        raise ValueError(f"{source}: tensor {sorted(by_name[hf_name])[0]!r} has no place in a "
+                         f"model with this config (qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, "
                          f"tie_embeddings={cfg.tie_embeddings})")
       continue
     stacked = "{i}" in hf_name
     names = [hf_name.format(i=i) for i in range(cfg.num_layers)] if stacked else [hf_name]
-    missing = [n for n in names if n not in tensors]
+    missing = [n for n in names if n not in left]
     if missing:
       raise ValueError(f"{source}: tensor {missing[0]!r} is missing "
                        f"({len(missing)} missing for {hf_name!r})")
-    want = tuple(slots[path].shape[1:] if stacked else slots[path].shape)
-    want = want[::-1] if transpose else want
-    arrays = []
-    for n in names:
-      a = np.asarray(tensors.pop(n), np.float32)
-      if a.shape != want:
-        raise ValueError(f"{source}: tensor {n!r} has shape {a.shape}, expected {want} "
-                         f"for {'/'.join(path)}")
-      arrays.append(a.T if transpose else a)
-    value = np.stack(arrays) if stacked else arrays[0]
-    values[path] = jnp.asarray(value, dtype)
-  unknown = sorted(n for n in tensors if not _IGNORED.fullmatch(n))
+    left.difference_update(names)
+    plan.append((path, names, stacked, transpose))
+  unknown = sorted(n for n in left if not _IGNORED.fullmatch(n))
   if unknown:
     raise ValueError(f"{source}: unknown tensor {unknown[0]!r} ({len(unknown)} unknown in all)")
-  for path, var in slots.items():
-    var.set_value(values[path])
+  np_dtype = jnp.dtype(dtype)
+  for path, names, stacked, transpose in plan:
+    var = slots[path]
+    want = tuple(var.shape[1:] if stacked else var.shape)
+    buf = np.empty(var.shape, np_dtype)
+    for i, n in enumerate(names):
+      a = tensors[n]
+      got = a.shape[::-1] if transpose else a.shape
+      if got != want:
+        raise ValueError(f"{source}: tensor {n!r} has shape {a.shape}, expected "
+                         f"{want[::-1] if transpose else want} for {'/'.join(path)}")
+      (buf[i] if stacked else buf)[...] = a.T if transpose else a
+      del a
+    var.set_value(jnp.asarray(buf))
+    del buf
   return model
 
 
-def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
-  """All tensors of `model.safetensors` or of the shards listed in its index."""
+def read_safetensors(folder: Path) -> LazyTensors:
+  """The tensors of `model.safetensors` or of the shards its index lists, read lazily."""
   from safetensors import safe_open
   index = folder / "model.safetensors.index.json"
   if index.exists():
@@ -96,12 +108,20 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
     files = ["model.safetensors"]
   else:
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-  tensors = {}
+  loaders, shapes = {}, {}
+
+  def read(file, name):
+    with safe_open(str(file), framework="flax") as fh:
+      return np.asarray(fh.get_tensor(name))
+
   for f in files:
     with safe_open(str(folder / f), framework="flax") as fh:
       for name in fh.keys():
-        tensors[name] = fh.get_tensor(name)
-  return tensors
+        if name in loaders:
+          raise ValueError(f"{folder}: tensor {name!r} is stored twice ({f} and another shard)")
+        loaders[name] = functools.partial(read, folder / f, name)
+        shapes[name] = tuple(fh.get_slice(name).get_shape())
+  return LazyTensors(loaders, shapes)
 
 
 def load_hf(folder: str | Path, *, dtype=jnp.float32) -> Llama:
@@ -148,15 +168,49 @@ def hf_tensors(model: Llama) -> dict[str, jax.Array]:
   return out
 
 
-def save_hf(model: Llama, folder: str | Path, *, tokenizer=None) -> Path:
-  """Write `config.json` + `model.safetensors` (+ tokenizer files) that transformers loads."""
+# Above this many bytes `save_hf` writes shards and an index (as transformers does).
+MAX_SHARD_BYTES = 5 * 2**30
+
+
+def save_hf(model: Llama, folder: str | Path, *, tokenizer=None,
+            max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+  """Write `config.json` and the weights (+ tokenizer files) that transformers loads.
+
+  Up to `max_shard_bytes` the weights go to `model.safetensors`; above, to
+  `model-0000i-of-0000n.safetensors` shards of at most that size (a larger
+  single tensor gets a shard of its own) and `model.safetensors.index.json`.
+  """
   from safetensors.flax import save_file
+  if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+    raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: expected a positive integer")
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
+  for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors",
+              folder / "model.safetensors.index.json"]:
+    old.unlink(missing_ok=True)  # the other layout's files would shadow or confuse
   hf = {**model.config.to_hf(), "torch_dtype": str(jnp.dtype(model.dtype))}
   (folder / "config.json").write_text(json.dumps(hf, indent=2))
-  tensors = {k: jnp.asarray(v) for k, v in hf_tensors(model).items()}
-  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+  tensors = hf_tensors(model)
+  shards, size = [[]], 0
+  for name, t in tensors.items():
+    if shards[-1] and size + t.nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += t.nbytes
+  meta = {"format": "pt"}
+  if len(shards) == 1:
+    save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata=meta)
+  else:
+    weight_map = {}
+    for i, names in enumerate(shards):
+      file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file({k: jnp.asarray(tensors[k]) for k in names}, str(folder / file), metadata=meta)
+      weight_map.update(dict.fromkeys(names, file))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+             "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
   if tokenizer is not None:
     tokenizer.save_pretrained(str(folder))
   return folder
