@@ -22,6 +22,9 @@ def _model_args(p: argparse.ArgumentParser):
                       "(default: %(default)s)")
   p.add_argument("--dtype", default="float32", choices=DTYPES,
                  help="parameter and compute dtype (default: %(default)s)")
+  p.add_argument("--mesh", default=None,
+                 help="device mesh 'data=N,model=M': windows split over data, heads and MLP "
+                      "width over model (default: all devices on data)")
 
 
 def _positive(text: str) -> int:
@@ -169,6 +172,7 @@ def _run_config(args, specs: list[str]):
                    calib_seqlen=args.calib_seqlen, report_windows=args.report_windows,
                    eval_text=args.eval_text, seqlen=args.seqlen,
                    eval_max_tokens=args.eval_max_tokens, batch_size=args.batch_size,
+                   mesh=args.mesh,
                    stats_in=args.load_stats, stats_out=args.save_stats,
                    progress=not args.no_progress)
 
@@ -207,11 +211,15 @@ def _eval(args) -> dict:
   from catjax.data import text_windows
   from catjax.evaluate import perplexity
   from catjax.assets import load_pretrained
+  from catjax.sharding import default_mesh, shard_model
+  mesh = default_mesh(args.mesh)  # a bad --mesh fails before the model loads
   model, tokenizer, path = load_pretrained(args.model, dtype=args.dtype)
+  if mesh is not None:
+    shard_model(model, mesh)
   windows = text_windows(tokenizer, args.eval_text, seqlen=args.seqlen,
                          max_tokens=args.max_tokens)
   result = perplexity(model, windows.tokens, batch_size=args.batch_size, model_name=args.model,
-                      data_name=args.eval_text, progress=not args.no_progress)
+                      data_name=args.eval_text, progress=not args.no_progress, mesh=mesh)
   report = {**result.to_dict(), "model_path": str(path)}
   print(f"perplexity {result.perplexity:.4f}  ({args.model}, {args.eval_text}, "
         f"seqlen {result.seqlen}, {result.windows} windows, {result.tokens} tokens, "

@@ -19,6 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from catjax.models.llama import Hook, Llama
+from catjax.sharding import shard_batch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,20 +59,23 @@ def _window_nll(graphdef, state, tokens, hook, hook_state):
   return token_nll(logits, tokens).sum(axis=-1)
 
 
-def window_nll(model: Llama, *, hook: Hook | None = None, hook_state=None):
-  """A function `tokens (B, T) -> (B,)` float64 summed NLL per window (jitted forward)."""
+def window_nll(model: Llama, *, hook: Hook | None = None, hook_state=None, mesh=None):
+  """A function `tokens (B, T) -> (B,)` float64 summed NLL per window (jitted
+  forward); with a `mesh` (`catjax.sharding`) the windows split over its data axis."""
   graphdef, state = nnx.split(model)
-  return lambda tokens: np.asarray(
-      _window_nll(graphdef, state, jnp.asarray(tokens, jnp.int32), hook, hook_state), np.float64)
+  return lambda tokens: np.asarray(_window_nll(
+      graphdef, state, shard_batch(jnp.asarray(tokens, jnp.int32), mesh), hook, hook_state),
+      np.float64)
 
 
 def perplexity(model: Llama, windows: np.ndarray, *, batch_size: int = 1,
                hook: Hook | None = None, hook_state=None, model_name: str = "model",
-               data_name: str = "text", progress: bool = True) -> PerplexityResult:
+               data_name: str = "text", progress: bool = True, mesh=None) -> PerplexityResult:
   """Perplexity of `model` over `windows (n, seqlen)`, `batch_size` windows per step.
 
   `hook` / `hook_state` run the forward with a site hook (e.g. quantization).
-  The NLL is summed in float64 on the host.
+  With a `mesh`, each batch splits over its data axis (place the model with
+  `catjax.sharding.shard_model`). The NLL is summed in float64 on the host.
   """
   windows = np.asarray(windows, np.int32)
   if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
@@ -79,7 +83,7 @@ def perplexity(model: Llama, windows: np.ndarray, *, batch_size: int = 1,
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1")
   n, seqlen = windows.shape
-  nll_fn = window_nll(model, hook=hook, hook_state=hook_state)
+  nll_fn = window_nll(model, hook=hook, hook_state=hook_state, mesh=mesh)
   total = 0.0
   start = time.perf_counter()
   bar = tqdm(total=n, desc=f"perplexity {model_name} T={seqlen}", unit="win",

@@ -44,6 +44,9 @@ class RunConfig:
     stats_in: reuse statistics saved by `save_stats` instead of calibrating.
     stats_out: save the statistics here.
     progress: show progress bars.
+    mesh: "data=N,model=M" (`catjax.sharding.make_mesh`): shard the model,
+      calibration and evaluation over the devices; None: all devices on
+      `data` when there are several, else no mesh.
   """
 
   recipes: tuple[Recipe, ...]
@@ -60,6 +63,7 @@ class RunConfig:
   stats_in: Path | None = None
   stats_out: Path | None = None
   progress: bool = True
+  mesh: str | None = None
 
   def __post_init__(self):
     if not self.recipes:
@@ -91,7 +95,7 @@ def _shares_stats(recipe: Recipe) -> bool:
   return recipe.quantized and not recipe.propagates_quantized and not recipe.train_steps
 
 
-def _calibration(cfg: RunConfig, model, tokenizer):
+def _calibration(cfg: RunConfig, model, tokenizer, mesh):
   """`(shared statistics or None, fit windows, held-out windows, info)`."""
   from catjax.data import text_windows
   seqlen = cfg.calib_seqlen or cfg.seqlen
@@ -109,7 +113,7 @@ def _calibration(cfg: RunConfig, model, tokenizer):
     stats, meta = load_stats(cfg.stats_in, model.config)
     info = {**meta, "report_windows": cfg.report_windows, "loaded_from": str(cfg.stats_in)}
   elif cfg.stats_out is not None or sum(map(_shares_stats, cfg.recipes)) > 1:
-    stats = calibrate(model, fit, batch_size=cfg.batch_size, progress=cfg.progress)
+    stats = calibrate(model, fit, batch_size=cfg.batch_size, progress=cfg.progress, mesh=mesh)
   info["seconds"] = time.perf_counter() - t0 if stats is None else _timed(stats, t0)
   if cfg.stats_out is not None:
     save_stats(cfg.stats_out, stats, model=cfg.model,
@@ -162,12 +166,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   from catjax.evaluate import perplexity
   from catjax.assets import load_pretrained
   from catjax.models import capture
+  from catjax.sharding import default_mesh, shard_model
+  mesh = default_mesh(cfg.mesh)  # a bad mesh fails before the model loads
   model, tokenizer, path = load_pretrained(cfg.model, dtype=cfg.dtype)
   for r in cfg.recipes:
     r.check_model(model.config)
+  if mesh is not None:
+    shard_model(model, mesh)
   eval_windows = text_windows(tokenizer, cfg.eval_text, seqlen=cfg.seqlen,
                               max_tokens=cfg.eval_max_tokens)
-  stats, fit, held, calib_info = _calibration(cfg, model, tokenizer)
+  stats, fit, held, calib_info = _calibration(cfg, model, tokenizer, mesh)
   held_acts = capture(model, held)  # full-precision site inputs, shared by every recipe
   results = []
   for recipe in cfg.recipes:
@@ -177,7 +185,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     fit_seconds = _timed(qm.model, t0)
     sites = rep.site_report(model, qm, held, acts=held_acts)
     quantized = recipe.method != "fp"
-    ppl = perplexity(qm.model, eval_windows.tokens, batch_size=cfg.batch_size,
+    if mesh is not None:
+      shard_model(qm.model, mesh)
+    ppl = perplexity(qm.model, eval_windows.tokens, batch_size=cfg.batch_size, mesh=mesh,
                      hook=qm.hook if quantized else None,
                      hook_state=qm.transforms, model_name=f"{cfg.model} {recipe.label}",
                      data_name=cfg.eval_text, progress=cfg.progress)

@@ -32,6 +32,7 @@ from catjax.models.llama import Llama
 from catjax.models.spec import ArchSpec, get_path, spec_for
 from catjax.quant import (QuantConfig, activation_config, fake_quantize, fake_quantize_clip_search,
                           quantize, weight_config)
+from catjax.sharding import shard_batch
 from catjax.stats import SecondMoment
 from catjax.transforms import DEFAULT_EPS, Transform, fit_transform, fold_block_hadamard
 
@@ -57,7 +58,7 @@ def _calibration_step(graphdef, params, tokens, stats):
 
 def calibrate(model: Llama, windows: np.ndarray, *, batch_size: int = 1,
               stats: dict[str, SecondMoment] | None = None,
-              progress: bool = True) -> dict[str, SecondMoment]:
+              progress: bool = True, mesh=None) -> dict[str, SecondMoment]:
   """Accumulate `Σ x xᵀ`, per-channel `max |x|` and token counts of every site
   of every block at once, in full precision.
 
@@ -65,7 +66,9 @@ def calibrate(model: Llama, windows: np.ndarray, *, batch_size: int = 1,
   model's site hook; memory is that of the statistics (`L · Σ d²` floats),
   whatever the number of tokens. For analysis and `save_stats`; quantization
   walks the model block by block instead (`catjax.engine`), holding one
-  block's statistics. Pass `stats` to continue an accumulation.
+  block's statistics. Pass `stats` to continue an accumulation. With a
+  `mesh` (`catjax.sharding`) the windows split over its data axis and the
+  sums are all-reduced over it.
 
   Returns:
     `{site: SecondMoment}` with a leading `num_layers` axis.
@@ -79,7 +82,7 @@ def calibrate(model: Llama, windows: np.ndarray, *, batch_size: int = 1,
   graphdef, params = nnx.split(model)
   for i in tqdm(range(0, len(windows), batch_size), desc="calibration", unit="batch",
                 disable=not progress, leave=False):
-    stats = _calibration_step(graphdef, params, jnp.asarray(windows[i:i + batch_size]), stats)
+    stats = _calibration_step(graphdef, params, shard_batch(windows[i:i + batch_size], mesh), stats)
   return stats
 
 

@@ -125,6 +125,8 @@ def test_cli_compare_side_by_side(folder, tmp_path, capsys):
     (["--methods", "cat,quarot"], "method='quarot'"),
     (["--methods", "none,none"], "recipes repeat"),
     (["--calib-windows", "500"], "calib_windows \\+ report_windows = 501"),
+    (["--mesh", "pipe=2"], "mesh 'pipe=2': expected 'data=N,model=M'"),
+    (["--mesh", "data=3"], "data × model = 3, but there are 1 devices"),
 ])
 def test_cli_compare_errors_before_work(folder, capsys, args, match):
   assert cli.main(["compare", *_common(folder), *args]) == 2

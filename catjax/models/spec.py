@@ -25,11 +25,17 @@ Path = tuple[str, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-  """A quantization site: the input of `linears` (paths under the stacked block)."""
+  """A quantization site: the input of `linears` (paths under the stacked block).
+
+  `row_parallel`: under tensor parallelism the site's input is split over its
+  features (it comes out of column-parallel linears), so its linears split
+  their input axis (`catjax.sharding`).
+  """
 
   name: str
   linears: tuple[Path, ...]
   width: Callable[[ModelConfig], int]
+  row_parallel: bool = False
 
   @property
   def shared(self) -> bool:
@@ -109,9 +115,9 @@ LLAMA = ArchSpec(
     sites=(
         Site("attn_in", (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj")),
              lambda c: c.hidden_size),
-        Site("o_in", (("attn", "o_proj"),), lambda c: c.num_heads * c.head_dim),
+        Site("o_in", (("attn", "o_proj"),), lambda c: c.num_heads * c.head_dim, row_parallel=True),
         Site("mlp_in", (("mlp", "gate_proj"), ("mlp", "up_proj")), lambda c: c.hidden_size),
-        Site("down_in", (("mlp", "down_proj"),), lambda c: c.intermediate_size),
+        Site("down_in", (("mlp", "down_proj"),), lambda c: c.intermediate_size, row_parallel=True),
     ),
     kv_sites=("keys", "values"),
     hf_globals=(("model.embed_tokens.weight", ("embed",), False),

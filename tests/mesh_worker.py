@@ -1,0 +1,51 @@
+"""Run by test_sharding.py in a subprocess with 8 host CPU devices: perplexity,
+statistics and quantized perplexity of a tiny model, single device and under
+meshes; prints one JSON line."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import tiny  # noqa: E402
+from catjax.engine import quantize_model  # noqa: E402
+from catjax.evaluate import perplexity  # noqa: E402
+from catjax.models import random_model  # noqa: E402
+from catjax.ptq import Recipe, calibrate  # noqa: E402
+from catjax.sharding import make_mesh, shard_model  # noqa: E402
+
+CFG = tiny.config(num_heads=4, num_kv_heads=4, head_dim=16, intermediate_size=128)
+WINDOWS = tiny.tokens((16, 32), 128, seed=3)
+RECIPE = Recipe(method="cat", block_size=16)
+
+
+def run(mesh_spec):
+  model = random_model(CFG, seed=2)
+  mesh = None if mesh_spec is None else make_mesh(mesh_spec)
+  if mesh is not None:
+    shard_model(model, mesh)
+  ppl = perplexity(model, WINDOWS, batch_size=8, progress=False, mesh=mesh).perplexity
+  stats = calibrate(model, WINDOWS, batch_size=8, progress=False, mesh=mesh)
+  qm = quantize_model(model, None, RECIPE, stats=stats, progress=False)
+  qmodel = qm.model if mesh is None else shard_model(qm.model, mesh)
+  qppl = perplexity(qmodel, WINDOWS, batch_size=8, hook=qm.hook, hook_state=qm.transforms,
+                    progress=False, mesh=mesh).perplexity
+  sharded = [] if mesh is None else [
+      list(v.value.sharding.spec) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  return {"ppl": ppl, "quantized_ppl": qppl,
+          "sigma": {s: np.asarray(st.sigma).tolist() for s, st in stats.items()},
+          "n_devices": len(jax.devices()), "partitions": sharded}
+
+
+if __name__ == "__main__":
+  out = {str(spec): run(spec) for spec in [None] + sys.argv[1:]}
+  try:
+    shard_model(random_model(tiny.config(vocab_size=127), seed=0), make_mesh("model=2"))
+    out["indivisible"] = "no error"
+  except ValueError as e:
+    out["indivisible"] = str(e)
+  print(json.dumps(out))

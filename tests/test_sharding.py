@@ -1,0 +1,69 @@
+"""Sharding over a Mesh: partitions, errors, and equality with one device (8 host CPUs)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from catjax.models import LLAMA
+from catjax.sharding import make_mesh, param_partition
+
+MESHES = ["data=8,model=1", "data=4,model=2", "data=2,model=4"]
+
+
+def test_partition_table():
+  assert param_partition(LLAMA, ("layers", "attn", "q_proj", "kernel"), 3) == P(None, None, "model")
+  assert param_partition(LLAMA, ("layers", "attn", "o_proj", "kernel"), 3) == P(None, "model", None)
+  assert param_partition(LLAMA, ("layers", "mlp", "down_proj", "kernel"), 3) == P(None, "model", None)
+  assert param_partition(LLAMA, ("layers", "attn", "k_proj", "bias"), 2) == P(None, "model")
+  assert param_partition(LLAMA, ("embed",), 2) == P("model", None)
+  assert param_partition(LLAMA, ("layers", "attn_norm", "scale"), 2) == P(None, None)
+
+
+def test_mesh_specs_and_errors():
+  n = len(jax.devices())
+  assert make_mesh().shape == {"data": n, "model": 1}
+  assert make_mesh("model=1").shape == {"data": n, "model": 1}
+  for bad, match in [("data=0", "positive sizes"), ("pipe=2", "expected 'data=N,model=M'"),
+                     (f"data={n + 1}", "there are"), (f"model={n + 1}", "does not divide")]:
+    with pytest.raises(ValueError, match=match):
+      make_mesh(bad)
+
+
+@pytest.fixture(scope="module")
+def mesh_results():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  worker = Path(__file__).with_name("mesh_worker.py")
+  out = subprocess.run([sys.executable, str(worker), *MESHES], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_mesh_equals_single_device(mesh_results, mesh):
+  # Only the order of float32 sums differs (all-reduces over the mesh): fp
+  # perplexity and second moments agree to float32 rounding; the quantized
+  # perplexity too, unless a value sits on a rounding boundary (it did not).
+  one, got = mesh_results["None"], mesh_results[mesh]
+  assert got["n_devices"] == 8
+  assert got["ppl"] == pytest.approx(one["ppl"], rel=1e-5)
+  for site, sigma in one["sigma"].items():
+    a, b = np.asarray(sigma), np.asarray(got["sigma"][site])
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max(), err_msg=site)
+  assert got["quantized_ppl"] == pytest.approx(one["quantized_ppl"], rel=1e-4)
+  if mesh != "data=8,model=1":
+    assert [None, "model", None] in got["partitions"], got["partitions"]  # o/down kernels
+    assert [None, None, "model"] in got["partitions"], got["partitions"]  # q/k/v/gate/up
+
+
+def test_indivisible_parameter_is_named(mesh_results):
+  assert "embed of shape (127, 64)" in mesh_results["indivisible"]
+  assert "'model' of size 2" in mesh_results["indivisible"]
