@@ -25,6 +25,11 @@ def _model_args(p: argparse.ArgumentParser):
   p.add_argument("--mesh", default=None,
                  help="device mesh 'data=N,model=M': windows split over data, heads and MLP "
                       "width over model (default: all devices on data)")
+  p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="multi-process run: jax.distributed coordinator (process 0's address); "
+                      "needs --num-processes and --process-id")
+  p.add_argument("--num-processes", type=_positive, default=None)
+  p.add_argument("--process-id", type=_nonnegative, default=None)
 
 
 def _positive(text: str) -> int:
@@ -244,9 +249,24 @@ def _generate(args) -> dict:
   return {"prompt": args.prompt, "completion": text, "tokens": new}
 
 
+def _distributed(args) -> None:
+  given = [getattr(args, k, None) is not None for k in ("coordinator", "num_processes", "process_id")]
+  if not any(given):
+    return
+  if not all(given):
+    raise ValueError("--coordinator, --num-processes and --process-id go together")
+  if args.process_id >= args.num_processes:
+    raise ValueError(f"--process-id {args.process_id} is not below --num-processes "
+                     f"{args.num_processes}")
+  from catjax.sharding import initialize_distributed
+  initialize_distributed(args.coordinator, num_processes=args.num_processes,
+                         process_id=args.process_id)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
+    _distributed(args)
     report = {"eval": _eval, "generate": _generate, "quantize": _quantize,
               "compare": _compare}[args.command](args)
   except (ValueError, FileNotFoundError) as e:

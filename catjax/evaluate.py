@@ -19,7 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from catjax.models.llama import Hook, Llama
-from catjax.sharding import shard_batch
+from catjax.sharding import host_value, shard_batch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,8 +63,8 @@ def window_nll(model: Llama, *, hook: Hook | None = None, hook_state=None, mesh=
   """A function `tokens (B, T) -> (B,)` float64 summed NLL per window (jitted
   forward); with a `mesh` (`catjax.sharding`) the windows split over its data axis."""
   graphdef, state = nnx.split(model)
-  return lambda tokens: np.asarray(_window_nll(
-      graphdef, state, shard_batch(jnp.asarray(tokens, jnp.int32), mesh), hook, hook_state),
+  return lambda tokens: np.asarray(host_value(_window_nll(
+      graphdef, state, shard_batch(np.asarray(tokens, np.int32), mesh), hook, hook_state)),
       np.float64)
 
 

@@ -62,6 +62,24 @@ def make_mesh(spec: str | None = None, devices=None) -> Mesh:
   return Mesh(grid, AXES)
 
 
+def initialize_distributed(coordinator: str, *, num_processes: int, process_id: int,
+                           cpu_collectives: str = "gloo") -> None:
+  """`jax.distributed.initialize` for a multi-process (multi-host) run.
+
+  Call it first thing in every process, before any other JAX call; then
+  `jax.devices()` lists every process's devices and `make_mesh` spans them.
+  On CPU, cross-process collectives need an implementation (`gloo`).
+
+  Args:
+    coordinator: "host:port" of process 0, reachable from every process.
+    num_processes / process_id: this run's size and this process's rank.
+    cpu_collectives: "gloo" or "mpi" (CPU backends only).
+  """
+  jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)  # CPU backend only
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+
+
 def default_mesh(spec: str | None) -> Mesh | None:
   """`make_mesh(spec)`; for None, all devices on `data` when there are several, else None."""
   if spec is None and len(jax.devices()) == 1:
@@ -123,3 +141,12 @@ def shard_batch(x, mesh: Mesh | None):
   split = x.shape[0] % mesh.shape[DATA] == 0
   spec = P(DATA, *([None] * (x.ndim - 1))) if split else P()
   return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+  """`x` as one numpy array on this host, gathered from every process when
+  it is split across processes (multi-host runs)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

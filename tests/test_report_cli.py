@@ -127,6 +127,9 @@ def test_cli_compare_side_by_side(folder, tmp_path, capsys):
     (["--calib-windows", "500"], "calib_windows \\+ report_windows = 501"),
     (["--mesh", "pipe=2"], "mesh 'pipe=2': expected 'data=N,model=M'"),
     (["--mesh", "data=3"], "data × model = 3, but there are 1 devices"),
+    (["--coordinator", "127.0.0.1:1234"], "go together"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+     "--process-id 2 is not below --num-processes 2"),
 ])
 def test_cli_compare_errors_before_work(folder, capsys, args, match):
   assert cli.main(["compare", *_common(folder), *args]) == 2

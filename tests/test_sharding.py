@@ -67,3 +67,39 @@ def test_mesh_equals_single_device(mesh_results, mesh):
 def test_indivisible_parameter_is_named(mesh_results):
   assert "embed of shape (127, 64)" in mesh_results["indivisible"]
   assert "'model' of size 2" in mesh_results["indivisible"]
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_compute_the_single_process_statistics_and_perplexity():
+  # jax.distributed on a 127.0.0.1 coordinator, one CPU device per process,
+  # gloo all-reduces: the same second moments as one process alone.
+  import tiny
+  from catjax.models import random_model
+  from catjax.ptq import calibrate
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  worker = str(Path(__file__).with_name("distributed_worker.py"))
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, worker, str(i), "2", port], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  got = json.loads(outs[0][0].strip().splitlines()[-1])
+  assert got["devices"] == 2
+  from catjax.evaluate import perplexity
+  model, windows = random_model(tiny.config(), seed=2), tiny.tokens((8, 32), 128, seed=3)
+  one = calibrate(model, windows, batch_size=4, progress=False)
+  assert got["perplexity"] == pytest.approx(
+      perplexity(model, windows, batch_size=4, progress=False).perplexity, rel=1e-5)
+  for site, st in one.items():
+    assert got["count"][site] == int(st.count[0]) == 8 * 32
+    a = np.asarray(st.sigma)
+    np.testing.assert_allclose(np.asarray(got["sigma"][site]), a, rtol=1e-4,
+                               atol=1e-5 * np.abs(a).max(), err_msg=site)

@@ -1,0 +1,44 @@
+"""One process of test_sharding.py's two-process run: jax.distributed on a
+127.0.0.1 coordinator with CPU (gloo) collectives; each process owns one CPU
+device, the mesh spans both, and calibration statistics are all-reduced over
+`data`. Process 0 prints the second moments as one JSON line.
+
+    python distributed_worker.py PROCESS_ID NUM_PROCESSES PORT
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from catjax.sharding import initialize_distributed  # noqa: E402
+
+
+def main():
+  pid, n, port = (int(a) for a in sys.argv[1:4])
+  initialize_distributed(f"127.0.0.1:{port}", num_processes=n, process_id=pid)
+  import tiny
+  from catjax.models import random_model
+  from catjax.ptq import calibrate
+  from catjax.sharding import make_mesh, shard_model
+  assert jax.process_count() == n and len(jax.devices()) == n, jax.devices()
+  model = random_model(tiny.config(), seed=2)
+  mesh = make_mesh()
+  shard_model(model, mesh)
+  windows = tiny.tokens((8, 32), 128, seed=3)
+  stats = calibrate(model, windows, batch_size=2 * n, progress=False, mesh=mesh)
+  out = {s: np.asarray(st.sigma).tolist() for s, st in stats.items()}
+  from catjax.evaluate import perplexity
+  ppl = perplexity(model, windows, batch_size=2 * n, progress=False, mesh=mesh).perplexity
+  count = {s: int(st.count[0]) for s, st in stats.items()}
+  if pid == 0:
+    print(json.dumps({"sigma": out, "count": count, "devices": len(jax.devices()),
+                      "perplexity": ppl}))
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()
