@@ -55,7 +55,8 @@ def stored(w, qtype):
 def write_gguf(path, tensors, arch="llama", edit=None):
   """Writes `{gguf_name: float32 array}` (PyTorch order) like llama.cpp's converter.
 
-  q/k rows are permuted with `permute_qk`; `edit(writer)` may add metadata.
+  q/k rows of llama files are permuted with `permute_qk` (qwen2 files are
+  not); `edit(writer)` may add metadata.
   """
   writer = gguf.GGUFWriter(str(path), arch)
   writer.add_block_count(LAYERS)
@@ -72,7 +73,7 @@ def write_gguf(path, tensors, arch="llama", edit=None):
   if edit is not None:
     edit(writer)
   for name, w in tensors.items():
-    if ".attn_q." in name or ".attn_k." in name:
+    if arch == "llama" and (".attn_q.weight" in name or ".attn_k.weight" in name):
       w = permute_qk(w, HEADS if ".attn_q." in name else KV_HEADS)
     qtype = FORMATS.get(name, Q.F32)
     if qtype in (Q.F32, Q.F16):
@@ -111,6 +112,26 @@ def test_round_trip(tmp_path, tied):
     np.testing.assert_allclose(got, want, rtol=0, atol=PRECISION[qtype] * np.abs(want).max(), err_msg=hf_name)
 
 
+def test_qwen2_file_has_biases_and_unpermuted_rows(tmp_path):
+  from catjax.models import ModelConfig, forward
+  from catjax.models.loading import params_from_hf
+  tensors = random_tensors()
+  rng = np.random.default_rng(4)
+  for i in range(LAYERS):
+    for g, rows in (("attn_q", HEADS), ("attn_k", KV_HEADS), ("attn_v", KV_HEADS)):
+      tensors[f"blk.{i}.{g}.bias"] = rng.standard_normal(rows * HEAD_DIM).astype(np.float32)
+  config, weights = read_gguf(write_gguf(tmp_path / "qwen.gguf", tensors, arch="qwen2"))
+  assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
+  np.testing.assert_array_equal(weights["model.layers.0.self_attn.q_proj.weight"],
+                                tensors["blk.0.attn_q.weight"])  # F32, never permuted
+  np.testing.assert_array_equal(weights["model.layers.1.self_attn.v_proj.bias"],
+                                tensors["blk.1.attn_v.bias"])
+  cfg = ModelConfig.from_hf(config)
+  assert cfg.qkv_bias and not cfg.o_bias
+  logits = forward(params_from_hf(cfg, weights), np.arange(8)[None] % VOCAB)
+  assert logits.shape == (1, 8, VOCAB) and np.isfinite(np.asarray(logits)).all()
+
+
 def test_permutation_is_undone_and_invertible():
   rng = np.random.default_rng(1)
   for heads in (HEADS, KV_HEADS):
@@ -141,8 +162,8 @@ def test_missing_tensor_is_named(tmp_path):
 
 
 def test_wrong_architecture_is_named(tmp_path):
-  path = write_gguf(tmp_path / "qwen.gguf", random_tensors(), arch="qwen2")
-  with pytest.raises(ValueError, match=r"architecture 'qwen2' of .*qwen\.gguf"):
+  path = write_gguf(tmp_path / "phi.gguf", random_tensors(), arch="phi3")
+  with pytest.raises(ValueError, match=r"architecture 'phi3' of .*phi\.gguf is not supported"):
     read_gguf(path)
 
 

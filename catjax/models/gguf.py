@@ -1,10 +1,10 @@
-"""Llama checkpoints in GGUF (llama.cpp's file format), read into Hugging Face form.
+"""Llama and Qwen2 checkpoints in GGUF (llama.cpp's file format), read into Hugging Face form.
 
 `read_gguf` returns the config dict and float32 weights a Hugging Face
 `LlamaForCausalLM` checkpoint would have: ggml's reversed dimension order is
 undone, quantized tensors are dequantized with `gguf.quants.dequantize`, and the
-q/k row permutation that llama.cpp's `convert_hf_to_gguf.py` applies for its RoPE
-layout is inverted. `tokenizer_from_gguf` rebuilds the byte-level BPE tokenizer
+q/k row permutation that llama.cpp's `convert_hf_to_gguf.py` applies to llama
+models for its RoPE layout is inverted (qwen2 files are not permuted). `tokenizer_from_gguf` rebuilds the byte-level BPE tokenizer
 from the file's metadata with `tokenizers` alone (transformers' own GGUF
 tokenizer route needs torch, and ignores `tokenizer.ggml.pre` "smollm").
 """
@@ -17,6 +17,7 @@ import os
 import gguf
 import numpy as np
 
+from catjax.models.config import ARCHITECTURES
 from catjax.models.lazy import LazyTensors
 
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight",
@@ -26,6 +27,11 @@ _LAYER_TENSORS = {
   "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
   "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+# Qwen2's q/k/v biases (llama.cpp writes them for "qwen2" only).
+_BIAS_TENSORS = {f"{g}.bias": f"{h}.bias" for g, h in _LAYER_TENSORS.items()
+                 if g in ("attn_q", "attn_k", "attn_v")}
+# GGUF architecture -> Hugging Face model_type, and whether llama.cpp permuted q/k rows.
+_ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 _OPTIONAL_TENSORS = ("output.weight", "rope_freqs.weight")
 _REQUIRED = object()
 
@@ -35,6 +41,8 @@ _DIGIT_PRES = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshel
 _LLAMA3_PRES = frozenset({"llama-bpe", "llama3", "llama-v3"})
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2: the same split with single digits, after NFC normalization.
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 def _regroup_rows(w: np.ndarray, n_head: int, inner: str) -> np.ndarray:
@@ -115,13 +123,14 @@ def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, path: str)
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-  """Reads a llama GGUF file into a Hugging Face config and state dict.
+  """Reads a llama or qwen2 GGUF file into a Hugging Face config and state dict.
 
   Args:
-    path: the `.gguf` file (architecture "llama").
+    path: the `.gguf` file (architecture "llama" or "qwen2").
 
   Returns:
-    `(config, weights)`: `config` has the keys of a `LlamaConfig` config.json;
+    `(config, weights)`: `config` has the keys of a `LlamaConfig` /
+    `Qwen2Config` config.json;
     `weights` (a `LazyTensors`: each tensor is dequantized from the
     memory-mapped file when read) maps Hugging Face tensor names to float32
     arrays of PyTorch shape
@@ -136,12 +145,16 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
   reader = gguf.GGUFReader(path)
   get = functools.partial(_field, reader, path)
   arch = get("general.architecture")
-  if arch != "llama":
-    raise ValueError(f"architecture {arch!r} of {path} is not supported (only 'llama')")
-  n_layers = int(get("llama.block_count"))
+  if arch not in _ARCHS:
+    raise ValueError(f"architecture {arch!r} of {path} is not supported ({sorted(_ARCHS)})")
+  model_type, permuted = _ARCHS[arch]
+  n_layers = int(get(f"{arch}.block_count"))
   names = dict(_GLOBAL_TENSORS)
+  layer_tensors = {f"{g}.weight": f"{h}.weight" for g, h in _LAYER_TENSORS.items()}
+  if model_type == "qwen2":
+    layer_tensors.update(_BIAS_TENSORS)
   for i in range(n_layers):
-    names.update({f"blk.{i}.{g}.weight": f"model.layers.{i}.{h}.weight" for g, h in _LAYER_TENSORS.items()})
+    names.update({f"blk.{i}.{g}": f"model.layers.{i}.{h}" for g, h in layer_tensors.items()})
   tensors = {t.name: t for t in reader.tensors}
   for name in tensors:
     if name not in names and name not in _OPTIONAL_TENSORS:
@@ -150,11 +163,12 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     if name not in tensors and name not in _OPTIONAL_TENSORS:
       raise ValueError(f"expected tensor {name!r} is missing from {path}")
 
-  hidden = int(get("llama.embedding_length"))
-  heads = int(get("llama.attention.head_count"))
-  kv_heads = int(get("llama.attention.head_count_kv", heads))
-  head_dim = int(get("llama.attention.key_length", get("llama.rope.dimension_count", hidden // heads)))
-  theta = _f32(get("llama.rope.freq_base", 10000.0))
+  hidden = int(get(f"{arch}.embedding_length"))
+  heads = int(get(f"{arch}.attention.head_count"))
+  kv_heads = int(get(f"{arch}.attention.head_count_kv", heads))
+  head_dim = int(get(f"{arch}.attention.key_length",
+                     get(f"{arch}.rope.dimension_count", hidden // heads)))
+  theta = _f32(get(f"{arch}.rope.freq_base", 10000.0))
   def load(tensor, n_head):
     w = _dequantize(tensor)
     return w if n_head is None else unpermute_qk(w, n_head)
@@ -162,15 +176,16 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
   loaders, shapes = {}, {}
   for name, hf_name in names.items():
     if name in tensors:
-      n_head = heads if ".attn_q." in name else kv_heads if ".attn_k." in name else None
+      n_head = (None if not permuted else heads if ".attn_q." in name
+                else kv_heads if ".attn_k." in name else None)
       loaders[hf_name] = functools.partial(load, tensors[name], n_head)
       shapes[hf_name] = tuple(int(d) for d in reversed(tensors[name].shape))
   weights = LazyTensors(loaders, shapes)
 
-  scaling_type = get("llama.rope.scaling.type", "none")
-  original = get("llama.rope.scaling.original_context_length", 0)
+  scaling_type = get(f"{arch}.rope.scaling.type", "none")
+  original = get(f"{arch}.rope.scaling.original_context_length", 0)
   if scaling_type != "none":  # linear / yarn: llama.cpp writes the parameters as metadata
-    rope_scaling = {"rope_type": scaling_type, "factor": _f32(get("llama.rope.scaling.factor")),
+    rope_scaling = {"rope_type": scaling_type, "factor": _f32(get(f"{arch}.rope.scaling.factor")),
                     **({"original_max_position_embeddings": int(original)} if original else {})}
   elif "rope_freqs.weight" in tensors:
     rope_scaling = _llama3_scaling(_dequantize(tensors["rope_freqs.weight"]), theta, head_dim, path)
@@ -178,12 +193,12 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     rope_scaling = None
   bos, eos = get("tokenizer.ggml.bos_token_id", None), get("tokenizer.ggml.eos_token_id", None)
   config = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
     "vocab_size": weights.shape("model.embed_tokens.weight")[0], "hidden_size": hidden,
-    "intermediate_size": int(get("llama.feed_forward_length")), "num_hidden_layers": n_layers,
+    "intermediate_size": int(get(f"{arch}.feed_forward_length")), "num_hidden_layers": n_layers,
     "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
-    "rms_norm_eps": _f32(get("llama.attention.layer_norm_rms_epsilon")), "rope_theta": theta,
-    "max_position_embeddings": int(get("llama.context_length")),
+    "rms_norm_eps": _f32(get(f"{arch}.attention.layer_norm_rms_epsilon")), "rope_theta": theta,
+    "max_position_embeddings": int(get(f"{arch}.context_length")),
     "tie_word_embeddings": "output.weight" not in tensors,
     "bos_token_id": None if bos is None else int(bos), "eos_token_id": None if eos is None else int(eos),
     "rope_scaling": rope_scaling,
@@ -205,7 +220,8 @@ def tokenizer_from_gguf(path: str | os.PathLike):
     ValueError: for a tokenizer model other than "gpt2", an unsupported
       `tokenizer.ggml.pre`, or missing metadata.
   """
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+  from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
+                          pre_tokenizers)
   from transformers import PreTrainedTokenizerFast
 
   path = os.fspath(path)
@@ -214,14 +230,15 @@ def tokenizer_from_gguf(path: str | os.PathLike):
   if kind != "gpt2":
     raise ValueError(f"tokenizer.ggml.model {kind!r} in {path} is not supported (only 'gpt2')")
   pre = get("tokenizer.ggml.pre", "default")
-  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _LLAMA3_PRES)
+  split = {**dict.fromkeys(_LLAMA3_PRES, _LLAMA3_SPLIT), "qwen2": _QWEN2_SPLIT}.get(pre)
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
   if pre in ("default", "gpt2"):
     pre_tokenizer = byte_level
   elif pre in _DIGIT_PRES:
     pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-  elif pre in _LLAMA3_PRES:
+  elif split is not None:
     pre_tokenizer = pre_tokenizers.Sequence(
-      [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"), byte_level])
+      [pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
   else:
     raise ValueError(f"tokenizer.ggml.pre {pre!r} in {path} is not supported")
 
@@ -230,6 +247,8 @@ def tokenizer_from_gguf(path: str | os.PathLike):
   backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
                                  ignore_merges=pre in _LLAMA3_PRES))
   backend.pre_tokenizer = pre_tokenizer
+  if pre == "qwen2":
+    backend.normalizer = normalizers.NFC()
   backend.decoder = decoders.ByteLevel()
   types = get("tokenizer.ggml.token_type", [])
   control, user = gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED
