@@ -285,6 +285,7 @@ class Recipe:
     name += "" if self.weights == "rtn" else f" {self.weights}"
     if self.weights == "gptq" and self.gptq_damping != Recipe.gptq_damping:
       name += f" d={self.gptq_damping:g}"
+    name += " act-order" if self.weights == "gptq" and self.act_order else ""
     name += f" aclip={self.a_clip:g}" if self.a_clip != 1.0 else ""
     name += f" t{self.train_steps}" if self.train_steps else ""
     name += "" if self.fit_x64 else " f32"
@@ -320,12 +321,13 @@ class Recipe:
     (bits; 16 = not quantized), `kN` (block size), `kvN` (KV bits), `bh` (block Hadamard), `rtn` /
     `clip` / `gptq` (weight rounding), `tN` (trained CAT, N steps per block),
     `pfp` / `pq` (propagate fp / quantized outputs), `f32` (float32 fits), `dX` (GPTQ damping),
+    `act` (GPTQ act-order),
     `acX` (activation clip ratio), e.g. "none@w6a6", "cat@k192", "cat@bh", "hadamard@gptq",
     "cat@gptq@d0.1@t200", "hadamard@ac0.9"."""
     method, *opts = spec.strip().split("@")
     kw: dict[str, Any] = {"method": method}
     flags = {"bh": ("hadamard", "block"), "pfp": ("propagate", "fp"),
-             "pq": ("propagate", "quantized"), "f32": ("fit_x64", False),
+             "pq": ("propagate", "quantized"), "f32": ("fit_x64", False), "act": ("act_order", True),
              **{w: ("weights", w) for w in WEIGHT_METHODS}}
     for opt in opts:
       o = opt.lower()
@@ -348,7 +350,7 @@ class Recipe:
         kw["a_clip"] = float(m[5][1])
       else:
         raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected wNaM, kN, kvN, "
-                         f"tN, dX, acX, bh, rtn, clip, gptq, pfp, pq or f32")
+                         f"tN, dX, acX, act, bh, rtn, clip, gptq, pfp, pq or f32")
     return dataclasses.replace(self, **kw)
 
 

@@ -206,6 +206,8 @@ def test_method_specs():
   r = base.with_spec("hadamard@gptq@d0.5@ac0.9")
   assert (r.weights, r.gptq_damping, r.a_clip) == ("gptq", 0.5, 0.9)
   assert r.label == "hadamard gptq d=0.5 aclip=0.9 W4A4"
+  assert base.with_spec("cat@gptq@act").act_order
+  assert base.with_spec("cat@gptq@act").label == "cat k=64 gptq act-order W4A4"
   with pytest.raises(ValueError, match="a_clip"):
     base.with_spec("cat@ac1.5")
   with pytest.raises(ValueError, match="hadamard='block' applies to 'cat' and 'cat_full'"):
