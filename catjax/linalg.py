@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 HIGHEST = jax.lax.Precision.HIGHEST
-# Smallest ridge of an activation second moment, relative to its trace: ~8
-# float32 ulps, the rounding noise of statistics accumulated in float32.
+# Smallest ridge of an activation second moment before its Cholesky, relative
+# to its trace, for float32 statistics (~8 ulps: their rounding noise); other
+# dtypes scale it by their ulp.
 CHOLESKY_RIDGE = 1e-6
 
 
@@ -124,7 +125,7 @@ def _geometric_mean(a, b, *, eps: float, a_power: float, names: tuple[str, str])
 
 
 def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *, eps: float = 1e-6,
-                        min_ridge: float = CHOLESKY_RIDGE) -> tuple[jax.Array, jax.Array]:
+                        min_ridge: float | None = None) -> tuple[jax.Array, jax.Array]:
   """An optimal-alignment transform `M` and its inverse, from one `eigh`.
 
   Alignment is maximized by every `M` with `Mᵀ M = P = Σ_x⁻¹ # Σ_W`
@@ -146,7 +147,8 @@ def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *, eps: float = 1
     eps: relative damping of both inputs and eigenvalue floor; `sigma_x`
       is damped by at least `min_ridge · tr(sigma_x)` (and `d` ulps of its
       mean eigenvalue), so that its Cholesky factor exists.
-    min_ridge: see `eps`; default `CHOLESKY_RIDGE`.
+    min_ridge: see `eps`; default `CHOLESKY_RIDGE` (1e-6) for float32
+      `sigma_x`, scaled by the ulp of other dtypes.
 
   Returns:
     `(M, M⁻¹)` in `fit_dtype()`.
@@ -157,9 +159,12 @@ def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *, eps: float = 1
     raise ValueError(f"sigma_x and gram_w need equal shapes, got {sigma_x.shape} and {gram_w.shape}")
   dtype = fit_dtype()
   d = sigma_x.shape[-1]
-  # Second moments are sums accumulated in float32: eigenvalues below a few
-  # float32 ulps of the trace are rounding noise and may be negative. The
-  # ridge covers them (at least min_ridge · tr), so the Cholesky exists.
+  # Second moments are sums accumulated in their dtype: eigenvalues below a
+  # few ulps of the trace are rounding noise and may be negative. The ridge
+  # covers them (at least min_ridge · tr), so the Cholesky exists.
+  if min_ridge is None:
+    ulps = jnp.finfo(jnp.asarray(sigma_x).dtype).eps / jnp.finfo(jnp.float32).eps
+    min_ridge = CHOLESKY_RIDGE * float(ulps)
   ridge = max(eps, d * max(min_ridge, float(jnp.finfo(dtype).eps)))
   lower = jnp.linalg.cholesky(damp(symmetrize(jnp.asarray(sigma_x, dtype)), ridge))
   gram = damp(symmetrize(jnp.asarray(gram_w, dtype)), eps)

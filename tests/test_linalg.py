@@ -77,10 +77,11 @@ def test_alignment_transform_solves_riccati(x64):
 
 
 def test_alignment_transform_rank_deficient_sigma(x64):
-  # A rank-1 activation moment whose float32 accumulation left a slightly
-  # negative eigenvalue (as a dead attention head does): the ridge absorbs it.
+  # A rank-1 float32 activation moment whose accumulation left a slightly
+  # negative eigenvalue (as a dead attention head does): the ridge, 8 float32
+  # ulps of the trace, absorbs it.
   v = np.random.default_rng(0).normal(size=(16, 1))
-  sx = jnp.asarray(v @ v.T - 1e-5 * np.trace(v @ v.T) / 16 * np.eye(16))
+  sx = jnp.asarray(v @ v.T - 1e-5 * np.trace(v @ v.T) / 16 * np.eye(16), jnp.float32)
   sw = jnp.asarray(_spd(3, 16))
   assert not np.isfinite(linalg.alignment_transform(sx, sw, min_ridge=0.0)[0]).all()
   m, m_inv = linalg.alignment_transform(sx, sw)
