@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -79,7 +80,7 @@ class Asset:
 
   def pieces(self) -> list["Asset"]:
     """The asset's packages as single-part assets, in file order."""
-    return [self] if not self.parts else [self] + [
+    return [self] + [
         dataclasses.replace(self, package=p.package, version=p.version,
                             archive_sha256=p.archive_sha256, member=p.member, parts=())
         for p in self.parts]
@@ -251,9 +252,7 @@ def _extract(asset: Asset, archive: Path, out, digest) -> None:
       digest.update(chunk)
 
   if asset.build is not None:
-    data = asset.build(archive, asset.member)
-    out.write(data)
-    digest.update(data)
+    copy(io.BytesIO(asset.build(archive, asset.member)))
     return
   try:
     if zipfile.is_zipfile(archive):

@@ -29,6 +29,13 @@ def _check_square(name: str, a: jax.Array) -> None:
     raise ValueError(f"{name} must be a (batch of) square matrices, got {name}.shape={a.shape}")
 
 
+def _check_pair(names: tuple[str, str], a: jax.Array, b: jax.Array) -> None:
+  for name, m in zip(names, (a, b)):
+    _check_square(name, m)
+  if a.shape != b.shape:
+    raise ValueError(f"{names[0]} and {names[1]} need equal shapes, got {a.shape} and {b.shape}")
+
+
 def symmetrize(a: jax.Array) -> jax.Array:
   return 0.5 * (a + jnp.swapaxes(a, -1, -2))
 
@@ -107,18 +114,9 @@ def geometric_mean(a: jax.Array, b: jax.Array, *, eps: float = 1e-6) -> jax.Arra
   Raises:
     ValueError: for non-square or mismatched shapes.
   """
-  return _geometric_mean(a, b, eps=eps, a_power=1.0, names=("a", "b"))
-
-
-def _geometric_mean(a, b, *, eps: float, a_power: float, names: tuple[str, str]) -> jax.Array:
-  """`a^p # b` for `p = ±1` from one `eigh` of `a` (no explicit inverse):
-  `a^(p/2) (a^(-p/2) b a^(-p/2))^½ a^(p/2)`. `names` label the inputs in errors."""
-  for name, m in zip(names, (a, b)):
-    _check_square(name, m)
-  if a.shape != b.shape:
-    raise ValueError(f"{names[0]} and {names[1]} need equal shapes, got {a.shape} and {b.shape}")
+  _check_pair(("a", "b"), a, b)
   wa, va = spd_eigh(a, eps=eps)
-  outer, inner_side = _from_eigh(wa, va, 0.5 * a_power), _from_eigh(wa, va, -0.5 * a_power)
+  outer, inner_side = _from_eigh(wa, va, 0.5), _from_eigh(wa, va, -0.5)
   b = damp(symmetrize(jnp.asarray(b, fit_dtype())), eps)
   inner = spd_sqrt(_mm(inner_side, b, inner_side), eps=0.0)
   return symmetrize(_mm(outer, inner, outer))
@@ -153,10 +151,7 @@ def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *, eps: float = 1
   Returns:
     `(M, M⁻¹)` in `fit_dtype()`.
   """
-  for name, m in (("sigma_x", sigma_x), ("gram_w", gram_w)):
-    _check_square(name, m)
-  if sigma_x.shape != gram_w.shape:
-    raise ValueError(f"sigma_x and gram_w need equal shapes, got {sigma_x.shape} and {gram_w.shape}")
+  _check_pair(("sigma_x", "gram_w"), sigma_x, gram_w)
   dtype = fit_dtype()
   d = sigma_x.shape[-1]
   # Second moments are sums accumulated in their dtype: eigenvalues below a

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from catjax import report as rep
 from catjax.engine import quantize_model

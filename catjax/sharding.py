@@ -103,32 +103,23 @@ def param_partition(spec: ArchSpec, path: Path, ndim: int) -> P:
   return P(*([None] * ndim))
 
 
-def model_shardings(model: Llama, mesh: Mesh):
-  """A `NamedSharding` for every parameter, as a state of the model's shape."""
-  spec = spec_for(model.config)
-  state = nnx.state(model, nnx.Param)
-  flat = {tuple(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
-  return {path: NamedSharding(mesh, param_partition(spec, path, var.value.ndim))
-          for path, var in flat.items()}
-
-
 def shard_model(model: Llama, mesh: Mesh) -> Llama:
-  """Place every parameter of `model` on `mesh` (in place) and return it.
+  """Place every parameter of `model` on `mesh` by `param_partition` (in place) and return it.
 
   Raises:
     ValueError: a partitioned axis that the mesh axis size does not divide,
       naming the parameter.
   """
-  shardings = model_shardings(model, mesh)
+  spec = spec_for(model.config)
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     path = tuple(str(k) for k in path)
-    sharding = shardings[path]
-    for dim, axis in zip(var.value.shape, sharding.spec):
+    partition = param_partition(spec, path, var.value.ndim)
+    for dim, axis in zip(var.value.shape, partition):
       if axis is not None and dim % mesh.shape[axis]:
         raise ValueError(f"parameter {'/'.join(path)} of shape {var.value.shape}: axis of size "
                          f"{dim} cannot be split over mesh axis {axis!r} of size "
                          f"{mesh.shape[axis]}")
-    var.set_value(jax.device_put(var.value, sharding))
+    var.set_value(jax.device_put(var.value, NamedSharding(mesh, partition)))
   return model
 
 
@@ -137,7 +128,6 @@ def shard_batch(x, mesh: Mesh | None):
   mesh's data size does not divide it (a last, short batch). No-op without a mesh."""
   if mesh is None:
     return x
-  x = np.asarray(x) if not isinstance(x, jax.Array) else x
   split = x.shape[0] % mesh.shape[DATA] == 0
   spec = P(DATA, *([None] * (x.ndim - 1))) if split else P()
   return jax.device_put(x, NamedSharding(mesh, spec))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import catjax as cj
-from catjax import stats, transforms
+from catjax import transforms
 from catjax.synthetic import synthetic_layer
 
 CASES = [("identity", {}), ("smoothquant", {}), ("smoothquant_hadamard", {}), ("hadamard", {}),

@@ -92,10 +92,15 @@ def _f32(value) -> float:
   return float(str(np.float32(value)))
 
 
+def _torch_shape(tensor) -> tuple[int, ...]:
+  """A tensor's shape in PyTorch order (ggml lists dimensions fastest first)."""
+  return tuple(int(d) for d in reversed(tensor.shape))
+
+
 def _dequantize(tensor) -> np.ndarray:
-  """One tensor as float32 in PyTorch order (ggml lists dimensions fastest first)."""
-  shape = tuple(int(d) for d in reversed(tensor.shape))
-  return np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
+  """One tensor as float32 in PyTorch order."""
+  data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+  return np.array(data, np.float32).reshape(_torch_shape(tensor))
 
 
 def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, path: str) -> dict:
@@ -179,7 +184,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
       n_head = (None if not permuted else heads if ".attn_q." in name
                 else kv_heads if ".attn_k." in name else None)
       loaders[hf_name] = functools.partial(load, tensors[name], n_head)
-      shapes[hf_name] = tuple(int(d) for d in reversed(tensors[name].shape))
+      shapes[hf_name] = _torch_shape(tensors[name])
   weights = LazyTensors(loaders, shapes)
 
   scaling_type = get(f"{arch}.rope.scaling.type", "none")

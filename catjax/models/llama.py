@@ -19,7 +19,6 @@ hooks; there is one copy of the model.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable
 

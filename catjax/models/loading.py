@@ -198,18 +198,14 @@ def save_hf(model: Llama, folder: str | Path, *, tokenizer=None,
       size = 0
     shards[-1].append(name)
     size += t.nbytes
-  meta = {"format": "pt"}
-  if len(shards) == 1:
-    save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"),
-              metadata=meta)
-  else:
-    weight_map = {}
-    for i, names in enumerate(shards):
-      file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file({k: jnp.asarray(tensors[k]) for k in names}, str(folder / file), metadata=meta)
-      weight_map.update(dict.fromkeys(names, file))
+  files = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  for file, names in zip(files, shards):
+    save_file({k: jnp.asarray(tensors[k]) for k in names}, str(folder / file),
+              metadata={"format": "pt"})
+  if len(shards) > 1:
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-             "weight_map": weight_map}
+             "weight_map": {k: file for file, names in zip(files, shards) for k in names}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
   if tokenizer is not None:
     tokenizer.save_pretrained(str(folder))
