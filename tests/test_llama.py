@@ -1,4 +1,5 @@
-"""The Flax LLaMA against transformers' PyTorch models, generation, site hook."""
+"""The Flax decoder against transformers' PyTorch models (Llama, Qwen2, Gemma 3),
+generation, site hook."""
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,11 @@ VARIANTS = {
                                                   tie_word_embeddings=True)),
     "llama-attention-bias": ("LlamaForCausalLM", dict(attention_bias=True)),
     "qwen2-bias": ("Qwen2ForCausalLM", dict(num_key_value_heads=1)),
+    # Windows of 8 tokens in layer 0 (40-token inputs; 16-token generation) and
+    # a query scale that is not head_dim's.
+    "gemma3-sliding": ("Gemma3ForCausalLM", dict(
+        head_dim=16, sliding_window=8, query_pre_attn_scalar=12,
+        layer_types=["sliding_attention", "full_attention"])),
 }
 
 
@@ -143,6 +149,24 @@ def test_config_round_trip_and_errors():
     ModelConfig.from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
   with pytest.raises(ValueError, match="num_heads=4 is not a multiple of num_kv_heads=3"):
     tiny.config(num_kv_heads=3)
+
+
+def test_gemma3_config_round_trip_and_errors():
+  hf = {"model_type": "gemma3_text", "vocab_size": 128, "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 7, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": 8, "rope_theta": 1e6, "rope_local_base_freq": 1e4}
+  cfg = ModelConfig.from_hf(hf)
+  # transformers' default pattern: every 6th layer is global.
+  assert cfg.layer_kinds.tolist() == [1, 1, 1, 1, 1, 0, 1] and cfg.tie_embeddings
+  assert (cfg.rope_theta, cfg.rope_local_theta, cfg.attention_scale) == (1e6, 1e4, 256 ** -0.5)
+  assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+  with pytest.raises(ValueError, match="final_logit_softcapping=30.0 is not supported"):
+    ModelConfig.from_hf({**hf, "final_logit_softcapping": 30.0})
+  with pytest.raises(ValueError, match="hidden_act='silu' for model_type='gemma3_text'"):
+    ModelConfig.from_hf({**hf, "hidden_activation": "silu"})
+  with pytest.raises(ValueError, match="layer_types=.*expected num_layers=7"):
+    ModelConfig.from_hf({**hf, "layer_types": ["full_attention"] * 6})
 
 
 def test_chunked_causal_attention_equals_masked_attention():

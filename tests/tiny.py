@@ -46,7 +46,8 @@ def torch_model(cls_name: str, seed: int = 0, **kw):
   import transformers
   base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=101, max_position_embeddings=256)
-  config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+  config_cls = (getattr(transformers, cls_name.replace("ForCausalLM", "TextConfig"), None)
+                or getattr(transformers, cls_name.replace("ForCausalLM", "Config")))
   torch.manual_seed(seed)
   model = getattr(transformers, cls_name)(config_cls(**{**base, **kw})).eval()
   with torch.no_grad():

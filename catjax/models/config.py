@@ -1,5 +1,5 @@
-"""LLaMA-family model configuration, read from and written to Hugging Face
-`config.json` dictionaries (transformers' `LlamaConfig` / `Qwen2Config`)."""
+"""Decoder configuration, read from and written to Hugging Face `config.json`
+dictionaries (transformers' `LlamaConfig`, `Qwen2Config`, `Gemma3TextConfig`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from typing import Any
 
 import numpy as np
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -26,10 +29,18 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-  """Shape and numerics of a LLaMA-family decoder.
+  """Shape and numerics of a decoder (Llama, Qwen2, Gemma 3).
 
   `qkv_bias` / `o_bias` cover Llama's `attention_bias` (all four projections)
-  and Qwen2 (q, k, v only).
+  and Qwen2 (q, k, v only). The fields after `eos_token_id` are Gemma 3's:
+  `hidden_act` "gelu_pytorch_tanh" (GeGLU), `norm_offset` 1 (norms scale by
+  `1 + weight`, in float32), `embed_scale` (embeddings times √hidden),
+  `qk_norm` (RMSNorm of each query/key head before RoPE), `sandwich_norms`
+  (norms after attention and MLP too), `query_pre_attn_scalar` (scores scale
+  by its inverse root instead of `head_dim`'s), and `layer_types` with
+  `sliding_window` / `rope_local_theta` for its sliding-window layers (a query
+  sees the `sliding_window` latest keys, itself included; their RoPE has its
+  own base and no scaling).
   """
 
   vocab_size: int
@@ -49,6 +60,15 @@ class ModelConfig:
   model_type: str = "llama"
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
+  hidden_act: str = "silu"
+  norm_offset: float = 0.0
+  embed_scale: bool = False
+  qk_norm: bool = False
+  sandwich_norms: bool = False
+  query_pre_attn_scalar: float | None = None
+  layer_types: tuple[str, ...] | None = None
+  sliding_window: int | None = None
+  rope_local_theta: float | None = None
 
   def __post_init__(self):
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -64,6 +84,26 @@ class ModelConfig:
       raise ValueError(f"model_type={self.model_type!r}; supported: {sorted(ARCHITECTURES)}")
     if self.rope_scaling is not None and self.rope_scaling.rope_type not in ROPE_TYPES:
       raise ValueError(f"rope_type={self.rope_scaling.rope_type!r}; supported: {ROPE_TYPES}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act={self.hidden_act!r}; supported: {ACTIVATIONS}")
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+        raise ValueError(f"layer_types={self.layer_types!r}: expected num_layers={self.num_layers} "
+                         f"entries from {LAYER_TYPES}")
+      if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) >= 1:
+        raise ValueError(f"sliding_window={self.sliding_window!r} must be a positive integer "
+                         "for sliding_attention layers")
+
+  @property
+  def layer_kinds(self) -> np.ndarray:
+    """Per layer, 0 for full attention, 1 for sliding-window attention (int32 `(L,)`)."""
+    types = self.layer_types or ("full_attention",) * self.num_layers
+    return np.array([LAYER_TYPES.index(t) for t in types], np.int32)
+
+  @property
+  def attention_scale(self) -> float:
+    """What attention scores are multiplied by."""
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
   @classmethod
   def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
@@ -75,16 +115,32 @@ class ModelConfig:
     """
     model_type = hf.get("model_type", "llama")
     if model_type not in ARCHITECTURES:
-      raise ValueError(f"model_type={model_type!r} is not a LLaMA-family model; "
+      raise ValueError(f"model_type={model_type!r} is not a supported decoder; "
                        f"supported: {sorted(ARCHITECTURES)}")
-    if hf.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
+    gemma = model_type == "gemma3_text"
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if act not in ACTIVATIONS or (act == "silu") == gemma:
+      raise ValueError(f"hidden_act={act!r} for model_type={model_type!r}; expected "
+                       f"{'gelu_pytorch_tanh' if gemma else 'silu'}")
     if hf.get("mlp_bias"):
       raise ValueError("mlp_bias=True is not supported")
     if hf.get("use_sliding_window"):
       raise ValueError("use_sliding_window=True is not supported")
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+      if hf.get(key) is not None:
+        raise ValueError(f"{key}={hf[key]!r} is not supported (Gemma 3 has None)")
+    if hf.get("use_bidirectional_attention"):
+      raise ValueError("use_bidirectional_attention=True is not supported")
+    rope_params = dict(hf.get("rope_parameters") or {})
+    local_rope = {}
+    if gemma:  # transformers 5 nests them per layer type; 4.x has rope_local_base_freq
+      local_rope = dict(rope_params.pop("sliding_attention", None) or {})
+      rope_params = dict(rope_params.pop("full_attention", None) or {})
+      local_rope.setdefault("rope_theta", hf.get("rope_local_base_freq", 10000.0))
+      if local_rope.get("rope_type", "default") != "default":
+        raise ValueError(f"sliding-window RoPE {local_rope!r}: only 'default' is supported")
+    rope = dict(rope_params or hf.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 1e6 if gemma else 10000.0))
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     scaling = None
     if rope_type != "default":
@@ -94,6 +150,18 @@ class ModelConfig:
       scaling = RopeScaling(rope_type=rope_type, **{k: v for k, v in rope.items() if k in keys})
     heads = hf["num_attention_heads"]
     bias = bool(hf.get("attention_bias", False))
+    if gemma:
+      pattern = int(hf.get("sliding_window_pattern", 6))
+      types = tuple(hf.get("layer_types") or (
+          "sliding_attention" if (i + 1) % pattern else "full_attention"
+          for i in range(hf["num_hidden_layers"])))
+      family = dict(hidden_act=act, norm_offset=1.0, embed_scale=True, qk_norm=True,
+                    sandwich_norms=True,
+                    query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+                    layer_types=types, sliding_window=hf.get("sliding_window", 4096),
+                    rope_local_theta=float(local_rope["rope_theta"]))
+    else:
+      family = {}
     return cls(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -101,10 +169,10 @@ class ModelConfig:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
         qkv_bias=model_type == "qwen2" or bias, o_bias=bias and model_type == "llama",
         model_type=model_type, bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=_ids(hf.get("eos_token_id")))
+        eos_token_id=_ids(hf.get("eos_token_id")), **family)
 
   def to_hf(self) -> dict[str, Any]:
     """A `config.json` dict that transformers loads as the same model."""
@@ -116,7 +184,7 @@ class ModelConfig:
         "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
         "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
         "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-        "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+        "head_dim": self.head_dim, "hidden_act": self.hidden_act, "rms_norm_eps": self.rms_norm_eps,
         "rope_theta": self.rope_theta, "rope_parameters": rope,
         "rope_scaling": None if self.rope_scaling is None else rope,
         "max_position_embeddings": self.max_position_embeddings,
@@ -126,12 +194,22 @@ class ModelConfig:
     }
     if self.model_type == "llama":
       hf.update(attention_bias=self.o_bias, mlp_bias=False)
+    if self.model_type == "gemma3_text":
+      local = {"rope_type": "default", "rope_theta": self.rope_local_theta}
+      hf.update(hidden_activation=self.hidden_act, query_pre_attn_scalar=self.query_pre_attn_scalar,
+                sliding_window=self.sliding_window, layer_types=list(self.layer_types),
+                rope_local_base_freq=self.rope_local_theta, attention_bias=False,
+                rope_parameters={"full_attention": rope, "sliding_attention": local},
+                final_logit_softcapping=None, attn_logit_softcapping=None)
     return hf
 
-  def rope_frequencies(self) -> np.ndarray:
-    """Inverse frequencies `(head_dim/2,)` in float64, with the configured scaling."""
-    inv = 1.0 / self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
-    s = self.rope_scaling
+  def rope_frequencies(self, kind: int = 0) -> np.ndarray:
+    """Inverse frequencies `(head_dim/2,)` in float64 of the layers of `kind`
+    (`layer_kinds`): the configured scaling for full attention, none for
+    sliding-window layers (which have their own base)."""
+    theta = self.rope_theta if kind == 0 else self.rope_local_theta
+    inv = 1.0 / theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+    s = self.rope_scaling if kind == 0 else None
     if s is None:
       return inv
     if s.rope_type == "linear":

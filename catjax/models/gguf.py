@@ -1,16 +1,21 @@
-"""Llama and Qwen2 checkpoints in GGUF (llama.cpp's file format), read into Hugging Face form.
+"""Llama, Qwen2 and Gemma 3 checkpoints in GGUF (llama.cpp's file format), read into
+Hugging Face form.
 
 `read_gguf` returns the config dict and float32 weights a Hugging Face
-`LlamaForCausalLM` checkpoint would have: ggml's reversed dimension order is
-undone, quantized tensors are dequantized with `gguf.quants.dequantize`, and the
-q/k row permutation that llama.cpp's `convert_hf_to_gguf.py` applies to llama
-models for its RoPE layout is inverted (qwen2 files are not permuted). `tokenizer_from_gguf` rebuilds the byte-level BPE tokenizer
-from the file's metadata with `tokenizers` alone (transformers' own GGUF
-tokenizer route needs torch, and ignores `tokenizer.ggml.pre` "smollm").
+checkpoint would have: ggml's reversed dimension order is undone, quantized
+tensors are dequantized with `gguf.quants.dequantize`, the q/k row permutation
+that llama.cpp's `convert_hf_to_gguf.py` applies to llama models for its RoPE
+layout is inverted (qwen2 and gemma3 files are not permuted), and the 1 that
+it adds to Gemma's norm weights (ggml multiplies by the weight, Gemma by
+`1 + weight`) is taken off again. `tokenizer_from_gguf` rebuilds the tokenizer
+from the file's metadata with `tokenizers` alone: byte-level BPE ("gpt2"), or
+SentencePiece BPE with byte fallback ("llama", as Gemma's), whose merges the
+file does not store.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -22,16 +27,37 @@ from catjax.models.lazy import LazyTensors
 
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight",
                    "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
-_LAYER_TENSORS = {
+_LINEAR_TENSORS = {
   "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
   "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-  "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+  "ffn_down": "mlp.down_proj",
 }
+_LLAMA_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_GEMMA3_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                 "ffn_norm": "pre_feedforward_layernorm",
+                 "post_ffw_norm": "post_feedforward_layernorm",
+                 "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_WEIGHTS = lambda table: {f"{g}.weight": f"{h}.weight" for g, h in table.items()}  # noqa: E731
 # Qwen2's q/k/v biases (llama.cpp writes them for "qwen2" only).
-_BIAS_TENSORS = {f"{g}.bias": f"{h}.bias" for g, h in _LAYER_TENSORS.items()
-                 if g in ("attn_q", "attn_k", "attn_v")}
-# GGUF architecture -> Hugging Face model_type, and whether llama.cpp permuted q/k rows.
-_ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
+_QKV_BIASES = {f"{g}.bias": f"{_LINEAR_TENSORS[g]}.bias" for g in ("attn_q", "attn_k", "attn_v")}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+  """How llama.cpp wrote one architecture: its Hugging Face model_type, the
+  per-block tensor names, whether q/k rows are permuted, what its norms add."""
+
+  model_type: str
+  block_tensors: dict
+  permuted: bool
+  norm_shift: float = 0.0
+
+
+_ARCHS = {
+  "llama": _Arch("llama", _WEIGHTS({**_LINEAR_TENSORS, **_LLAMA_NORMS}), True),
+  "qwen2": _Arch("qwen2", {**_WEIGHTS({**_LINEAR_TENSORS, **_LLAMA_NORMS}), **_QKV_BIASES}, False),
+  "gemma3": _Arch("gemma3_text", _WEIGHTS({**_LINEAR_TENSORS, **_GEMMA3_NORMS}), False, 1.0),
+}
 _OPTIONAL_TENSORS = ("output.weight", "rope_freqs.weight")
 _REQUIRED = object()
 
@@ -77,11 +103,93 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   return _regroup_rows(w, n_head, "halves")
 
 
-def _field(reader: gguf.GGUFReader, path: str, key: str, default=_REQUIRED):
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  name: str
+  tensor_type: gguf.GGMLQuantizationType
+  shape: tuple[int, ...]  # ggml order, fastest dimension first
+  data: np.ndarray  # memory-mapped: float array, or uint8 blocks of a quantized type
+
+
+# GGUF metadata value types -> numpy scalar types (8 is a string, 9 an array).
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+            10: "<u8", 11: "<i8", 12: "<f8"}
+_FLOATS = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
+
+
+def _read(path: str) -> tuple[dict, dict[str, _Tensor]]:
+  """`(metadata, tensors)` of a GGUF file: one pass over its header.
+
+  gguf-py's `GGUFReader` makes a memory-map view per array element, ~30 s for
+  a 262k-token vocabulary; here arrays of numbers are one `frombuffer`, and
+  strings a loop over the bytes.
+  """
+  data = np.memmap(path, mode="r")
+  buf = memoryview(data)
+  pos = 0
+
+  def take(fmt: str):
+    nonlocal pos
+    value = np.frombuffer(buf, np.dtype(fmt), 1, pos)[0]
+    pos += np.dtype(fmt).itemsize
+    return value
+
+  def string() -> str:
+    nonlocal pos
+    n = int(take("<u8"))
+    pos += n
+    return bytes(buf[pos - n:pos]).decode("utf-8", errors="replace")
+
+  def value(kind: int):
+    nonlocal pos
+    if kind == 8:
+      return string()
+    if kind == 9:
+      item, n = int(take("<u4")), int(take("<u8"))
+      if item in _SCALARS:
+        arr = np.frombuffer(buf, np.dtype(_SCALARS[item]), n, pos)
+        pos += arr.nbytes
+        return arr.tolist()
+      return [value(item) for _ in range(n)]
+    if kind not in _SCALARS:
+      raise ValueError(f"{path}: unknown GGUF metadata value type {kind}")
+    return take(_SCALARS[kind]).item()
+
+  if bytes(buf[:4]) != b"GGUF":
+    raise ValueError(f"{path} is not a GGUF file (magic {bytes(buf[:4])!r})")
+  pos = 4
+  version = int(take("<u4"))
+  if version < 2:
+    raise ValueError(f"{path}: GGUF version {version} is not supported (2 or newer)")
+  n_tensors, n_kv = int(take("<u8")), int(take("<u8"))
+  meta = {}
+  for _ in range(n_kv):
+    key = string()
+    meta[key] = value(int(take("<u4")))
+  infos = []
+  for _ in range(n_tensors):
+    name = string()
+    dims = tuple(int(take("<u8")) for _ in range(int(take("<u4"))))
+    infos.append((name, dims, gguf.GGMLQuantizationType(int(take("<u4"))), int(take("<u8"))))
+  align = int(meta.get("general.alignment", 32))
+  start = -(-pos // align) * align
+  tensors = {}
+  for name, dims, kind, offset in infos:
+    shape = tuple(reversed(dims))
+    if kind in _FLOATS:
+      item, count = np.dtype(_FLOATS[kind]), int(np.prod(shape))
+    else:
+      shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+      item, count = np.dtype(np.uint8), int(np.prod(shape))
+    arr = np.frombuffer(buf, item, count, start + offset).reshape(shape)
+    tensors[name] = _Tensor(name, kind, dims, arr)
+  return meta, tensors
+
+
+def _field(meta: dict, path: str, key: str, default=_REQUIRED):
   """One metadata value; a missing key raises unless a default is given."""
-  field = reader.fields.get(key)
-  if field is not None:
-    return field.contents()
+  if key in meta:
+    return meta[key]
   if default is _REQUIRED:
     raise ValueError(f"GGUF metadata key {key!r} is missing from {path}")
   return default
@@ -147,20 +255,17 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
       unknown tensor, or rope factors that are not llama3 rope scaling.
   """
   path = os.fspath(path)
-  reader = gguf.GGUFReader(path)
-  get = functools.partial(_field, reader, path)
+  meta, tensors = _read(path)
+  get = functools.partial(_field, meta, path)
   arch = get("general.architecture")
   if arch not in _ARCHS:
     raise ValueError(f"architecture {arch!r} of {path} is not supported ({sorted(_ARCHS)})")
-  model_type, permuted = _ARCHS[arch]
+  spec = _ARCHS[arch]
+  model_type, permuted = spec.model_type, spec.permuted
   n_layers = int(get(f"{arch}.block_count"))
   names = dict(_GLOBAL_TENSORS)
-  layer_tensors = {f"{g}.weight": f"{h}.weight" for g, h in _LAYER_TENSORS.items()}
-  if model_type == "qwen2":
-    layer_tensors.update(_BIAS_TENSORS)
   for i in range(n_layers):
-    names.update({f"blk.{i}.{g}": f"model.layers.{i}.{h}" for g, h in layer_tensors.items()})
-  tensors = {t.name: t for t in reader.tensors}
+    names.update({f"blk.{i}.{g}": f"model.layers.{i}.{h}" for g, h in spec.block_tensors.items()})
   for name in tensors:
     if name not in names and name not in _OPTIONAL_TENSORS:
       raise ValueError(f"unknown tensor {name!r} in {path}")
@@ -174,16 +279,18 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
   head_dim = int(get(f"{arch}.attention.key_length",
                      get(f"{arch}.rope.dimension_count", hidden // heads)))
   theta = _f32(get(f"{arch}.rope.freq_base", 10000.0))
-  def load(tensor, n_head):
+  def load(tensor, n_head, shift):
     w = _dequantize(tensor)
-    return w if n_head is None else unpermute_qk(w, n_head)
+    w = w if n_head is None else unpermute_qk(w, n_head)
+    return w - np.float32(shift) if shift else w
 
   loaders, shapes = {}, {}
   for name, hf_name in names.items():
     if name in tensors:
       n_head = (None if not permuted else heads if ".attn_q." in name
                 else kv_heads if ".attn_k." in name else None)
-      loaders[hf_name] = functools.partial(load, tensors[name], n_head)
+      shift = spec.norm_shift if name.endswith("norm.weight") else 0.0
+      loaders[hf_name] = functools.partial(load, tensors[name], n_head, shift)
       shapes[hf_name] = _torch_shape(tensors[name])
   weights = LazyTensors(loaders, shapes)
 
@@ -208,33 +315,71 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     "bos_token_id": None if bos is None else int(bos), "eos_token_id": None if eos is None else int(eos),
     "rope_scaling": rope_scaling,
   }
+  if model_type == "gemma3_text":
+    # Not in the file; llama.cpp's values: every 6th layer global, local RoPE
+    # base 10000, scores scaled by 1/sqrt(head_dim).
+    config.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=head_dim,
+                  sliding_window=int(get(f"{arch}.attention.sliding_window")),
+                  sliding_window_pattern=int(get(f"{arch}.attention.sliding_window_pattern", 6)),
+                  rope_local_base_freq=10000.0)
   return config, weights
 
 
 def tokenizer_from_gguf(path: str | os.PathLike):
-  """Builds the byte-level BPE tokenizer ("gpt2" model) a GGUF file describes.
+  """Builds the tokenizer a GGUF file describes: byte-level BPE ("gpt2") or
+  SentencePiece BPE with byte fallback ("llama", e.g. Gemma 3's).
 
   Args:
     path: the `.gguf` file.
 
   Returns:
-    A `transformers.PreTrainedTokenizerFast` with the file's vocabulary, merges,
-    pre-tokenizer (`tokenizer.ggml.pre`), special tokens and chat template.
+    A `transformers.PreTrainedTokenizerFast` with the file's vocabulary, merges
+    (derived from the vocabulary for "llama"), pre-tokenizer
+    (`tokenizer.ggml.pre`), special tokens and chat template.
 
   Raises:
-    ValueError: for a tokenizer model other than "gpt2", an unsupported
+    ValueError: for another tokenizer model, an unsupported
       `tokenizer.ggml.pre`, or missing metadata.
   """
-  from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
-                          pre_tokenizers)
+  from tokenizers import AddedToken
   from transformers import PreTrainedTokenizerFast
 
   path = os.fspath(path)
-  get = functools.partial(_field, gguf.GGUFReader(path), path)
+  get = functools.partial(_field, _read(path)[0], path)
   kind = get("tokenizer.ggml.model")
-  if kind != "gpt2":
-    raise ValueError(f"tokenizer.ggml.model {kind!r} in {path} is not supported (only 'gpt2')")
+  if kind not in ("gpt2", "llama"):
+    raise ValueError(f"tokenizer.ggml.model {kind!r} in {path} is not supported "
+                     "('gpt2' or 'llama')")
+  tokens = get("tokenizer.ggml.tokens")
   pre = get("tokenizer.ggml.pre", "default")
+  if kind == "llama":
+    backend = _sentencepiece_bpe(tokens, get("tokenizer.ggml.scores"),
+                                 get("general.architecture") == "gemma3",
+                                 get("tokenizer.ggml.add_space_prefix", True),
+                                 get("tokenizer.ggml.unknown_token_id", 0))
+  else:
+    backend = _byte_level_bpe(tokens, get("tokenizer.ggml.merges"), pre, path)
+  types = get("tokenizer.ggml.token_type", [])
+  control, user = gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED
+  backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                              for t, k in zip(tokens, types) if k == control])
+  # User-defined tokens are matched whole in the text; Gemma's runs of spaces
+  # are not (they are respelled in the vocabulary and reached by merges).
+  vocab = backend.get_vocab()
+  backend.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types)
+                      if k == user and t in vocab])
+  ids = {f"{role}_token": get(f"tokenizer.ggml.{key}_token_id", None)
+         for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+  special = {role: tokens[i] for role, i in ids.items() if i is not None}
+  return PreTrainedTokenizerFast(
+    tokenizer_object=backend, chat_template=get("tokenizer.chat_template", None),
+    add_bos_token=bool(get("tokenizer.ggml.add_bos_token", False)),
+    add_eos_token=bool(get("tokenizer.ggml.add_eos_token", False)), **special)
+
+
+def _byte_level_bpe(tokens, merges, pre: str, path: str):
+  """The "gpt2" tokenizer: byte-level BPE with the file's merges and `pre` split."""
+  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
   split = {**dict.fromkeys(_LLAMA3_PRES, _LLAMA3_SPLIT), "qwen2": _QWEN2_SPLIT}.get(pre)
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
   if pre in ("default", "gpt2"):
@@ -247,23 +392,46 @@ def tokenizer_from_gguf(path: str | os.PathLike):
   else:
     raise ValueError(f"tokenizer.ggml.pre {pre!r} in {path} is not supported")
 
-  tokens = get("tokenizer.ggml.tokens")
-  merges = [tuple(merge.split(" ")) for merge in get("tokenizer.ggml.merges")]
+  merges = [tuple(merge.split(" ")) for merge in merges]
   backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
                                  ignore_merges=pre in _LLAMA3_PRES))
   backend.pre_tokenizer = pre_tokenizer
   if pre == "qwen2":
     backend.normalizer = normalizers.NFC()
   backend.decoder = decoders.ByteLevel()
-  types = get("tokenizer.ggml.token_type", [])
-  control, user = gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED
-  backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                              for t, k in zip(tokens, types) if k == control])
-  backend.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == user])
-  ids = {f"{role}_token": get(f"tokenizer.ggml.{key}_token_id", None)
-         for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
-  special = {role: tokens[i] for role, i in ids.items() if i is not None}
-  return PreTrainedTokenizerFast(
-    tokenizer_object=backend, chat_template=get("tokenizer.chat_template", None),
-    add_bos_token=bool(get("tokenizer.ggml.add_bos_token", False)),
-    add_eos_token=bool(get("tokenizer.ggml.add_eos_token", False)), **special)
+  return backend
+
+
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _sentencepiece_bpe(tokens, scores, file_order: bool, space_prefix: bool, unk_id: int):
+  """The "llama" tokenizer: SentencePiece BPE with byte fallback.
+
+  The file has no merges: every split of a token into two vocabulary tokens
+  is a merge, ranked by the token's score, or by its position in the file
+  when `file_order` (Gemma's scores do not follow its merge order); splits of
+  one token rank longer left parts first. Gemma stores tokens of several
+  spaces as spaces; they are spelled with the visible space here, as the text
+  is after normalization.
+  """
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+  tokens = [_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+  vocab = {t: i for i, t in enumerate(tokens)}
+  rank = range(len(tokens)) if file_order else -np.asarray(scores, np.float64)
+  merges = []
+  for i, t in enumerate(tokens):
+    for cut in range(len(t) - 1, 0, -1):
+      if t[:cut] in vocab and t[cut:] in vocab:
+        merges.append((rank[i], len(merges), t[:cut], t[cut:]))
+  merges.sort()
+  backend = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in merges], byte_fallback=True,
+                                 fuse_unk=True, unk_token=tokens[unk_id]))
+  replace = normalizers.Replace(" ", _SPACE)
+  backend.normalizer = (normalizers.Sequence([normalizers.Prepend(_SPACE), replace])
+                        if space_prefix else replace)
+  backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+  steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+  backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+  return backend

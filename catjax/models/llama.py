@@ -1,4 +1,6 @@
-"""A LLaMA-family decoder in Flax NNX (Llama 1/2/3, SmolLM2, Qwen2 with q/k/v biases).
+"""The decoder in Flax NNX: Llama 1/2/3, SmolLM2, Qwen2 (q/k/v biases) and Gemma 3
+(GeGLU, `1 + w` norms, QK-norm, sandwich norms, sliding-window layers; the
+`ModelConfig` fields switch these on).
 
 The decoder blocks are stored **stacked**: every block parameter has a leading
 `num_layers` axis (`layers/attn/q_proj/kernel` is `(L, d, H·hd)`) and the
@@ -52,15 +54,22 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """RMS normalization, computed in float32 as transformers does."""
+  """RMS normalization, computed in float32 as transformers does.
 
-  def __init__(self, d: int, *, eps: float, stack: tuple[int, ...], dtype):
-    self.scale = nnx.Param(jnp.ones((*stack, d), dtype))
-    self.eps = eps
+  With `offset` (Gemma) the weight is stored as `scale - offset` (initialized
+  to 0) and the product is taken in float32 before the cast; without, Llama's
+  `scale * x.astype(dtype)`.
+  """
+
+  def __init__(self, d: int, *, eps: float, stack: tuple[int, ...], dtype, offset: float = 0.0):
+    self.scale = nnx.Param((jnp.zeros if offset else jnp.ones)((*stack, d), dtype))
+    self.eps, self.offset = eps, offset
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return ((self.offset + self.scale[...].astype(jnp.float32)) * x32).astype(x.dtype)
     return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
@@ -71,10 +80,11 @@ def rotate(x, cos, sin):
   return (x * cos + rot * sin).astype(x.dtype)
 
 
-def attend(q, k, v, mask):
+def attend(q, k, v, mask, scale: float | None = None):
   """Softmax attention of `q (B, T, K, G, hd)` (G query heads per kv head) over
-  `k, v (B, S, K, hd)` where `mask` (broadcastable to `(B, K, G, T, S)`) is True."""
-  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  `k, v (B, S, K, hd)` where `mask` (broadcastable to `(B, K, G, T, S)`) is True;
+  scores scaled by `scale` (default `hd ** -0.5`)."""
+  scale = jnp.asarray(q.shape[-1] ** -0.5 if scale is None else scale, q.dtype)
   scores = jnp.einsum("btkgh,bskh->bkgts", q * scale, k, preferred_element_type=jnp.float32)
   scores = jnp.where(mask, scores, -jnp.inf)
   # Normalize after the value product: (T, hd) divisions instead of (T, S).
@@ -85,17 +95,21 @@ def attend(q, k, v, mask):
   return (out / total).astype(v.dtype)
 
 
-def causal_attention(q, k, v, *, chunk: int = 256):
-  """Causal self-attention (query i sees keys 0..i) in query chunks of `chunk`:
-  chunk j only reads keys `[0, end of chunk j)`, which skips the masked half of
-  the work and keeps the scores in cache (3-4x faster than one masked product
-  at 2048 tokens on CPU)."""
+def causal_attention(q, k, v, *, scale: float | None = None, window=None, chunk: int = 256):
+  """Causal self-attention (query i sees keys 0..i, and only the `window`
+  latest of them when `window`, a possibly traced int, is given) in query
+  chunks of `chunk`: chunk j only reads keys `[0, end of chunk j)`, which skips
+  the masked half of the work and keeps the scores in cache (3-4x faster than
+  one masked product at 2048 tokens on CPU)."""
   t = q.shape[1]
   outs = []
   for lo in range(0, t, chunk):
     hi = min(lo + chunk, t)
-    mask = np.arange(hi)[None, :] <= np.arange(lo, hi)[:, None]
-    outs.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], mask))
+    distance = np.arange(lo, hi)[:, None] - np.arange(hi)[None, :]
+    mask = distance >= 0
+    if window is not None:
+      mask = mask & (distance < window)
+    outs.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], mask, scale))
   return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
@@ -109,15 +123,22 @@ class Attention(nnx.Module):
     self.k_proj = lin(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
     self.v_proj = lin(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
     self.o_proj = lin(cfg.num_heads * hd, d, bias=cfg.o_bias)
+    norm = functools.partial(RMSNorm, hd, eps=cfg.rms_norm_eps, stack=stack, dtype=dtype,
+                             offset=cfg.norm_offset)
+    self.q_norm, self.k_norm = (norm(), norm()) if cfg.qk_norm else (None, None)
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+    self.scale = cfg.attention_scale
 
   def __call__(self, x, rope, mask, cache, site):
     b, t, _ = x.shape
+    cos, sin, window = rope
     x = site("attn_in", x)
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    q, k = rotate(q, *rope), site("keys", rotate(k, *rope))
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = rotate(q, cos, sin), site("keys", rotate(k, cos, sin))
     v = site("values", v)
     if cache is not None:  # write this step's keys/values at `start`, attend over the cache
       start = cache["index"]
@@ -128,40 +149,53 @@ class Attention(nnx.Module):
       k, v = k.astype(x.dtype), v.astype(x.dtype)
     q = q.reshape(b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
     if mask is None:
-      out = causal_attention(q, k, v)
+      out = causal_attention(q, k, v, scale=self.scale, window=window)
     else:
-      out = attend(q, k, v, mask[:, None, None])
+      out = attend(q, k, v, mask[:, None, None], self.scale)
     out = out.reshape(b, t, -1)
     return self.o_proj(site("o_in", out)), cache
 
 
+_ACTIVATIONS = {"silu": jax.nn.silu,
+                "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU (silu) or GeGLU (tanh gelu)."""
 
   def __init__(self, cfg: ModelConfig, *, stack, dtype, rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
     lin = functools.partial(Linear, bias=False, stack=stack, dtype=dtype, rngs=rngs)
     self.gate_proj, self.up_proj, self.down_proj = lin(d, f), lin(d, f), lin(f, d)
+    self.act = cfg.hidden_act
 
   def __call__(self, x, site):
     x = site("mlp_in", x)
-    return self.down_proj(site("down_in", jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)))
+    hidden = _ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(site("down_in", hidden))
 
 
 class Block(nnx.Module):
-  """Pre-norm decoder block; built with `stack=(L,)` to hold all L blocks at once."""
+  """Pre-norm decoder block (with `sandwich_norms`, the attention and MLP
+  outputs are normalized too); built with `stack=(L,)` to hold all L blocks."""
 
   def __init__(self, cfg: ModelConfig, *, stack=(), dtype=jnp.float32, rngs):
     norm = functools.partial(RMSNorm, cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack,
-                             dtype=dtype)
+                             dtype=dtype, offset=cfg.norm_offset)
     self.attn_norm, self.mlp_norm = norm(), norm()
+    self.attn_post_norm, self.mlp_post_norm = (norm(), norm()) if cfg.sandwich_norms else (None, None)
     self.attn = Attention(cfg, stack=stack, dtype=dtype, rngs=rngs)
     self.mlp = MLP(cfg, stack=stack, dtype=dtype, rngs=rngs)
 
   def __call__(self, h, rope, mask, cache, site):
     a, cache = self.attn(self.attn_norm(h), rope, mask, cache, site)
+    if self.attn_post_norm is not None:
+      a = self.attn_post_norm(a)
     h = h + a
-    return h + self.mlp(self.mlp_norm(h), site), cache
+    m = self.mlp(self.mlp_norm(h), site)
+    if self.mlp_post_norm is not None:
+      m = self.mlp_post_norm(m)
+    return h + m, cache
 
 
 class Llama(nnx.Module):
@@ -173,7 +207,8 @@ class Llama(nnx.Module):
     self.config = cfg
     self.embed = nnx.Param(_INIT(rngs.params(), (cfg.vocab_size, cfg.hidden_size)).astype(dtype))
     self.layers = Block(cfg, stack=(cfg.num_layers,), dtype=dtype, rngs=rngs)
-    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=(), dtype=dtype)
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=(), dtype=dtype,
+                        offset=cfg.norm_offset)
     self.lm_head = None if cfg.tie_embeddings else Linear(
         cfg.hidden_size, cfg.vocab_size, bias=False, stack=(), dtype=dtype, rngs=rngs)
 
@@ -182,8 +217,12 @@ class Llama(nnx.Module):
     return self.embed[...].dtype
 
   def embed_tokens(self, tokens):
-    """The residual stream entering block 0: `(B, T, d)` in the model's dtype."""
-    return jnp.take(self.embed[...], tokens, axis=0)
+    """The residual stream entering block 0: `(B, T, d)` in the model's dtype
+    (Gemma: times √d rounded to that dtype, as transformers does)."""
+    h = jnp.take(self.embed[...], tokens, axis=0)
+    if self.config.embed_scale:
+      h = h * jnp.asarray(self.config.hidden_size ** 0.5, h.dtype)
+    return h
 
   def __call__(self, tokens, *, positions=None, cache=None, hook: Hook | None = None,
                hook_state: dict[str, Any] | None = None):
@@ -205,21 +244,26 @@ class Llama(nnx.Module):
     default_positions = positions is None
     if default_positions:
       positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-    rope = rope_tables(self.config, positions, self.dtype)
+    cfg = self.config
+    tables = rope_tables(cfg, positions, self.dtype)
     if cache is None and default_positions:
-      mask = None  # plain causal self-attention, computed in chunks
+      masks = None  # plain causal self-attention, computed in chunks
     else:
       key_pos = positions if cache is None else jnp.arange(cache["k"].shape[2])[None]
-      mask = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
+      distance = positions[:, :, None] - key_pos[:, None, :]  # (B, T, S)
+      masks = jnp.stack([distance >= 0] + ([(distance >= 0) & (distance < cfg.sliding_window)]
+                                           if cfg.layer_types else []))
 
     hook_state = {} if hook_state is None else hook_state
     graphdef, layer_params = nnx.split(self.layers)
     layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
 
     def body(h, xs):
-      params, kv, states = xs
+      params, kv, states, kind = xs
       if kv is not None:
         kv = {**kv, "index": start}
+      rope = layer_rope(cfg, tables, kind)
+      mask = None if masks is None else masks[0 if cfg.layer_types is None else kind]
       h, kv, outs = block_forward(graphdef, params, h, rope, hook=hook, hook_state=states,
                                   mask=mask, cache=kv)
       if kv is not None:
@@ -227,7 +271,8 @@ class Llama(nnx.Module):
       return h, (kv, outs)
 
     h = self.embed_tokens(tokens)
-    h, (layer_cache, outs) = jax.lax.scan(body, h, (layer_params, layer_cache, hook_state))
+    h, (layer_cache, outs) = jax.lax.scan(
+        body, h, (layer_params, layer_cache, hook_state, jnp.asarray(cfg.layer_kinds)))
     h = self.norm(h)
     if self.lm_head is None:
       logits = jnp.einsum("btd,vd->btv", h, self.embed[...], preferred_element_type=jnp.float32)
@@ -242,11 +287,26 @@ class Llama(nnx.Module):
 
 
 def rope_tables(cfg: ModelConfig, positions, dtype) -> tuple[jax.Array, jax.Array]:
-  """RoPE `(cos, sin)`, each `(B, T, 1, head_dim)`, for integer `positions (B, T)`."""
-  inv_freq = np.asarray(cfg.rope_frequencies(), np.float32)
-  angles = jnp.asarray(positions)[..., None].astype(jnp.float32) * inv_freq
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  """RoPE `(cos, sin)` per layer kind (`cfg.layer_kinds`), each
+  `(kinds, B, T, 1, head_dim)`, for integer `positions (B, T)`."""
+  kinds = range(2 if cfg.layer_types else 1)
+  inv_freq = np.stack([cfg.rope_frequencies(k) for k in kinds]).astype(np.float32)
+  angles = jnp.asarray(positions)[None, ..., None].astype(jnp.float32) * inv_freq[:, None, None]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, :, None, :]
   return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def layer_rope(cfg: ModelConfig, tables, kind):
+  """A layer's attention context `(cos, sin, window)` from `rope_tables`:
+  `kind` 0 (full attention, window None) or 1 (sliding window), a Python int
+  or a traced scalar (inside the scan over layers)."""
+  cos, sin = tables
+  if cfg.layer_types is None:
+    return cos[0], sin[0], None
+  if isinstance(kind, (int, np.integer)):
+    return cos[kind], sin[kind], cfg.sliding_window if kind else None
+  window = jnp.where(kind == 1, cfg.sliding_window, jnp.iinfo(jnp.int32).max)
+  return cos[kind], sin[kind], window
 
 
 def block_forward(graphdef, params, h, rope, *, hook: Hook | None = None, hook_state=None,

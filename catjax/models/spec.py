@@ -129,7 +129,19 @@ LLAMA = ArchSpec(
     hf_groups=(("attn", "self_attn"), ("mlp", "mlp")),
 )
 
-SPECS = (LLAMA,)
+# Gemma 3: Llama's sites and linears; four norms per block (pre and post attention
+# and MLP) and RMSNorms of the query and key heads.
+GEMMA3 = dataclasses.replace(
+    LLAMA, family="gemma3", model_types=("gemma3_text",),
+    hf_block_norms=(("input_layernorm.weight", ("attn_norm", "scale")),
+                    ("post_attention_layernorm.weight", ("attn_post_norm", "scale")),
+                    ("pre_feedforward_layernorm.weight", ("mlp_norm", "scale")),
+                    ("post_feedforward_layernorm.weight", ("mlp_post_norm", "scale")),
+                    ("self_attn.q_norm.weight", ("attn", "q_norm", "scale")),
+                    ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"))),
+)
+
+SPECS = (LLAMA, GEMMA3)
 
 
 def spec_for(cfg: ModelConfig) -> ArchSpec:
