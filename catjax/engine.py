@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from catjax.models.llama import Llama, block_forward, layer_rope, rope_tables
 from catjax.models.spec import spec_for
+from catjax.sharding import shard_batch
 from catjax.ptq import (QuantHook, QuantizedModel, Recipe, fit_block, merge_block, quantize_block,
                         stats_hook)
 from catjax.stats import SecondMoment
@@ -44,8 +45,9 @@ def _apply_block(graphdef, block, h, rope, hook, hook_state):
 class BlockRunner:
   """Runs one decoder block over the calibration activations in batches of windows."""
 
-  def __init__(self, model: Llama, seqlen: int, batch_size: int):
+  def __init__(self, model: Llama, seqlen: int, batch_size: int, mesh=None):
     self.graphdef, _ = nnx.split(model.layers)
+    self.mesh = mesh
     self.config = model.config
     self.tables = rope_tables(model.config, jnp.arange(seqlen)[None], model.dtype)
     self.batch_size = batch_size
@@ -60,8 +62,8 @@ class BlockRunner:
     """`(block(x), hook outputs)`; with `hook=stats_hook` the statistics accumulate over batches."""
     outs, state = [], hook_state
     for i in range(0, x.shape[0], self.batch_size):
-      y, new = _apply_block(self.graphdef, block, x[i:i + self.batch_size], self.rope, hook,
-                            state)
+      y, new = _apply_block(self.graphdef, block, shard_batch(x[i:i + self.batch_size], self.mesh),
+                            self.rope, hook, state)
       outs.append(y)
       if hook is stats_hook:
         state = {site: new[site] for site in state}
@@ -100,7 +102,7 @@ def _stack(items: list):
 
 def quantize_model(model: Llama, windows, recipe: Recipe, *,
                    stats: dict[str, SecondMoment] | None = None, batch_size: int = 1,
-                   progress: bool = True) -> QuantizedModel:
+                   progress: bool = True, mesh=None) -> QuantizedModel:
   """Quantize `model` with `recipe`, walking it one decoder block at a time.
 
   Args:
@@ -112,6 +114,10 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
       `load_stats`); only with full-precision propagation.
     batch_size: windows per jitted block call.
     progress: a progress bar over the blocks.
+    mesh: a `jax.sharding.Mesh` (`catjax.sharding`; the model placed on it with
+      `shard_model`): each batch of windows splits over its data axis, and the
+      statistics are reduced over it (a `batch_size` that the data axis
+      divides uses every device).
 
   Returns:
     A `QuantizedModel` (stacked transforms, merged fake-quantized kernels,
@@ -141,7 +147,7 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
   layers = pure["layers"]
   if walk:
     windows = _check_windows(windows, cfg)
-    runner = BlockRunner(model, windows.shape[1], batch_size)
+    runner = BlockRunner(model, windows.shape[1], batch_size, mesh)
     x = model.embed_tokens(jnp.asarray(windows))
     x_fp = x if (train and quant_prop) else None  # the full-precision twin (training targets)
   hook = QuantHook(recipe.a_config, recipe.kv_config, spec.kv_sites)

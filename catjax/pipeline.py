@@ -180,7 +180,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   for recipe in cfg.recipes:
     t0 = time.perf_counter()
     qm = quantize_model(model, fit, recipe, stats=stats if _shares_stats(recipe) else None,
-                        batch_size=cfg.batch_size, progress=cfg.progress)
+                        batch_size=cfg.batch_size, progress=cfg.progress, mesh=mesh)
     fit_seconds = _timed(qm.model, t0)
     sites = rep.site_report(model, qm, held, acts=held_acts)
     quantized = recipe.method != "fp"

@@ -1,6 +1,6 @@
 """Run by test_sharding.py in a subprocess with 8 host CPU devices: perplexity,
-statistics and quantized perplexity of a tiny model, single device and under
-meshes; prints one JSON line."""
+statistics, quantized perplexity and the block engine's quantized perplexity of a
+tiny model, single device and under meshes; prints one JSON line."""
 
 import json
 import os
@@ -34,9 +34,14 @@ def run(mesh_spec):
   qmodel = qm.model if mesh is None else shard_model(qm.model, mesh)
   qppl = perplexity(qmodel, WINDOWS, batch_size=8, hook=qm.hook, hook_state=qm.transforms,
                     progress=False, mesh=mesh).perplexity
+  # The block engine under the mesh (each batch of 8 windows split over data).
+  walked = quantize_model(model, WINDOWS, RECIPE, batch_size=8, progress=False, mesh=mesh)
+  wppl = perplexity(walked.model if mesh is None else shard_model(walked.model, mesh), WINDOWS,
+                    batch_size=8, hook=walked.hook, hook_state=walked.transforms, progress=False,
+                    mesh=mesh).perplexity
   sharded = [] if mesh is None else [
       list(v.value.sharding.spec) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-  return {"ppl": ppl, "quantized_ppl": qppl,
+  return {"ppl": ppl, "quantized_ppl": qppl, "walked_ppl": wppl,
           "sigma": {s: np.asarray(st.sigma).tolist() for s, st in stats.items()},
           "n_devices": len(jax.devices()), "partitions": sharded}
 
