@@ -1,19 +1,32 @@
-"""Bigger models end to end on this machine: load, fp32 vs bf16, CAT W4A4 with the block engine.
+"""Models end to end on this machine: load, fp32 vs bf16, the block engine's CAT W4A4,
+sharded vs single device, and the memory model of 8B / 70B models.
 
-Per model, in a fresh subprocess (so peak RSS is that model's): parameter
-count, load time and peak RSS right after the (streaming) load, fp
-perplexity in float32 and in bfloat16, then the block engine's CAT k=64 W4A4
-(RTN weights, full-precision propagation; its quantize time) and its
-perplexity, all on the Wikipedia splits at seqlen 512.
+Every measurement runs in a fresh subprocess, so each peak RSS is that step's:
 
-    python benchmarks/scale.py [--models smollm2-135m,qwen2.5-coder-1.5b]
-        [--calib-windows 8] [--eval-windows 8]
+* `load` (float32 and bfloat16): parameters, load seconds and peak RSS of the
+  streaming loader (GGUF dequantized tensor by tensor into target-dtype buffers).
+* `eval`: fp perplexity in float32 and in bfloat16 (parameters and compute).
+* `quant`: the block engine's CAT k=64 W4A4 (RTN weights, fp propagation) from a
+  float32 model: calibration + fit + quantize seconds, peak RSS, and the
+  quantized perplexity.
+* `shard` (SmolLM2 only, 8 forced host devices): perplexity, statistics and the
+  engine's quantized perplexity on one device and on meshes `data=8` and
+  `data=2,model=4`; the largest differences and the time ratio (2 cores
+  emulate 8 devices: the ratio is overhead, not a speedup).
+
+All on Wikipedia windows of 512 tokens (calibration: wiki-calib, eval:
+wiki-eval). The memory model table is computed from the architecture specs of
+Llama-3-8B and -70B (no download).
+
+    python benchmarks/scale.py [--models smollm2-135m,gemma3-270m,qwen2.5-coder-1.5b]
+        [--calib-windows 8] [--eval-windows 8] [--skip-shard]
 
 Writes `results/scale.{json,md}`.
 """
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -24,90 +37,241 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 
 GiB = 2**30
+SEQLEN = 512
+MESHES = ("data=8", "data=2,model=4")
 
 
 def _rss() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
 
 
-def child(model_name: str, calib_windows: int, eval_windows: int, method: str) -> None:
+def _windows(tok, split, n):
+  from catjax.data import text_windows
+  return text_windows(tok, split, seqlen=SEQLEN, max_tokens=n * SEQLEN).tokens
+
+
+def _load(name, dtype="float32"):
   import jax
 
   from catjax.assets import load_pretrained
-  from catjax.data import text_windows
-  from catjax.engine import quantize_model
-  from catjax.evaluate import perplexity
-  from catjax.ptq import Recipe
-  out = {"model": model_name, "rss_before_load_GiB": _rss()}
   t0 = time.perf_counter()
-  model, tok, path = load_pretrained(model_name)
+  model, tok, path = load_pretrained(name, dtype=dtype)
   jax.block_until_ready(jax.tree.leaves(model))
-  out.update(load_seconds=time.perf_counter() - t0, rss_after_load_GiB=_rss(),
-             parameters=sum(x.size for x in jax.tree.leaves(model)), path=str(path),
-             layers=model.config.num_layers, hidden=model.config.hidden_size,
-             model_type=model.config.model_type)
-  seqlen = 512
-  ev = text_windows(tok, "wiki-eval", seqlen=seqlen, max_tokens=eval_windows * seqlen).tokens
-  calib = text_windows(tok, "wiki-calib", seqlen=seqlen, max_tokens=calib_windows * seqlen).tokens
-  out["fp32"] = perplexity(model, ev, batch_size=1, progress=False).to_dict()
-  bf16, _, _ = load_pretrained(model_name, dtype="bfloat16")
-  out["bf16"] = perplexity(bf16, ev, batch_size=1, progress=False).to_dict()
-  del bf16
-  recipe = Recipe().with_spec(method)
+  return model, tok, time.perf_counter() - t0
+
+
+def _ppl(model, windows, qm=None, mesh=None):
+  from catjax.evaluate import perplexity
+  kw = {} if qm is None else {"hook": qm.hook, "hook_state": qm.transforms}
+  return perplexity(model, windows, batch_size=8 if mesh else 1, progress=False, mesh=mesh,
+                    **kw).perplexity
+
+
+def step_load(name, args, dtype):
+  import jax
+  model, _, secs = _load(name, dtype)
+  cfg = model.config
+  return {"dtype": dtype, "load_seconds": secs, "peak_rss_GiB": _rss(),
+          "parameters": sum(x.size for x in jax.tree.leaves(model)),
+          "model_type": cfg.model_type, "layers": cfg.num_layers, "hidden": cfg.hidden_size}
+
+
+def step_eval(name, args):
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    model, tok, _ = _load(name, dtype)
+    t0 = time.perf_counter()
+    out[dtype] = _ppl(model, _windows(tok, "wiki-eval", args.eval_windows))
+    out[f"{dtype}_eval_seconds"] = time.perf_counter() - t0
+    del model
+  return out
+
+
+def step_quant(name, args):
+  import jax
+
+  from catjax.engine import quantize_model
+  from catjax.ptq import Recipe
+  model, tok, _ = _load(name)
+  calib = _windows(tok, "wiki-calib", args.calib_windows)
+  rss_before = _rss()
+  recipe = Recipe().with_spec(args.method)
   t0 = time.perf_counter()
   qm = quantize_model(model, calib, recipe, batch_size=1, progress=False)
   jax.block_until_ready(jax.tree.leaves(qm.model))
-  out["quantize_seconds"] = time.perf_counter() - t0
-  out["recipe"] = recipe.label
-  out["quantized"] = perplexity(qm.model, ev, batch_size=1, hook=qm.hook,
-                                hook_state=qm.transforms, progress=False).to_dict()
-  out["peak_rss_GiB"] = _rss()
-  print(json.dumps(out))
+  secs = time.perf_counter() - t0
+  peak = _rss()
+  return {"recipe": recipe.label, "quantize_seconds": secs, "rss_before_GiB": rss_before,
+          "peak_rss_GiB": peak,
+          "quantized": _ppl(qm.model, _windows(tok, "wiki-eval", args.eval_windows), qm)}
+
+
+def step_shard(name, args):
+  import jax
+  import numpy as np
+
+  from catjax.engine import quantize_model
+  from catjax.ptq import Recipe, calibrate
+  from catjax.sharding import make_mesh, shard_model
+  recipe = Recipe().with_spec(args.method)
+  out = {"devices": len(jax.devices())}
+  for spec in (None, *MESHES):
+    model, tok, _ = _load(name)
+    mesh = None if spec is None else make_mesh(spec)
+    if mesh is not None:
+      shard_model(model, mesh)
+    calib = _windows(tok, "wiki-calib", args.calib_windows)
+    ev = _windows(tok, "wiki-eval", args.eval_windows)
+    t0 = time.perf_counter()
+    ppl = _ppl(model, ev, mesh=mesh)
+    stats = calibrate(model, calib, batch_size=8, progress=False, mesh=mesh)
+    qm = quantize_model(model, calib, recipe, batch_size=8, progress=False, mesh=mesh)
+    qmodel = qm.model if mesh is None else shard_model(qm.model, mesh)
+    qppl = _ppl(qmodel, ev, qm, mesh=mesh)
+    out[str(spec)] = {"seconds": time.perf_counter() - t0, "ppl": ppl, "quantized": qppl,
+                      "sigma": {s: np.asarray(st.sigma) for s, st in stats.items()}}
+  one = out["None"]
+  for spec in MESHES:
+    r = out[spec]
+    r["sigma_max_rel_diff"] = max(
+        float(np.abs(r["sigma"][s] - one["sigma"][s]).max() / np.abs(one["sigma"][s]).max())
+        for s in one["sigma"])
+    r["ppl_rel_diff"] = r["ppl"] / one["ppl"] - 1
+    r["quantized_rel_diff"] = r["quantized"] / one["quantized"] - 1
+    r["time_ratio"] = r["seconds"] / one["seconds"]
+  for r in out.values():
+    if isinstance(r, dict):
+      r.pop("sigma", None)
+  return out
+
+
+STEPS = {"load": step_load, "eval": step_eval, "quant": step_quant, "shard": step_shard}
+
+
+def _child(step, name, args, extra=(), env=None):
+  cmd = [sys.executable, __file__, "--step", step, "--models", name, "--calib-windows",
+         str(args.calib_windows), "--eval-windows", str(args.eval_windows), "--method",
+         args.method, *extra]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if proc.returncode != 0:
+    raise SystemExit(f"{step} {name} failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory_model() -> list[dict]:
+  """Per-block statistics, calibration activations and parameters per device of
+  Llama-3-8B and -70B (128 windows of 2048 tokens; bfloat16 parameters and
+  activations, float32 statistics), on 8-device meshes of catjax's partition."""
+  from catjax.models import ModelConfig, abstract_model, spec_for
+  import jax
+  configs = {
+      "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_layers=32,
+                         num_heads=32, num_kv_heads=8),
+      "Llama-3-70B": dict(hidden_size=8192, intermediate_size=28672, num_layers=80,
+                          num_heads=64, num_kv_heads=8),
+  }
+  rows = []
+  for name, kw in configs.items():
+    cfg = ModelConfig(vocab_size=128256, head_dim=128, **kw)
+    abstract = abstract_model(cfg)
+    n_params = sum(x.size for x in jax.tree.leaves(abstract))
+    dims = spec_for(cfg).site_dims(cfg)
+    stats_block = sum(d * d for d in dims.values()) * 4
+    acts = 128 * 2048 * cfg.hidden_size * 2
+    # model=8 splits every linear and the embeddings; norms (tiny) stay replicated.
+    rows.append({"model": name, "parameters": n_params, "params_bf16_GiB": 2 * n_params / GiB,
+                 "stats_per_block_GiB": stats_block / GiB,
+                 "stats_all_blocks_GiB": cfg.num_layers * stats_block / GiB,
+                 "activations_GiB": acts / GiB,
+                 "model8_params_per_device_GiB": 2 * n_params / 8 / GiB,
+                 "data8_activations_per_device_GiB": acts / 8 / GiB})
+  return rows
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--models", default="smollm2-135m,qwen2.5-coder-1.5b")
+  p.add_argument("--models", default="smollm2-135m,gemma3-270m,qwen2.5-coder-1.5b")
   p.add_argument("--calib-windows", type=int, default=8)
   p.add_argument("--eval-windows", type=int, default=8)
   p.add_argument("--method", default="cat@k64")
-  p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--skip-shard", action="store_true")
+  p.add_argument("--step", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
   args = p.parse_args()
-  if args.child:
-    child(args.child, args.calib_windows, args.eval_windows, args.method)
+  if args.step:
+    extra = (args.dtype,) if args.step == "load" else ()
+    print(json.dumps(STEPS[args.step](args.models, args, *extra)))
     return
   rows = []
   for name in args.models.split(","):
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", name, "--calib-windows",
-                           str(args.calib_windows), "--eval-windows", str(args.eval_windows),
-                           "--method", args.method], capture_output=True, text=True)
-    if proc.returncode != 0:
-      raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
-    row["total_seconds"] = time.perf_counter() - t0
+    row = {"model": name}
+    for dtype in ("float32", "bfloat16"):
+      row[f"load_{dtype}"] = _child("load", name, args, ("--dtype", dtype))
+    row["eval"] = _child("eval", name, args)
+    row["quant"] = _child("quant", name, args)
     rows.append(row)
-    print(f"{name}: {row['parameters'] / 1e9:.2f} B params, load {row['load_seconds']:.0f} s "
-          f"({row['rss_after_load_GiB']:.2f} GiB RSS), fp32 {row['fp32']['perplexity']:.3f}, "
-          f"bf16 {row['bf16']['perplexity']:.3f}, {row['recipe']} "
-          f"{row['quantized']['perplexity']:.3f} (quantize {row['quantize_seconds']:.0f} s)",
-          flush=True)
-  head = ("| model | params | load s | RSS after load GiB | fp32 ppl | bf16 ppl | bf16 vs fp32 | "
-          "recipe | W4A4 ppl | quantize s | peak RSS GiB |")
-  lines = [head, "|" + "---|" * 11]
+    lf, lb, q = row["load_float32"], row["load_bfloat16"], row["quant"]
+    print(f"{name}: {lf['parameters'] / 1e9:.3f} B params; load f32 {lf['load_seconds']:.0f} s "
+          f"{lf['peak_rss_GiB']:.2f} GiB, bf16 {lb['load_seconds']:.0f} s "
+          f"{lb['peak_rss_GiB']:.2f} GiB; ppl f32 {row['eval']['float32']:.3f} bf16 "
+          f"{row['eval']['bfloat16']:.3f}; {q['recipe']} {q['quantized']:.3f} "
+          f"({q['quantize_seconds']:.0f} s, {q['peak_rss_GiB']:.2f} GiB)", flush=True)
+  shard = None
+  if not args.skip_shard:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    shard = _child("shard", "smollm2-135m", args, env=env)
+  mem = memory_model()
+
+  lines = [f"# Models end to end\n\nCalibration {args.calib_windows} × {SEQLEN} tokens "
+           f"(wiki-calib), evaluation {args.eval_windows} × {SEQLEN} tokens (wiki-eval); "
+           f"W4A4 recipe `{args.method}` (block engine, RTN weights, fp propagation). Peak "
+           "RSS is the whole process's (Python, JAX and the tokenizer included).\n",
+           "| model | params | load f32: s / peak RSS GiB | load bf16: s / peak RSS GiB | "
+           "fp32 ppl | bf16 ppl | bf16 vs fp32 | W4A4 ppl | calibrate + fit + quantize s | "
+           "its peak RSS GiB |", "|" + "---|" * 10]
   for r in rows:
-    f32, b16 = r["fp32"]["perplexity"], r["bf16"]["perplexity"]
-    lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.3f} B | {r['load_seconds']:.1f} | "
-                 f"{r['rss_after_load_GiB']:.2f} | {f32:.3f} | {b16:.3f} | "
-                 f"{100 * (b16 / f32 - 1):+.2f}% | {r['recipe']} | "
-                 f"{r['quantized']['perplexity']:.3f} | {r['quantize_seconds']:.0f} | "
-                 f"{r['peak_rss_GiB']:.2f} |")
+    lf, lb, e, q = r["load_float32"], r["load_bfloat16"], r["eval"], r["quant"]
+    lines.append(
+        f"| {r['model']} ({lf['model_type']}, {lf['layers']} blocks) | "
+        f"{lf['parameters'] / 1e9:.3f} B | {lf['load_seconds']:.1f} / {lf['peak_rss_GiB']:.2f} | "
+        f"{lb['load_seconds']:.1f} / {lb['peak_rss_GiB']:.2f} | {e['float32']:.3f} | "
+        f"{e['bfloat16']:.3f} | {100 * (e['bfloat16'] / e['float32'] - 1):+.2f}% | "
+        f"{q['quantized']:.3f} | {q['quantize_seconds']:.0f} | {q['peak_rss_GiB']:.2f} |")
+  if shard is not None:
+    one = shard["None"]
+    lines += ["", f"## SmolLM2-135M sharded over {shard['devices']} forced host devices "
+              "(2 real cores)\n",
+              "Perplexity, calibration statistics and the block engine's W4A4 under each mesh, "
+              "against one device. Batches of 8 windows. The time ratio is emulation "
+              "overhead on 2 cores, not a speedup.\n",
+              "| mesh | fp ppl | rel. diff | W4A4 ppl | rel. diff | max rel. diff of Σ_x | "
+              "seconds | time ratio |", "|" + "---|" * 8,
+              f"| one device | {one['ppl']:.4f} | — | {one['quantized']:.4f} | — | — | "
+              f"{one['seconds']:.0f} | 1.00 |"]
+    for spec in MESHES:
+      r = shard[spec]
+      lines.append(f"| {spec} | {r['ppl']:.4f} | {r['ppl_rel_diff']:+.1e} | {r['quantized']:.4f} | "
+                   f"{r['quantized_rel_diff']:+.1e} | {r['sigma_max_rel_diff']:.1e} | "
+                   f"{r['seconds']:.0f} | {r['time_ratio']:.2f} |")
+  lines += ["", "## Memory model: 8B and 70B\n",
+            "128 calibration windows of 2048 tokens; bf16 parameters and activations, float32 "
+            "statistics. The block engine holds one block's statistics, never all of them. "
+            "catjax partitions parameters over the `model` axis only (tensor parallel) and "
+            "calibration windows over `data`.\n",
+            "| model | params | bf16 params GiB | statistics of one block GiB | of all blocks GiB "
+            "| activations n·T·d GiB | params per device, model=8 | activations per device, "
+            "data=8 |", "|" + "---|" * 8]
+  for m in mem:
+    lines.append(f"| {m['model']} | {m['parameters'] / 1e9:.2f} B | {m['params_bf16_GiB']:.1f} | "
+                 f"{m['stats_per_block_GiB']:.2f} | {m['stats_all_blocks_GiB']:.0f} | "
+                 f"{m['activations_GiB']:.1f} | {m['model8_params_per_device_GiB']:.1f} | "
+                 f"{m['data8_activations_per_device_GiB']:.2f} |")
   info = machine()
-  md = (f"# Models end to end\n\nMachine: {info}. Calibration {args.calib_windows} × 512 tokens "
-        f"(wiki-calib), evaluation {args.eval_windows} × 512 tokens (wiki-eval).\n\n"
-        + "\n".join(lines) + "\n")
+  md = "\n".join(lines) + f"\n\nMachine: {info}.\n"
   print(md)
-  write("scale", {"machine": info, "args": vars(args), "rows": rows}, md)
+  write("scale", {"machine": info, "args": vars(args), "rows": rows, "shard": shard,
+                  "memory_model": mem}, md)
 
 
 if __name__ == "__main__":
