@@ -1,11 +1,15 @@
-"""SmolLM2-135M perplexity and CPU throughput: catjax (JAX) vs transformers (PyTorch).
+"""SmolLM2-135M perplexity and CPU throughput: catjax (JAX) vs transformers (PyTorch),
+and catjax's fake-quantized W4A4 forward vs its full-precision one.
 
 Both models come from the same GGUF file, loaded independently: catjax's own
 reader, and transformers' GGUF loader (which needs `accelerate`). Both see the
 same windows of the Wikipedia eval split. Windows are timed alternately
-(catjax, then PyTorch, window by window) so machine noise hits both alike;
-one warm-up window each is excluded (jit compile, PyTorch first-call setup).
-Batch size 1 for both; PyTorch uses its default thread count.
+(catjax, PyTorch, then catjax's quantized model, window by window) so machine
+noise hits all alike; one warm-up window each is excluded (jit compile,
+PyTorch first-call setup). Batch size 1; PyTorch uses its default thread
+count. The quantized model is the block engine's CAT k=64 W4A4 (calibrated on
+4 windows of wiki-calib): its forward runs the site hook (online block
+transforms, per-token activation fake quantization).
 
     python benchmarks/eval_throughput.py [--seqlens 512 2048] [--max-tokens 16384]
 """
@@ -25,6 +29,8 @@ from _common import machine, write  # noqa: E402
 from catjax.data import text_windows  # noqa: E402
 from catjax.evaluate import window_nll  # noqa: E402
 from catjax.assets import load_pretrained  # noqa: E402
+from catjax.engine import quantize_model  # noqa: E402
+from catjax.ptq import Recipe  # noqa: E402
 
 
 def torch_nll_fn(path):
@@ -47,13 +53,16 @@ def timed(fn, *args):
   return out, time.perf_counter() - t0
 
 
-def run(seqlen, max_tokens, tokenizer, ours, theirs):
+def run(seqlen, max_tokens, tokenizer, ours, theirs, quantized):
   windows = text_windows(tokenizer, "wiki-eval", seqlen=seqlen, max_tokens=max_tokens).tokens
   (_, compile_s), (_, torch_warm_s) = timed(ours, windows[:1]), timed(theirs, windows[:1])
-  nll = {"catjax": 0.0, "pytorch": 0.0}
-  secs = {"catjax": [], "pytorch": []}
+  timed(quantized, windows[:1])
+  fns = (("catjax", lambda w: float(ours(w).sum())), ("pytorch", theirs),
+         ("quantized", lambda w: float(quantized(w).sum())))
+  nll = {name: 0.0 for name, _ in fns}
+  secs = {name: [] for name, _ in fns}
   for i, w in enumerate(windows):
-    for name, fn in (("catjax", lambda w: float(ours(w).sum())), ("pytorch", theirs)):
+    for name, fn in fns:
       value, s = timed(fn, w[None])
       nll[name] += value
       secs[name].append(s)
@@ -67,6 +76,7 @@ def run(seqlen, max_tokens, tokenizer, ours, theirs):
     row[f"tok_s_{name}"] = windows.size / sum(secs[name])
   row["ppl_rel_diff"] = row["ppl_catjax"] / row["ppl_pytorch"] - 1
   row["speed_ratio"] = row["tok_s_catjax"] / row["tok_s_pytorch"]
+  row["quantized_slowdown"] = sum(secs["quantized"]) / sum(secs["catjax"]) - 1
   row["median_window_ratio"] = statistics.median(
       p / c for c, p in zip(secs["catjax"], secs["pytorch"]))
   return row
@@ -82,13 +92,18 @@ def main():
   load_s = time.perf_counter() - t0
   theirs, versions = torch_nll_fn(path)
   ours = window_nll(model)
-  rows = [run(s, args.max_tokens, tokenizer, ours, theirs) for s in args.seqlens]
+  calib = text_windows(tokenizer, "wiki-calib", seqlen=512, max_tokens=4 * 512).tokens
+  qm = quantize_model(model, calib, Recipe().with_spec("cat@k64"), progress=False)
+  quantized = window_nll(qm.model, hook=qm.hook, hook_state=qm.transforms)
+  rows = [run(s, args.max_tokens, tokenizer, ours, theirs, quantized) for s in args.seqlens]
   header = ("| seqlen | windows | tokens | ppl catjax | ppl PyTorch | rel. diff | tok/s catjax "
-            "| tok/s PyTorch | speed ratio | median window ratio |\n" + "|---" * 10 + "|")
+            "| tok/s PyTorch | speed ratio | median window ratio | W4A4 ppl | tok/s W4A4 "
+            "(fake quant) | W4A4 time vs fp |\n" + "|---" * 13 + "|")
   lines = [f"| {r['seqlen']} | {r['windows']} | {r['tokens']} | {r['ppl_catjax']:.4f} | "
            f"{r['ppl_pytorch']:.4f} | {100 * r['ppl_rel_diff']:+.4f}% | {r['tok_s_catjax']:.0f} | "
-           f"{r['tok_s_pytorch']:.0f} | {r['speed_ratio']:.2f}x | {r['median_window_ratio']:.2f}x |"
-           for r in rows]
+           f"{r['tok_s_pytorch']:.0f} | {r['speed_ratio']:.2f}x | {r['median_window_ratio']:.2f}x | "
+           f"{r['ppl_quantized']:.3f} | {r['tok_s_quantized']:.0f} | "
+           f"{100 * r['quantized_slowdown']:+.1f}% |" for r in rows]
   info = {**machine(), **versions}
   md = "\n".join([
       "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32), Wikipedia eval split, "

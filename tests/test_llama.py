@@ -177,3 +177,10 @@ def test_chunked_causal_attention_equals_masked_attention():
   mask = np.tril(np.ones((40, 40), bool))
   np.testing.assert_allclose(np.asarray(causal_attention(q, k, v, chunk=16)),
                              np.asarray(attend(q, k, v, mask)), atol=1e-6)
+  # A sliding window of 5 keys, given as a Python int and traced, and another query scale.
+  band = mask & ~np.tril(np.ones((40, 40), bool), -5)
+  want = np.asarray(attend(q, k, v, band, 0.3))
+  np.testing.assert_allclose(np.asarray(causal_attention(q, k, v, scale=0.3, window=5, chunk=16)),
+                             want, atol=1e-6)
+  traced = jax.jit(lambda w: causal_attention(q, k, v, scale=0.3, window=w, chunk=16))(5)
+  np.testing.assert_allclose(np.asarray(traced), want, atol=1e-6)

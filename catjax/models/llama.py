@@ -95,22 +95,49 @@ def attend(q, k, v, mask, scale: float | None = None):
   return (out / total).astype(v.dtype)
 
 
-def causal_attention(q, k, v, *, scale: float | None = None, window=None, chunk: int = 256):
-  """Causal self-attention (query i sees keys 0..i, and only the `window`
-  latest of them when `window`, a possibly traced int, is given) in query
-  chunks of `chunk`: chunk j only reads keys `[0, end of chunk j)`, which skips
-  the masked half of the work and keeps the scores in cache (3-4x faster than
-  one masked product at 2048 tokens on CPU)."""
-  t = q.shape[1]
-  outs = []
-  for lo in range(0, t, chunk):
-    hi = min(lo + chunk, t)
-    distance = np.arange(lo, hi)[:, None] - np.arange(hi)[None, :]
+def causal_attention(q, k, v, *, scale: float | None = None, window=None, chunk: int = 128):
+  """Causal self-attention of `q (B, T, K, G, hd)` over `k, v (B, T, K, hd)`:
+  query i sees keys 0..i, and only the `window` latest of them when `window`
+  (a Python or traced int) is given.
+
+  Computed in query chunks of `chunk`, heads-major (one transpose of q, k, v
+  instead of one per product): chunk j's scores against the keys before it
+  need no mask, those against its own keys a triangular one; the softmax
+  spans both and is normalized after the value products. Only the unmasked
+  half of the work is done and the scores stay in cache (~2x faster than the
+  tokens-major layout at 2048 tokens on CPU, 3-4x faster than one masked
+  product).
+  """
+  t, hd = q.shape[1], q.shape[-1]
+  dtype = v.dtype
+  qt = jnp.transpose(q, (0, 2, 3, 1, 4)) * jnp.asarray(hd ** -0.5 if scale is None else scale,
+                                                        q.dtype)  # (B, K, G, T, hd)
+  kt, vt = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # (B, K, T, hd)
+
+  def part(qc, lo, hi, distance):
+    s = jnp.einsum("bkgth,bksh->bkgts", qc, kt[:, :, lo:hi], preferred_element_type=jnp.float32)
     mask = distance >= 0
     if window is not None:
       mask = mask & (distance < window)
-    outs.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], mask, scale))
-  return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    return jnp.where(mask, s, -jnp.inf), vt[:, :, lo:hi]
+
+  outs = []
+  for lo in range(0, t, chunk):
+    hi = min(lo + chunk, t)
+    rows = np.arange(lo, hi)[:, None]
+    parts = [part(qt[:, :, :, lo:hi], lo, hi, rows - np.arange(lo, hi)[None, :])]
+    if lo:
+      parts.append(part(qt[:, :, :, lo:hi], 0, lo, rows - np.arange(lo)[None, :]))
+    m = functools.reduce(jnp.maximum, [jnp.max(s, -1, keepdims=True) for s, _ in parts])
+    out = total = 0.0
+    for s, vals in parts:
+      p = jnp.exp(s - m)
+      total = total + jnp.sum(p, axis=-1, keepdims=True)
+      out = out + jnp.einsum("bkgts,bksh->bkgth", p.astype(dtype), vals,
+                             preferred_element_type=jnp.float32)
+    outs.append((out / total).astype(dtype))
+  out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+  return jnp.transpose(out, (0, 3, 1, 2, 4))  # (B, T, K, G, hd)
 
 
 class Attention(nnx.Module):
