@@ -1,6 +1,7 @@
 """Run by test_sharding.py in a subprocess with 8 host CPU devices: perplexity,
-statistics, quantized perplexity and the block engine's quantized perplexity of a
-tiny model, single device and under meshes; prints one JSON line."""
+statistics, quantized perplexity, the block engine's quantized perplexity and
+greedy generation of a tiny model, single device and under meshes; prints one
+JSON line."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from flax import nnx  # noqa: E402
 import tiny  # noqa: E402
 from catjax.engine import quantize_model  # noqa: E402
 from catjax.evaluate import perplexity  # noqa: E402
-from catjax.models import random_model  # noqa: E402
+from catjax.models import generate, random_model  # noqa: E402
 from catjax.ptq import Recipe, calibrate  # noqa: E402
 from catjax.sharding import make_mesh, shard_model  # noqa: E402
 
@@ -41,7 +42,8 @@ def run(mesh_spec):
                     mesh=mesh).perplexity
   sharded = [] if mesh is None else [
       list(v.value.sharding.spec) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-  return {"ppl": ppl, "quantized_ppl": qppl, "walked_ppl": wppl,
+  tokens = generate(model, WINDOWS[0, :8], max_new_tokens=8)  # KV cache under the mesh
+  return {"ppl": ppl, "quantized_ppl": qppl, "walked_ppl": wppl, "generated": tokens,
           "sigma": {s: np.asarray(st.sigma).tolist() for s, st in stats.items()},
           "n_devices": len(jax.devices()), "partitions": sharded}
 

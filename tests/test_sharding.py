@@ -60,6 +60,7 @@ def test_mesh_equals_single_device(mesh_results, mesh):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max(), err_msg=site)
   assert got["quantized_ppl"] == pytest.approx(one["quantized_ppl"], rel=1e-4)
   assert got["walked_ppl"] == pytest.approx(one["walked_ppl"], rel=1e-4)
+  assert got["generated"] == one["generated"]
   if mesh != "data=8,model=1":
     assert [None, "model", None] in got["partitions"], got["partitions"]  # o/down kernels
     assert [None, None, "model"] in got["partitions"], got["partitions"]  # q/k/v/gate/up
