@@ -90,7 +90,7 @@ def main() -> None:
          f"{(r['peak_rss_bytes'] - base) / GiB:.2f} | {r['seconds']:.0f} |" for r in rows]
   md += ["", "Memory model (float32 statistics and activations, 128 × 2048 calibration tokens):", "",
          "| model | one block's statistics | all blocks' statistics | activations X_b "
-         "| + fp twin | one block's params (bf16) | all params (bf16) / per device of 8 |",
+         "| + fp twin | one block's params (bf16) | all block params (bf16) / per device of 8 |",
          "|---|---|---|---|---|---|---|"]
   md += [f"| {m['model']} | {m['block_stats_GiB']:.2f} | {m['all_layer_stats_GiB']:.1f} | "
          f"{m['activations_GiB']:.1f} | {m['activations_with_fp_twin_GiB']:.1f} | "

@@ -1,5 +1,5 @@
 """Models end to end on this machine: load, fp32 vs bf16, the block engine's CAT W4A4,
-sharded vs single device, and the memory model of 8B / 70B models.
+and sharded vs single device (the 8B / 70B memory model is `engine_memory.py`'s).
 
 Every measurement runs in a fresh subprocess, so each peak RSS is that step's:
 
@@ -15,8 +15,7 @@ Every measurement runs in a fresh subprocess, so each peak RSS is that step's:
   emulate 8 devices: the ratio is overhead, not a speedup).
 
 All on Wikipedia windows of 512 tokens (calibration: wiki-calib, eval:
-wiki-eval). The memory model table is computed from the architecture specs of
-Llama-3-8B and -70B (no download).
+wiki-eval).
 
     python benchmarks/scale.py [--models smollm2-135m,gemma3-270m,qwen2.5-coder-1.5b]
         [--calib-windows 8] [--eval-windows 8] [--skip-shard]
@@ -158,36 +157,6 @@ def _child(step, name, args, extra=(), env=None):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def memory_model() -> list[dict]:
-  """Per-block statistics, calibration activations and parameters per device of
-  Llama-3-8B and -70B (128 windows of 2048 tokens; bfloat16 parameters and
-  activations, float32 statistics), on 8-device meshes of catjax's partition."""
-  from catjax.models import ModelConfig, abstract_model, spec_for
-  import jax
-  configs = {
-      "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_layers=32,
-                         num_heads=32, num_kv_heads=8),
-      "Llama-3-70B": dict(hidden_size=8192, intermediate_size=28672, num_layers=80,
-                          num_heads=64, num_kv_heads=8),
-  }
-  rows = []
-  for name, kw in configs.items():
-    cfg = ModelConfig(vocab_size=128256, head_dim=128, **kw)
-    abstract = abstract_model(cfg)
-    n_params = sum(x.size for x in jax.tree.leaves(abstract))
-    dims = spec_for(cfg).site_dims(cfg)
-    stats_block = sum(d * d for d in dims.values()) * 4
-    acts = 128 * 2048 * cfg.hidden_size * 2
-    # model=8 splits every linear and the embeddings; norms (tiny) stay replicated.
-    rows.append({"model": name, "parameters": n_params, "params_bf16_GiB": 2 * n_params / GiB,
-                 "stats_per_block_GiB": stats_block / GiB,
-                 "stats_all_blocks_GiB": cfg.num_layers * stats_block / GiB,
-                 "activations_GiB": acts / GiB,
-                 "model8_params_per_device_GiB": 2 * n_params / 8 / GiB,
-                 "data8_activations_per_device_GiB": acts / 8 / GiB})
-  return rows
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--models", default="smollm2-135m,gemma3-270m,qwen2.5-coder-1.5b")
@@ -221,7 +190,6 @@ def main() -> None:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu"}
     shard = _child("shard", "smollm2-135m", args, env=env)
-  mem = memory_model()
 
   lines = [f"# Models end to end\n\nCalibration {args.calib_windows} × {SEQLEN} tokens "
            f"(wiki-calib), evaluation {args.eval_windows} × {SEQLEN} tokens (wiki-eval); "
@@ -254,24 +222,10 @@ def main() -> None:
       lines.append(f"| {spec} | {r['ppl']:.4f} | {r['ppl_rel_diff']:+.1e} | {r['quantized']:.4f} | "
                    f"{r['quantized_rel_diff']:+.1e} | {r['sigma_max_rel_diff']:.1e} | "
                    f"{r['seconds']:.0f} | {r['time_ratio']:.2f} |")
-  lines += ["", "## Memory model: 8B and 70B\n",
-            "128 calibration windows of 2048 tokens; bf16 parameters and activations, float32 "
-            "statistics. The block engine holds one block's statistics, never all of them. "
-            "catjax partitions parameters over the `model` axis only (tensor parallel) and "
-            "calibration windows over `data`.\n",
-            "| model | params | bf16 params GiB | statistics of one block GiB | of all blocks GiB "
-            "| activations n·T·d GiB | params per device, model=8 | activations per device, "
-            "data=8 |", "|" + "---|" * 8]
-  for m in mem:
-    lines.append(f"| {m['model']} | {m['parameters'] / 1e9:.2f} B | {m['params_bf16_GiB']:.1f} | "
-                 f"{m['stats_per_block_GiB']:.2f} | {m['stats_all_blocks_GiB']:.0f} | "
-                 f"{m['activations_GiB']:.1f} | {m['model8_params_per_device_GiB']:.1f} | "
-                 f"{m['data8_activations_per_device_GiB']:.2f} |")
   info = machine()
   md = "\n".join(lines) + f"\n\nMachine: {info}.\n"
   print(md)
-  write("scale", {"machine": info, "args": vars(args), "rows": rows, "shard": shard,
-                  "memory_model": mem}, md)
+  write("scale", {"machine": info, "args": vars(args), "rows": rows, "shard": shard}, md)
 
 
 if __name__ == "__main__":
