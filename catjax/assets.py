@@ -374,12 +374,15 @@ def resolve_model(model: str, **kw) -> Path:
                    f"({sorted(MODEL_ALIASES)})")
 
 
-def load_pretrained(model: str | Path, *, dtype="float32"):
+def load_pretrained(model: str | Path, *, dtype="float32", mesh=None):
   """`(model, tokenizer, path)` for a name such as "smollm2-135m" (fetched and
-  cached here), a `.gguf` file or a Hugging Face folder."""
+  cached here), a `.gguf` file or a Hugging Face folder; with a `mesh`, every
+  parameter is loaded straight onto its sharding (`catjax.sharding.placement`)."""
   import jax.numpy as jnp
 
   from catjax.data import load_tokenizer
   from catjax.models import load_model
+  from catjax.sharding import placement
   path = resolve_model(str(model))
-  return load_model(path, dtype=jnp.dtype(dtype)), load_tokenizer(path), path
+  place = None if mesh is None else placement(mesh)
+  return load_model(path, dtype=jnp.dtype(dtype), place=place), load_tokenizer(path), path

@@ -216,11 +216,9 @@ def _eval(args) -> dict:
   from catjax.data import text_windows
   from catjax.evaluate import perplexity
   from catjax.assets import load_pretrained
-  from catjax.sharding import default_mesh, shard_model
+  from catjax.sharding import default_mesh
   mesh = default_mesh(args.mesh)  # a bad --mesh fails before the model loads
-  model, tokenizer, path = load_pretrained(args.model, dtype=args.dtype)
-  if mesh is not None:
-    shard_model(model, mesh)
+  model, tokenizer, path = load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
   windows = text_windows(tokenizer, args.eval_text, seqlen=args.seqlen,
                          max_tokens=args.max_tokens)
   result = perplexity(model, windows.tokens, batch_size=args.batch_size, model_name=args.model,

@@ -167,11 +167,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   from catjax.models import capture
   from catjax.sharding import default_mesh, shard_model
   mesh = default_mesh(cfg.mesh)  # a bad mesh fails before the model loads
-  model, tokenizer, path = load_pretrained(cfg.model, dtype=cfg.dtype)
+  model, tokenizer, path = load_pretrained(cfg.model, dtype=cfg.dtype, mesh=mesh)
   for r in cfg.recipes:
     r.check_model(model.config)
-  if mesh is not None:
-    shard_model(model, mesh)
   eval_windows = text_windows(tokenizer, cfg.eval_text, seqlen=cfg.seqlen,
                               max_tokens=cfg.eval_max_tokens)
   stats, fit, held, calib_info = _calibration(cfg, model, tokenizer, mesh)

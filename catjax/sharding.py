@@ -103,24 +103,43 @@ def param_partition(spec: ArchSpec, path: Path, ndim: int) -> P:
   return P(*([None] * ndim))
 
 
-def shard_model(model: Llama, mesh: Mesh) -> Llama:
-  """Place every parameter of `model` on `mesh` by `param_partition` (in place) and return it.
+def param_sharding(mesh: Mesh, spec: ArchSpec, path: Path, shape) -> NamedSharding:
+  """The `NamedSharding` of the parameter at `path` with `shape`.
 
   Raises:
     ValueError: a partitioned axis that the mesh axis size does not divide,
       naming the parameter.
   """
+  partition = param_partition(spec, path, len(shape))
+  for dim, axis in zip(shape, partition):
+    if axis is not None and dim % mesh.shape[axis]:
+      raise ValueError(f"parameter {'/'.join(path)} of shape {tuple(shape)}: axis of size "
+                       f"{dim} cannot be split over mesh axis {axis!r} of size "
+                       f"{mesh.shape[axis]}")
+  return NamedSharding(mesh, partition)
+
+
+def shard_model(model: Llama, mesh: Mesh) -> Llama:
+  """Place every parameter of `model` on `mesh` by `param_partition` (in place) and return it.
+
+  Raises:
+    ValueError: as `param_sharding`.
+  """
   spec = spec_for(model.config)
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     path = tuple(str(k) for k in path)
-    partition = param_partition(spec, path, var.value.ndim)
-    for dim, axis in zip(var.value.shape, partition):
-      if axis is not None and dim % mesh.shape[axis]:
-        raise ValueError(f"parameter {'/'.join(path)} of shape {var.value.shape}: axis of size "
-                         f"{dim} cannot be split over mesh axis {axis!r} of size "
-                         f"{mesh.shape[axis]}")
-    var.set_value(jax.device_put(var.value, NamedSharding(mesh, partition)))
+    var.set_value(jax.device_put(var.value, param_sharding(mesh, spec, path, var.value.shape)))
   return model
+
+
+def placement(mesh: Mesh):
+  """A `place` for the loaders (`catjax.models.load_model(..., place=)`): each
+  loaded parameter goes straight onto its sharding, every device (of this
+  process) receiving only its slice of the host buffer."""
+  def place(spec: ArchSpec, path: Path, value: np.ndarray) -> jax.Array:
+    sharding = param_sharding(mesh, spec, path, value.shape)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  return place
 
 
 def shard_batch(x, mesh: Mesh | None):

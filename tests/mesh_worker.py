@@ -6,6 +6,7 @@ JSON line."""
 import json
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
@@ -15,9 +16,9 @@ from flax import nnx  # noqa: E402
 import tiny  # noqa: E402
 from catjax.engine import quantize_model  # noqa: E402
 from catjax.evaluate import perplexity  # noqa: E402
-from catjax.models import generate, random_model  # noqa: E402
+from catjax.models import generate, load_hf, random_model, save_hf  # noqa: E402
 from catjax.ptq import Recipe, calibrate  # noqa: E402
-from catjax.sharding import make_mesh, shard_model  # noqa: E402
+from catjax.sharding import make_mesh, placement, shard_model  # noqa: E402
 
 CFG = tiny.config(num_heads=4, num_kv_heads=4, head_dim=16, intermediate_size=128)
 WINDOWS = tiny.tokens((16, 32), 128, seed=3)
@@ -40,12 +41,21 @@ def run(mesh_spec):
   wppl = perplexity(walked.model if mesh is None else shard_model(walked.model, mesh), WINDOWS,
                     batch_size=8, hook=walked.hook, hook_state=walked.transforms, progress=False,
                     mesh=mesh).perplexity
-  sharded = [] if mesh is None else [
-      list(v.value.sharding.spec) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  specs = lambda m: [list(v.value.sharding.spec)  # noqa: E731
+                     for _, v in nnx.to_flat_state(nnx.state(m, nnx.Param))]
+  sharded = loaded = [] if mesh is None else specs(model)
+  loaded_ppl = ppl
+  if mesh is not None:  # loaded straight onto the mesh
+    with tempfile.TemporaryDirectory() as folder:
+      save_hf(random_model(CFG, seed=2), folder)
+      direct = load_hf(folder, place=placement(mesh))
+    loaded = specs(direct)
+    loaded_ppl = perplexity(direct, WINDOWS, batch_size=8, progress=False, mesh=mesh).perplexity
   tokens = generate(model, WINDOWS[0, :8], max_new_tokens=8)  # KV cache under the mesh
   return {"ppl": ppl, "quantized_ppl": qppl, "walked_ppl": wppl, "generated": tokens,
           "sigma": {s: np.asarray(st.sigma).tolist() for s, st in stats.items()},
-          "n_devices": len(jax.devices()), "partitions": sharded}
+          "n_devices": len(jax.devices()), "partitions": sharded, "loaded_partitions": loaded,
+          "loaded_ppl": loaded_ppl}
 
 
 if __name__ == "__main__":

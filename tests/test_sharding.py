@@ -61,6 +61,8 @@ def test_mesh_equals_single_device(mesh_results, mesh):
   assert got["quantized_ppl"] == pytest.approx(one["quantized_ppl"], rel=1e-4)
   assert got["walked_ppl"] == pytest.approx(one["walked_ppl"], rel=1e-4)
   assert got["generated"] == one["generated"]
+  assert got["loaded_partitions"] == got["partitions"]  # placed while loading
+  assert got["loaded_ppl"] == pytest.approx(one["ppl"], rel=1e-5)
   if mesh != "data=8,model=1":
     assert [None, "model", None] in got["partitions"], got["partitions"]  # o/down kernels
     assert [None, None, "model"] in got["partitions"], got["partitions"]  # q/k/v/gate/up

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -24,7 +24,10 @@ from flax import nnx
 from catjax.models.config import ModelConfig
 from catjax.models.lazy import LazyTensors
 from catjax.models.llama import Llama, abstract_model
-from catjax.models.spec import spec_for
+from catjax.models.spec import ArchSpec, spec_for
+
+# `(spec, parameter path, host buffer) -> jax.Array`: where a loaded parameter goes.
+Place = Callable[[ArchSpec, tuple[str, ...], np.ndarray], jax.Array]
 
 # Buffers some checkpoints carry that are recomputed here.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -36,14 +39,17 @@ def _flat_params(model: Llama) -> dict[tuple[str, ...], nnx.Variable]:
 
 
 def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
-                   source: str = "checkpoint") -> Llama:
+                   source: str = "checkpoint", place: Place | None = None) -> Llama:
   """Build a model from Hugging Face-named tensors (`(out, in)` weights).
 
   Every name is checked before any tensor is read. Then tensors are read one
   at a time (`tensors[name]`; a `LazyTensors` reads from the file only then),
   converted into a buffer of the target dtype for their parameter (all
-  blocks of it), and each finished parameter goes to the device at once: host
-  memory peaks near the model in `dtype` plus one stacked parameter.
+  blocks of it), and each finished parameter goes to its device(s) at once —
+  `place(spec, path, buffer)` when given (`catjax.sharding.placement`: straight
+  onto the parameter's sharding, each device receiving only its slice), else
+  the default device: host memory peaks near the model in `dtype` plus one
+  stacked parameter.
 
   Raises:
     ValueError: naming the tensor, for an unknown or missing tensor or a
@@ -93,7 +99,7 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype
                          f"{want[::-1] if transpose else want} for {'/'.join(path)}")
       (buf[i] if stacked else buf)[...] = a.T if transpose else a
       del a
-    var.set_value(jnp.asarray(buf))
+    var.set_value(jnp.asarray(buf) if place is None else place(spec, path, buf))
     del buf
   return model
 
@@ -124,31 +130,34 @@ def read_safetensors(folder: Path) -> LazyTensors:
   return LazyTensors(loaders, shapes)
 
 
-def load_hf(folder: str | Path, *, dtype=jnp.float32) -> Llama:
-  """Load a Hugging Face folder: `config.json` + (sharded) safetensors, bf16/f16/f32."""
+def load_hf(folder: str | Path, *, dtype=jnp.float32, place: Place | None = None) -> Llama:
+  """Load a Hugging Face folder: `config.json` + (sharded) safetensors, bf16/f16/f32
+  (`place`: see `params_from_hf`)."""
   folder = Path(folder)
   config_file = folder / "config.json"
   if not config_file.exists():
     raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
   cfg = ModelConfig.from_hf(json.loads(config_file.read_text()))
-  return params_from_hf(cfg, read_safetensors(folder), dtype=dtype, source=str(folder))
+  return params_from_hf(cfg, read_safetensors(folder), dtype=dtype, source=str(folder),
+                        place=place)
 
 
-def load_gguf(path: str | Path, *, dtype=jnp.float32) -> Llama:
-  """Load a llama-architecture GGUF file (dequantized; q/k rows un-permuted)."""
+def load_gguf(path: str | Path, *, dtype=jnp.float32, place: Place | None = None) -> Llama:
+  """Load a llama, qwen2 or gemma3 GGUF file (dequantized tensor by tensor;
+  `place`: see `params_from_hf`)."""
   from catjax.models.gguf import read_gguf
   hf_config, tensors = read_gguf(path)
   cfg = ModelConfig.from_hf(hf_config)
-  return params_from_hf(cfg, tensors, dtype=dtype, source=str(path))
+  return params_from_hf(cfg, tensors, dtype=dtype, source=str(path), place=place)
 
 
-def load_model(path: str | Path, *, dtype=jnp.float32) -> Llama:
-  """A model from a GGUF file or a Hugging Face folder."""
+def load_model(path: str | Path, *, dtype=jnp.float32, place: Place | None = None) -> Llama:
+  """A model from a GGUF file or a Hugging Face folder (`place`: see `params_from_hf`)."""
   path = Path(path)
   if path.is_dir():
-    return load_hf(path, dtype=dtype)
+    return load_hf(path, dtype=dtype, place=place)
   if path.suffix == ".gguf":
-    return load_gguf(path, dtype=dtype)
+    return load_gguf(path, dtype=dtype, place=place)
   raise ValueError(f"{path}: expected a Hugging Face model folder or a .gguf file")
 
 
