@@ -147,23 +147,27 @@ def quantize(v: jax.Array, config: QuantConfig) -> QArray:
   v = jnp.asarray(v)
   shape = v.shape
   g, axes = _grouped(v.astype(jnp.float32), config)
+  q, scale, zero = _levels(g, axes, config)
+  zero = None if zero is None else zero.astype(jnp.int32)
+  values = q.astype(config.storage_dtype).reshape(shape)
+  return QArray(values=values, scale=scale, zero_point=zero, config=config, shape=shape)
+
+
+def _levels(g: jax.Array, axes, config: QuantConfig):
+  """`(levels, scale, zero point or None)` of grouped float32 `g`; the levels
+  are integers held as float32 (exact: at most 8 bits)."""
   clip = jnp.float32(config.clip_ratio)
   if config.symmetric:
     absmax = jnp.max(jnp.abs(g), axis=axes, keepdims=True)
     scale = clip * absmax / config.qmax
     scale = jnp.where(scale > 0, scale, 1.0)
-    q = jnp.clip(jnp.round(g / scale), -config.qmax, config.qmax)
-    zero = None
-  else:
-    lo = jnp.minimum(jnp.min(g, axis=axes, keepdims=True), 0.0) * clip
-    hi = jnp.maximum(jnp.max(g, axis=axes, keepdims=True), 0.0) * clip
-    scale = (hi - lo) / config.qmax
-    scale = jnp.where(scale > 0, scale, 1.0)
-    zero = jnp.clip(jnp.round(-lo / scale), 0, config.qmax)
-    q = jnp.clip(jnp.round(g / scale) + zero, 0, config.qmax)
-    zero = zero.astype(jnp.int32)
-  values = q.astype(config.storage_dtype).reshape(shape)
-  return QArray(values=values, scale=scale, zero_point=zero, config=config, shape=shape)
+    return jnp.clip(jnp.round(g / scale), -config.qmax, config.qmax), scale, None
+  lo = jnp.minimum(jnp.min(g, axis=axes, keepdims=True), 0.0) * clip
+  hi = jnp.maximum(jnp.max(g, axis=axes, keepdims=True), 0.0) * clip
+  scale = (hi - lo) / config.qmax
+  scale = jnp.where(scale > 0, scale, 1.0)
+  zero = jnp.clip(jnp.round(-lo / scale), 0, config.qmax)
+  return jnp.clip(jnp.round(g / scale) + zero, 0, config.qmax), scale, zero
 
 
 def dequantize(q: QArray, dtype: Any = jnp.float32) -> jax.Array:
@@ -176,9 +180,13 @@ def dequantize(q: QArray, dtype: Any = jnp.float32) -> jax.Array:
 
 
 def fake_quantize(v: jax.Array, config: QuantConfig) -> jax.Array:
-  """`dequantize(quantize(v))`, returned in the dtype of `v`."""
+  """`dequantize(quantize(v))`, returned in the dtype of `v`: the same values,
+  computed without the round trip through the integer storage dtype (the
+  levels are exact integers in float32)."""
   v = jnp.asarray(v)
-  return dequantize(quantize(v, config), v.dtype)
+  g, axes = _grouped(v.astype(jnp.float32), config)
+  q, scale, zero = _levels(g, axes, config)
+  return ((q if zero is None else q - zero) * scale).reshape(v.shape).astype(v.dtype)
 
 
 def pack_int4(q: jax.Array, *, axis: int = -1) -> jax.Array:

@@ -26,6 +26,11 @@ def test_round_trip_error_is_within_half_a_step(key, bits, symmetric, granularit
   # re-quantizing the dequantized values is exact
   q2 = quant.quantize(quant.dequantize(q), cfg)
   np.testing.assert_array_equal(q2.values, q.values)
+  # fake_quantize skips the integer round trip but gives the same floats, bit for bit,
+  # eagerly and under jit
+  np.testing.assert_array_equal(quant.fake_quantize(v, cfg), quant.dequantize(q))
+  np.testing.assert_array_equal(jax.jit(quant.fake_quantize, static_argnums=1)(v, cfg),
+                                jax.jit(lambda v: quant.dequantize(quant.quantize(v, cfg)))(v))
 
 
 def test_symmetric_levels_and_scale():
