@@ -52,6 +52,27 @@ def stored(w, qtype):
   return gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype).reshape(w.shape)
 
 
+def _save(writer, path):
+  """Write the file `writer` holds and return its path."""
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path
+
+
+def _vocabulary(path, arch, model, tokens, types, *, bos, eos, unk):
+  """A `GGUFWriter` holding only a tokenizer: its model, tokens, types and ids."""
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_tokenizer_model(model)
+  writer.add_token_list(tokens)
+  writer.add_token_types(types)
+  writer.add_bos_token_id(bos)
+  writer.add_eos_token_id(eos)
+  writer.add_unk_token_id(unk)
+  return writer
+
+
 def write_gguf(path, tensors, arch="llama", edit=None):
   """Writes `{gguf_name: float32 array}` (PyTorch order) like llama.cpp's converter.
 
@@ -80,11 +101,7 @@ def write_gguf(path, tensors, arch="llama", edit=None):
       writer.add_tensor(name, w.astype(np.float32 if qtype == Q.F32 else np.float16))
     else:
       writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
+  return _save(writer, path)
 
 
 def random_tensors(tied=True, seed=0):
@@ -207,21 +224,12 @@ def write_tokenizer(path, pre="smollm", model="gpt2", add_bos=False):
   specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
   merges = ["h e", "Ġ t", "t he", "Ġt he", "Ġ 1"]
   tokens = specials + sorted(ByteLevel.alphabet()) + [m.replace(" ", "") for m in merges]
-  writer = gguf.GGUFWriter(str(path), "llama")
-  writer.add_tokenizer_model(model)
+  types = [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(tokens) - 3)
+  writer = _vocabulary(path, "llama", model, tokens, types, bos=1, eos=2, unk=0)
   writer.add_tokenizer_pre(pre)
-  writer.add_token_list(tokens)
-  writer.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
   writer.add_token_merges(merges)
-  writer.add_bos_token_id(1)
-  writer.add_eos_token_id(2)
-  writer.add_unk_token_id(0)
   writer.add_add_bos_token(add_bos)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
+  return _save(writer, path)
 
 
 @pytest.mark.parametrize("pre, pieces", [
@@ -251,20 +259,10 @@ def write_sentencepiece(path, arch):
   types = ([gguf.TokenType.CONTROL] * 4 + [gguf.TokenType.BYTE] * 256
            + [gguf.TokenType.NORMAL] * 4 + [gguf.TokenType.USER_DEFINED]
            + [gguf.TokenType.NORMAL] * 4)
-  writer = gguf.GGUFWriter(str(path), arch)
-  writer.add_tokenizer_model("llama")
-  writer.add_token_list(tokens)
+  writer = _vocabulary(path, arch, "llama", tokens, types, bos=2, eos=1, unk=3)
   writer.add_token_scores(scores)
-  writer.add_token_types(types)
-  writer.add_bos_token_id(2)
-  writer.add_eos_token_id(1)
-  writer.add_unk_token_id(3)
   writer.add_add_space_prefix(False)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
+  return _save(writer, path)
 
 
 @pytest.mark.parametrize("arch, pieces", [
