@@ -4,7 +4,9 @@ and sharded vs single device (the 8B / 70B memory model is `engine_memory.py`'s)
 Every measurement runs in a fresh subprocess, so each peak RSS is that step's:
 
 * `load` (float32 and bfloat16): parameters, load seconds and peak RSS of the
-  streaming loader (GGUF dequantized tensor by tensor into target-dtype buffers).
+  streaming loader (GGUF read and dequantized tensor by tensor, each written
+  into its parameter on the device), against the process's RSS before the load,
+  the model's bytes and its largest tensor.
 * `eval`: fp perplexity in float32 and in bfloat16 (parameters and compute).
 * `quant`: the block engine's CAT k=64 W4A4 (RTN weights, fp propagation) from a
   float32 model: calibration + fit + quantize seconds, peak RSS, and the
@@ -68,10 +70,22 @@ def _ppl(model, windows, qm=None, mesh=None):
 
 def step_load(name, args, dtype):
   import jax
+  import jax.numpy as jnp
+
+  from catjax.models import gguf, loading  # noqa: F401  (imported before the baseline)
+  jnp.zeros(1).block_until_ready()
+  before = _rss()
   model, _, secs = _load(name, dtype)
   cfg = model.config
+  leaves = jax.tree.leaves(model)
+  # The largest single checkpoint tensor: one block's slice of a stacked
+  # parameter, or an unstacked one (the embedding).
+  largest = max(x.nbytes // (cfg.num_layers if x.ndim >= 2 and x.shape[0] == cfg.num_layers
+                             else 1) for x in leaves)
   return {"dtype": dtype, "load_seconds": secs, "peak_rss_GiB": _rss(),
-          "parameters": sum(x.size for x in jax.tree.leaves(model)),
+          "rss_before_GiB": before, "model_GiB": sum(x.nbytes for x in leaves) / GiB,
+          "largest_tensor_GiB": largest / GiB,
+          "parameters": sum(x.size for x in leaves),
           "model_type": cfg.model_type, "layers": cfg.num_layers, "hidden": cfg.hidden_size}
 
 
@@ -206,6 +220,20 @@ def main() -> None:
         f"{lb['load_seconds']:.1f} / {lb['peak_rss_GiB']:.2f} | {e['float32']:.3f} | "
         f"{e['bfloat16']:.3f} | {100 * (e['bfloat16'] / e['float32'] - 1):+.2f}% | "
         f"{q['quantized']:.3f} | {q['quantize_seconds']:.0f} | {q['peak_rss_GiB']:.2f} |")
+  lines += ["", "## Host memory of a load\n",
+            "Peak RSS of the load minus the process's RSS before it (Python and JAX "
+            "started), against the parameters' bytes in the target dtype and the largest "
+            "single tensor (GiB). The load also builds the tokenizer.\n",
+            "| model | dtype | before | peak | peak − before | model | largest tensor | "
+            "excess over model + largest |", "|" + "---|" * 8]
+  for r in rows:
+    for dtype in ("float32", "bfloat16"):
+      ld = r[f"load_{dtype}"]
+      grown = ld["peak_rss_GiB"] - ld["rss_before_GiB"]
+      lines.append(f"| {r['model']} | {dtype} | {ld['rss_before_GiB']:.2f} | "
+                   f"{ld['peak_rss_GiB']:.2f} | {grown:.2f} | {ld['model_GiB']:.2f} | "
+                   f"{ld['largest_tensor_GiB']:.3f} | "
+                   f"{grown - ld['model_GiB'] - ld['largest_tensor_GiB']:+.2f} |")
   if shard is not None:
     one = shard["None"]
     lines += ["", f"## SmolLM2-135M sharded over {shard['devices']} forced host devices "

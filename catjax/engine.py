@@ -117,7 +117,8 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
     mesh: a `jax.sharding.Mesh` (`catjax.sharding`; the model placed on it with
       `shard_model`): each batch of windows splits over its data axis, and the
       statistics are reduced over it (a `batch_size` that the data axis
-      divides uses every device); the fits run on one device.
+      divides uses every device); each block's site fits run concurrently on
+      this process's devices of the mesh.
 
   Returns:
     A `QuantizedModel` (stacked transforms, merged fake-quantized kernels,
@@ -169,9 +170,12 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
     if stats_b is not None:
       _check_finite(stats_b, b)
     # Under a mesh the fits' factorizations would run replicated on every device:
-    # they run once, on this process's default device, from host copies.
-    fit_in = (block, stats_b) if mesh is None else jax.device_get((block, stats_b))
-    t_b = fit_block(*fit_in, recipe, spec=spec, layer=b)
+    # each site's fit runs once, from host copies, spread over this process's devices.
+    if mesh is None:
+      t_b = fit_block(block, stats_b, recipe, spec=spec, layer=b)
+    else:
+      t_b = fit_block(*jax.device_get((block, stats_b)), recipe, spec=spec, layer=b,
+                      devices=list(mesh.local_devices))
     if train:
       target = y if x_fp is None else runner(block, x_fp)[0]
       t_b, info = train_block(runner, block, t_b, x, target, recipe, spec=spec, layer=b)

@@ -26,6 +26,7 @@ import numpy as np
 HIGHEST = jax.lax.Precision.HIGHEST
 MAX_BASE_ORDER = 256   # largest non-power-of-two base factor
 MAX_POW2_FACTOR = 128  # powers of two are split into factors of at most this size
+DENSE_OUTER_MAX = 128  # `apply_outer` contracts at most this order in one dense pass
 
 # First rows of symmetric circulant Williamson matrices A, B, C, D of order 43
 # (A² + B² + C² + D² = 172·I); Holzmann & Kharaghani 1983.
@@ -208,14 +209,57 @@ def apply_hadamard(x: jax.Array, signs: jax.Array | None = None, *, axis: int = 
     if signs.shape != (n,):
       raise ValueError(f"signs must have shape ({n},), got {signs.shape=}")
     v = v * signs.astype(jnp.float32)
-  lead = v.shape[:-1]
-  pre = math.prod(lead)
-  post = n
+  v = _apply_factors(v.reshape(-1, n), factors).reshape(v.shape)
+  return jnp.moveaxis(v, -1, axis).astype(out_dtype)
+
+
+def _apply_factors(v: jax.Array, factors: tuple[int, ...]) -> jax.Array:
+  """`v (H_f1 ⊗ H_f2 ⊗ ... ⊗ I)ᵀ` for float32 `v: (rows, n)`, one factor at a
+  time (the identity fills what the factors leave of `n`)."""
+  pre, post = v.shape
+  shape = v.shape
   for f in factors:
     post //= f
     h = jnp.asarray(_factor_matrix(f) / math.sqrt(f), jnp.float32)
-    v = v.reshape(pre, f, post)
-    v = jnp.einsum("ab,pbq->paq", h, v, precision=HIGHEST)
+    v = jnp.einsum("ab,pbq->paq", h, v.reshape(pre, f, post), precision=HIGHEST)
     pre *= f
-  v = v.reshape(lead + (n,))
-  return jnp.moveaxis(v, -1, axis).astype(out_dtype)
+  return v.reshape(shape)
+
+
+def inner_split(n: int, k: int) -> tuple[int, tuple[int, ...]]:
+  """Split `H_n = H_outer ⊗ H_inner` for a block size `k`.
+
+  `inner` is the largest power of two dividing both `k` and the power-of-two
+  part of `n` (Sylvester matrices factor as Kronecker products of any powers
+  of two, so this is the same `H_n`); `I_(n/k) ⊗ (I_(k/inner) ⊗ H_inner)` is
+  then block diagonal with `k × k` blocks and can be folded into a block
+  transform. Returns `(inner, outer factors)`, the outer factors in Kronecker
+  order (most significant first).
+  """
+  factors = hadamard_factors(n)
+  pow2 = math.prod(f for f in factors if _is_pow2(f))
+  inner = math.gcd(pow2, k & -k) if k > 0 else 1
+  outer, rest = [], n // inner
+  for f in factors:
+    g = math.gcd(f, rest) if _is_pow2(f) else f
+    if g > 1:
+      outer.append(g)
+    rest //= g
+  return inner, tuple(outer)
+
+
+def apply_outer(v: jax.Array, factors: tuple[int, ...]) -> jax.Array:
+  """`H_outer` (the Kronecker product of `factors`) applied along the middle
+  axis of float32 `v: (rows, o, q)`: the outer part of `inner_split`. One
+  dense contraction when `o` is small (one pass over `v` beats several cheaper
+  ones on CPU), else one factor at a time."""
+  rows, o, q = v.shape
+  if o == 1:
+    return v
+  if o > DENSE_OUTER_MAX:
+    return _apply_factors(v.reshape(rows, o * q), factors).reshape(v.shape)
+  h = np.ones((1, 1))
+  for f in factors:
+    h = np.kron(h, _factor_matrix(f))
+  h = jnp.asarray(h / math.sqrt(o), jnp.float32)
+  return jnp.einsum("ab,pbq->paq", h, v, precision=HIGHEST)

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -377,10 +378,14 @@ def site_grams(block: dict, *, spec: ArchSpec) -> dict[str, jax.Array]:
 
 
 def fit_block(block: dict, stats: dict[str, SecondMoment], recipe: Recipe, *, spec: ArchSpec,
-              layer: int) -> dict[str, Transform] | None:
+              layer: int, devices=None) -> dict[str, Transform] | None:
   """One transform per site of block `layer` from its statistics (closed form).
 
   Hadamard signs depend on `recipe.seed`, the layer and the site only.
+  `devices`: run the sites' fits concurrently, site `i` on
+  `devices[(layer · sites + i) mod len(devices)]` (one thread per device; the
+  same computation, so the same transforms as on one device). `block` and
+  `stats` must then be host arrays (or uncommitted), and so are the results.
 
   Returns:
     `{site: Transform}`, or None for recipes without a transform.
@@ -390,16 +395,26 @@ def fit_block(block: dict, stats: dict[str, SecondMoment], recipe: Recipe, *, sp
     return None
   grams = site_grams(block, spec=spec)
   key = jax.random.PRNGKey(recipe.seed)
-  out = {}
-  for i, s in enumerate(spec.sites):
+
+  def fit(i, s):
     weight_absmax = jnp.max(jnp.stack([jnp.abs(_kernel(block, p)).max(-1) for p in s.linears]), 0)
     t = fit_transform(
         method, stats[s.name].sigma, grams[s.name], block_size=recipe.block_size,
         key=jax.random.fold_in(key, layer * len(spec.sites) + i),
         act_absmax=stats[s.name].absmax, alpha=recipe.alpha, weight_absmax=weight_absmax,
         eps=recipe.eps, x64=recipe.fit_x64, name=f"layer {layer} {s.name}")
-    out[s.name] = fold_block_hadamard(t) if recipe.hadamard == "block" else t
-  return out
+    return fold_block_hadamard(t) if recipe.hadamard == "block" else t
+
+  if not devices or len(devices) < 2:
+    return {s.name: fit(i, s) for i, s in enumerate(spec.sites)}
+
+  def fit_on_device(i, s):
+    with jax.default_device(devices[(layer * len(spec.sites) + i) % len(devices)]):
+      return jax.device_get(fit(i, s))
+
+  with ThreadPoolExecutor(min(len(devices), len(spec.sites))) as pool:
+    fitted = list(pool.map(fit_on_device, *zip(*enumerate(spec.sites))))
+  return {s.name: t for s, t in zip(spec.sites, fitted)}
 
 
 def map_kernels(block: dict, spec: ArchSpec, fn) -> dict:

@@ -134,12 +134,9 @@ def shard_model(model: Llama, mesh: Mesh) -> Llama:
 
 def placement(mesh: Mesh):
   """A `place` for the loaders (`catjax.models.load_model(..., place=)`): each
-  loaded parameter goes straight onto its sharding, every device (of this
-  process) receiving only its slice of the host buffer."""
-  def place(spec: ArchSpec, path: Path, value: np.ndarray) -> jax.Array:
-    sharding = param_sharding(mesh, spec, path, value.shape)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-  return place
+  loaded parameter is written straight onto its sharding, every device (of
+  this process) receiving only its slice."""
+  return lambda spec, path, shape: param_sharding(mesh, spec, path, shape)
 
 
 def shard_batch(x, mesh: Mesh | None):

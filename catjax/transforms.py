@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +98,8 @@ class Transform:
     x = jnp.asarray(x)
     self._check(x, -1, "x")
     v = x.astype(jnp.float32)
+    if self._fuses(x):
+      return self._apply_fused(v.reshape(-1, self.dim)).reshape(x.shape).astype(x.dtype)
     if self.blocks is not None:
       # Blocks-major batched matmul with explicit transposes: ~1.5x faster on
       # CPU than letting the einsum place the block axis.
@@ -107,6 +110,28 @@ class Transform:
     if self.signs is not None:
       v = hd.apply_hadamard(v, self.signs)
     return v.astype(x.dtype)
+
+  def _fuses(self, x: jax.Array) -> bool:
+    """Whether `apply` folds `D` and the inner Hadamard factor into the blocks:
+    when there are both blocks and a Hadamard and at least `k` rows (folding
+    costs what applying that factor to `k` rows does)."""
+    if self.blocks is None or self.signs is None or self.block_size < 2:
+      return False
+    return math.prod(x.shape[:-1]) >= self.block_size and hd.inner_split(
+        self.dim, self.block_size)[0] > 1
+
+  def _apply_fused(self, v: jax.Array) -> jax.Array:
+    """`apply` on float32 `(rows, d)` as `(H_outer ⊗ I) · F` with the block
+    diagonal `F = (I ⊗ H_inner) D B` (`hadamard.inner_split`): the same `T`,
+    one pass over the activations fewer."""
+    nb, k, _ = self.blocks.shape
+    inner, outer = hd.inner_split(self.dim, k)
+    f = self.signs.reshape(nb, k, 1).astype(jnp.float32) * self.blocks
+    f = hd.apply_hadamard(f.reshape(nb, k // inner, inner, k), axis=2).reshape(nb, k, k)
+    v = jnp.swapaxes(v.reshape(-1, nb, k), 0, 1)
+    v = jnp.matmul(v, jnp.swapaxes(f, -1, -2), precision=HIGHEST)
+    v = jnp.swapaxes(v, 0, 1).reshape(-1, self.dim // inner, inner)
+    return hd.apply_outer(v, outer).reshape(-1, self.dim)
 
   def merge(self, kernel: jax.Array) -> jax.Array:
     """`kernel' = T⁻ᵀ kernel` for `kernel: (d, d_out)`; returns its dtype."""

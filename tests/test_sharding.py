@@ -63,9 +63,15 @@ def test_mesh_equals_single_device(mesh_results, mesh):
   assert got["generated"] == one["generated"]
   assert got["loaded_partitions"] == got["partitions"]  # placed while loading
   assert got["loaded_ppl"] == pytest.approx(one["ppl"], rel=1e-5)
+  # 2 blocks × 4 sites, site i of block b on device (4b + i) mod 8.
+  assert one["fit_devices"] == 1 and got["fit_devices"] == 8
   if mesh != "data=8,model=1":
     assert [None, "model", None] in got["partitions"], got["partitions"]  # o/down kernels
     assert [None, None, "model"] in got["partitions"], got["partitions"]  # q/k/v/gate/up
+
+
+def test_site_fits_spread_over_devices_equal_one_device(mesh_results):
+  assert mesh_results["spread_fits_equal"] is True
 
 
 def test_indivisible_parameter_is_named(mesh_results):

@@ -1,3 +1,5 @@
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,3 +166,27 @@ def test_fold_block_hadamard_is_block_diagonal_and_preserves_the_function():
   np.testing.assert_allclose(np.asarray(f.apply(x) @ f.merge(w)), x @ w, rtol=1e-4, atol=1e-3)
   with pytest.raises(ValueError, match="needs blocks and a Hadamard"):
     fold_block_hadamard(transforms.fit_transform("hadamard", x.T @ x, w @ w.T))
+
+
+@pytest.mark.parametrize("d,k,dense_outer_max", [
+    (576, 64, 128), (1536, 64, 128), (1536, 64, 4), (192, 32, 128), (96, 8, 128), (64, 64, 128),
+    (48, 16, 128)])
+def test_apply_folds_the_inner_hadamard_into_the_blocks(d, k, dense_outer_max, monkeypatch):
+  """With at least `k` rows, `apply` runs `(H_outer ⊗ I)·((I ⊗ H_inner) D B)`:
+  the same `T = H D B` as the dense product, also when the outer part is
+  applied factor by factor; fewer rows take the unfolded path."""
+  from catjax import hadamard as hd
+  monkeypatch.setattr(hd, "DENSE_OUTER_MAX", dense_outer_max)
+  key = jax.random.PRNGKey(d + k)
+  blocks = jax.random.normal(key, (d // k, k, k))
+  signs = hd.random_signs(jax.random.fold_in(key, 1), d)
+  t = transforms.Transform(blocks, None, signs, "cat", d)
+  dense = (hd.hadamard_matrix(d) * np.asarray(signs)) @ jax.scipy.linalg.block_diag(*blocks)
+  x = jax.random.normal(jax.random.fold_in(key, 2), (2, k, d))
+  assert t._fuses(x) and not t._fuses(x[0, :k - 1])
+  inner, outer = hd.inner_split(d, k)
+  assert inner > 1 and k % inner == 0 and inner * math.prod(outer) == d
+  want = np.asarray(x) @ np.asarray(dense).T
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(t.apply(x), want, atol=2e-6 * scale)
+  np.testing.assert_allclose(t.apply(x[0, :k - 1]), want[0, :k - 1], atol=2e-6 * scale)

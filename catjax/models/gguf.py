@@ -108,7 +108,22 @@ class _Tensor:
   name: str
   tensor_type: gguf.GGMLQuantizationType
   shape: tuple[int, ...]  # ggml order, fastest dimension first
-  data: np.ndarray  # memory-mapped: float array, or uint8 blocks of a quantized type
+  file: str
+  offset: int  # of its data in the file
+  item: np.dtype  # float type, or uint8 blocks of a quantized type
+  stored_shape: tuple[int, ...]
+
+  @property
+  def data(self) -> np.ndarray:
+    """Its stored data, read from the file now (a plain read, not a memory map:
+    pages of a mapped file would count towards the process's resident memory
+    until the whole model is loaded)."""
+    count = int(np.prod(self.stored_shape))
+    a = np.fromfile(self.file, self.item, count, offset=self.offset)
+    if a.size != count:
+      raise ValueError(f"{self.file}: tensor {self.name!r} is truncated "
+                       f"({a.size * self.item.itemsize} of {count * self.item.itemsize} bytes)")
+    return a.reshape(self.stored_shape)
 
 
 # GGUF metadata value types -> numpy scalar types (8 is a string, 9 an array).
@@ -181,8 +196,9 @@ def _read(path: str) -> tuple[dict, dict[str, _Tensor]]:
     else:
       shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
       item, count = np.dtype(np.uint8), int(np.prod(shape))
-    arr = np.frombuffer(buf, item, count, start + offset).reshape(shape)
-    tensors[name] = _Tensor(name, kind, dims, arr)
+    if start + offset + count * item.itemsize > data.size:
+      raise ValueError(f"{path}: tensor {name!r} ends past the end of the file (truncated)")
+    tensors[name] = _Tensor(name, kind, dims, str(path), start + offset, item, shape)
   return meta, tensors
 
 

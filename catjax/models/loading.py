@@ -26,8 +26,8 @@ from catjax.models.lazy import LazyTensors
 from catjax.models.llama import Llama, abstract_model
 from catjax.models.spec import ArchSpec, spec_for
 
-# `(spec, parameter path, host buffer) -> jax.Array`: where a loaded parameter goes.
-Place = Callable[[ArchSpec, tuple[str, ...], np.ndarray], jax.Array]
+# `(spec, parameter path, shape) -> Sharding`: where a loaded parameter goes.
+Place = Callable[[ArchSpec, tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding]
 
 # Buffers some checkpoints carry that are recomputed here.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -44,12 +44,12 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype
 
   Every name is checked before any tensor is read. Then tensors are read one
   at a time (`tensors[name]`; a `LazyTensors` reads from the file only then),
-  converted into a buffer of the target dtype for their parameter (all
-  blocks of it), and each finished parameter goes to its device(s) at once —
-  `place(spec, path, buffer)` when given (`catjax.sharding.placement`: straight
-  onto the parameter's sharding, each device receiving only its slice), else
-  the default device: host memory peaks near the model in `dtype` plus one
-  stacked parameter.
+  converted to the target dtype and written straight into their parameter on
+  its device(s): the sharding `place(spec, path, shape)` when given
+  (`catjax.sharding.placement`; each device receives only its slice), else
+  the default device. A stacked parameter is allocated there once and each
+  block's tensor is written into it in place (a donated update), so host
+  memory peaks near the model in `dtype` plus one tensor.
 
   Raises:
     ValueError: naming the tensor, for an unknown or missing tensor or a
@@ -87,21 +87,43 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype
   if unknown:
     raise ValueError(f"{source}: unknown tensor {unknown[0]!r} ({len(unknown)} unknown in all)")
   np_dtype = jnp.dtype(dtype)
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   for path, names, stacked, transpose in plan:
     var = slots[path]
     want = tuple(var.shape[1:] if stacked else var.shape)
-    buf = np.empty(var.shape, np_dtype)
-    for i, n in enumerate(names):
+    sharding = default if place is None else place(spec, path, var.shape)
+
+    def read(n):
       a = tensors[n]
       got = a.shape[::-1] if transpose else a.shape
       if got != want:
         raise ValueError(f"{source}: tensor {n!r} has shape {a.shape}, expected "
                          f"{want[::-1] if transpose else want} for {'/'.join(path)}")
-      (buf[i] if stacked else buf)[...] = a.T if transpose else a
-      del a
-    var.set_value(jnp.asarray(buf) if place is None else place(spec, path, buf))
-    del buf
+      return np.asarray(a.T if transpose else a, np_dtype)
+
+    if not stacked:
+      var.set_value(_on(read(names[0]), sharding))
+      continue
+    value = _zeros(var.shape, np_dtype, sharding)
+    for i, n in enumerate(names):
+      value = _write_block(value, _on(read(n)[None], sharding), i)
+    var.set_value(value)
   return model
+
+
+def _on(a: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """Host array `a` on `sharding` (each device gets its slice; any number of processes)."""
+  return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def _zeros(shape, dtype, sharding) -> jax.Array:
+  return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_block(stacked: jax.Array, block: jax.Array, i) -> jax.Array:
+  """`stacked[i] = block[0]`, in place (the donated `stacked`'s buffer is reused)."""
+  return jax.lax.dynamic_update_slice_in_dim(stacked, block, i, axis=0)
 
 
 def read_safetensors(folder: Path) -> LazyTensors:
