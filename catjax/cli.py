@@ -18,8 +18,8 @@ DTYPES = ("float32", "bfloat16")
 
 def _model_args(p: argparse.ArgumentParser):
   p.add_argument("--model", default="smollm2-135m",
-                 help="model name (smollm2-135m), .gguf file or Hugging Face folder "
-                      "(default: %(default)s)")
+                 help="model name (smollm2-135m), .gguf file, Hugging Face folder or (eval, "
+                      "generate) a quantized checkpoint folder (default: %(default)s)")
   p.add_argument("--dtype", default="float32", choices=DTYPES,
                  help="parameter and compute dtype (default: %(default)s)")
   p.add_argument("--mesh", default=None,
@@ -127,6 +127,10 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool):
   o.add_argument("--json", type=Path,
                  help="write the report here, with .md, .sqnr.png and .decomposition.png beside it")
   o.add_argument("--no-progress", action="store_true", help="no progress bars")
+  if not several:
+    o.add_argument("--save", type=Path, metavar="DIR",
+                   help="write the real quantized model (integer weights, transforms, "
+                        "tokenizer) to the new folder DIR; needs --w-bits and --a-bits")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,13 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--json", type=Path, help="write the report as JSON here")
   ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-  gen = sub.add_parser("generate", help="greedy continuation of a prompt")
+  gen = sub.add_parser("generate", help="continue a prompt (greedy or sampled), streaming")
   _model_args(gen)
   gen.add_argument("--prompt", required=True, help="text to continue")
   gen.add_argument("--max-new-tokens", type=_positive, default=32,
                    help="(default: %(default)s)")
   gen.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template")
+  gen.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 is greedy (default: %(default)s)")
+  gen.add_argument("--top-p", type=_ratio, default=1.0,
+                   help="nucleus sampling: keep the most likely tokens up to this probability "
+                        "mass (default: %(default)s)")
+  gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+  gen.add_argument("--json", type=Path, help="write prompt, completion and token ids here")
 
   qz = sub.add_parser("quantize", help="calibrate, quantize with one recipe, evaluate, report")
   _ptq_args(qz, several=False)
@@ -173,6 +184,7 @@ def _run_config(args, specs: list[str]):
                 propagate=args.propagate, seed=args.seed)
   recipes = tuple(base.with_spec(s) for s in specs)
   return RunConfig(recipes=recipes, model=args.model, dtype=args.dtype,
+                   save=getattr(args, "save", None),
                    calib_text=args.calib_text, calib_windows=args.calib_windows,
                    calib_seqlen=args.calib_seqlen, report_windows=args.report_windows,
                    eval_text=args.eval_text, seqlen=args.seqlen,
@@ -213,17 +225,18 @@ def _compare(args) -> dict:
 
 
 def _eval(args) -> dict:
+  from catjax.checkpoint import load_runnable
   from catjax.data import text_windows
   from catjax.evaluate import perplexity
-  from catjax.assets import load_pretrained
   from catjax.sharding import default_mesh
   mesh = default_mesh(args.mesh)  # a bad --mesh fails before the model loads
-  model, tokenizer, path = load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
-  windows = text_windows(tokenizer, args.eval_text, seqlen=args.seqlen,
+  r = load_runnable(args.model, dtype=args.dtype, mesh=mesh)
+  windows = text_windows(r.tokenizer, args.eval_text, seqlen=args.seqlen,
                          max_tokens=args.max_tokens)
-  result = perplexity(model, windows.tokens, batch_size=args.batch_size, model_name=args.model,
-                      data_name=args.eval_text, progress=not args.no_progress, mesh=mesh)
-  report = {**result.to_dict(), "model_path": str(path)}
+  result = perplexity(r.model, windows.tokens, batch_size=args.batch_size, model_name=args.model,
+                      data_name=args.eval_text, progress=not args.no_progress, mesh=mesh,
+                      hook=r.hook, hook_state=r.hook_state)
+  report = {**result.to_dict(), "model_path": str(r.path)}
   print(f"perplexity {result.perplexity:.4f}  ({args.model}, {args.eval_text}, "
         f"seqlen {result.seqlen}, {result.windows} windows, {result.tokens} tokens, "
         f"{result.dtype}, {result.tokens_per_second:.0f} tok/s)")
@@ -231,19 +244,33 @@ def _eval(args) -> dict:
 
 
 def _generate(args) -> dict:
-  from catjax.assets import load_pretrained
+  from catjax.checkpoint import load_runnable
   from catjax.models import generate
-  model, tokenizer, _ = load_pretrained(args.model, dtype=args.dtype)
+  r = load_runnable(args.model, dtype=args.dtype)
+  tokenizer = r.tokenizer
   if args.chat:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                            add_generation_prompt=True, tokenize=False)
   else:
     prompt = args.prompt
   ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-  new = generate(model, ids, max_new_tokens=args.max_new_tokens,
-                 eos_token_id=model.config.eos_token_id)
+  if not args.chat:
+    print(args.prompt, end="", flush=True)
+  new, shown = [], ""
+
+  def stream(token):  # print what the decoded text gained (whole characters only)
+    nonlocal shown
+    new.append(token)
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if not text.endswith("\ufffd"):
+      print(text[len(shown):], end="", flush=True)
+      shown = text
+
+  generate(r.model, ids, max_new_tokens=args.max_new_tokens, hook=r.hook,
+           hook_state=r.hook_state, eos_token_id=r.model.config.eos_token_id,
+           temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=stream)
   text = tokenizer.decode(new, skip_special_tokens=True)
-  print(text if args.chat else args.prompt + text)
+  print(text[len(shown):], flush=True)
   return {"prompt": args.prompt, "completion": text, "tokens": new}
 
 
@@ -267,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     _distributed(args)
     report = {"eval": _eval, "generate": _generate, "quantize": _quantize,
               "compare": _compare}[args.command](args)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"catjax {args.command}: error: {e}", file=sys.stderr)
     return 2
   if getattr(args, "json", None) and args.command in ("eval", "generate"):

@@ -20,7 +20,9 @@ from typing import Any
 
 
 from catjax import report as rep
+from catjax.checkpoint import check_new_folder, save_quantized
 from catjax.engine import quantize_model
+from catjax.quantized import realize
 from catjax.ptq import Recipe, calibrate, load_stats, save_stats
 
 
@@ -46,6 +48,8 @@ class RunConfig:
     mesh: "data=N,model=M" (`catjax.sharding.make_mesh`): shard the model,
       calibration and evaluation over the devices; None: all devices on
       `data` when there are several, else no mesh.
+    save: write the real quantized model of the one recipe here
+      (`catjax.checkpoint.save_quantized`); a new folder, checked before any work.
   """
 
   recipes: tuple[Recipe, ...]
@@ -63,6 +67,7 @@ class RunConfig:
   stats_out: Path | None = None
   progress: bool = True
   mesh: str | None = None
+  save: Path | None = None
 
   def __post_init__(self):
     if not self.recipes:
@@ -77,6 +82,14 @@ class RunConfig:
         raise ValueError(f"{name}={v!r}: expected a positive integer")
     if self.calib_seqlen is not None and self.calib_seqlen < 2:
       raise ValueError(f"calib_seqlen={self.calib_seqlen!r}: expected an integer >= 2")
+    if self.save is not None:
+      if len(self.recipes) != 1:
+        raise ValueError(f"save={self.save}: saving needs exactly one recipe, got "
+                         f"{len(self.recipes)}")
+      r = self.recipes[0]
+      if r.method == "fp" or r.w_bits is None or r.a_bits is None:
+        raise ValueError(f"save={self.save}: a real quantized model needs weight and activation "
+                         f"bits; recipe {r.label!r} has w_bits={r.w_bits} a_bits={r.a_bits}")
     if self.eval_max_tokens < self.seqlen:
       raise ValueError(f"eval_max_tokens={self.eval_max_tokens} is less than one window of "
                        f"seqlen={self.seqlen}")
@@ -167,6 +180,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   from catjax.models import capture
   from catjax.sharding import default_mesh, shard_model
   mesh = default_mesh(cfg.mesh)  # a bad mesh fails before the model loads
+  if cfg.save is not None:
+    check_new_folder(cfg.save)
   model, tokenizer, path = load_pretrained(cfg.model, dtype=cfg.dtype, mesh=mesh)
   for r in cfg.recipes:
     r.check_model(model.config)
@@ -191,6 +206,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     results.append({"recipe": recipe.to_dict(), "perplexity": ppl.perplexity,
                     "evaluation": ppl.to_dict(), "fit_seconds": fit_seconds,
                     "engine": qm.info or {}, "sites": sites})
+    if cfg.save is not None:
+      saved = save_quantized(realize(model, qm), cfg.save, tokenizer=tokenizer)
+      results[-1]["saved"] = str(saved)
+      if cfg.progress:
+        print(f"{recipe.label:>28}: real quantized model saved to {saved}", flush=True)
     if cfg.progress:
       print(f"{recipe.label:>28}: perplexity {ppl.perplexity:.3f}  (fit {fit_seconds:.1f} s, "
             f"eval {ppl.seconds:.0f} s)", flush=True)

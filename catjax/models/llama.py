@@ -402,23 +402,63 @@ def _capture_hook(sites: tuple[str, ...]) -> Hook:
 
 
 def generate(model: Llama, prompt, *, max_new_tokens: int = 32,
-             eos_token_id: int | list[int] | None = None) -> list[int]:
-  """Greedy continuation of one prompt with a KV cache; returns the new token ids.
+             eos_token_id: int | list[int] | None = None, hook: Hook | None = None,
+             hook_state=None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             on_token=None) -> list[int]:
+  """Continuation of one prompt with a KV cache; returns the new token ids.
 
-  Stops after `max_new_tokens` or at an end-of-sequence id (included in the result).
+  Greedy at `temperature == 0`, else sampled from `softmax(logits / temperature)`
+  restricted to the smallest set of tokens whose probability reaches `top_p`
+  (nucleus), with `jax.random` keys from `seed` (the same seed, the same
+  tokens). `hook`/`hook_state` run a quantized model (`QuantizedModel.hook`,
+  `.transforms`); a KV-quantizing hook quantizes the cached keys and values.
+  `on_token(id)` is called as each token is chosen (streaming). Stops after
+  `max_new_tokens` or at an end-of-sequence id (included in the result).
+
+  Raises:
+    ValueError: an empty prompt, `max_new_tokens < 1`, a negative temperature
+      or a `top_p` outside (0, 1].
   """
   prompt = np.asarray(prompt, np.int32).reshape(1, -1)
   if prompt.shape[1] == 0:
     raise ValueError("prompt is empty: generation needs at least one token")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if not (np.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature={temperature!r}: expected a finite value >= 0")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p!r}: expected a value in (0, 1]")
   eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
   cache = init_cache(model.config, 1, prompt.shape[1] + max_new_tokens, model.dtype)
-  logits, cache = forward(model, prompt, cache=cache)
+  key = jax.random.PRNGKey(seed)
+
+  def step(tokens, cache):
+    out = forward(model, tokens, cache=cache, hook=hook, hook_state=hook_state)
+    return out[0], out[1]
+
+  logits, cache = step(prompt, cache)
   new = []
   while True:
-    token = int(jnp.argmax(logits[0, -1]))
+    if temperature == 0:
+      token = int(jnp.argmax(logits[0, -1]))
+    else:
+      token = int(_sample(logits[0, -1], jax.random.fold_in(key, len(new)),
+                          float(temperature), float(top_p)))
     new.append(token)
+    if on_token is not None:
+      on_token(token)
     if token in eos or len(new) == max_new_tokens:
       return new
-    logits, cache = forward(model, np.array([[token]], np.int32), cache=cache)
+    logits, cache = step(np.array([[token]], np.int32), cache)
+
+
+@jax.jit
+def _sample(logits, key, temperature, top_p):
+  """One token from `softmax(logits / temperature)` cut to its top-`p` nucleus."""
+  logits = logits.astype(jnp.float32) / temperature
+  order = jnp.argsort(-logits)
+  probs = jax.nn.softmax(logits[order])
+  # Keep a token when the mass before it is below top_p (the first is always kept).
+  keep = jnp.cumsum(probs) - probs < top_p
+  choice = jax.random.categorical(key, jnp.where(keep, logits[order], -jnp.inf))
+  return order[choice]

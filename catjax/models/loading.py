@@ -203,25 +203,14 @@ def hf_tensors(model: Llama) -> dict[str, jax.Array]:
 MAX_SHARD_BYTES = 5 * 2**30
 
 
-def save_hf(model: Llama, folder: str | Path, *, tokenizer=None,
-            max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-  """Write `config.json` and the weights (+ tokenizer files) that transformers loads.
-
-  Up to `max_shard_bytes` the weights go to `model.safetensors`; above, to
-  `model-0000i-of-0000n.safetensors` shards of at most that size (a larger
-  single tensor gets a shard of its own) and `model.safetensors.index.json`.
-  """
+def write_tensors(folder: Path, tensors: Mapping[str, jax.Array], *,
+                  max_shard_bytes: int = MAX_SHARD_BYTES,
+                  metadata: dict[str, str] | None = None) -> list[str]:
+  """Write `tensors` as safetensors into `folder`: `model.safetensors` up to
+  `max_shard_bytes`, above that `model-0000i-of-0000n.safetensors` shards of at
+  most that size (a larger single tensor gets a shard of its own) and
+  `model.safetensors.index.json`. Returns the files written."""
   from safetensors.flax import save_file
-  if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
-    raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: expected a positive integer")
-  folder = Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors",
-              folder / "model.safetensors.index.json"]:
-    old.unlink(missing_ok=True)  # the other layout's files would shadow or confuse
-  hf = {**model.config.to_hf(), "torch_dtype": str(jnp.dtype(model.dtype))}
-  (folder / "config.json").write_text(json.dumps(hf, indent=2))
-  tensors = hf_tensors(model)
   shards, size = [[]], 0
   for name, t in tensors.items():
     if shards[-1] and size + t.nbytes > max_shard_bytes:
@@ -232,12 +221,34 @@ def save_hf(model: Llama, folder: str | Path, *, tokenizer=None,
   files = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   for file, names in zip(files, shards):
-    save_file({k: jnp.asarray(tensors[k]) for k in names}, str(folder / file),
-              metadata={"format": "pt"})
+    save_file({k: jnp.asarray(tensors[k]) for k in names}, str(folder / file), metadata=metadata)
   if len(shards) > 1:
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
              "weight_map": {k: file for file, names in zip(files, shards) for k in names}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    files.append("model.safetensors.index.json")
+  return files
+
+
+def save_hf(model: Llama, folder: str | Path, *, tokenizer=None,
+            max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+  """Write `config.json` and the weights (+ tokenizer files) that transformers loads.
+
+  Up to `max_shard_bytes` the weights go to `model.safetensors`; above, to
+  `model-0000i-of-0000n.safetensors` shards of at most that size (a larger
+  single tensor gets a shard of its own) and `model.safetensors.index.json`.
+  """
+  if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+    raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: expected a positive integer")
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors",
+              folder / "model.safetensors.index.json"]:
+    old.unlink(missing_ok=True)  # the other layout's files would shadow or confuse
+  hf = {**model.config.to_hf(), "torch_dtype": str(jnp.dtype(model.dtype))}
+  (folder / "config.json").write_text(json.dumps(hf, indent=2))
+  write_tensors(folder, hf_tensors(model), max_shard_bytes=max_shard_bytes,
+                metadata={"format": "pt"})
   if tokenizer is not None:
     tokenizer.save_pretrained(str(folder))
   return folder
