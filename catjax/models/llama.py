@@ -412,8 +412,9 @@ def generate(model: Llama, prompt, *, max_new_tokens: int = 32,
   (nucleus), with `jax.random` keys from `seed` (the same seed, the same
   tokens). `hook`/`hook_state` run a quantized model (`QuantizedModel.hook`,
   `.transforms`); a KV-quantizing hook quantizes the cached keys and values.
-  `on_token(id)` is called as each token is chosen (streaming). Stops after
-  `max_new_tokens` or at an end-of-sequence id (included in the result).
+  `on_token(id)` is called as each token is chosen (streaming); a true return
+  value stops generation there. Stops after `max_new_tokens` or at an
+  end-of-sequence id (included in the result).
 
   Raises:
     ValueError: an empty prompt, `max_new_tokens < 1`, a negative temperature
@@ -445,9 +446,8 @@ def generate(model: Llama, prompt, *, max_new_tokens: int = 32,
       token = int(_sample(logits[0, -1], jax.random.fold_in(key, len(new)),
                           float(temperature), float(top_p)))
     new.append(token)
-    if on_token is not None:
-      on_token(token)
-    if token in eos or len(new) == max_new_tokens:
+    stop = on_token is not None and on_token(token)
+    if stop or token in eos or len(new) == max_new_tokens:
       return new
     logits, cache = step(np.array([[token]], np.int32), cache)
 
