@@ -67,8 +67,8 @@ def markdown_table(results: list[MethodResult]) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for lab in labels:
     first = by[(lab, bits[0])]
-    row = ([lab] + [f"{by[(lab, b)].measured_db:.2f}" for b in bits]
-           + [f"{by[(lab, b)].predicted_db:.2f}" for b in bits]
+    row = ([lab] + [f"{by[(lab, b)].measured_sqnr_db:.2f}" for b in bits]
+           + [f"{by[(lab, b)].predicted_sqnr_db:.2f}" for b in bits]
            + [f"{first.concentration_x_db:.2f}", f"{first.concentration_w_db:.2f}",
               f"{first.alignment_gain_db:.2f}"])
     lines.append("| " + " | ".join(row) + " |")

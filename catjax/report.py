@@ -43,16 +43,14 @@ def _site_terms(x, kernel, qkernel, transform, *, a_config, w_config):
     y = jnp.einsum("btd,do->bto", x, k, precision=HIGHEST)
     yq = jnp.einsum("btd,do->bto", xq, kq, precision=HIGHEST)
     sig, err = jnp.sum(y**2, -1), jnp.sum((y - yq) ** 2, -1)  # (B, T)
-    x2 = xt.reshape(-1, xt.shape[-1])
-    # A = tr(Σ_x Σ_W) / (tr Σ_x tr Σ_W) with Σ_W = kt ktᵀ: tr(Σ_x Σ_W) = E‖x kt‖² and
-    # x' kt = x k (the transform preserves the function), so no d × d products are needed.
-    align = (jnp.sum(sig) / jnp.sum(x2.astype(jnp.float32) ** 2)) / jnp.sum(kt.astype(jnp.float32) ** 2)
+    # The factors of the transformed operands, as `catjax.stats` defines them
+    # (8-bit quantizers' ranges for an operand left unquantized).
+    f = st.sqnr_factors(xt, kt, a_config=a_config or activation_config(8),
+                        w_config=w_config or weight_config(8))
     return {
         "measured": jnp.sum(sig) / jnp.sum(err),
         "measured_excl_pos0": jnp.sum(sig[:, 1:]) / jnp.sum(err[:, 1:]),
-        "c_x": st.concentration_x(x2, a_config or activation_config(8)),
-        "c_w": st.concentration_w(kt, w_config or weight_config(8)),
-        "align": align,
+        "c_x": f["concentration_x"], "c_w": f["concentration_w"], "align": f["alignment"],
     }
 
   return jax.lax.map(one, (x, kernel, qkernel, transform))
@@ -61,17 +59,6 @@ def _site_terms(x, kernel, qkernel, transform, *, a_config, w_config):
 def _db(v: float) -> float | None:
   """dB of a linear ratio; None for an infinite or undefined one (JSON has no inf)."""
   return None if not math.isfinite(v) or v <= 0 else 10.0 * math.log10(v)
-
-
-def _predicted(c_x: float, c_w: float, align: float, a_config: QuantConfig | None,
-               w_config: QuantConfig | None) -> float:
-  """`1 / (1/SQNR_x + 1/SQNR_w)`; an unquantized operand contributes no noise."""
-  inv = 0.0
-  if a_config is not None:
-    inv += 1.0 / (12.0 * a_config.num_steps**2 * c_x * align)
-  if w_config is not None:
-    inv += 1.0 / (12.0 * w_config.num_steps**2 * c_w * align)
-  return math.inf if inv == 0 else 1.0 / inv
 
 
 def site_report(model: Llama, qm: QuantizedModel, windows: np.ndarray, *,
@@ -101,7 +88,8 @@ def site_report(model: Llama, qm: QuantizedModel, windows: np.ndarray, *,
           "layer": layer, "site": site, "method": qm.recipe.label,
           "measured_sqnr_db": _db(v["measured"]),
           "measured_sqnr_excl_pos0_db": _db(v["measured_excl_pos0"]),
-          "predicted_sqnr_db": _db(_predicted(v["c_x"], v["c_w"], v["align"], a_config, w_config)),
+          "predicted_sqnr_db": _db(float(st.predicted_sqnr(v["c_x"], v["c_w"], v["align"],
+                                                           a_config=a_config, w_config=w_config))),
           "concentration_x_db": _db(v["c_x"]),
           "concentration_w_db": _db(v["c_w"]),
           "alignment_gain_db": _db(d * v["align"]),

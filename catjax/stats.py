@@ -173,10 +173,17 @@ def _operand_sqnrs(c_x, c_w, align, a_config: QuantConfig, w_config: QuantConfig
           12.0 * w_config.num_steps**2 * c_w * align)
 
 
-def predicted_sqnr(c_x, c_w, align, *, a_config: QuantConfig, w_config: QuantConfig):
-  """`12 · (N_x² C_x ∥ N_w² C_w) · A` (linear, not dB)."""
-  sx, sw = _operand_sqnrs(c_x, c_w, align, a_config, w_config)
-  return sx * sw / (sx + sw)
+def predicted_sqnr(c_x, c_w, align, *, a_config: QuantConfig | None,
+                   w_config: QuantConfig | None):
+  """`12 · (N_x² C_x ∥ N_w² C_w) · A` (linear, not dB): `1 / (1/SQNR_x + 1/SQNR_w)`,
+  where an operand whose config is None is not quantized and adds no noise
+  (both None: infinite)."""
+  inv = 0.0
+  if a_config is not None:
+    inv = inv + 1.0 / (12.0 * a_config.num_steps**2 * c_x * align)
+  if w_config is not None:
+    inv = inv + 1.0 / (12.0 * w_config.num_steps**2 * c_w * align)
+  return jnp.inf if a_config is None and w_config is None else 1.0 / inv
 
 
 def measured_sqnr(x: jax.Array, kernel: jax.Array, *, a_config: QuantConfig,
@@ -189,21 +196,39 @@ def measured_sqnr(x: jax.Array, kernel: jax.Array, *, a_config: QuantConfig,
   return jnp.sum(y**2) / jnp.sum((y - yq) ** 2)
 
 
+def operand_alignment(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`alignment(Σ_x, Σ_W)` of the operands themselves, without `d × d` products:
+  with `Σ_x = XᵀX / n` and `Σ_W = K Kᵀ`, `tr(Σ_x Σ_W) = ‖X K‖² / n`, so
+  `A = ‖X K‖² / (‖X‖² ‖K‖²)`."""
+  x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  k = kernel.astype(jnp.float32)
+  y = jnp.matmul(x, k, precision=HIGHEST)
+  return jnp.sum(y**2) / (jnp.sum(x**2) * jnp.sum(k**2))
+
+
+def sqnr_factors(x: jax.Array, kernel: jax.Array, *, a_config: QuantConfig,
+                 w_config: QuantConfig) -> dict[str, jax.Array]:
+  """The decomposition's factors of `y = x @ kernel` (linear, not dB):
+  `concentration_x`, `concentration_w` and `alignment`."""
+  x2 = x.reshape(-1, x.shape[-1])
+  return {"concentration_x": concentration_x(x2, a_config),
+          "concentration_w": concentration_w(kernel, w_config),
+          "alignment": operand_alignment(x2, kernel)}
+
+
 @functools.partial(jax.jit, static_argnames=("a_config", "w_config"))
 def layer_sqnr_terms(x: jax.Array, kernel: jax.Array, *, a_config: QuantConfig,
                      w_config: QuantConfig) -> dict[str, jax.Array]:
   """All terms of the decomposition as arrays in dB (jitted; batch with vmap)."""
   x2 = x.reshape(-1, x.shape[-1])
-  c_x = concentration_x(x2, a_config)
-  c_w = concentration_w(kernel, w_config)
-  sigma_x = second_moment(x2).astype(jnp.float32)
-  a = alignment(sigma_x, weight_gram(kernel).astype(jnp.float32))
+  f = sqnr_factors(x2, kernel, a_config=a_config, w_config=w_config)
+  c_x, c_w, a = f["concentration_x"], f["concentration_w"], f["alignment"]
   sx, sw = _operand_sqnrs(c_x, c_w, a, a_config, w_config)
   return {
-      "measured_db": db(measured_sqnr(x2, kernel, a_config=a_config, w_config=w_config)),
-      "predicted_db": db(sx * sw / (sx + sw)),
-      "predicted_act_db": db(sx),
-      "predicted_weight_db": db(sw),
+      "measured_sqnr_db": db(measured_sqnr(x2, kernel, a_config=a_config, w_config=w_config)),
+      "predicted_sqnr_db": db(sx * sw / (sx + sw)),
+      "predicted_act_sqnr_db": db(sx),
+      "predicted_weight_sqnr_db": db(sw),
       "concentration_x_db": db(c_x),
       "concentration_w_db": db(c_w),
       "alignment_gain_db": db(x2.shape[-1] * a),
@@ -214,13 +239,13 @@ def layer_sqnr_terms(x: jax.Array, kernel: jax.Array, *, a_config: QuantConfig,
 class SQNRDecomposition:
   """Measured and predicted SQNR of one quantized linear and its factors (dB)."""
 
-  measured_db: float
-  predicted_db: float
+  measured_sqnr_db: float
+  predicted_sqnr_db: float
   concentration_x_db: float
   concentration_w_db: float
   alignment_gain_db: float
-  predicted_act_db: float
-  predicted_weight_db: float
+  predicted_act_sqnr_db: float
+  predicted_weight_sqnr_db: float
 
   def as_dict(self) -> dict[str, float]:
     return dataclasses.asdict(self)

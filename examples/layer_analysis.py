@@ -31,7 +31,7 @@ def main():
 
   plain = cj.sqnr_decomposition(x_eval, kernel)
   print(f"layer {args.d_in}->{args.d_out}, {args.tokens} calibration + {args.tokens} held-out tokens")
-  print(f"no transform, W4A4: measured {plain.measured_db:.2f} dB, predicted {plain.predicted_db:.2f} dB")
+  print(f"no transform, W4A4: measured {plain.measured_sqnr_db:.2f} dB, predicted {plain.predicted_sqnr_db:.2f} dB")
   a_star = cj.optimal_alignment(cj.second_moment(x_calib), cj.weight_gram(kernel))
   print(f"best reachable alignment gain d·A* = {10 * jax.numpy.log10(args.d_in * a_star):.2f} dB\n")
   print(markdown_table(compare_methods(x_calib, x_eval, kernel, key=key)))

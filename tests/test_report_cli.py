@@ -37,7 +37,7 @@ def test_site_report_of_rtn_equals_the_layer_decomposition(model_and_windows):
   for r in rows:
     x, k = np.asarray(acts[r["site"]][r["layer"]]), np.asarray(site_kernel(layers, r["site"], spec=LLAMA)[r["layer"]])
     ref = sqnr_decomposition(x, k, w_bits=4, a_bits=6)
-    for field, want in [("measured_sqnr_db", ref.measured_db), ("predicted_sqnr_db", ref.predicted_db),
+    for field, want in [("measured_sqnr_db", ref.measured_sqnr_db), ("predicted_sqnr_db", ref.predicted_sqnr_db),
                         ("concentration_x_db", ref.concentration_x_db),
                         ("concentration_w_db", ref.concentration_w_db),
                         ("alignment_gain_db", ref.alignment_gain_db)]:
@@ -58,6 +58,30 @@ def test_site_report_of_a_transform_measures_the_transformed_operands(model_and_
     assert a["measured_sqnr_db"] != b["measured_sqnr_db"]
   g = sqnr_gain(had, none)
   assert g["sites"] == 8 and g["min_db"] <= g["median_db"] <= g["max_db"]
+
+
+def test_site_report_of_cat_equals_the_decomposition_of_the_transformed_operands(
+    model_and_windows):
+  """Each CAT row is `sqnr_decomposition(t.apply(x), t.merge(kernel))`: C(x), C(W)
+  and the alignment change under a non-orthogonal transform, so this fails if any
+  term came from the untransformed operands."""
+  import jax
+  model, windows, stats = model_and_windows
+  qm = quantize_model(model, None, stats=stats, recipe=Recipe(method="cat", block_size=16),
+                      progress=False)
+  rows = site_report(model, qm, windows[4:])
+  acts = capture(model, windows[4:])
+  layers = nnx.to_pure_dict(nnx.state(model.layers))
+  factors = ("concentration_x_db", "concentration_w_db", "alignment_gain_db")
+  for r in rows:
+    t = jax.tree.map(lambda a: a[r["layer"]], qm.transforms[r["site"]])
+    x, k = acts[r["site"]][r["layer"]], site_kernel(layers, r["site"], spec=LLAMA)[r["layer"]]
+    ref = sqnr_decomposition(t.apply(x), t.merge(k), w_bits=4, a_bits=4)
+    for field in ("measured_sqnr_db", "predicted_sqnr_db", *factors):
+      assert r[field] == pytest.approx(getattr(ref, field), abs=2e-3), (r["layer"], r["site"], field)
+    # The untransformed operands' factors are far from these (the check can fail).
+    untransformed = sqnr_decomposition(x, k, w_bits=4, a_bits=4)
+    assert max(abs(r[f] - getattr(untransformed, f)) for f in factors) > 0.05
   fp = site_report(model, quantize_model(model, None, stats=stats, recipe=Recipe(method="fp"), progress=False),
                    windows[4:])
   assert all(r["measured_sqnr_db"] is None and r["predicted_sqnr_db"] is None for r in fp)

@@ -69,12 +69,12 @@ def test_predicted_matches_measured_on_outlier_free_data(key):
   x, w = synthetic_layer(key, n_outliers=0)
   for bits in (4, 6, 8):
     r = cj.sqnr_decomposition(x, w, w_bits=bits, a_bits=bits)
-    assert abs(r.predicted_db - r.measured_db) < 0.3, (bits, r)
+    assert abs(r.predicted_sqnr_db - r.measured_sqnr_db) < 0.3, (bits, r)
 
 
 def test_about_six_db_per_bit(key):
   x, w = synthetic_layer(key, n_outliers=0)
-  m = [cj.sqnr_decomposition(x, w, w_bits=b, a_bits=b).measured_db for b in (4, 5, 6, 7)]
+  m = [cj.sqnr_decomposition(x, w, w_bits=b, a_bits=b).measured_sqnr_db for b in (4, 5, 6, 7)]
   steps = np.diff(m)
   # each bit doubles N(b) = 2^b - 2 (a bit more than 2x at low b): ~6.02 dB
   expected = [20 * np.log10((2 ** (b + 1) - 2) / (2**b - 2)) for b in (4, 5, 6)]
@@ -128,4 +128,4 @@ def test_layer_terms_vmap_over_layers(key):
                                           w_config=cj.weight_config(4))
   out = jax.vmap(f)(xs, ws)
   one = f(xs[1], ws[1])
-  np.testing.assert_allclose(out["measured_db"][1], one["measured_db"], rtol=1e-5)
+  np.testing.assert_allclose(out["measured_sqnr_db"][1], one["measured_sqnr_db"], rtol=1e-5)

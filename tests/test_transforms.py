@@ -84,7 +84,7 @@ def test_w4a4_sqnr_ordering_on_outlier_misaligned_layer():
 
   def sqnr(method, **kw):
     t = cj.fit_transform(method, sx, g, **kw)
-    return cj.sqnr_decomposition(t.apply(x), t.merge(w)).measured_db
+    return cj.sqnr_decomposition(t.apply(x), t.merge(w)).measured_sqnr_db
 
   none, had = sqnr("identity"), sqnr("hadamard")
   cat64, full = sqnr("cat", block_size=64), sqnr("cat_full")
