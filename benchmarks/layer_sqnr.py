@@ -87,7 +87,7 @@ def main():
          f"{r['dense_s']*1e3:.1f} | {r['speedup']:.1f}x |" for r in had]
   payload = {
       "machine": info, "tokens": tokens,
-      "layer": [{"method": r.label, "bits": r.bits, **r.terms.as_dict()} for r in results],
+      "layer": [{"method": r.label, "bits": r.bits, **r.terms.to_dict()} for r in results],
       "cat_fit_seconds_d4096_k128": fits, "hadamard": had,
   }
   write("layer_sqnr" + ("_quick" if args.quick else ""), payload, "\n".join(md))

@@ -110,7 +110,7 @@ def main() -> None:
                        + np.var(real_all, ddof=1) / len(real_all))) if steps else None
     rows.append({"method": qm.recipe.label,
                  "site_max_rel_diff": site_differences(qm, real, acts),
-                 "mean_sqnr_db": float(np.mean([s["measured_sqnr_db"] for s in sites])),
+                 "mean_sqnr_db": float(np.mean([s.measured_sqnr_db for s in sites])),
                  "ppl_fake": fake.perplexity, "ppl_real": got.perplexity,
                  "rel_diff": got.perplexity / fake.perplexity - 1,
                  "perturbations_j": [0] + steps, "ppl_fake_perturbed": fake_all,
@@ -138,12 +138,12 @@ def main() -> None:
                  f"| {r['ratio_vs_bf16']:.2f}× |")
   info = machine()
   md = (f"SmolLM2-135M, calibration {args.calib_windows} × 512 tokens of wiki-calib "
-        f"({calib_s:.0f} s), evaluation {evalw.describe()['tokens']} tokens of wiki-eval at "
+        f"({calib_s:.0f} s), evaluation {evalw.to_dict()['tokens']} tokens of wiki-eval at "
         f"seqlen 512; {info['processor']}, {info['cpu_count']} cores, jax {info['jax']}.\n\n"
         + "\n".join(lines))
   print(md)
   write("real_quantized", {"machine": info, "calibration_seconds": calib_s,
-                           "evaluation": evalw.describe(), "rows": rows}, md)
+                           "evaluation": evalw.to_dict(), "rows": rows}, md)
 
 
 if __name__ == "__main__":

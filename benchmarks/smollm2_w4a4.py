@@ -55,19 +55,17 @@ def main() -> None:
                   batch_size=args.batch_size)
   t0 = time.perf_counter()
   report = run(cfg)
-  report["machine"] = machine()
-  report["total_seconds"] = time.perf_counter() - t0
+  extra = {"machine": machine(), "total_seconds": time.perf_counter() - t0}
   name = args.name or "smollm2_w4a4" + ("" if args.seqlen == 512 else f"_{args.seqlen}")
-  paths = write_outputs(report, RESULTS / f"{name}.json")
+  paths = write_outputs(report, RESULTS / f"{name}.json", extra=extra)
   print()
-  print(comparison_markdown(report["summary"]))
+  print(comparison_markdown(report.summary))
   print()
-  print(comparisons_markdown(report["comparisons"]))
-  times = [(m["recipe"]["label"], m["fit_seconds"], m["evaluation"]["seconds"])
-           for m in report["methods"]]
-  print(f"\ncalibration {report['calibration']['seconds']:.1f} s; fit / eval seconds: "
+  print(comparisons_markdown(report.comparisons))
+  times = [(m.recipe.label, m.fit_seconds, m.evaluation["seconds"]) for m in report.methods]
+  print(f"\ncalibration {report.calibration['seconds']:.1f} s; fit / eval seconds: "
         + ", ".join(f"{lab} {f:.1f}/{e:.0f}" for lab, f, e in times))
-  print(f"total {report['total_seconds']:.0f} s on {report['machine']}")
+  print(f"total {extra['total_seconds']:.0f} s on {extra['machine']}")
   print("wrote", ", ".join(str(p) for p in paths))
 
 

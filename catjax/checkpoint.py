@@ -37,12 +37,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from catjax.kernels import QuantizedWeight
 from catjax.models.config import ModelConfig
-from catjax.models.llama import Llama, abstract_model
+from catjax.models.llama import Llama
 from catjax.models.loading import MAX_SHARD_BYTES, write_tensors
 from catjax.models.spec import get_path, set_path, spec_for
 from catjax.ptq import QuantizedModel, Recipe

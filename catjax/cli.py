@@ -194,24 +194,24 @@ def _run_config(args, specs: list[str]):
                    progress=not args.no_progress)
 
 
-def _print_tables(report: dict) -> None:
+def _print_tables(report) -> None:
   from catjax import report as rep
   from catjax.pipeline import comparisons_markdown
-  print(rep.comparison_markdown(report["summary"]))
-  if report["comparisons"]:
+  print(rep.comparison_markdown(report.summary))
+  if report.comparisons:
     print()
-    print(comparisons_markdown(report["comparisons"]))
+    print(comparisons_markdown(report.comparisons))
 
 
 def _quantize(args) -> dict:
   from catjax.pipeline import run, write_outputs
   report = run(_run_config(args, [args.method]))
   _print_tables(report)
-  method = report["methods"][0]
-  out = {"perplexity": method["perplexity"], "sites": method["sites"], **report}
+  method = report.methods[0]
+  head = {"perplexity": method.perplexity, "sites": [r.to_dict() for r in method.sites]}
   if args.json:
-    write_outputs(out, args.json)
-  return out
+    write_outputs(report, args.json, extra=head)
+  return {**head, **report.to_dict()}
 
 
 def _compare(args) -> dict:
@@ -221,7 +221,7 @@ def _compare(args) -> dict:
   _print_tables(report)
   if args.json:
     write_outputs(report, args.json)
-  return report
+  return report.to_dict()
 
 
 def _eval(args) -> dict:

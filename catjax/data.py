@@ -106,7 +106,7 @@ class Windows:
   tokens: np.ndarray
   source: str
 
-  def describe(self) -> dict:
+  def to_dict(self) -> dict:
     n, t = self.tokens.shape
     return {"data": self.source, "seqlen": t, "windows": n, "tokens": n * t}
 

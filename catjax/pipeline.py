@@ -133,46 +133,89 @@ def _calibration(cfg: RunConfig, model, tokenizer, mesh):
   return stats, fit, held, info
 
 
-def _baseline(results: list[dict], method: str, w_bits, a_bits) -> dict | None:
-  for r in results:
-    rc = r["recipe"]
-    if rc["method"] == method and (rc["w_bits"], rc["a_bits"]) == (w_bits, a_bits):
-      return r
-  return None
+@dataclasses.dataclass(frozen=True)
+class MethodResult:
+  """One recipe's result: perplexity, timings, engine info and per-site SQNR."""
+
+  recipe: Recipe
+  perplexity: float
+  evaluation: dict[str, Any]
+  fit_seconds: float
+  engine: dict[str, Any]
+  sites: list[rep.SiteSQNR]
+  saved: str | None = None
+
+  def to_dict(self) -> dict[str, Any]:
+    out = {"recipe": self.recipe.to_dict(), "perplexity": self.perplexity,
+           "evaluation": self.evaluation, "fit_seconds": self.fit_seconds,
+           "engine": self.engine, "sites": [r.to_dict() for r in self.sites]}
+    return out if self.saved is None else {**out, "saved": self.saved}
 
 
-def comparisons(results: list[dict]) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """A transform recipe against the baselines at its bits: per-site SQNR gain over
+  hadamard, perplexity gap as a fraction of hadamard's, and how its sites fare
+  against `none` at W6A6."""
+
+  method: str
+  sqnr_gain_over_hadamard: rep.SQNRGain | None = None
+  ppl_gap_fraction_of_hadamard: float | None = None
+  vs_none_w6a6: rep.SQNRGain | None = None
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunReport:
+  """What `run` measured. `to_dict()` is the JSON the CLI writes (keys in the README)."""
+
+  config: dict[str, Any]
+  model: dict[str, Any]
+  calibration: dict[str, Any]
+  evaluation: dict[str, Any]
+  methods: list[MethodResult]
+  summary: list[rep.SummaryRow]
+  comparisons: list[Comparison]
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"config": self.config, "model": self.model, "calibration": self.calibration,
+            "evaluation": self.evaluation, "methods": [m.to_dict() for m in self.methods],
+            "summary": [s.to_dict() for s in self.summary],
+            "comparisons": [c.to_dict() for c in self.comparisons]}
+
+
+def _baseline(results: list[MethodResult], method: str, w_bits, a_bits) -> MethodResult | None:
+  return next((r for r in results if r.recipe.method == method
+               and (r.recipe.w_bits, r.recipe.a_bits) == (w_bits, a_bits)), None)
+
+
+def comparisons(results: list[MethodResult]) -> list[Comparison]:
   """For every transform recipe other than hadamard: its per-site SQNR gain over
   hadamard at the same bits, its perplexity gap as a fraction of hadamard's, and
   the fraction of sites where it is at least `none` at W6A6."""
-  fp = next((r for r in results if r["recipe"]["method"] == "fp"), None)
+  fp = next((r for r in results if r.recipe.method == "fp"), None)
   out = []
   for r in results:
-    rc = r["recipe"]
-    if rc["method"] in ("fp", "none", "hadamard"):
+    rc = r.recipe
+    if rc.method in ("fp", "none", "hadamard"):
       continue
-    c: dict[str, Any] = {"method": rc["label"]}
-    had = _baseline(results, "hadamard", rc["w_bits"], rc["a_bits"])
-    if had is not None:
-      c["sqnr_gain_over_hadamard"] = rep.sqnr_gain(r["sites"], had["sites"])
-      if fp is not None and had["perplexity"] > fp["perplexity"]:
-        c["ppl_gap_fraction_of_hadamard"] = ((r["perplexity"] - fp["perplexity"])
-                                             / (had["perplexity"] - fp["perplexity"]))
+    had = _baseline(results, "hadamard", rc.w_bits, rc.a_bits)
     w6 = _baseline(results, "none", 6, 6)
-    if w6 is not None:
-      c["vs_none_w6a6"] = rep.sqnr_gain(r["sites"], w6["sites"])
-    out.append(c)
+    frac = None
+    if had is not None and fp is not None and had.perplexity > fp.perplexity:
+      frac = (r.perplexity - fp.perplexity) / (had.perplexity - fp.perplexity)
+    out.append(Comparison(
+        rc.label, None if had is None else rep.sqnr_gain(r.sites, had.sites), frac,
+        None if w6 is None else rep.sqnr_gain(r.sites, w6.sites)))
   return out
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
+def run(cfg: RunConfig) -> RunReport:
   """Calibrate once and quantize, report and evaluate every recipe of `cfg`.
 
   Every recipe is checked against the model's widths before any work starts.
-
-  Returns:
-    `{"config", "model", "calibration", "evaluation", "methods": [{recipe,
-    perplexity, evaluation, fit_seconds, sites}], "summary", "comparisons"}`.
   """
   from catjax.data import text_windows
   from catjax.evaluate import perplexity
@@ -203,76 +246,67 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                      hook=qm.hook if quantized else None,
                      hook_state=qm.transforms, model_name=f"{cfg.model} {recipe.label}",
                      data_name=cfg.eval_text, progress=cfg.progress)
-    results.append({"recipe": recipe.to_dict(), "perplexity": ppl.perplexity,
-                    "evaluation": ppl.to_dict(), "fit_seconds": fit_seconds,
-                    "engine": qm.info or {}, "sites": sites})
+    saved = None
     if cfg.save is not None:
-      saved = save_quantized(realize(model, qm), cfg.save, tokenizer=tokenizer)
-      results[-1]["saved"] = str(saved)
+      saved = str(save_quantized(realize(model, qm), cfg.save, tokenizer=tokenizer))
       if cfg.progress:
         print(f"{recipe.label:>28}: real quantized model saved to {saved}", flush=True)
+    results.append(MethodResult(recipe, ppl.perplexity, ppl.to_dict(), fit_seconds,
+                                qm.info or {}, sites, saved))
     if cfg.progress:
       print(f"{recipe.label:>28}: perplexity {ppl.perplexity:.3f}  (fit {fit_seconds:.1f} s, "
             f"eval {ppl.seconds:.0f} s)", flush=True)
-  fp = next((r["perplexity"] for r in results if r["recipe"]["method"] == "fp"), None)
-  summary = [rep.summary_row(r["recipe"]["label"], r["perplexity"], r["sites"], fp)
-             for r in results]
-  return {
-      "config": {k: (str(v) if isinstance(v, Path) else v)
-                 for k, v in dataclasses.asdict(cfg).items() if k != "recipes"},
-      "model": {"name": cfg.model, "path": str(path), "dtype": cfg.dtype},
-      "calibration": calib_info,
-      "evaluation": {**eval_windows.describe()},
-      "methods": results,
-      "summary": summary,
-      "comparisons": comparisons(results),
-  }
+  fp = next((r.perplexity for r in results if r.recipe.method == "fp"), None)
+  return RunReport(
+      config={k: (str(v) if isinstance(v, Path) else v)
+              for k, v in dataclasses.asdict(cfg).items() if k != "recipes"},
+      model={"name": cfg.model, "path": str(path), "dtype": cfg.dtype},
+      calibration=calib_info, evaluation=eval_windows.to_dict(), methods=results,
+      summary=[rep.summary_row(r.recipe.label, r.perplexity, r.sites, fp) for r in results],
+      comparisons=comparisons(results))
 
 
-def comparisons_markdown(comps: list[dict]) -> str:
+def comparisons_markdown(comps: list[Comparison]) -> str:
   head = ["method", "SQNR gain over hadamard: mean / median / max dB",
           "ppl gap / hadamard's gap", "sites ≥ none W6A6"]
   lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
   for c in comps:
-    g = c.get("sqnr_gain_over_hadamard")
-    gain = (f"{g['mean_db']:+.2f} / {g['median_db']:+.2f} / {g['max_db']:+.2f}"
-            if g and g.get("sites") else "–")
-    frac = c.get("ppl_gap_fraction_of_hadamard")
-    w6 = c.get("vs_none_w6a6")
+    g, frac, w6 = c.sqnr_gain_over_hadamard, c.ppl_gap_fraction_of_hadamard, c.vs_none_w6a6
+    gain = (f"{g.mean_db:+.2f} / {g.median_db:+.2f} / {g.max_db:+.2f}" if g and g.sites else "–")
     lines.append("| " + " | ".join([
-        c["method"], gain, "–" if frac is None else f"{100 * frac:.0f}%",
-        f"{100 * w6['fraction_at_least']:.0f}% of {w6['sites']}" if w6 and w6.get("sites")
-        else "–"]) + " |")
+        c.method, gain, "–" if frac is None else f"{100 * frac:.0f}%",
+        f"{100 * w6.fraction_at_least:.0f}% of {w6.sites}" if w6 and w6.sites else "–"]) + " |")
   return "\n".join(lines)
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: RunReport) -> str:
   """The report as Markdown: setup, comparison table, gains, per-site table per method."""
-  c, e = report["calibration"], report["evaluation"]
+  c, e = report.calibration, report.evaluation
   parts = [
-      f"Model `{report['model']['name']}` ({report['model']['dtype']}). "
+      f"Model `{report.model['name']}` ({report.model['dtype']}). "
       f"Calibration: {c['windows']} × {c['seqlen']} tokens of `{c['data']}` "
       f"({c['seconds']:.1f} s); per-site SQNR on {c['report_windows']} further held-out windows. "
       f"Evaluation: {e['windows']} × {e['seqlen']} tokens of `{e['data']}`.",
-      "", rep.comparison_markdown(report["summary"])]
-  if report["comparisons"]:
-    parts += ["", comparisons_markdown(report["comparisons"])]
-  for r in report["methods"]:
-    parts += ["", f"### {r['recipe']['label']} (fit {r['fit_seconds']:.1f} s)", "",
-              rep.sites_markdown(r["sites"])]
+      "", rep.comparison_markdown(report.summary)]
+  if report.comparisons:
+    parts += ["", comparisons_markdown(report.comparisons)]
+  for r in report.methods:
+    parts += ["", f"### {r.recipe.label} (fit {r.fit_seconds:.1f} s)", "",
+              rep.sites_markdown(r.sites)]
   return "\n".join(parts)
 
 
-def write_outputs(report: dict[str, Any], json_path: str | Path) -> list[Path]:
-  """Write `X.json`, `X.md`, `X.sqnr.png` and `X.decomposition.png` for `json_path=X.json`."""
+def write_outputs(report: RunReport, json_path: str | Path, *,
+                  extra: dict[str, Any] | None = None) -> list[Path]:
+  """Write `X.json` (`report.to_dict()`, after `extra`'s keys), `X.md`, `X.sqnr.png`
+  and `X.decomposition.png` for `json_path=X.json`."""
   json_path = Path(json_path)
   json_path.parent.mkdir(parents=True, exist_ok=True)
   stem = json_path.with_suffix("")
-  json_path.write_text(json.dumps(report, indent=2) + "\n")
+  json_path.write_text(json.dumps({**(extra or {}), **report.to_dict()}, indent=2) + "\n")
   md = stem.with_suffix(".md")
   md.write_text(markdown(report) + "\n")
-  by_method = {r["recipe"]["label"]: r["sites"] for r in report["methods"]
-               if r["recipe"]["method"] != "fp"}
+  by_method = {r.recipe.label: r.sites for r in report.methods if r.recipe.method != "fp"}
   paths = [json_path, md]
   if by_method:
     paths.append(rep.plot_sqnr(by_method, f"{stem}.sqnr.png"))

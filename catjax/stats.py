@@ -247,7 +247,7 @@ class SQNRDecomposition:
   predicted_act_sqnr_db: float
   predicted_weight_sqnr_db: float
 
-  def as_dict(self) -> dict[str, float]:
+  def to_dict(self) -> dict[str, float]:
     return dataclasses.asdict(self)
 
 

@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 
-import jax
 import numpy as np
 import pytest
 

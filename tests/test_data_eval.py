@@ -48,7 +48,7 @@ def test_text_file_windows(tmp_path):
   f.write_text(tiny.TEXT)
   w = text_windows(tiny.tokenizer(), str(f), seqlen=8, max_tokens=64)
   assert w.tokens.shape == (8, 8)
-  assert w.describe() == {"data": str(f), "seqlen": 8, "windows": 8, "tokens": 64}
+  assert w.to_dict() == {"data": str(f), "seqlen": 8, "windows": 8, "tokens": 64}
   (tmp_path / "empty.txt").write_text("  \n")
   with pytest.raises(ValueError, match="is empty"):
     text_windows(tiny.tokenizer(), str(tmp_path / "empty.txt"), seqlen=8)

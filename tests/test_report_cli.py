@@ -35,15 +35,15 @@ def test_site_report_of_rtn_equals_the_layer_decomposition(model_and_windows):
   acts = capture(model, windows[4:])
   layers = nnx.to_pure_dict(nnx.state(model.layers))
   for r in rows:
-    x, k = np.asarray(acts[r["site"]][r["layer"]]), np.asarray(site_kernel(layers, r["site"], spec=LLAMA)[r["layer"]])
+    x, k = np.asarray(acts[r.site][r.layer]), np.asarray(site_kernel(layers, r.site, spec=LLAMA)[r.layer])
     ref = sqnr_decomposition(x, k, w_bits=4, a_bits=6)
     for field, want in [("measured_sqnr_db", ref.measured_sqnr_db), ("predicted_sqnr_db", ref.predicted_sqnr_db),
                         ("concentration_x_db", ref.concentration_x_db),
                         ("concentration_w_db", ref.concentration_w_db),
                         ("alignment_gain_db", ref.alignment_gain_db)]:
-      assert r[field] == pytest.approx(want, abs=1e-3), (r["layer"], r["site"], field)
+      assert getattr(r, field) == pytest.approx(want, abs=1e-3), (r.layer, r.site, field)
     excl = measured_sqnr(x[:, 1:], k, a_config=activation_config(6), w_config=weight_config(4))
-    assert r["measured_sqnr_excl_pos0_db"] == pytest.approx(10 * math.log10(float(excl)), abs=1e-3)
+    assert r.measured_sqnr_excl_pos0_db == pytest.approx(10 * math.log10(float(excl)), abs=1e-3)
 
 
 def test_site_report_of_a_transform_measures_the_transformed_operands(model_and_windows):
@@ -54,10 +54,10 @@ def test_site_report_of_a_transform_measures_the_transformed_operands(model_and_
                      windows[4:])
   for a, b in zip(had, none):
     # A rotation leaves the alignment unchanged and the measured SQNR differs.
-    assert a["alignment_gain_db"] == pytest.approx(b["alignment_gain_db"], abs=1e-3)
-    assert a["measured_sqnr_db"] != b["measured_sqnr_db"]
+    assert a.alignment_gain_db == pytest.approx(b.alignment_gain_db, abs=1e-3)
+    assert a.measured_sqnr_db != b.measured_sqnr_db
   g = sqnr_gain(had, none)
-  assert g["sites"] == 8 and g["min_db"] <= g["median_db"] <= g["max_db"]
+  assert g.sites == 8 and g.min_db <= g.median_db <= g.max_db
 
 
 def test_site_report_of_cat_equals_the_decomposition_of_the_transformed_operands(
@@ -74,17 +74,17 @@ def test_site_report_of_cat_equals_the_decomposition_of_the_transformed_operands
   layers = nnx.to_pure_dict(nnx.state(model.layers))
   factors = ("concentration_x_db", "concentration_w_db", "alignment_gain_db")
   for r in rows:
-    t = jax.tree.map(lambda a: a[r["layer"]], qm.transforms[r["site"]])
-    x, k = acts[r["site"]][r["layer"]], site_kernel(layers, r["site"], spec=LLAMA)[r["layer"]]
+    t = jax.tree.map(lambda a: a[r.layer], qm.transforms[r.site])
+    x, k = acts[r.site][r.layer], site_kernel(layers, r.site, spec=LLAMA)[r.layer]
     ref = sqnr_decomposition(t.apply(x), t.merge(k), w_bits=4, a_bits=4)
     for field in ("measured_sqnr_db", "predicted_sqnr_db", *factors):
-      assert r[field] == pytest.approx(getattr(ref, field), abs=2e-3), (r["layer"], r["site"], field)
+      assert getattr(r, field) == pytest.approx(getattr(ref, field), abs=2e-3), (r.layer, r.site, field)
     # The untransformed operands' factors are far from these (the check can fail).
     untransformed = sqnr_decomposition(x, k, w_bits=4, a_bits=4)
-    assert max(abs(r[f] - getattr(untransformed, f)) for f in factors) > 0.05
+    assert max(abs(getattr(r, f) - getattr(untransformed, f)) for f in factors) > 0.05
   fp = site_report(model, quantize_model(model, None, stats=stats, recipe=Recipe(method="fp"), progress=False),
                    windows[4:])
-  assert all(r["measured_sqnr_db"] is None and r["predicted_sqnr_db"] is None for r in fp)
+  assert all(r.measured_sqnr_db is None and r.predicted_sqnr_db is None for r in fp)
 
 
 @pytest.fixture(scope="module")
