@@ -21,7 +21,6 @@ include path.
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -40,7 +39,7 @@ TASKS_DIR = Path(__file__).with_name("lmeval_tasks")
 _LENGTH_BUCKET = 64  # padded lengths are multiples of this (few compiled shapes)
 
 
-@functools.partial(jax.jit, static_argnames=())
+@jax.jit
 def _score(logits, targets, mask):
   """Per row: the sum of target log-probabilities over `mask`, and whether every
   masked target is the argmax."""
@@ -129,20 +128,26 @@ class CatjaxLM(TemplateLM):
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     """Whole-document log-likelihoods: disjoint windows of `max_length` tokens,
-    the first conditioned on the end-of-text token."""
-    out = []
-    for (string,) in tqdm([r.args for r in requests], desc="catjax rolling",
-                          disable=disable_tqdm):
-      windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+    the first conditioned on the end-of-text token; all documents' windows
+    are scored in one batched pass."""
+    windows, owner = [], []
+    for i, (string,) in enumerate(r.args for r in requests):
+      for c, t in map(make_disjoint_window, get_rolling_token_windows(
           self.tok_encode(string), prefix_token=self.prefix_token_id,
-          max_seq_len=self.max_length, context_len=1)]
-      scored = self._loglikelihood_tokens([(None, c, t) for c, t in windows], disable_tqdm=True)
-      out.append(sum(lp for lp, _ in scored))
+          max_seq_len=self.max_length, context_len=1)):
+        windows.append((None, c, t))
+        owner.append(i)
+    out = [0.0] * len(requests)
+    # Every document's windows in one batched pass.
+    for i, (lp, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+      out[i] += lp
     return out
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
     """Greedy (or sampled, with `do_sample` and `temperature`) continuation of each
-    context, cut at the first stop string of `until` or the end-of-text token."""
+    context, cut at the first stop string of `until` or the end-of-text token.
+    One request at a time (the KV cache has one write position for the batch,
+    so prompts of different lengths do not share a step)."""
     r, out = self.runnable, []
     for context, gen_kwargs in tqdm([q.args for q in requests], desc="catjax generate",
                                     disable=disable_tqdm):
