@@ -157,7 +157,10 @@ def save_quantized(qm: QuantizedModel, folder: str | Path, *, tokenizer=None,
     }
     manifest["checksum"] = _checksum(manifest)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    umask = os.umask(0)
+    os.umask(umask)
     for p in tmp.iterdir():
+      os.chmod(p, 0o666 & ~umask)  # some writers create 0600 files
       with open(p, "rb") as f:
         os.fsync(f.fileno())
     os.rename(tmp, folder)

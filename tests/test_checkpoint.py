@@ -4,7 +4,9 @@ generation from the quantized model; the CLI's --save / --model DIR."""
 import hashlib
 import json
 import math
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -53,6 +55,9 @@ def test_load_equals_the_in_memory_model_bit_for_bit(saved):
   assert manifest["tensors"]["layers.attn.q_proj.values"] == {"shape": [2, 64, 32],
                                                               "dtype": "int8"}
   assert not list(folder.parent.glob(".q.partial-*"))
+  umask = os.umask(0)
+  os.umask(umask)
+  assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o666 & ~umask}
 
 
 def test_sharded_checkpoint_and_block_hadamard_recipe(tmp_path):
