@@ -33,7 +33,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from catjax.checkpoint import Runnable, load_runnable
-from catjax.models import forward, generate
+from catjax.models import forward, generate_batch
 
 TASKS_DIR = Path(__file__).with_name("lmeval_tasks")
 _LENGTH_BUCKET = 64  # padded lengths are multiples of this (few compiled shapes)
@@ -146,29 +146,41 @@ class CatjaxLM(TemplateLM):
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
     """Greedy (or sampled, with `do_sample` and `temperature`) continuation of each
     context, cut at the first stop string of `until` or the end-of-text token.
-    One request at a time (the KV cache has one write position for the batch,
-    so prompts of different lengths do not share a step)."""
-    r, out = self.runnable, []
-    for context, gen_kwargs in tqdm([q.args for q in requests], desc="catjax generate",
-                                    disable=disable_tqdm):
+    Batched: requests with the same generation arguments, longest prompts
+    first, `batch_size` at a time (`models.generate_batch`, left padding
+    masked); each row stops on its own."""
+    r = self.runnable
+    eot = self.tok_decode([self.eot_token_id])
+    jobs = []
+    for i, (context, gen_kwargs) in enumerate(q.args for q in requests):
       kw = dict(gen_kwargs)
-      until = kw.get("until", [self.tok_decode([self.eot_token_id])])
+      until = kw.get("until", [eot])
       until = [until] if isinstance(until, str) else list(until)
       max_new = int(kw.get("max_gen_toks", 256))
       temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
       ids = self.tok_encode(context)[-(self.max_length - max_new):]
-      new = []
+      jobs.append((i, ids, until, max_new, temperature))
+    groups: dict[tuple, list] = {}
+    for job in sorted(jobs, key=lambda j: -len(j[1])):
+      groups.setdefault((job[3], job[4]), []).append(job)
+    out = [""] * len(jobs)
+    batches = [g[k:k + self.batch_size] for g in groups.values()
+               for k in range(0, len(g), self.batch_size)]
+    for batch in tqdm(batches, desc="catjax generate", disable=disable_tqdm):
+      new = [[] for _ in batch]
 
-      def stop(token):
-        new.append(token)
-        return any(s in self.tok_decode(new) for s in until)
+      def stop(row, token):
+        new[row].append(token)
+        return any(s in self.tok_decode(new[row]) for s in batch[row][2])
 
-      generate(r.model, ids, max_new_tokens=max_new, hook=r.hook, hook_state=r.hook_state,
-               eos_token_id=self.eot_token_id, temperature=temperature, on_token=stop)
-      text = self.tok_decode(new)
-      for s in until:
-        text = text.split(s)[0]
-      out.append(text)
+      generate_batch(r.model, [j[1] for j in batch], max_new_tokens=batch[0][3], hook=r.hook,
+                     hook_state=r.hook_state, eos_token_id=self.eot_token_id,
+                     temperature=batch[0][4], on_token=stop)
+      for job, tokens in zip(batch, new):
+        text = self.tok_decode(tokens)
+        for s in job[2]:
+          text = text.split(s)[0]
+        out[job[0]] = text
     return out
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import tiny
-from catjax.models import (SITES, ModelConfig, capture, forward, generate, load_hf, random_model,
-                           save_hf)
+from catjax.models import (SITES, ModelConfig, capture, forward, generate, generate_batch, load_hf,
+                           random_model, save_hf)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -60,6 +60,16 @@ def test_greedy_generation_with_cache_matches_transformers(pair):
   assert generate(ours, prompt[0], max_new_tokens=10) == expected
 
 
+def test_batched_generation_of_prompts_of_different_lengths_equals_one_at_a_time(pair):
+  """Left padding is masked and RoPE is relative: each row generates what it would
+  alone (the sliding-window variant included: 20 prompt + 10 new tokens > window)."""
+  _, ours = pair
+  vocab = ours.config.vocab_size
+  prompts = [tiny.tokens((n,), vocab, seed=n) for n in (20, 7, 13)]
+  batched = generate_batch(ours, prompts, max_new_tokens=10)
+  assert batched == [generate(ours, p, max_new_tokens=10) for p in prompts]
+
+
 def test_saved_folder_loads_in_transformers(pair, tmp_path):
   ref, ours = pair
   import transformers
@@ -89,8 +99,17 @@ def test_generation_stops_at_eos():
   first = generate(model, [1, 2, 3], max_new_tokens=5)
   assert len(first) == 5
   assert generate(model, [1, 2, 3], max_new_tokens=5, eos_token_id=first[1]) == first[:2]
-  with pytest.raises(ValueError, match="prompt is empty"):
+  with pytest.raises(ValueError, match="prompt 0 is empty"):
     generate(model, [], max_new_tokens=3)
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    generate_batch(model, [[1], []], max_new_tokens=3)
+  with pytest.raises(ValueError, match="prompts is empty"):
+    generate_batch(model, [], max_new_tokens=3)
+  # Rows stop on their own: the second row's end-of-sequence ends it alone.
+  other = generate(model, [5, 6], max_new_tokens=5)
+  both = generate_batch(model, [[1, 2, 3], [5, 6]], max_new_tokens=5, eos_token_id=other[1])
+  assert both[1] == other[:2] and both[0] == generate(model, [1, 2, 3], max_new_tokens=5,
+                                                      eos_token_id=other[1])
 
 
 def test_bfloat16_model_tracks_float32():

@@ -52,10 +52,15 @@ def test_rolling_and_generation_equal_hflm(models):
                              theirs.loglikelihood_rolling(_requests("loglikelihood_rolling", docs)),
                              rtol=1e-3)
   ours._max_length = theirs._max_length = 256
-  gen = [("The quick brown", {"until": ["."], "max_gen_toks": 12, "do_sample": False}),
-         ("Paris is", {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False})]
-  assert (ours.generate_until(_requests("generate_until", gen))
-          == theirs.generate_until(_requests("generate_until", gen)))
+  kw = {"until": [".", "\n\n"], "max_gen_toks": 12, "do_sample": False}
+  gen = [("The quick brown", kw), ("Paris is", kw), ("Numbers 12345 and words,", kw),
+         ("Berlin", {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False})]
+  # Batches of 3 with prompts of different lengths (left padding) and a group of one.
+  ours_text = ours.generate_until(_requests("generate_until", gen))
+  assert ours_text == theirs.generate_until(_requests("generate_until", gen))
+  ours.batch_size = 1  # one at a time: the same text
+  assert ours.generate_until(_requests("generate_until", gen)) == ours_text
+  ours.batch_size = 3
 
 
 def test_offline_tasks_through_simple_evaluate(models):

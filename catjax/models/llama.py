@@ -252,7 +252,7 @@ class Llama(nnx.Module):
     return h
 
   def __call__(self, tokens, *, positions=None, cache=None, hook: Hook | None = None,
-               hook_state: dict[str, Any] | None = None):
+               hook_state: dict[str, Any] | None = None, key_mask=None):
     """Logits `(B, T, vocab)` in float32.
 
     Args:
@@ -261,6 +261,10 @@ class Llama(nnx.Module):
       cache: a KV cache from `init_cache` (then returned updated), or None.
       hook: optional site hook (module docstring); a static Python callable.
       hook_state: per-site pytrees with a leading `num_layers` axis for `hook`.
+      key_mask: optional bool `(B, S)` (S: the cache length, else T): False for
+        key positions no query may see (left padding of a batch of prompts).
+        A position whose own key is masked still sees itself, so its (unused)
+        output stays finite.
 
     Returns:
       `logits`, then `cache` if one was given, then the dict of stacked hook
@@ -273,13 +277,15 @@ class Llama(nnx.Module):
       positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
     cfg = self.config
     tables = rope_tables(cfg, positions, self.dtype)
-    if cache is None and default_positions:
+    if cache is None and default_positions and key_mask is None:
       masks = None  # plain causal self-attention, computed in chunks
     else:
       key_pos = positions if cache is None else jnp.arange(cache["k"].shape[2])[None]
       distance = positions[:, :, None] - key_pos[:, None, :]  # (B, T, S)
       masks = jnp.stack([distance >= 0] + ([(distance >= 0) & (distance < cfg.sliding_window)]
                                            if cfg.layer_types else []))
+      if key_mask is not None:
+        masks = (masks & key_mask[None, :, None, :]) | (distance == 0)[None]
 
     hook_state = {} if hook_state is None else hook_state
     graphdef, layer_params = nnx.split(self.layers)
@@ -376,14 +382,17 @@ def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32) -> Llama:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
-def _apply(graphdef, state, tokens, cache, hook, hook_state):
-  return nnx.merge(graphdef, state)(tokens, cache=cache, hook=hook, hook_state=hook_state)
+def _apply(graphdef, state, tokens, cache, hook, hook_state, key_mask):
+  return nnx.merge(graphdef, state)(tokens, cache=cache, hook=hook, hook_state=hook_state,
+                                    key_mask=key_mask)
 
 
-def forward(model: Llama, tokens, *, cache=None, hook: Hook | None = None, hook_state=None):
+def forward(model: Llama, tokens, *, cache=None, hook: Hook | None = None, hook_state=None,
+            key_mask=None):
   """Jitted `model(tokens, ...)` (compiled once per shape, hook and model structure)."""
   graphdef, state = nnx.split(model)
-  return _apply(graphdef, state, jnp.asarray(tokens, jnp.int32), cache, hook, hook_state)
+  return _apply(graphdef, state, jnp.asarray(tokens, jnp.int32), cache, hook, hook_state,
+                None if key_mask is None else jnp.asarray(key_mask, bool))
 
 
 def capture(model: Llama, tokens, *, sites=SITES) -> dict[str, jax.Array]:
@@ -420,9 +429,33 @@ def generate(model: Llama, prompt, *, max_new_tokens: int = 32,
     ValueError: an empty prompt, `max_new_tokens < 1`, a negative temperature
       or a `top_p` outside (0, 1].
   """
-  prompt = np.asarray(prompt, np.int32).reshape(1, -1)
-  if prompt.shape[1] == 0:
-    raise ValueError("prompt is empty: generation needs at least one token")
+  stream = None if on_token is None else (lambda _, token: on_token(token))
+  return generate_batch(model, [prompt], max_new_tokens=max_new_tokens,
+                        eos_token_id=eos_token_id, hook=hook, hook_state=hook_state,
+                        temperature=temperature, top_p=top_p, seed=seed, on_token=stream)[0]
+
+
+def generate_batch(model: Llama, prompts, *, max_new_tokens: int = 32,
+                   eos_token_id: int | list[int] | None = None, hook: Hook | None = None,
+                   hook_state=None, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int = 0, on_token=None) -> list[list[int]]:
+  """`generate` for several prompts at once, one forward per step for all.
+
+  Prompts of different lengths are left-padded and the padding is masked from
+  attention (`key_mask`); RoPE depends only on relative positions, so each
+  row computes what it would alone. `on_token(row, id)` streams; a true
+  return value stops that row. Each row stops on its own (end of sequence,
+  `on_token`, `max_new_tokens`); the batch runs until all have.
+
+  Raises:
+    ValueError: as `generate`, naming the empty prompt's index.
+  """
+  prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+  if not prompts:
+    raise ValueError("prompts is empty: give at least one prompt")
+  for i, p in enumerate(prompts):
+    if p.size == 0:
+      raise ValueError(f"prompt {i} is empty: generation needs at least one token")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   if not (np.isfinite(temperature) and temperature >= 0):
@@ -430,26 +463,40 @@ def generate(model: Llama, prompt, *, max_new_tokens: int = 32,
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p!r}: expected a value in (0, 1]")
   eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
-  cache = init_cache(model.config, 1, prompt.shape[1] + max_new_tokens, model.dtype)
+  b, t = len(prompts), max(p.size for p in prompts)
+  tokens = np.zeros((b, t), np.int32)
+  key_mask = np.ones((b, t + max_new_tokens), bool)
+  for i, p in enumerate(prompts):
+    tokens[i, t - p.size:] = p
+    key_mask[i, :t - p.size] = False
+  padded = not key_mask.all()
+  cache = init_cache(model.config, b, t + max_new_tokens, model.dtype)
   key = jax.random.PRNGKey(seed)
 
   def step(tokens, cache):
-    out = forward(model, tokens, cache=cache, hook=hook, hook_state=hook_state)
+    out = forward(model, tokens, cache=cache, hook=hook, hook_state=hook_state,
+                  key_mask=key_mask if padded else None)
     return out[0], out[1]
 
-  logits, cache = step(prompt, cache)
-  new = []
+  logits, cache = step(tokens, cache)
+  new = [[] for _ in prompts]
+  done = [False] * b
   while True:
+    last = logits[:, -1]
     if temperature == 0:
-      token = int(jnp.argmax(logits[0, -1]))
+      chosen = np.asarray(jnp.argmax(last, axis=-1)).tolist()
     else:
-      token = int(_sample(logits[0, -1], jax.random.fold_in(key, len(new)),
-                          float(temperature), float(top_p)))
-    new.append(token)
-    stop = on_token is not None and on_token(token)
-    if stop or token in eos or len(new) == max_new_tokens:
+      chosen = [int(_sample(last[i], jax.random.fold_in(key, len(new[i]) * b + i),
+                            float(temperature), float(top_p))) for i in range(b)]
+    for i, token in enumerate(chosen):
+      if done[i]:
+        continue
+      new[i].append(int(token))
+      stop = on_token is not None and on_token(i, int(token))
+      done[i] = bool(stop) or token in eos or len(new[i]) == max_new_tokens
+    if all(done):
       return new
-    logits, cache = step(np.array([[token]], np.int32), cache)
+    logits, cache = step(np.asarray(chosen, np.int32)[:, None], cache)
 
 
 @jax.jit
