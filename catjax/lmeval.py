@@ -106,7 +106,7 @@ class CatjaxLM(TemplateLM):
     rows = []
     for _, context, continuation in requests:
       whole = (list(context) + list(continuation))[-(self.max_length + 1):]
-      rows.append((whole[:-1], whole[1:], len(continuation)))
+      rows.append((whole[:-1], whole[1:], min(len(continuation), len(whole) - 1)))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     results = [None] * len(rows)
     for start in tqdm(range(0, len(order), self.batch_size), desc="catjax loglikelihood",
