@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from catjax.assets import sha256_file
 from catjax.kernels import QuantizedWeight
 from catjax.models.config import ModelConfig
 from catjax.models.llama import Llama
@@ -55,14 +56,6 @@ MANIFEST = "quantization.json"
 
 class CheckpointError(ValueError):
   """A quantized checkpoint that cannot be trusted: names the file and the problem."""
-
-
-def _sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def _checksum(manifest: dict) -> str:
@@ -153,7 +146,7 @@ def save_quantized(qm: QuantizedModel, folder: str | Path, *, tokenizer=None,
         "sites": _site_layout(qm),
         "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype)}
                     for name, t in tensors.items()},
-        "files": {name: _sha256(tmp / name) for name in files},
+        "files": {name: sha256_file(tmp / name) for name in files},
     }
     manifest["checksum"] = _checksum(manifest)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -246,7 +239,7 @@ def load_quantized(folder: str | Path, *, implementation: str | None = None
     f = folder / name
     if not f.is_file():
       raise CheckpointError(f"{f}: missing (listed in {where})")
-    if _sha256(f) != digest:
+    if sha256_file(f) != digest:
       raise CheckpointError(f"{f}: sha256 differs from {where} (corrupt or modified)")
   try:
     cfg = ModelConfig.from_hf(manifest["config"])

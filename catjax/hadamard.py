@@ -176,11 +176,17 @@ def _factor_matrix(f: int) -> np.ndarray:
   return _sylvester(f) if _is_pow2(f) else _base_matrix(f)
 
 
+def _kron(factors) -> np.ndarray:
+  """The ±1 Kronecker product of the factor matrices, most significant first."""
+  h = np.ones((1, 1), np.int64)
+  for f in factors:
+    h = np.kron(h, _factor_matrix(f))
+  return h
+
+
 def hadamard_matrix(n: int, *, normalized: bool = True) -> np.ndarray:
   """Dense `H_n` (host numpy): orthonormal float64, or ±1 int64 if not normalized."""
-  h = np.ones((1, 1), np.int64)
-  for f in hadamard_factors(n):
-    h = np.kron(h, _factor_matrix(f))
+  h = _kron(hadamard_factors(n))
   return h / math.sqrt(n) if normalized else h
 
 
@@ -258,8 +264,5 @@ def apply_outer(v: jax.Array, factors: tuple[int, ...]) -> jax.Array:
     return v
   if o > DENSE_OUTER_MAX:
     return _apply_factors(v.reshape(rows, o * q), factors).reshape(v.shape)
-  h = np.ones((1, 1))
-  for f in factors:
-    h = np.kron(h, _factor_matrix(f))
-  h = jnp.asarray(h / math.sqrt(o), jnp.float32)
+  h = jnp.asarray(_kron(factors) / math.sqrt(o), jnp.float32)
   return jnp.einsum("ab,pbq->paq", h, v, precision=HIGHEST)

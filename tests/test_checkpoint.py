@@ -213,11 +213,7 @@ def test_save_refuses_an_existing_folder_and_leaves_nothing_when_interrupted(sav
 
 @pytest.fixture(scope="module")
 def cli_folder(tmp_path_factory):
-  path = tmp_path_factory.mktemp("cli") / "tiny"
-  tiny.hf_folder(path, seed=12)
-  text = path.parent / "text.txt"
-  text.write_text(tiny.TEXT * 3)
-  return path, text
+  return tiny.folder_and_text(tmp_path_factory, "cli")
 
 
 def test_cli_quantize_save_then_eval_and_generate_the_folder(cli_folder, tmp_path, capsys):

@@ -89,11 +89,7 @@ def test_site_report_of_cat_equals_the_decomposition_of_the_transformed_operands
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  path = tmp_path_factory.mktemp("ptq") / "tiny"
-  tiny.hf_folder(path, seed=12)
-  text = path.parent / "text.txt"
-  text.write_text(tiny.TEXT * 3)
-  return path, text
+  return tiny.folder_and_text(tmp_path_factory, "ptq")
 
 
 def _common(folder):

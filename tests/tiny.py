@@ -40,6 +40,15 @@ def hf_folder(path, *, seed=0, **kw):
   return model
 
 
+def folder_and_text(tmp_path_factory, name, *, seed=12):
+  """`(Hugging Face folder of a tiny model, text file of TEXT)` for CLI tests."""
+  path = tmp_path_factory.mktemp(name) / "tiny"
+  hf_folder(path, seed=seed)
+  text = path.parent / "text.txt"
+  text.write_text(TEXT * 3)
+  return path, text
+
+
 def torch_model(cls_name: str, seed: int = 0, **kw):
   """A random transformers model with weights ~N(0, 0.1) (larger than init: nontrivial logits)."""
   import torch
