@@ -176,13 +176,14 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
     else:
       t_b = fit_block(*jax.device_get((block, stats_b)), recipe, spec=spec, layer=b,
                       devices=list(mesh.local_devices))
+    w_clip = None
     if train:
       target = y if x_fp is None else runner(block, x_fp)[0]
-      t_b, info = train_block(runner, block, t_b, x, target, recipe, spec=spec, layer=b)
+      t_b, w_clip, info = train_block(runner, block, t_b, x, target, recipe, spec=spec, layer=b)
       losses.append(info)
       x_fp = None if x_fp is None else target
     qblock, s_b = quantize_block(merge_block(block, t_b, spec=spec), recipe, spec=spec,
-                                 transforms=t_b, stats=stats_b)
+                                 transforms=t_b, stats=stats_b, w_clip=w_clip)
     if walk:
       x = runner(qblock, x, hook=hook, hook_state=t_b)[0] if quant_prop else y
     blocks.append(qblock)

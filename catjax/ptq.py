@@ -178,6 +178,9 @@ class Recipe:
       methods with a block-diagonal part only.
     train_lr: peak AdamW learning rate (cosine decay) of trained CAT.
     train_batch: calibration windows per training step.
+    train_w_clip: trained CAT also learns a weight clip ratio per output
+      channel (in [`catjax.train.W_CLIP_MIN`, 1], from 1), which then sets the
+      grid of RTN and GPTQ; not with weights="clip" (its search replaces it).
     propagate: what the next block sees: "fp" (outputs of the
       full-precision block) or "quantized" (of the quantized block); "auto"
       is "quantized" for GPTQ or trained recipes, else "fp".
@@ -205,6 +208,7 @@ class Recipe:
   train_steps: int = 0
   train_lr: float = 1e-3
   train_batch: int = 4
+  train_w_clip: bool = True
   propagate: str = "auto"
   seed: int = 0
   hadamard: str = "full"
@@ -288,6 +292,7 @@ class Recipe:
     name += " act-order" if self.weights == "gptq" and self.act_order else ""
     name += f" aclip={self.a_clip:g}" if self.a_clip != 1.0 else ""
     name += f" t{self.train_steps}" if self.train_steps else ""
+    name += " nowc" if self.train_steps and not self.train_w_clip else ""
     name += "" if self.fit_x64 else " f32"
     if self.propagate != "auto":
       name += f" prop={self.propagate}"
@@ -321,13 +326,14 @@ class Recipe:
     (bits; 16 = not quantized), `kN` (block size), `kvN` (KV bits), `bh` (block Hadamard), `rtn` /
     `clip` / `gptq` (weight rounding), `tN` (trained CAT, N steps per block),
     `pfp` / `pq` (propagate fp / quantized outputs), `f32` (float32 fits), `dX` (GPTQ damping),
-    `act` (GPTQ act-order),
+    `act` (GPTQ act-order), `nowc` (trained CAT without learned weight clips),
     `acX` (activation clip ratio), e.g. "none@w6a6", "cat@k192", "cat@bh", "hadamard@gptq",
     "cat@gptq@d0.1@t200", "hadamard@ac0.9"."""
     method, *opts = spec.strip().split("@")
     kw: dict[str, Any] = {"method": method}
     flags = {"bh": ("hadamard", "block"), "pfp": ("propagate", "fp"),
              "pq": ("propagate", "quantized"), "f32": ("fit_x64", False), "act": ("act_order", True),
+             "nowc": ("train_w_clip", False),
              **{w: ("weights", w) for w in WEIGHT_METHODS}}
     for opt in opts:
       o = opt.lower()
@@ -350,7 +356,7 @@ class Recipe:
         kw["a_clip"] = float(m[5][1])
       else:
         raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected wNaM, kN, kvN, "
-                         f"tN, dX, acX, act, bh, rtn, clip, gptq, pfp, pq or f32")
+                         f"tN, dX, acX, act, nowc, bh, rtn, clip, gptq, pfp, pq or f32")
     return dataclasses.replace(self, **kw)
 
 
@@ -452,6 +458,30 @@ def _rtn(kernel, *, config):
   return (q.values.astype(jnp.float32) * q.scale).astype(kernel.dtype), q.scale[0]
 
 
+def channel_clipped_quantize(kernel: jax.Array, ratio: jax.Array, qmax: int
+                             ) -> tuple[jax.Array, jax.Array]:
+  """Symmetric per-output-channel fake quantization of a `(d_in, d_out)` kernel
+  with a clip ratio per channel: scales `ratio · absmax / qmax`.
+
+  Differentiable in both arguments with straight-through rounding (the LSQ
+  gradient): `∂q/∂scale = round(u) − u` inside the range and `±qmax` where a
+  weight is clipped, so a learned ratio trades clipping against rounding error.
+  With `ratio = 1` the values equal `fake_quantize` on `weight_config`'s grid.
+
+  Returns:
+    `(fake-quantized kernel in float32, scales (d_out,))`.
+  """
+  k = kernel.astype(jnp.float32)
+  scale = ratio.astype(jnp.float32) * jnp.max(jnp.abs(k), axis=-2) / qmax
+  scale = jnp.where(scale > 0, scale, 1.0)
+  u = jnp.clip(k / scale, -qmax, qmax)
+  levels = u + jax.lax.stop_gradient(jnp.round(u) - u)
+  return levels * scale, scale
+
+
+_clipped_rtn = jax.jit(channel_clipped_quantize, static_argnames=("qmax",))
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def _clip(kernel, importance, *, config):
   return fake_quantize_clip_search(kernel, config, importance=importance, ratios=CLIP_GRID,
@@ -460,12 +490,15 @@ def _clip(kernel, importance, *, config):
 
 def quantize_block(block: dict, recipe: Recipe, *, spec: ArchSpec,
                    transforms: dict[str, Transform] | None = None,
-                   stats: dict[str, SecondMoment] | None = None
+                   stats: dict[str, SecondMoment] | None = None,
+                   w_clip: dict[str, jax.Array] | None = None
                    ) -> tuple[dict, dict[tuple[str, ...], jax.Array]]:
   """Fake-quantize every kernel of a (merged) block per output channel.
 
   `recipe.weights`: "rtn"; "clip" (importance `diag(T Σ_x Tᵀ)`) or "gptq"
-  (Hessian `T Σ_x Tᵀ`), both of which need `stats`.
+  (Hessian `T Σ_x Tᵀ`), both of which need `stats`. `w_clip`: learned
+  per-output-channel clip ratios `{"/".join(path): (d_out,)}` (trained CAT)
+  that set the grid of those kernels for "rtn" and "gptq".
 
   Returns:
     `(block with fake-quantized kernels, {linear path: per-channel scales (d_out,)})`;
@@ -486,14 +519,21 @@ def quantize_block(block: dict, recipe: Recipe, *, spec: ArchSpec,
     return sigmas[site]
 
   def one(site, path, kernel):
-    if recipe.weights == "rtn":
-      q, scale = _rtn(kernel, config=config)
-    elif recipe.weights == "clip":
+    ratio = None if w_clip is None else w_clip.get("/".join(path))
+    if ratio is not None and recipe.weights == "clip":
+      raise ValueError("learned weight clip ratios replace the clip search: weights='clip' "
+                       "cannot take w_clip")
+    if recipe.weights == "clip":
       q, scale = _clip(kernel, jnp.diagonal(sigma_t(site)), config=config)
+    elif ratio is not None:
+      q, scale = _clipped_rtn(kernel, ratio, qmax=config.qmax)
+      q = q.astype(kernel.dtype)
     else:
+      q, scale = _rtn(kernel, config=config)
+    if recipe.weights == "gptq":
       q = gptq_quantize(kernel, sigma_t(site), bits=config.bits, damping=recipe.gptq_damping,
-                        block_size=recipe.gptq_block, act_order=recipe.act_order)
-      scale = _rtn(kernel, config=config)[1]
+                        block_size=recipe.gptq_block, act_order=recipe.act_order,
+                        scale=None if ratio is None else scale)
     scales[path] = scale
     return q
 

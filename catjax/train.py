@@ -13,6 +13,16 @@ with straight-through rounding of activations, weights and the KV cache, and
 AdamW with a cosine learning-rate decay (optax), on random batches of the
 calibration windows (deterministic under `Recipe.seed`).
 
+With `Recipe.train_w_clip` (the default for RTN and GPTQ weights) every
+kernel also learns a clip ratio per output channel, `r = 1 + c·θ` with `θ`
+from zero (so step 0 is still the closed form), projected back into
+`[W_CLIP_MIN, 1]` after every step; the weights' grid is then
+`r · absmax / qmax` (`ptq.channel_clipped_quantize`, LSQ gradients), and the
+kept ratios set the grid of the final RTN or GPTQ quantization. `c =
+W_CLIP_LR_SCALE` gives the ratios a 10× larger step than the block entries:
+Adam's steps are about the learning rate in parameter units, and a useful
+ratio lies ~0.1 below 1, a useful `Δ` entry ~0.01 from 0.
+
 Safeguards (per block): the trained transforms are kept only if their loss on
 all calibration windows is below the closed form's and every `I + Δ` has a
 condition number below `MAX_COND`; otherwise the closed form stays.
@@ -28,12 +38,14 @@ import numpy as np
 import optax
 
 from catjax.models.llama import block_forward
-from catjax.models.spec import ArchSpec
-from catjax.ptq import QuantHook, fake_quantize_ste, map_kernels
+from catjax.models.spec import ArchSpec, get_path
+from catjax.ptq import QuantHook, channel_clipped_quantize, fake_quantize_ste, map_kernels
 from catjax.quant import QuantConfig
 from catjax.transforms import Transform
 
 MAX_COND = 1e3
+W_CLIP_MIN = 0.5
+W_CLIP_LR_SCALE = 10.0
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -74,26 +86,51 @@ def exact_with_delta(t: Transform, delta: jax.Array) -> Transform:
                    signs=t.signs, method=t.method, dim=t.dim)
 
 
-def _quantized_block(block, transforms, spec: ArchSpec, w_config: QuantConfig | None):
-  """The block's kernels merged with `transforms` and fake-quantized with STE."""
+def clip_ratio(theta: jax.Array) -> jax.Array:
+  """The weight clip ratio of a trained parameter `θ` (see the module docstring)."""
+  return 1.0 + W_CLIP_LR_SCALE * theta
 
-  def one(site, _, k):
+
+def _project(params: dict) -> dict:
+  """Keep every learned clip ratio in `[W_CLIP_MIN, 1]`."""
+  lo = (W_CLIP_MIN - 1.0) / W_CLIP_LR_SCALE
+  return {**params, "w_clip": jax.tree.map(lambda t: jnp.clip(t, lo, 0.0), params["w_clip"])}
+
+
+def _quantized_block(block, transforms, spec: ArchSpec, w_config: QuantConfig | None,
+                     w_clip: dict):
+  """The block's kernels merged with `transforms` and fake-quantized with STE
+  (on the learned clip grid of `w_clip` where it has the kernel)."""
+
+  def one(site, path, k):
     k = transforms[site].merge(k)
-    return k if w_config is None else fake_quantize_ste(k, w_config, ste=True)
+    ratio = w_clip.get("/".join(path))
+    if w_config is None:
+      return k
+    if ratio is None:
+      return fake_quantize_ste(k, w_config, ste=True)
+    return channel_clipped_quantize(k, ratio, w_config.qmax)[0].astype(k.dtype)
 
   return map_kernels(block, spec, one)
 
 
-def _loss(deltas, block, base, x, y, rope, *, graphdef, hook, spec, w_config):
+def _error(deltas, ratios, block, base, x, y, rope, *, graphdef, hook, spec, w_config):
+  """The quantized block's relative output error with blocks `(I + Δ) B₀` and
+  weight clip ratios `ratios`."""
   ts = {site: (with_delta(t, deltas[site]) if site in deltas else t) for site, t in base.items()}
-  qblock = _quantized_block(block, ts, spec, w_config)
+  qblock = _quantized_block(block, ts, spec, w_config, ratios)
   out, _, _ = block_forward(graphdef, qblock, x, rope, hook=hook, hook_state=ts)
   err = jnp.sum((out.astype(jnp.float32) - y) ** 2)
   return err / jnp.sum(y.astype(jnp.float32) ** 2)
 
 
+def _loss(params, *args, **kw):
+  ratios = {p: clip_ratio(t) for p, t in params["w_clip"].items()}
+  return _error(params["deltas"], ratios, *args, **kw)
+
+
 _STATIC = ("graphdef", "hook", "spec", "w_config")
-_loss_jit = jax.jit(_loss, static_argnames=_STATIC)
+_error_jit = jax.jit(_error, static_argnames=_STATIC)
 
 
 def _optimizer(lr: float, steps: int):
@@ -101,24 +138,26 @@ def _optimizer(lr: float, steps: int):
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("lr", "steps"))
-def _step(deltas, opt_state, block, base, x, y, rope, *, graphdef, hook, spec, w_config, lr,
+def _step(params, opt_state, block, base, x, y, rope, *, graphdef, hook, spec, w_config, lr,
           steps):
-  loss, grads = jax.value_and_grad(_loss)(deltas, block, base, x, y, rope, graphdef=graphdef,
+  loss, grads = jax.value_and_grad(_loss)(params, block, base, x, y, rope, graphdef=graphdef,
                                           hook=hook, spec=spec, w_config=w_config)
-  updates, opt_state = _optimizer(lr, steps).update(grads, opt_state, deltas)
-  return optax.apply_updates(deltas, updates), opt_state, loss
+  updates, opt_state = _optimizer(lr, steps).update(grads, opt_state, params)
+  return _project(optax.apply_updates(params, updates)), opt_state, loss
 
 
-def block_loss(runner, block, transforms, x, y, recipe, *, spec: ArchSpec) -> float:
-  """The training loss of `transforms` on all windows (in batches); straight-through
-  estimation changes gradients only, so these are the quantized block's true errors."""
+def block_loss(runner, block, transforms, x, y, recipe, *, spec: ArchSpec,
+               w_clip: dict[str, jax.Array] | None = None) -> float:
+  """The training loss of `transforms` (and learned weight clip ratios
+  `w_clip`, `{"/".join(path): (d_out,)}`) on all windows (in batches);
+  straight-through estimation changes gradients only, so these are the
+  quantized block's true errors."""
   hook = _hook(recipe, spec)
-  deltas = {}
   err = 0.0
   for i in range(0, x.shape[0], runner.batch_size):
     xb, yb = x[i:i + runner.batch_size], y[i:i + runner.batch_size]
-    part = _loss_jit(deltas, block, transforms, xb, yb, runner.rope, graphdef=runner.graphdef,
-                     hook=hook, spec=spec, w_config=recipe.w_config)
+    part = _error_jit({}, w_clip or {}, block, transforms, xb, yb, runner.rope,
+                      graphdef=runner.graphdef, hook=hook, spec=spec, w_config=recipe.w_config)
     err += float(part) * float(jnp.sum(yb.astype(jnp.float32) ** 2))
   return err / float(jnp.sum(y.astype(jnp.float32) ** 2))
 
@@ -127,9 +166,14 @@ def _hook(recipe, spec):
   return QuantHook(recipe.a_config, recipe.kv_config, spec.kv_sites, ste=True)
 
 
+def learns_w_clip(recipe) -> bool:
+  """Whether trained CAT of `recipe` learns weight clip ratios."""
+  return recipe.train_w_clip and recipe.w_config is not None and recipe.weights in ("rtn", "gptq")
+
+
 def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Array,
                 y: jax.Array, recipe, *, spec: ArchSpec, layer: int
-                ) -> tuple[dict[str, Transform], dict]:
+                ) -> tuple[dict[str, Transform], dict[str, jax.Array] | None, dict]:
   """Refine `transforms` of one block (see the module docstring).
 
   Args:
@@ -138,32 +182,43 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
     transforms: the closed-form `{site: Transform}` of the block.
     x: the block's calibration inputs `(n, T, d)`.
     y: the targets, the full-precision block's outputs `(n, T, d)`.
-    recipe: `train_steps`, `train_lr`, `train_batch`, `seed` and the quantizers.
+    recipe: `train_steps`, `train_lr`, `train_batch`, `train_w_clip`, `seed`
+      and the quantizers.
     layer: the block index (seeds the batch order).
 
   Returns:
-    `(transforms, info)`: the kept transforms and the losses (closed form,
-    first and last training step, trained on all windows), max condition
-    number of `I + Δ`, and whether the trained transforms were kept.
+    `(transforms, w_clip, info)`: the kept transforms; the kept weight clip
+    ratios `{"/".join(path): (d_out,)}` for `quantize_block`, or None (not
+    learned, or the closed form kept); the losses (closed form, first and last
+    training step, trained on all windows), max condition number of `I + Δ`,
+    the mean learned clip ratio, and whether the trained result was kept.
   """
   trainable = {s: t for s, t in transforms.items() if t.blocks is not None}
-  deltas = {s: jnp.zeros_like(t.blocks) for s, t in trainable.items()}
+  params = {"deltas": {s: jnp.zeros_like(t.blocks) for s, t in trainable.items()},
+            "w_clip": {}}
+  if learns_w_clip(recipe):
+    params["w_clip"] = {"/".join(path): jnp.zeros(get_path(block, path)["kernel"].shape[-1],
+                                                  jnp.float32)
+                        for _, path in spec.linears}
   steps, n = recipe.train_steps, x.shape[0]
   batch = min(recipe.train_batch, n)
   static = dict(graphdef=runner.graphdef, hook=_hook(recipe, spec), spec=spec,
                 w_config=recipe.w_config)
-  opt_state = _optimizer(recipe.train_lr, steps).init(deltas)
+  opt_state = _optimizer(recipe.train_lr, steps).init(params)
   key = jax.random.fold_in(jax.random.PRNGKey(recipe.seed), layer)
   curve = []
   for step in range(steps):
     idx = jax.random.choice(jax.random.fold_in(key, step), n, (batch,), replace=False)
-    deltas, opt_state, loss = _step(deltas, opt_state, block, transforms, x[idx], y[idx],
+    params, opt_state, loss = _step(params, opt_state, block, transforms, x[idx], y[idx],
                                     runner.rope, lr=float(recipe.train_lr), steps=steps, **static)
     curve.append(float(loss))
+
   def _cond(d):
     m = np.eye(d.shape[-1]) + np.asarray(d, np.float64)
     return float(np.max(np.linalg.cond(m))) if np.isfinite(m).all() else float("inf")
 
+  deltas = params["deltas"]
+  w_clip = {p: clip_ratio(t) for p, t in params["w_clip"].items()} or None
   cond = max(map(_cond, deltas.values()), default=1.0)
   closed = block_loss(runner, block, transforms, x, y, recipe, spec=spec)
   result = transforms
@@ -171,9 +226,12 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
   if np.isfinite(cond) and cond < MAX_COND:
     result = {s: (exact_with_delta(t, deltas[s]) if s in deltas else t)
               for s, t in transforms.items()}
-    trained = block_loss(runner, block, result, x, y, recipe, spec=spec)
+    trained = block_loss(runner, block, result, x, y, recipe, spec=spec, w_clip=w_clip)
   keep = bool(np.isfinite(trained) and trained < closed)
   info = {"layer": layer, "closed_form_loss": closed, "trained_loss": trained,
           "first_step_loss": curve[0] if curve else None,
-          "last_step_loss": curve[-1] if curve else None, "max_cond": cond, "kept": keep}
-  return (result if keep else transforms), info
+          "last_step_loss": curve[-1] if curve else None, "max_cond": cond,
+          "mean_w_clip": (float(np.mean([np.mean(np.asarray(r)) for r in w_clip.values()]))
+                          if w_clip else None),
+          "kept": keep}
+  return (result, w_clip, info) if keep else (transforms, None, info)

@@ -11,6 +11,7 @@ import pytest
 import tiny
 from catjax.engine import BlockRunner, quantize_model
 from catjax.models import forward, random_model, spec_for
+from catjax.models.spec import get_path
 from catjax.ptq import QuantHook, Recipe, calibrate, merge_block, quantize_block
 from catjax.train import block_loss, train_block
 
@@ -124,14 +125,33 @@ def test_trained_cat_step0_is_the_closed_form_and_training_helps(setup):
   out, _ = runner(qblock, x, hook=QuantHook(recipe.a_config, None), hook_state=closed)
   want = float(jnp.sum((out - y) ** 2) / jnp.sum(y ** 2))
   assert block_loss(runner, block, closed, x, y, recipe, spec=spec) == pytest.approx(want, rel=1e-5)
-  trained, info = train_block(runner, block, closed, x, y, recipe, spec=spec, layer=0)
+  trained, w_clip, info = train_block(runner, block, closed, x, y, recipe, spec=spec, layer=0)
   assert info["closed_form_loss"] == pytest.approx(want, rel=1e-5)
   assert info["kept"] and info["trained_loss"] < 0.97 * info["closed_form_loss"], info
   assert info["max_cond"] < 10
   # Deterministic under the seed.
-  again, info2 = train_block(runner, block, closed, x, y, recipe, spec=spec, layer=0)
-  for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(again)):
+  again, w_clip2, info2 = train_block(runner, block, closed, x, y, recipe, spec=spec, layer=0)
+  for a, b in zip(jax.tree.leaves((trained, w_clip)), jax.tree.leaves((again, w_clip2))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Learned weight clip ratios: one per output channel of all 7 kernels, inside
+  # [W_CLIP_MIN, 1], moved off 1; the engine's quantization on that grid reproduces
+  # the kept trained loss.
+  from catjax.train import W_CLIP_MIN
+  assert sorted(w_clip) == sorted("/".join(p) for _, p in spec.linears)
+  ratios = np.concatenate([np.asarray(r) for r in w_clip.values()])
+  assert ratios.min() >= W_CLIP_MIN and ratios.max() <= 1.0 and ratios.min() < 0.99
+  qblock, scales = quantize_block(merge_block(block, trained, spec=spec), recipe, spec=spec,
+                                  w_clip=w_clip)
+  out, _ = runner(qblock, x, hook=QuantHook(recipe.a_config, None), hook_state=trained)
+  got = float(jnp.sum((out - y) ** 2) / jnp.sum(y ** 2))
+  assert got == pytest.approx(info["trained_loss"], rel=1e-4)
+  path = spec.linears[0][1]
+  k = get_path(qblock, path)["kernel"]
+  np.testing.assert_allclose(np.round(np.asarray(k / scales[path])), np.asarray(k / scales[path]),
+                             atol=1e-3)
+  # Without weight clip learning only the blocks train.
+  no_clip = dataclasses.replace(recipe, train_w_clip=False)
+  assert train_block(runner, block, closed, x, y, no_clip, spec=spec, layer=0)[1] is None
   # Exactly function-preserving without quantization.
   fp_out, _ = runner(block, x)
   merged = merge_block(block, trained, spec=spec)
@@ -189,3 +209,32 @@ def test_engine_method_specs():
   w4 = r.with_spec("hadamard@gptq@w4a16")
   assert (w4.w_bits, w4.a_bits, w4.label) == (4, None, "hadamard gptq W4A16")
   assert dataclasses.replace(r, method="fp", weights="gptq").propagates_quantized is False
+
+
+def test_channel_clipped_quantize_grid_and_lsq_gradient():
+  from catjax.ptq import channel_clipped_quantize
+  from catjax.quant import fake_quantize, weight_config
+  k = jax.random.normal(jax.random.PRNGKey(0), (32, 6))
+  q, scale = channel_clipped_quantize(k, jnp.ones(6), 7)
+  np.testing.assert_array_equal(np.asarray(q), np.asarray(fake_quantize(k, weight_config(4))))
+  ratio = jnp.array([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+  q, scale = channel_clipped_quantize(k, ratio, 7)
+  np.testing.assert_allclose(np.asarray(scale), np.asarray(ratio * jnp.abs(k).max(0) / 7), rtol=1e-6)
+  assert float(jnp.abs(q).max(0)[-1]) == pytest.approx(float(7 * scale[-1]), rel=1e-6)  # clipped
+  # d q / d ratio: (round(u) - u) inside the range, ±qmax where clipped, times d scale / d ratio.
+  ratio = ratio.at[0].set(0.95)  # away from 1, where the largest weight sits on the edge
+  scale = channel_clipped_quantize(k, ratio, 7)[1]
+  g = jax.grad(lambda r: jnp.sum(channel_clipped_quantize(k, r, 7)[0]))(ratio)
+  u = np.asarray(k / scale)
+  dq_ds = np.where(np.abs(u) < 7, np.round(u) - u, 7 * np.sign(u))
+  want = (dq_ds * np.asarray(jnp.abs(k).max(0) / 7)).sum(0)
+  np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-4)
+
+
+def test_learned_weight_clip_is_refused_with_the_clip_search(setup):
+  model, _ = setup
+  spec = spec_for(model.config)
+  block = _block0(model)
+  w_clip = {"/".join(spec.linears[0][1]): jnp.ones(4)}
+  with pytest.raises(ValueError, match="cannot take w_clip"):
+    quantize_block(block, Recipe(method="none", weights="clip"), spec=spec, stats={}, w_clip=w_clip)
