@@ -152,6 +152,14 @@ def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *, eps: float = 1
     `(M, M⁻¹)` in `fit_dtype()`.
   """
   _check_pair(("sigma_x", "gram_w"), sigma_x, gram_w)
+  lower = _activation_cholesky(sigma_x, eps, min_ridge)
+  gram = damp(symmetrize(jnp.asarray(gram_w, lower.dtype)), eps)
+  w, v = spd_eigh(_mm(jnp.swapaxes(lower, -1, -2), gram, lower), eps=eps)
+  return _transform_pair(lower, _from_eigh(w, v, 0.25), _from_eigh(w, v, -0.25))
+
+
+def _activation_cholesky(sigma_x, eps: float, min_ridge: float | None) -> jax.Array:
+  """`L` with `L Lᵀ = Σ_x` ridged (see `alignment_transform`), in `fit_dtype()`."""
   dtype = fit_dtype()
   d = sigma_x.shape[-1]
   # Second moments are sums accumulated in their dtype: eigenvalues below a
@@ -161,13 +169,62 @@ def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *, eps: float = 1
     ulps = jnp.finfo(jnp.asarray(sigma_x).dtype).eps / jnp.finfo(jnp.float32).eps
     min_ridge = CHOLESKY_RIDGE * float(ulps)
   ridge = max(eps, d * max(min_ridge, float(jnp.finfo(dtype).eps)))
-  lower = jnp.linalg.cholesky(damp(symmetrize(jnp.asarray(sigma_x, dtype)), ridge))
-  gram = damp(symmetrize(jnp.asarray(gram_w, dtype)), eps)
-  w, v = spd_eigh(_mm(jnp.swapaxes(lower, -1, -2), gram, lower), eps=eps)
-  k_quarter, k_inv_quarter = _from_eigh(w, v, 0.25), _from_eigh(w, v, -0.25)
-  # M = K^¼ L⁻¹, i.e. Mᵀ solves Lᵀ Mᵀ = K^¼ (K^¼ is symmetric).
+  return jnp.linalg.cholesky(damp(symmetrize(jnp.asarray(sigma_x, dtype)), ridge))
+
+
+def _transform_pair(lower, k_quarter, k_inv_quarter) -> tuple[jax.Array, jax.Array]:
+  """`(M, M⁻¹) = (K^¼ L⁻¹, L K^-¼)`; `Mᵀ` solves `Lᵀ Mᵀ = K^¼` (`K^¼` is symmetric)."""
   m_t = jax.scipy.linalg.solve_triangular(lower, k_quarter, lower=True, trans="T")
   return jnp.swapaxes(m_t, -1, -2), _mm(lower, k_inv_quarter)
+
+
+def alignment_transform_low_rank(sigma_x: jax.Array, weight: jax.Array, *, eps: float = 1e-6,
+                                 min_ridge: float | None = None
+                                 ) -> tuple[jax.Array, jax.Array]:
+  """`alignment_transform` for a weight Gram `Σ_W = W Wᵀ` of rank `r < d`.
+
+  With `G = Lᵀ W` (`d × r`) and its thin eigen-decomposition `G Gᵀ = U S² Uᵀ`
+  (from the `r × r` `Gᵀ G`), the damped and floored `K = G Gᵀ + μ I` has the
+  eigenvalues `f(s² + μ)` on `U` and `f(μ)` on the rest, so
+  `K^p = U (f(s² + μ)^p − f(μ)^p) Uᵀ + f(μ)^p I` -- one `r × r` `eigh` instead
+  of a `d × d` one: the `cat_full` fit of `down_proj`, whose input is wider
+  than its output. `μ` and the floor `f` are `spd_eigh`'s on `K`; unlike the
+  dense path `Σ_W` gets no ridge of its own (a ridge `δ I` on it would add
+  the full-rank `δ Lᵀ L` to `K`).
+
+  Args:
+    sigma_x: `(..., d, d)` activation second moment.
+    weight: `(..., d, r)` with `W Wᵀ = Σ_W`, e.g. the site's kernels side by side.
+    eps, min_ridge: as in `alignment_transform`.
+
+  Returns:
+    `(M, M⁻¹)` in `fit_dtype()`.
+  """
+  _check_square("sigma_x", sigma_x)
+  if weight.ndim != sigma_x.ndim or weight.shape[:-1] != sigma_x.shape[:-1]:
+    raise ValueError(f"weight must be (..., d, r) beside sigma_x {sigma_x.shape}, got "
+                     f"{weight.shape=}")
+  lower = _activation_cholesky(sigma_x, eps, min_ridge)
+  d = lower.shape[-1]
+  g = _mm(jnp.swapaxes(lower, -1, -2), jnp.asarray(weight, lower.dtype))  # (..., d, r)
+  s2, v = jnp.linalg.eigh(symmetrize(_mm(jnp.swapaxes(g, -1, -2), g)))
+  s2 = jnp.maximum(s2, 0.0)
+  s = jnp.sqrt(s2)
+  u = _mm(g, v) / jnp.where(s > 0, s, 1.0)[..., None, :]  # zero columns where s = 0
+  # spd_eigh on K = G Gᵀ: ridge μ = eps · tr(K) / d, then the floor.
+  mu = eps * jnp.sum(s2, axis=-1, keepdims=True) / d
+  w = jnp.concatenate([s2 + mu, mu], axis=-1)
+  floor = jnp.maximum(eps * (jnp.sum(w[..., :-1], -1, keepdims=True) + (d - s2.shape[-1]) * mu) / d,
+                      d * jnp.finfo(w.dtype).eps * jnp.max(w, axis=-1, keepdims=True))
+  w = jnp.maximum(w, jnp.maximum(floor, jnp.finfo(w.dtype).tiny))
+  eye = jnp.eye(d, dtype=lower.dtype)
+
+  def power(p):
+    top, rest = w[..., :-1] ** p, w[..., -1:] ** p
+    return symmetrize(_mm(u * (top - rest)[..., None, :], jnp.swapaxes(u, -1, -2))) \
+        + rest[..., None] * eye
+
+  return _transform_pair(lower, power(0.25), power(-0.25))
 
 
 def ensure_finite(name: str, *arrays: jax.Array) -> None:

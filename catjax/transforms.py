@@ -170,7 +170,8 @@ def _smooth_scales(sigma_x, gram_w, act_absmax, weight_absmax, alpha, eps):
 
 
 @functools.partial(jax.jit, static_argnames=("method", "block_size", "alpha", "eps"))
-def _fit(sigma_x, gram_w, signs, act_absmax, weight_absmax, *, method, block_size, alpha, eps):
+def _fit(sigma_x, gram_w, signs, act_absmax, weight_absmax, weight, *, method, block_size, alpha,
+         eps):
   blocks = inv = None
   kind = REGISTRY[method].blocks
   if kind == "diagonal":
@@ -178,8 +179,11 @@ def _fit(sigma_x, gram_w, signs, act_absmax, weight_absmax, *, method, block_siz
     blocks, inv = (1.0 / s)[:, None, None], s[:, None, None]
   elif kind is not None:
     sx = _diagonal_blocks(sigma_x, block_size)
-    sw = _diagonal_blocks(gram_w, block_size)
-    blocks, inv = linalg.alignment_transform(sx, sw, eps=eps)
+    if weight is not None and weight.shape[-1] < block_size:  # Σ_W blocks of rank < k
+      wb = weight.reshape(-1, block_size, weight.shape[-1])
+      blocks, inv = linalg.alignment_transform_low_rank(sx, wb, eps=eps)
+    else:
+      blocks, inv = linalg.alignment_transform(sx, _diagonal_blocks(gram_w, block_size), eps=eps)
   d = sigma_x.shape[-1]
   as32 = lambda a: None if a is None else a.astype(jnp.float32)
   return Transform(blocks=as32(blocks), inv_blocks=as32(inv), signs=signs, method=method, dim=d)
@@ -189,7 +193,8 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
                   block_size: int | None = None, key: jax.Array | None = None,
                   act_absmax: jax.Array | None = None, alpha: float = 0.5,
                   weight_absmax: jax.Array | None = None, eps: float = DEFAULT_EPS,
-                  x64: bool | None = None, name: str = "transform") -> Transform:
+                  x64: bool | None = None, name: str = "transform",
+                  weight: jax.Array | None = None) -> Transform:
   """Fit a function-preserving transform for one linear input.
 
   Args:
@@ -210,6 +215,11 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
       emulated); the transform is stored in float32 either way. Activation
       second moments are too ill-conditioned for float32 eigh (docs/design.md §1.3).
     name: label used in error messages (e.g. "layer 3 down_in").
+    weight: optional `(d, r)` factor of `gram_w` (`gram_w = weight weightᵀ`,
+      e.g. the site's kernels side by side). When `r` is below the block size
+      the blocks of `gram_w` are singular, and "cat" / "cat_full" fit from it
+      with `linalg.alignment_transform_low_rank` (an `r × r` eigh per block
+      instead of `k × k`; no separate ridge on `gram_w`).
 
   Returns:
     A `Transform` with `.apply(x)` and `.merge(kernel)`.
@@ -229,6 +239,8 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
   for label, v in (("act_absmax", act_absmax), ("weight_absmax", weight_absmax)):
     if v is not None and jnp.shape(v) != (d,):
       raise ValueError(f"{label} must have shape ({d},), got {jnp.shape(v)}")
+  if weight is not None and (jnp.ndim(weight) != 2 or jnp.shape(weight)[0] != d):
+    raise ValueError(f"weight must have shape ({d}, r), got {jnp.shape(weight)}")
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be in [0, 1], got {alpha=}")
   kind = REGISTRY[method].blocks
@@ -252,6 +264,7 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
     t = _fit(sigma_x, gram_w, signs,
              None if act_absmax is None else jnp.asarray(act_absmax),
              None if weight_absmax is None else jnp.asarray(weight_absmax),
+             None if weight is None else jnp.asarray(weight),
              method=method, block_size=block_size, alpha=float(alpha), eps=float(eps))
   linalg.ensure_finite(name, t.blocks, t.inv_blocks)
   return t

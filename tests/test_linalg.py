@@ -105,3 +105,24 @@ def test_errors():
     cj.geometric_mean(jnp.eye(3), jnp.eye(4))
   with pytest.raises(FloatingPointError, match="layer 7"):
     linalg.ensure_finite("layer 7", jnp.array([1.0, jnp.nan]))
+
+
+@pytest.mark.parametrize("r", [1, 5, 12])
+def test_low_rank_alignment_transform_equals_the_dense_eigh(x64, r):
+  # Σ_W = W Wᵀ of rank r < d: the thin path equals one dense eigh of
+  # K = Lᵀ Σ_W L with spd_eigh's ridge and floor (and no ridge on Σ_W itself).
+  d = 16
+  sx = jnp.stack([jnp.asarray(_spd(7, d, 1e5)), jnp.asarray(_spd(9, d, 1e2))])
+  w = jnp.asarray(np.random.default_rng(r).normal(size=(2, d, r)))
+  eps = 1e-4
+  lower = linalg._activation_cholesky(sx, eps, None)
+  k = jnp.swapaxes(lower, -1, -2) @ (w @ jnp.swapaxes(w, -1, -2)) @ lower
+  ev, vec = linalg.spd_eigh(k, eps=eps)
+  want = linalg._transform_pair(lower, linalg._from_eigh(ev, vec, 0.25),
+                                linalg._from_eigh(ev, vec, -0.25))
+  got = linalg.alignment_transform_low_rank(sx, w, eps=eps)
+  for g, x in zip(got, want):
+    np.testing.assert_allclose(g, x, rtol=1e-7, atol=1e-9 * float(jnp.abs(x).max()))
+  np.testing.assert_allclose(got[0] @ got[1], np.broadcast_to(np.eye(d), (2, d, d)), atol=1e-9)
+  with pytest.raises(ValueError, match="weight must be"):
+    linalg.alignment_transform_low_rank(sx, w[0], eps=eps)

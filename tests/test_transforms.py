@@ -92,6 +92,24 @@ def test_w4a4_sqnr_ordering_on_outlier_misaligned_layer():
   assert cat64 > had + 6
 
 
+@pytest.mark.parametrize("method,kw", [("cat_full", {}), ("cat", {"block_size": 32})])
+def test_wide_input_fits_from_the_weight_factor(method, kw):
+  # d_in 256 > d_out 24: every diagonal block of Σ_W is singular; with the
+  # weight factor the fit takes the low-rank path (r × r eigh): it preserves
+  # the function and quantizes as well as the dense fit on the ridged Gram.
+  x, w = synthetic_layer(jax.random.PRNGKey(4), tokens=4096, d_in=256, d_out=24)
+  sx, g = cj.second_moment(x), cj.weight_gram(w)
+  dense = cj.fit_transform(method, sx, g, **kw)
+  thin = cj.fit_transform(method, sx, g, weight=w, **kw)
+  assert not np.allclose(thin.blocks, dense.blocks)  # a different path was taken
+  y, yt = x @ w, thin.apply(x) @ thin.merge(w)
+  assert float(jnp.max(jnp.abs(yt - y)) / jnp.max(jnp.abs(y))) < 1e-4
+  sqnr = [cj.sqnr_decomposition(t.apply(x), t.merge(w)).measured_sqnr_db for t in (dense, thin)]
+  assert abs(sqnr[1] - sqnr[0]) < 0.3, sqnr
+  with pytest.raises(ValueError, match="weight must have shape"):
+    cj.fit_transform(method, sx, g, weight=w.T, **kw)
+
+
 def test_fitting_many_layers_of_one_shape_compiles_once(key):
   d = 64
   before = transforms._fit._cache_size()
@@ -117,7 +135,7 @@ def test_whole_fit_can_be_jitted_and_vmapped(key):
   ws = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 16))
   sxs = jax.vmap(cj.second_moment)(xs)
   gs = jax.vmap(cj.weight_gram)(ws)
-  fit = lambda sx, g: transforms._fit(sx, g, None, None, None, method="cat", block_size=8,
+  fit = lambda sx, g: transforms._fit(sx, g, None, None, None, None, method="cat", block_size=8,
                                       alpha=0.5, eps=1e-6)
   batched = jax.vmap(fit)(sxs, gs)
   one = cj.fit_transform("cat", sxs[2], gs[2], block_size=8)
