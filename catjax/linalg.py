@@ -217,14 +217,18 @@ def alignment_transform_low_rank(sigma_x: jax.Array, weight: jax.Array, *, eps: 
   floor = jnp.maximum(eps * (jnp.sum(w[..., :-1], -1, keepdims=True) + (d - s2.shape[-1]) * mu) / d,
                       d * jnp.finfo(w.dtype).eps * jnp.max(w, axis=-1, keepdims=True))
   w = jnp.maximum(w, jnp.maximum(floor, jnp.finfo(w.dtype).tiny))
-  eye = jnp.eye(d, dtype=lower.dtype)
+  u_t = jnp.swapaxes(u, -1, -2)
 
-  def power(p):
-    top, rest = w[..., :-1] ** p, w[..., -1:] ** p
-    return symmetrize(_mm(u * (top - rest)[..., None, :], jnp.swapaxes(u, -1, -2))) \
-        + rest[..., None] * eye
+  def power(p):  # K^p = U diag(top) Uᵀ + rest · I
+    rest = w[..., -1:] ** p
+    return w[..., :-1] ** p - rest, rest[..., None]
 
-  return _transform_pair(lower, power(0.25), power(-0.25))
+  top, rest = power(0.25)
+  k_quarter = symmetrize(_mm(u * top[..., None, :], u_t)) + rest * jnp.eye(d, dtype=lower.dtype)
+  m_t = jax.scipy.linalg.solve_triangular(lower, k_quarter, lower=True, trans="T")
+  top, rest = power(-0.25)  # M⁻¹ = L K^-¼ = (L U) diag(top) Uᵀ + rest · L: thin products only
+  m_inv = _mm(_mm(lower, u) * top[..., None, :], u_t) + rest * lower
+  return jnp.swapaxes(m_t, -1, -2), m_inv
 
 
 def ensure_finite(name: str, *arrays: jax.Array) -> None:
