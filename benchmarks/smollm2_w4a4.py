@@ -26,7 +26,8 @@ from catjax.report import comparison_markdown  # noqa: E402
 
 METHODS = ("fp,none,smoothquant,smoothquant_hadamard,hadamard,cat@k64,cat@k192,cat_full,"
            "cat_full@f32,none@w6a6,none@w8a8,hadamard@gptq,smoothquant_hadamard@gptq,"
-           "cat@k64@gptq,cat@k64@t{T},cat@k64@gptq@t{T}")
+           "cat@k64@gptq,cat@k64@gptq@t{T},hadamard@gptq@ac0.8,cat@k64@gptq@ac0.8,"
+           "cat@k64@gptq@ac0.8@t{T}")
 # Trained CAT budget on 2 CPU cores: 50 AdamW steps per block, one 512-token window each.
 TRAIN_STEPS, TRAIN_LR, TRAIN_BATCH = 50, 1e-3, 1
 
