@@ -61,13 +61,17 @@ def spd_eigh(a: jax.Array, *, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
   _check_square("a", a)
   a = damp(symmetrize(jnp.asarray(a, fit_dtype())), eps)
   w, v = jnp.linalg.eigh(a)
+  floor = _eigen_floor(jnp.mean(jnp.abs(w), axis=-1, keepdims=True),
+                       jnp.max(jnp.abs(w), axis=-1, keepdims=True), a.shape[-1], eps)
+  return jnp.maximum(w, floor), v
+
+
+def _eigen_floor(mean: jax.Array, largest: jax.Array, d: int, eps: float) -> jax.Array:
+  """`spd_eigh`'s eigenvalue floor from the mean and largest eigenvalue of a `d × d` matrix."""
   # Below d·ulp·λmax an eigenvalue is rounding noise (float32: ~1e-5 relative
   # for d = 128); floor there too, so that inverse powers stay meaningful.
-  scale = jnp.max(jnp.abs(w), axis=-1, keepdims=True)
-  floor = jnp.maximum(eps * jnp.mean(jnp.abs(w), axis=-1, keepdims=True),
-                      a.shape[-1] * jnp.finfo(w.dtype).eps * scale)
-  floor = jnp.maximum(floor, jnp.finfo(w.dtype).tiny)
-  return jnp.maximum(w, floor), v
+  floor = jnp.maximum(eps * mean, d * jnp.finfo(largest.dtype).eps * largest)
+  return jnp.maximum(floor, jnp.finfo(largest.dtype).tiny)
 
 
 def _from_eigh(w: jax.Array, v: jax.Array, power: float) -> jax.Array:
@@ -155,7 +159,7 @@ def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *, eps: float = 1
   lower = _activation_cholesky(sigma_x, eps, min_ridge)
   gram = damp(symmetrize(jnp.asarray(gram_w, lower.dtype)), eps)
   w, v = spd_eigh(_mm(jnp.swapaxes(lower, -1, -2), gram, lower), eps=eps)
-  return _transform_pair(lower, _from_eigh(w, v, 0.25), _from_eigh(w, v, -0.25))
+  return _transform_pair(lower, _from_eigh(w, v, 0.25), _mm(lower, _from_eigh(w, v, -0.25)))
 
 
 def _activation_cholesky(sigma_x, eps: float, min_ridge: float | None) -> jax.Array:
@@ -172,10 +176,11 @@ def _activation_cholesky(sigma_x, eps: float, min_ridge: float | None) -> jax.Ar
   return jnp.linalg.cholesky(damp(symmetrize(jnp.asarray(sigma_x, dtype)), ridge))
 
 
-def _transform_pair(lower, k_quarter, k_inv_quarter) -> tuple[jax.Array, jax.Array]:
-  """`(M, M⁻¹) = (K^¼ L⁻¹, L K^-¼)`; `Mᵀ` solves `Lᵀ Mᵀ = K^¼` (`K^¼` is symmetric)."""
+def _transform_pair(lower, k_quarter, m_inv) -> tuple[jax.Array, jax.Array]:
+  """`(M, M⁻¹)` with `M = K^¼ L⁻¹`: `Mᵀ` solves `Lᵀ Mᵀ = K^¼` (`K^¼` is symmetric);
+  `m_inv = L K^-¼` comes computed."""
   m_t = jax.scipy.linalg.solve_triangular(lower, k_quarter, lower=True, trans="T")
-  return jnp.swapaxes(m_t, -1, -2), _mm(lower, k_inv_quarter)
+  return jnp.swapaxes(m_t, -1, -2), m_inv
 
 
 def alignment_transform_low_rank(sigma_x: jax.Array, weight: jax.Array, *, eps: float = 1e-6,
@@ -214,9 +219,8 @@ def alignment_transform_low_rank(sigma_x: jax.Array, weight: jax.Array, *, eps: 
   # spd_eigh on K = G Gᵀ: ridge μ = eps · tr(K) / d, then the floor.
   mu = eps * jnp.sum(s2, axis=-1, keepdims=True) / d
   w = jnp.concatenate([s2 + mu, mu], axis=-1)
-  floor = jnp.maximum(eps * (jnp.sum(w[..., :-1], -1, keepdims=True) + (d - s2.shape[-1]) * mu) / d,
-                      d * jnp.finfo(w.dtype).eps * jnp.max(w, axis=-1, keepdims=True))
-  w = jnp.maximum(w, jnp.maximum(floor, jnp.finfo(w.dtype).tiny))
+  mean = (jnp.sum(w[..., :-1], -1, keepdims=True) + (d - s2.shape[-1]) * mu) / d
+  w = jnp.maximum(w, _eigen_floor(mean, jnp.max(w, axis=-1, keepdims=True), d, eps))
   u_t = jnp.swapaxes(u, -1, -2)
 
   def power(p):  # K^p = U diag(top) Uᵀ + rest · I
@@ -225,10 +229,8 @@ def alignment_transform_low_rank(sigma_x: jax.Array, weight: jax.Array, *, eps: 
 
   top, rest = power(0.25)
   k_quarter = symmetrize(_mm(u * top[..., None, :], u_t)) + rest * jnp.eye(d, dtype=lower.dtype)
-  m_t = jax.scipy.linalg.solve_triangular(lower, k_quarter, lower=True, trans="T")
   top, rest = power(-0.25)  # M⁻¹ = L K^-¼ = (L U) diag(top) Uᵀ + rest · L: thin products only
-  m_inv = _mm(_mm(lower, u) * top[..., None, :], u_t) + rest * lower
-  return jnp.swapaxes(m_t, -1, -2), m_inv
+  return _transform_pair(lower, k_quarter, _mm(_mm(lower, u) * top[..., None, :], u_t) + rest * lower)
 
 
 def ensure_finite(name: str, *arrays: jax.Array) -> None:

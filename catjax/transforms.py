@@ -179,7 +179,7 @@ def _fit(sigma_x, gram_w, signs, act_absmax, weight_absmax, weight, *, method, b
     blocks, inv = (1.0 / s)[:, None, None], s[:, None, None]
   elif kind is not None:
     sx = _diagonal_blocks(sigma_x, block_size)
-    if weight is not None and weight.shape[-1] < block_size:  # Σ_W blocks of rank < k
+    if weight is not None:  # Σ_W blocks of rank < k (fit_transform passes it only then)
       wb = weight.reshape(-1, block_size, weight.shape[-1])
       blocks, inv = linalg.alignment_transform_low_rank(sx, wb, eps=eps)
     else:
@@ -258,6 +258,8 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
   if REGISTRY[method].hadamard:
     hd.hadamard_factors(d)  # raises with the nearest supported sizes
     signs = hd.random_signs(jax.random.PRNGKey(0) if key is None else key, d)
+  if kind not in ("block", "full") or weight is None or jnp.shape(weight)[1] >= block_size:
+    weight = None  # the Gram's blocks are full rank: the dense fit
   if x64 is None:
     x64 = jax.default_backend() != "tpu"
   with jax.enable_x64(bool(x64)):

@@ -119,7 +119,7 @@ def test_low_rank_alignment_transform_equals_the_dense_eigh(x64, r):
   k = jnp.swapaxes(lower, -1, -2) @ (w @ jnp.swapaxes(w, -1, -2)) @ lower
   ev, vec = linalg.spd_eigh(k, eps=eps)
   want = linalg._transform_pair(lower, linalg._from_eigh(ev, vec, 0.25),
-                                linalg._from_eigh(ev, vec, -0.25))
+                                lower @ linalg._from_eigh(ev, vec, -0.25))
   got = linalg.alignment_transform_low_rank(sx, w, eps=eps)
   for g, x in zip(got, want):
     np.testing.assert_allclose(g, x, rtol=1e-7, atol=1e-9 * float(jnp.abs(x).max()))
