@@ -78,6 +78,8 @@ def run(seqlen, max_tokens, tokenizer, ours, theirs, quantized):
   row["quantized_slowdown"] = sum(secs["quantized"]) / sum(secs["catjax"]) - 1
   row["median_window_ratio"] = statistics.median(
       p / c for c, p in zip(secs["catjax"], secs["pytorch"]))
+  row["quantized_median_slowdown"] = statistics.median(
+      q / c for c, q in zip(secs["catjax"], secs["quantized"])) - 1
   return row
 
 
@@ -97,12 +99,13 @@ def main():
   rows = [run(s, args.max_tokens, tokenizer, ours, theirs, quantized) for s in args.seqlens]
   header = ("| seqlen | windows | tokens | ppl catjax | ppl PyTorch | rel. diff | tok/s catjax "
             "| tok/s PyTorch | speed ratio | median window ratio | W4A4 ppl | tok/s W4A4 "
-            "(fake quant) | W4A4 time vs fp |\n" + "|---" * 13 + "|")
+            "(fake quant) | W4A4 time vs fp | median window W4A4 vs fp |\n" + "|---" * 14 + "|")
   lines = [f"| {r['seqlen']} | {r['windows']} | {r['tokens']} | {r['ppl_catjax']:.4f} | "
            f"{r['ppl_pytorch']:.4f} | {100 * r['ppl_rel_diff']:+.4f}% | {r['tok_s_catjax']:.0f} | "
            f"{r['tok_s_pytorch']:.0f} | {r['speed_ratio']:.2f}x | {r['median_window_ratio']:.2f}x | "
            f"{r['ppl_quantized']:.3f} | {r['tok_s_quantized']:.0f} | "
-           f"{100 * r['quantized_slowdown']:+.1f}% |" for r in rows]
+           f"{100 * r['quantized_slowdown']:+.1f}% | "
+           f"{100 * r['quantized_median_slowdown']:+.1f}% |" for r in rows]
   info = {**machine(), **versions}
   md = "\n".join([
       "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32), Wikipedia eval split, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -28,8 +29,12 @@ def _model_args(p: argparse.ArgumentParser):
   p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                  help="multi-process run: jax.distributed coordinator (process 0's address); "
                       "needs --num-processes and --process-id")
-  p.add_argument("--num-processes", type=_positive, default=None)
-  p.add_argument("--process-id", type=_nonnegative, default=None)
+  p.add_argument("--num-processes", type=_positive, default=None,
+                 help="multi-process run: how many processes in all")
+  p.add_argument("--process-id", type=_nonnegative, default=None,
+                 help="multi-process run: this process's index, 0..num-processes-1")
+  p.add_argument("--debug", action="store_true",
+                 help="on an error, show the Python traceback instead of one line")
 
 
 def _positive(text: str) -> int:
@@ -105,14 +110,15 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool):
                       "recipes (default: %(default)s)")
   q.add_argument("--seed", type=int, default=0, help="Hadamard sign seed (default: %(default)s)")
   d = p.add_argument_group("data")
-  d.add_argument("--calib-windows", type=_positive, default=32,
-                 help="calibration windows (default: %(default)s)")
+  d.add_argument("--calib-windows", type=_positive, default=None,
+                 help="calibration windows (default: 32, or those of --load-stats)")
   d.add_argument("--calib-seqlen", type=_positive, default=None,
-                 help="calibration window length (default: --seqlen)")
+                 help="calibration window length (default: --seqlen, or that of --load-stats)")
   d.add_argument("--report-windows", type=_positive, default=2,
                  help="held-out calibration windows for the per-site SQNR (default: %(default)s)")
-  d.add_argument("--calib-text", default="wiki-calib",
-                 help="wiki-calib (default), wiki-eval, brown, or a text file")
+  d.add_argument("--calib-text", default=None,
+                 help="wiki-calib (default, or that of --load-stats), wiki-eval, brown, or a "
+                      "text file")
   d.add_argument("--seqlen", type=_positive, default=512,
                  help="evaluation window length (default: %(default)s)")
   d.add_argument("--eval-max-tokens", type=_positive, default=16384,
@@ -122,8 +128,11 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool):
   d.add_argument("--batch-size", type=_positive, default=1,
                  help="windows per step (default: %(default)s)")
   o = p.add_argument_group("statistics and output")
-  o.add_argument("--save-stats", type=Path, help="save the calibration statistics (.npz)")
-  o.add_argument("--load-stats", type=Path, help="reuse saved statistics instead of calibrating")
+  o.add_argument("--save-stats", type=Path,
+                 help="save the calibration statistics (.npz; d×d per site and layer: about "
+                      "400 MB for SmolLM2-135M, 8 GB for an 8B model)")
+  o.add_argument("--load-stats", type=Path,
+                 help="reuse statistics saved from this same model instead of calibrating")
   o.add_argument("--json", type=Path,
                  help="write the report here, with .md, .sqnr.png and .decomposition.png beside it")
   o.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -157,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
   _model_args(gen)
   gen.add_argument("--prompt", required=True, help="text to continue")
   gen.add_argument("--max-new-tokens", type=_positive, default=32,
-                   help="(default: %(default)s)")
+                   help="stop after this many new tokens, or at the end-of-text token "
+                        "(default: %(default)s)")
   gen.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template")
   gen.add_argument("--temperature", type=float, default=0.0,
@@ -203,25 +213,31 @@ def _print_tables(report) -> None:
     print(comparisons_markdown(report.comparisons))
 
 
-def _quantize(args) -> dict:
-  from catjax.pipeline import run, write_outputs
-  report = run(_run_config(args, [args.method]))
+def _wrote(paths) -> None:
+  print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _ptq(args, specs: list[str], *, head: bool = False) -> dict:
+  from catjax.pipeline import check_outputs, run, write_outputs
+  cfg = _run_config(args, specs)  # bad specs fail here, before any work
+  if args.json:
+    check_outputs(args.json)
+  report = run(cfg)
   _print_tables(report)
   method = report.methods[0]
-  head = {"perplexity": method.perplexity, "sites": [r.to_dict() for r in method.sites]}
+  extra = {"perplexity": method.perplexity,
+           "sites": [r.to_dict() for r in method.sites]} if head else {}
   if args.json:
-    write_outputs(report, args.json, extra=head)
-  return {**head, **report.to_dict()}
+    _wrote(write_outputs(report, args.json, extra=extra))
+  return {**extra, **report.to_dict()}
+
+
+def _quantize(args) -> dict:
+  return _ptq(args, [args.method], head=True)
 
 
 def _compare(args) -> dict:
-  from catjax.pipeline import run, write_outputs
-  specs = [s for s in args.methods.split(",") if s.strip()]
-  report = run(_run_config(args, specs))
-  _print_tables(report)
-  if args.json:
-    write_outputs(report, args.json)
-  return report.to_dict()
+  return _ptq(args, [s for s in args.methods.split(",") if s.strip()])
 
 
 def _eval(args) -> dict:
@@ -288,16 +304,38 @@ def _distributed(args) -> None:
                          process_id=args.process_id)
 
 
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+    text = f"{e.filename}: {text}"
+  return text
+
+
 def main(argv: list[str] | None = None) -> int:
+  """Run the command line; returns the exit status: 0, or 2 on a user error
+  (bad flag, value, file or configuration: one line on stderr naming it; the
+  traceback with --debug), 130 on an interrupt. Other exceptions are bugs and
+  keep their traceback."""
   args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+  from catjax.errors import check_writable, write_text
   try:
+    if getattr(args, "json", None) and args.command in ("eval", "generate"):
+      check_writable(args.json, what="--json")
     _distributed(args)
     report = {"eval": _eval, "generate": _generate, "quantize": _quantize,
               "compare": _compare}[args.command](args)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"catjax {args.command}: error: {e}", file=sys.stderr)
+    if getattr(args, "json", None) and args.command in ("eval", "generate"):
+      _wrote([write_text(args.json, json.dumps(report, indent=2) + "\n")])
+  except (ValueError, OSError) as e:
+    if args.debug:
+      raise
+    print(f"catjax {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return 2
-  if getattr(args, "json", None) and args.command in ("eval", "generate"):
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+  except KeyboardInterrupt:
+    if args.debug:
+      raise
+    print(f"catjax {args.command}: interrupted (no partial output files were left)",
+          file=sys.stderr)
+    return 130
   return 0

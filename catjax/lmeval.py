@@ -154,8 +154,9 @@ class CatjaxLM(TemplateLM):
     jobs = []
     for i, (context, gen_kwargs) in enumerate(q.args for q in requests):
       kw = dict(gen_kwargs)
-      until = kw.get("until", [eot])
+      until = kw.get("until", [])
       until = [until] if isinstance(until, str) else list(until)
+      until += [eot] if eot not in until else []  # as HFLM: the end-of-text text never shows
       max_new = int(kw.get("max_gen_toks", 256))
       temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
       ids = self.tok_encode(context)[-(self.max_length - max_new):]

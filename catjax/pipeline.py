@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,12 @@ from typing import Any
 from catjax import report as rep
 from catjax.checkpoint import check_new_folder, save_quantized
 from catjax.engine import quantize_model
+from catjax.errors import check_writable, write_text
 from catjax.quantized import realize
-from catjax.ptq import Recipe, calibrate, load_stats, save_stats
+from catjax.ptq import Recipe, calibrate, load_stats, model_fingerprint, save_stats
+
+log = logging.getLogger("catjax")
+CALIB_DEFAULTS = {"data": "wiki-calib", "windows": 32}  # and seqlen: the evaluation's
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -35,9 +40,13 @@ class RunConfig:
     model: model name, .gguf file or Hugging Face folder.
     dtype: "float32" or "bfloat16".
     calib_text / eval_text: text sources (`catjax.data.load_text`); the
-      default Wikipedia splits are disjoint by article.
-    calib_windows: windows of `calib_seqlen` tokens for the statistics.
+      default Wikipedia splits are disjoint by article. `calib_text`
+      defaults to "wiki-calib".
+    calib_windows: windows of `calib_seqlen` tokens for the statistics
+      (default 32).
     calib_seqlen: calibration window length (default: `seqlen`).
+      With `stats_in`, the three calibration settings default to those the
+      statistics were computed with; giving a different one is an error.
     report_windows: further calibration-text windows, held out from the fit,
       on which the per-site SQNR is measured.
     seqlen / eval_max_tokens: evaluation windows and token budget.
@@ -55,8 +64,8 @@ class RunConfig:
   recipes: tuple[Recipe, ...]
   model: str = "smollm2-135m"
   dtype: str = "float32"
-  calib_text: str = "wiki-calib"
-  calib_windows: int = 32
+  calib_text: str | None = None
+  calib_windows: int | None = None
   calib_seqlen: int | None = None
   report_windows: int = 2
   eval_text: str = "wiki-eval"
@@ -78,6 +87,8 @@ class RunConfig:
       raise ValueError(f"recipes repeat {dup}; each method spec must differ")
     for name in ("calib_windows", "report_windows", "seqlen", "eval_max_tokens", "batch_size"):
       v = getattr(self, name)
+      if v is None and name == "calib_windows":
+        continue
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name}={v!r}: expected a positive integer")
     if self.calib_seqlen is not None and self.calib_seqlen < 2:
@@ -107,29 +118,51 @@ def _shares_stats(recipe: Recipe) -> bool:
   return recipe.quantized and not recipe.propagates_quantized and not recipe.train_steps
 
 
+def _calib_settings(cfg: RunConfig, meta: dict[str, Any] | None) -> tuple[str, int, int]:
+  """`(text, windows, seqlen)` of the calibration: `cfg`'s, else the loaded
+  statistics' (`meta`), else the defaults. A setting given in `cfg` that
+  differs from the loaded statistics' is an error: it would be ignored."""
+  given = {"data": cfg.calib_text, "windows": cfg.calib_windows, "seqlen": cfg.calib_seqlen}
+  if meta is not None:
+    names = {"data": "calib_text (--calib-text)", "windows": "calib_windows (--calib-windows)",
+             "seqlen": "calib_seqlen (--calib-seqlen)"}
+    clash = [f"{names[k]}={v!r} but they used {meta.get(k)!r}" for k, v in given.items()
+             if v is not None and k in meta and v != meta[k]]
+    if clash:
+      raise ValueError(f"the statistics loaded from {cfg.stats_in} were computed on other "
+                       f"calibration data: {'; '.join(clash)}. Leave these unset to use "
+                       "theirs, or recalibrate without loading statistics")
+    given = {k: v if v is not None else meta.get(k) for k, v in given.items()}
+  return (given["data"] or CALIB_DEFAULTS["data"], given["windows"] or CALIB_DEFAULTS["windows"],
+          given["seqlen"] or cfg.seqlen)
+
+
 def _calibration(cfg: RunConfig, model, tokenizer, mesh):
   """`(shared statistics or None, fit windows, held-out windows, info)`."""
   from catjax.data import text_windows
-  seqlen = cfg.calib_seqlen or cfg.seqlen
-  need = cfg.calib_windows + cfg.report_windows
-  windows = text_windows(tokenizer, cfg.calib_text, seqlen=seqlen, max_tokens=need * seqlen)
-  if len(windows.tokens) < need:
-    raise ValueError(f"calibration text {cfg.calib_text!r} gives {len(windows.tokens)} windows of "
-                     f"{seqlen} tokens; calib_windows + report_windows = {need} are needed")
-  fit, held = windows.tokens[:cfg.calib_windows], windows.tokens[cfg.calib_windows:]
-  info = {"data": cfg.calib_text, "seqlen": seqlen, "windows": cfg.calib_windows,
-          "tokens": cfg.calib_windows * seqlen, "report_windows": cfg.report_windows}
-  t0 = time.perf_counter()
-  stats = None
+  stats = meta = None
+  fingerprint = model_fingerprint(model) if (cfg.stats_in or cfg.stats_out) else None
   if cfg.stats_in is not None:
-    stats, meta = load_stats(cfg.stats_in, model.config)
+    stats, meta = load_stats(cfg.stats_in, model.config, fingerprint=fingerprint)
+  text, n, seqlen = _calib_settings(cfg, meta)
+  need = n + cfg.report_windows
+  windows = text_windows(tokenizer, text, seqlen=seqlen, max_tokens=need * seqlen)
+  if len(windows.tokens) < need:
+    raise ValueError(f"calibration text {text!r} gives {len(windows.tokens)} windows of "
+                     f"{seqlen} tokens; calib_windows + report_windows = {need} are needed")
+  fit, held = windows.tokens[:n], windows.tokens[n:]
+  info = {"data": text, "seqlen": seqlen, "windows": n, "tokens": n * seqlen,
+          "report_windows": cfg.report_windows}
+  t0 = time.perf_counter()
+  if meta is not None:
     info = {**meta, "report_windows": cfg.report_windows, "loaded_from": str(cfg.stats_in)}
   elif cfg.stats_out is not None or sum(map(_shares_stats, cfg.recipes)) > 1:
     stats = calibrate(model, fit, batch_size=cfg.batch_size, progress=cfg.progress, mesh=mesh)
   info["seconds"] = time.perf_counter() - t0 if stats is None else _timed(stats, t0)
   if cfg.stats_out is not None:
-    save_stats(cfg.stats_out, stats, model=cfg.model,
-               **{k: v for k, v in info.items() if k not in ("seconds", "report_windows")})
+    out = save_stats(cfg.stats_out, stats, model=cfg.model, fingerprint=fingerprint,
+                     **{k: v for k, v in info.items() if k not in ("seconds", "report_windows")})
+    log.info("calibration statistics saved to %s (%.0f MB)", out, out.stat().st_size / 2**20)
   return stats, fit, held, info
 
 
@@ -225,6 +258,8 @@ def run(cfg: RunConfig) -> RunReport:
   mesh = default_mesh(cfg.mesh)  # a bad mesh fails before the model loads
   if cfg.save is not None:
     check_new_folder(cfg.save)
+  if cfg.stats_out is not None:
+    check_writable(cfg.stats_out, what="statistics file")
   model, tokenizer, path = load_pretrained(cfg.model, dtype=cfg.dtype, mesh=mesh)
   for r in cfg.recipes:
     r.check_model(model.config)
@@ -249,13 +284,11 @@ def run(cfg: RunConfig) -> RunReport:
     saved = None
     if cfg.save is not None:
       saved = str(save_quantized(realize(model, qm), cfg.save, tokenizer=tokenizer))
-      if cfg.progress:
-        print(f"{recipe.label:>28}: real quantized model saved to {saved}", flush=True)
+      log.info("%28s: real quantized model saved to %s", recipe.label, saved)
     results.append(MethodResult(recipe, ppl.perplexity, ppl.to_dict(), fit_seconds,
                                 qm.info or {}, sites, saved))
-    if cfg.progress:
-      print(f"{recipe.label:>28}: perplexity {ppl.perplexity:.3f}  (fit {fit_seconds:.1f} s, "
-            f"eval {ppl.seconds:.0f} s)", flush=True)
+    log.info("%28s: perplexity %.3f  (fit %.1f s, eval %.0f s)", recipe.label, ppl.perplexity,
+             fit_seconds, ppl.seconds)
   fp = next((r.perplexity for r in results if r.recipe.method == "fp"), None)
   return RunReport(
       config={k: (str(v) if isinstance(v, Path) else v)
@@ -296,21 +329,34 @@ def markdown(report: RunReport) -> str:
   return "\n".join(parts)
 
 
+def output_paths(json_path: str | Path) -> dict[str, Path]:
+  """The files `write_outputs` writes for `json_path=X.json`: X.json, X.md,
+  X.sqnr.png and X.decomposition.png."""
+  json_path = Path(json_path)
+  stem = json_path.with_suffix("")
+  return {"json": json_path, "md": stem.with_suffix(".md"),
+          "sqnr": Path(f"{stem}.sqnr.png"), "decomposition": Path(f"{stem}.decomposition.png")}
+
+
+def check_outputs(json_path: str | Path) -> None:
+  """Check, before any work, that every file of `write_outputs` can be written."""
+  for path in output_paths(json_path).values():
+    check_writable(path, what="report file")
+
+
 def write_outputs(report: RunReport, json_path: str | Path, *,
                   extra: dict[str, Any] | None = None) -> list[Path]:
   """Write `X.json` (`report.to_dict()`, after `extra`'s keys), `X.md`, `X.sqnr.png`
-  and `X.decomposition.png` for `json_path=X.json`."""
-  json_path = Path(json_path)
-  json_path.parent.mkdir(parents=True, exist_ok=True)
-  stem = json_path.with_suffix("")
-  json_path.write_text(json.dumps({**(extra or {}), **report.to_dict()}, indent=2) + "\n")
-  md = stem.with_suffix(".md")
-  md.write_text(markdown(report) + "\n")
+  and `X.decomposition.png` for `json_path=X.json`, each atomically."""
+  out = output_paths(json_path)
+  json_path, md = out["json"], out["md"]
+  write_text(json_path, json.dumps({**(extra or {}), **report.to_dict()}, indent=2) + "\n")
+  write_text(md, markdown(report) + "\n")
   by_method = {r.recipe.label: r.sites for r in report.methods if r.recipe.method != "fp"}
   paths = [json_path, md]
   if by_method:
-    paths.append(rep.plot_sqnr(by_method, f"{stem}.sqnr.png"))
+    paths.append(rep.plot_sqnr(by_method, out["sqnr"]))
     focus = {k: v for k, v in by_method.items()
              if k.split()[0] in ("none", "hadamard", "cat", "cat_full")}
-    paths.append(rep.plot_decomposition(focus or by_method, f"{stem}.decomposition.png"))
+    paths.append(rep.plot_decomposition(focus or by_method, out["decomposition"]))
   return paths

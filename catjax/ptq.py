@@ -88,45 +88,90 @@ def calibrate(model: Llama, windows: np.ndarray, *, batch_size: int = 1,
 
 
 
-def save_stats(path: str | Path, stats: dict[str, SecondMoment], **meta: Any) -> Path:
-  """Write calibration statistics (and JSON-able `meta`) to one `.npz` file."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+def model_fingerprint(model: Llama) -> str:
+  """A short hash of `model`'s configuration and weights, to tell which model
+  statistics came from: every parameter's path, shape and first 1024 values
+  rounded to bfloat16 (so the same checkpoint loaded in float32 or bfloat16
+  has the same fingerprint)."""
+  import hashlib
+  h = hashlib.sha256(json.dumps(model.config.to_hf(), sort_keys=True, default=str).encode())
+  for path, var in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                          key=lambda kv: tuple(map(str, kv[0]))):
+    value = var[...]
+    head = np.asarray(value.reshape(-1)[:1024].astype(jnp.bfloat16))
+    h.update(f"{'.'.join(map(str, path))}{tuple(value.shape)}".encode() + head.tobytes())
+  return h.hexdigest()[:16]
+
+
+def save_stats(path: str | Path, stats: dict[str, SecondMoment], *,
+               fingerprint: str | None = None, **meta: Any) -> Path:
+  """Write calibration statistics (and JSON-able `meta`) to one `.npz` file,
+  atomically. `fingerprint` (`model_fingerprint`): the model they came from;
+  `load_stats` refuses them for any other model."""
+  from catjax.errors import atomic_write
+  if fingerprint is not None:
+    meta = {**meta, "model_fingerprint": fingerprint}
   arrays = {f"{site}.{f}": np.asarray(getattr(st, f)) for site, st in stats.items()
             for f in ("xx", "absmax", "count")}
-  with open(path, "wb") as fh:  # a file object: numpy must not append ".npz"
+  with atomic_write(path) as tmp, open(tmp, "wb") as fh:  # numpy must not append ".npz"
     np.savez(fh, meta=np.asarray(json.dumps(meta)), **arrays)
-  return path
+  return Path(path)
 
 
-def load_stats(path: str | Path, cfg: ModelConfig | None = None
-               ) -> tuple[dict[str, SecondMoment], dict[str, Any]]:
-  """Read statistics written by `save_stats`; with `cfg`, check they fit that model.
+def load_stats(path: str | Path, cfg: ModelConfig | None = None, *,
+               fingerprint: str | None = None) -> tuple[dict[str, SecondMoment], dict[str, Any]]:
+  """Read statistics written by `save_stats`; with `cfg`, check they fit that
+  model; with `fingerprint` (`model_fingerprint`), that they came from it.
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: the file lacks a site or its shapes do not match `cfg`.
+    InputError (a ValueError): the file is truncated or not a statistics file,
+      lacks a site, holds non-finite or impossible (negative second moment)
+      values, or does not fit `cfg` / `fingerprint`.
   """
+  import zipfile
+  from catjax.errors import InputError
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no calibration statistics at {path}")
-  with np.load(path) as z:
-    sites = sorted({f.split(".")[0] for f in z.files if f.endswith(".xx")})
-    if cfg is not None:
-      sites = list(spec_for(cfg).site_names)
-    missing = [f"{s}.xx" for s in sites if f"{s}.xx" not in z.files]
-    if missing or not sites:
-      raise ValueError(f"{path} lacks statistics {missing or 'of any site'}; was it written by "
-                       "save_stats?")
-    stats = {s: SecondMoment(xx=jnp.asarray(z[f"{s}.xx"]), absmax=jnp.asarray(z[f"{s}.absmax"]),
-                             count=jnp.asarray(z[f"{s}.count"])) for s in sites}
-    meta = json.loads(str(z["meta"]))
+  try:
+    with np.load(path) as z:
+      sites = sorted({f.split(".")[0] for f in z.files if f.endswith(".xx")})
+      if cfg is not None:
+        sites = list(spec_for(cfg).site_names)
+      missing = [f"{s}.{f}" for s in sites for f in ("xx", "absmax", "count")
+                 if f"{s}.{f}" not in z.files] + ([] if "meta" in z.files else ["meta"])
+      if missing or not sites:
+        raise InputError(path, f"lacks {missing or 'statistics of any site'}; was it written "
+                               "by save_stats?")
+      raw = {s: {f: z[f"{s}.{f}"] for f in ("xx", "absmax", "count")} for s in sites}
+      meta = json.loads(str(z["meta"]))
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+    if isinstance(e, (InputError, FileNotFoundError)):
+      raise
+    raise InputError(path, f"not a readable statistics file (truncated, or not written by "
+                           f"save_stats): {type(e).__name__}: {e}") from None
+  for site, r in raw.items():
+    xx = r["xx"]
+    if not np.isfinite(xx).all() or not np.isfinite(r["absmax"]).all():
+      raise InputError(path, f"statistics of {site} hold non-finite values")
+    if (np.diagonal(xx, axis1=-2, axis2=-1) < 0).any() or (r["absmax"] < 0).any() \
+        or (r["count"] <= 0).any():
+      raise InputError(path, f"statistics of {site} are impossible (negative second moment or "
+                             "absmax, or no tokens counted); was the file altered?")
+  stats = {s: SecondMoment(xx=jnp.asarray(r["xx"]), absmax=jnp.asarray(r["absmax"]),
+                           count=jnp.asarray(r["count"])) for s, r in raw.items()}
   if cfg is not None:
     for site, d in spec_for(cfg).site_dims(cfg).items():
       want = (cfg.num_layers, d, d)
       if stats[site].xx.shape != want:
-        raise ValueError(f"statistics in {path} do not fit this model: {site} has shape "
-                         f"{stats[site].xx.shape}, expected {want}")
+        raise InputError(path, f"statistics do not fit this model: {site} has shape "
+                               f"{stats[site].xx.shape}, expected {want}")
+  saved = meta.get("model_fingerprint")
+  if fingerprint is not None and saved is not None and saved != fingerprint:
+    raise InputError(path, f"statistics come from another model (model "
+                           f"{meta.get('model', '?')!r}, fingerprint {saved}; this model's is "
+                           f"{fingerprint}); recalibrate, or load the model they came from")
   return stats, meta
 
 

@@ -44,6 +44,24 @@ def test_loglikelihoods_equal_hflm(models):
   assert all(g[0] < 0 for g in got)
 
 
+def _greedy_until_tie(lm, context, kw, tol=1e-3):
+  """HF's greedy continuation of `context` up to the first step whose top-2 logit
+  margin is below `tol` (a near tie that float rounding may flip), cut at the
+  stop strings; and whether such a step came before the end."""
+  import torch
+  ids = torch.tensor([lm.tok_encode(context)])
+  out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=kw["max_gen_toks"], output_scores=True,
+                          return_dict_in_generate=True, pad_token_id=lm.eot_token_id)
+  top2 = torch.stack(out.scores)[:, 0].topk(2).values
+  ties = torch.nonzero(top2[:, 0] - top2[:, 1] < tol)
+  n = int(ties[0, 0]) if len(ties) else len(top2)
+  text = lm.tok_decode(out.sequences[0, ids.shape[1]:ids.shape[1] + n].tolist())
+  for s in kw["until"]:
+    text = text.split(s)[0]
+  return text, bool(len(ties))
+
+
 def test_rolling_and_generation_equal_hflm(models):
   _, ours, theirs = models
   docs = [(tiny.TEXT[:300],), (tiny.TEXT,)]
@@ -57,7 +75,11 @@ def test_rolling_and_generation_equal_hflm(models):
          ("Berlin", {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False})]
   # Batches of 3 with prompts of different lengths (left padding) and a group of one.
   ours_text = ours.generate_until(_requests("generate_until", gen))
-  assert ours_text == theirs.generate_until(_requests("generate_until", gen))
+  theirs_text = theirs.generate_until(_requests("generate_until", gen))
+  for (context, kw), a, b in zip(gen, ours_text, theirs_text):
+    if a != b:  # allowed only past a greedy step that float noise can flip
+      sure, tie = _greedy_until_tie(theirs, context, kw)
+      assert tie and a.startswith(sure) and b.startswith(sure), (context, a, b, sure)
   ours.batch_size = 1  # one at a time: the same text
   assert ours.generate_until(_requests("generate_until", gen)) == ours_text
   ours.batch_size = 3
