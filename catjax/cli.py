@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _model_args(p: argparse.ArgumentParser):

@@ -38,7 +38,7 @@ class RunConfig:
   Attributes:
     recipes: the recipes to compare; all share one calibration.
     model: model name, .gguf file or Hugging Face folder.
-    dtype: "float32" or "bfloat16".
+    dtype: "float32", "bfloat16" or "float16".
     calib_text / eval_text: text sources (`catjax.data.load_text`); the
       default Wikipedia splits are disjoint by article. `calib_text`
       defaults to "wiki-calib".

@@ -112,15 +112,16 @@ def test_generation_stops_at_eos():
                                                       eos_token_id=other[1])
 
 
-def test_bfloat16_model_tracks_float32():
+@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 0.05), (jnp.float16, 0.01)])
+def test_half_precision_model_tracks_float32(dtype, tol):
   cfg = tiny.config()
   f32 = random_model(cfg, seed=5)
-  bf16 = random_model(cfg, seed=5, dtype=jnp.bfloat16)
-  assert bf16.dtype == jnp.bfloat16
+  half = random_model(cfg, seed=5, dtype=dtype)
+  assert half.dtype == dtype
   toks = tiny.tokens((1, 32), cfg.vocab_size, seed=5)
-  a, b = np.asarray(forward(f32, toks)), np.asarray(forward(bf16, toks))
+  a, b = np.asarray(forward(f32, toks)), np.asarray(forward(half, toks))
   assert b.dtype == np.float32
-  assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+  assert np.abs(a - b).max() < tol * np.abs(a).max()
 
 
 def test_capture_records_site_inputs():
