@@ -300,16 +300,20 @@ def run(cfg: RunConfig) -> RunReport:
 
 
 def comparisons_markdown(comps: list[Comparison]) -> str:
+  """The gains table; a column no method has a value for is left out, with a note."""
   head = ["method", "SQNR gain over hadamard: mean / median / max dB",
           "ppl gap / hadamard's gap", "sites ≥ none W6A6"]
-  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  rows = []
   for c in comps:
     g, frac, w6 = c.sqnr_gain_over_hadamard, c.ppl_gap_fraction_of_hadamard, c.vs_none_w6a6
-    gain = (f"{g.mean_db:+.2f} / {g.median_db:+.2f} / {g.max_db:+.2f}" if g and g.sites else "–")
-    lines.append("| " + " | ".join([
-        c.method, gain, "–" if frac is None else f"{100 * frac:.0f}%",
-        f"{100 * w6.fraction_at_least:.0f}% of {w6.sites}" if w6 and w6.sites else "–"]) + " |")
-  return "\n".join(lines)
+    rows.append([
+        c.method,
+        f"{g.mean_db:+.2f} / {g.median_db:+.2f} / {g.max_db:+.2f}" if g and g.sites else None,
+        None if frac is None else f"{100 * frac:.0f}%",
+        f"{100 * w6.fraction_at_least:.0f}% of {w6.sites}" if w6 and w6.sites else None])
+  had = "needs `hadamard` at the same bits"
+  return rep.markdown_table(head, rows, needs={
+      head[1]: had, head[2]: f"{had} and `fp`", head[3]: "needs `none@w6a6`"})
 
 
 def markdown(report: RunReport) -> str:
@@ -355,8 +359,10 @@ def write_outputs(report: RunReport, json_path: str | Path, *,
   by_method = {r.recipe.label: r.sites for r in report.methods if r.recipe.method != "fp"}
   paths = [json_path, md]
   if by_method:
-    paths.append(rep.plot_sqnr(by_method, out["sqnr"]))
-    focus = {k: v for k, v in by_method.items()
-             if k.split()[0] in ("none", "hadamard", "cat", "cat_full")}
-    paths.append(rep.plot_decomposition(focus or by_method, out["decomposition"]))
+    c = report.calibration
+    kw = {"model": report.model["name"], "tokens": c["report_windows"] * c["seqlen"]}
+    paths.append(rep.plot_sqnr(by_method, out["sqnr"], **kw))
+    paths.append(rep.plot_decomposition(
+        by_method, out["decomposition"],
+        focus=("none", "smoothquant", "hadamard", "cat", "cat_full"), **kw))
   return paths
