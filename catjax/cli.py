@@ -248,7 +248,8 @@ def _eval(args) -> dict:
   mesh = default_mesh(args.mesh)  # a bad --mesh fails before the model loads
   r = load_runnable(args.model, dtype=args.dtype, mesh=mesh)
   windows = text_windows(r.tokenizer, args.eval_text, seqlen=args.seqlen,
-                         max_tokens=args.max_tokens)
+                         max_tokens=args.max_tokens,
+                         max_positions=r.model.config.max_position_embeddings)
   result = perplexity(r.model, windows.tokens, batch_size=args.batch_size, model_name=args.model,
                       data_name=args.eval_text, progress=not args.no_progress, mesh=mesh,
                       hook=r.hook, hook_state=r.hook_state)

@@ -12,21 +12,27 @@ Named text sources:
 - `brown`: the Brown corpus, POS tags stripped (out-of-domain calibration).
 - any other string is read as a local UTF-8 text file.
 
-Documents are joined with "\\n\\n", tokenized once without special tokens,
-and cut into non-overlapping windows of `seqlen` tokens (tail dropped).
+Documents are joined with "\\n\\n", tokenized without special tokens (the
+tokens of the last few texts are cached, keyed on the text's sha256, so an
+edited file is tokenized again), and cut into non-overlapping windows of
+`seqlen` tokens (tail dropped).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from catjax import assets
+from catjax.errors import InputError
+
+log = logging.getLogger("catjax")
 
 SOURCES = ("wiki-eval", "wiki-calib", "brown")
 _SEP = "\n\n"
@@ -61,10 +67,30 @@ def load_text(source: str, **fetch_kw) -> str:
   path = Path(source).expanduser()
   if not path.is_file():
     raise ValueError(f"text source {source!r} is neither one of {SOURCES} nor an existing file")
-  text = path.read_text(encoding="utf-8")
+  try:
+    text = path.read_bytes().decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
   if not text.strip():
-    raise ValueError(f"text file {path} is empty")
+    raise InputError(path, "text file is empty")
   return text
+
+
+class _NoTorchNotice(logging.Filter):
+  """Drops transformers' "PyTorch was not found" notice (catjax uses only its tokenizers)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("PyTorch was not found")
+
+
+def import_transformers():
+  """The `transformers` module, imported without its "PyTorch was not found"
+  notice; its other messages are kept."""
+  logger = logging.getLogger("transformers")
+  if not any(isinstance(f, _NoTorchNotice) for f in logger.filters):
+    logger.addFilter(_NoTorchNotice())
+  import transformers
+  return transformers
 
 
 def load_tokenizer(model_path: str | Path):
@@ -73,8 +99,7 @@ def load_tokenizer(model_path: str | Path):
   if path.suffix == ".gguf":
     from catjax.models.gguf import tokenizer_from_gguf
     return tokenizer_from_gguf(path)
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(str(path))
+  return import_transformers().AutoTokenizer.from_pretrained(str(path))
 
 
 def tokenize(tokenizer, text: str) -> np.ndarray:
@@ -111,13 +136,45 @@ class Windows:
     return {"data": self.source, "seqlen": t, "windows": n, "tokens": n * t}
 
 
-@functools.lru_cache(maxsize=8)
+_TOKEN_CACHE: collections.OrderedDict = collections.OrderedDict()
+
+
 def _tokens(tokenizer, source: str) -> np.ndarray:
-  return tokenize(tokenizer, load_text(source))
+  """`tokenize(tokenizer, load_text(source))`, the last 8 cached by the text's sha256."""
+  text = load_text(source)
+  key = (tokenizer, hashlib.sha256(text.encode("utf-8")).digest())
+  if key in _TOKEN_CACHE:
+    _TOKEN_CACHE.move_to_end(key)
+  else:
+    _TOKEN_CACHE[key] = tokenize(tokenizer, text)
+    while len(_TOKEN_CACHE) > 8:
+      _TOKEN_CACHE.popitem(last=False)
+  return _TOKEN_CACHE[key]
+
+
+def check_seqlen(seqlen: int, max_positions: int | None) -> None:
+  """Warn (logger "catjax") when windows of `seqlen` tokens are longer than the
+  model's `max_position_embeddings`: positions past it were never trained."""
+  if max_positions is not None and seqlen > max_positions:
+    log.warning("seqlen=%d exceeds the model's max_position_embeddings=%d; results past "
+                "position %d are unreliable", seqlen, max_positions, max_positions)
 
 
 def text_windows(tokenizer, source: str, *, seqlen: int, max_tokens: int | None = None,
-                 ) -> Windows:
-  """Windows of `seqlen` tokens of a named source or a text file."""
+                 max_positions: int | None = None) -> Windows:
+  """Windows of `seqlen` tokens of a named source or a text file.
+
+  `max_positions`: the model's `max_position_embeddings`, to warn about
+  (`check_seqlen`). Raises `ValueError` naming the source (`InputError`, the
+  file) and the numbers when not even one window fits.
+  """
+  check_seqlen(seqlen, max_positions)
   tokens = _tokens(tokenizer, source)
-  return Windows(make_windows(tokens, seqlen, max_tokens=max_tokens), source)
+  try:
+    return Windows(make_windows(tokens, seqlen, max_tokens=max_tokens), source)
+  except ValueError as e:
+    if seqlen < 2:
+      raise
+    if source in SOURCES:
+      raise ValueError(f"text source {source!r} is too short: {e}") from None
+    raise InputError(Path(source).expanduser(), f"text file is too short: {e}") from None

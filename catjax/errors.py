@@ -17,6 +17,7 @@ later run would read.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -90,3 +91,16 @@ def write_text(path: str | Path, text: str) -> Path:
   with atomic_write(path) as tmp:
     tmp.write_text(text)
   return Path(path)
+
+
+def read_json(path: str | Path):
+  """The JSON value in the file `path`: an `OSError` naming it when it cannot
+  be read, `InputError` when it is not UTF-8 JSON."""
+  path = Path(path)
+  data = path.read_bytes()
+  try:
+    return json.loads(data.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None

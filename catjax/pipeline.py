@@ -146,7 +146,8 @@ def _calibration(cfg: RunConfig, model, tokenizer, mesh):
     stats, meta = load_stats(cfg.stats_in, model.config, fingerprint=fingerprint)
   text, n, seqlen = _calib_settings(cfg, meta)
   need = n + cfg.report_windows
-  windows = text_windows(tokenizer, text, seqlen=seqlen, max_tokens=need * seqlen)
+  windows = text_windows(tokenizer, text, seqlen=seqlen, max_tokens=need * seqlen,
+                         max_positions=model.config.max_position_embeddings)
   if len(windows.tokens) < need:
     raise ValueError(f"calibration text {text!r} gives {len(windows.tokens)} windows of "
                      f"{seqlen} tokens; calib_windows + report_windows = {need} are needed")
@@ -252,19 +253,22 @@ def run(cfg: RunConfig) -> RunReport:
   """
   from catjax.data import text_windows
   from catjax.evaluate import perplexity
-  from catjax.assets import load_pretrained
-  from catjax.models import capture
+  from catjax import assets
+  from catjax.models import capture, load_config
   from catjax.sharding import default_mesh, shard_model
   mesh = default_mesh(cfg.mesh)  # a bad mesh fails before the model loads
   if cfg.save is not None:
     check_new_folder(cfg.save)
   if cfg.stats_out is not None:
     check_writable(cfg.stats_out, what="statistics file")
-  model, tokenizer, path = load_pretrained(cfg.model, dtype=cfg.dtype, mesh=mesh)
+  path = assets.resolve_model(cfg.model)
+  model_config = load_config(path)  # recipes are checked against it before the weights load
   for r in cfg.recipes:
-    r.check_model(model.config)
+    r.check_model(model_config)
+  model, tokenizer, path = assets.load_pretrained(path, dtype=cfg.dtype, mesh=mesh)
   eval_windows = text_windows(tokenizer, cfg.eval_text, seqlen=cfg.seqlen,
-                              max_tokens=cfg.eval_max_tokens)
+                              max_tokens=cfg.eval_max_tokens,
+                              max_positions=model_config.max_position_embeddings)
   stats, fit, held, calib_info = _calibration(cfg, model, tokenizer, mesh)
   held_acts = capture(model, held)  # full-precision site inputs, shared by every recipe
   results = []

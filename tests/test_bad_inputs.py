@@ -183,3 +183,22 @@ def test_interrupted_save_stats_keeps_the_old_file(setup, tmp_path, monkeypatch)
     save_stats(target, stats, **meta)
   assert target.read_bytes() == stats_path.read_bytes()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
+def test_recipe_checked_against_the_config_before_the_weights_load(setup, monkeypatch, capsys):
+  path, text, _, _ = setup
+  _no_model_load(monkeypatch)
+  assert cli.main(["compare", *_common(path, text), "--methods", "fp,cat@k48"]) == 2
+  _one_error_line(capsys, "block_size=48 does not divide")
+
+
+def test_seqlen_past_the_model_warns(setup, tmp_path, caplog):
+  """The tiny model has max_position_embeddings=256: a 512-token window is past it."""
+  path, _, _, _ = setup
+  long_text = tmp_path / "long.txt"
+  long_text.write_text(tiny.TEXT * 40)
+  with caplog.at_level("WARNING", logger="catjax"):
+    assert cli.main(["eval", "--model", str(path), "--eval-text", str(long_text),
+                     "--seqlen", "512", "--max-tokens", "512", "--no-progress"]) == 0
+  assert any("seqlen=512 exceeds the model's max_position_embeddings=256" in r.message
+             for r in caplog.records)

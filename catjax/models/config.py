@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,16 @@ class RopeScaling:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192
+
+  def check(self):
+    """Raise `ValueError` naming the field for a value RoPE cannot use."""
+    for f in ("factor", "low_freq_factor", "high_freq_factor"):
+      _check_positive(f"rope_scaling.{f}", getattr(self, f))
+    _check_int("rope_scaling.original_max_position_embeddings",
+               self.original_max_position_embeddings)
+    if self.rope_type == "llama3" and not self.low_freq_factor < self.high_freq_factor:
+      raise ValueError(f"rope_scaling: low_freq_factor={self.low_freq_factor} must be below "
+                       f"high_freq_factor={self.high_freq_factor}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,9 +83,21 @@ class ModelConfig:
 
   def __post_init__(self):
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-              "num_kv_heads", "head_dim"):
-      if int(getattr(self, f)) < 1:
-        raise ValueError(f"{f}={getattr(self, f)} must be a positive integer")
+              "num_kv_heads", "head_dim", "max_position_embeddings"):
+      _check_int(f, getattr(self, f))
+    for f in ("rms_norm_eps", "rope_theta"):
+      _check_positive(f, getattr(self, f))
+    for f in ("query_pre_attn_scalar", "rope_local_theta"):
+      if getattr(self, f) is not None:
+        _check_positive(f, getattr(self, f))
+    if self.sliding_window is not None:
+      _check_int("sliding_window", self.sliding_window)
+    for f in ("bos_token_id", "eos_token_id"):
+      v = getattr(self, f)
+      for i in (v if isinstance(v, tuple) else () if v is None else (v,)):
+        _check_int(f, i, low=0, shown=v)
+    if self.rope_scaling is not None:
+      self.rope_scaling.check()
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
@@ -110,9 +133,25 @@ class ModelConfig:
     """From a transformers `config.json` dict (4.x `rope_scaling` or 5.x `rope_parameters`).
 
     Raises:
-      ValueError: for an unsupported `model_type`, activation, sliding window,
-        MLP bias or RoPE type.
+      ValueError: naming the key, for a missing required key, an impossible
+        value, or an unsupported `model_type`, activation, sliding window, MLP
+        bias or RoPE type.
     """
+    if not isinstance(hf, dict):
+      raise ValueError(f"expected a JSON object of config keys, not a {type(hf).__name__}")
+    for key in _REQUIRED_KEYS:
+      if hf.get(key) is None:
+        raise ValueError(f"required key {key!r} is missing")
+    for key in _SIZE_KEYS:
+      if hf.get(key) is not None:
+        _check_int(key, hf[key])
+    for key in ("tie_word_embeddings", "attention_bias"):
+      if hf.get(key) is not None and not isinstance(hf[key], bool):
+        raise ValueError(f"{key}={hf[key]!r} must be true or false")
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    if hf.get("head_dim") is None and hidden % heads:
+      raise ValueError(f"num_attention_heads={heads} does not divide hidden_size={hidden} "
+                       "(and there is no head_dim)")
     model_type = hf.get("model_type", "llama")
     if model_type not in ARCHITECTURES:
       raise ValueError(f"model_type={model_type!r} is not a supported decoder; "
@@ -131,6 +170,9 @@ class ModelConfig:
         raise ValueError(f"{key}={hf[key]!r} is not supported (Gemma 3 has None)")
     if hf.get("use_bidirectional_attention"):
       raise ValueError("use_bidirectional_attention=True is not supported")
+    for key in ("rope_parameters", "rope_scaling"):
+      if hf.get(key) is not None and not isinstance(hf[key], dict):
+        raise ValueError(f"{key}={hf[key]!r} must be a JSON object")
     rope_params = dict(hf.get("rope_parameters") or {})
     local_rope = {}
     if gemma:  # transformers 5 nests them per layer type; 4.x has rope_local_base_freq
@@ -140,7 +182,7 @@ class ModelConfig:
       if local_rope.get("rope_type", "default") != "default":
         raise ValueError(f"sliding-window RoPE {local_rope!r}: only 'default' is supported")
     rope = dict(rope_params or hf.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 1e6 if gemma else 10000.0))
+    theta = _default(rope.pop("rope_theta", hf.get("rope_theta")), 1e6 if gemma else 10000.0)
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     scaling = None
     if rope_type != "default":
@@ -148,10 +190,10 @@ class ModelConfig:
         raise ValueError(f"rope_type={rope_type!r}; supported: {ROPE_TYPES}")
       keys = {f.name for f in dataclasses.fields(RopeScaling)}
       scaling = RopeScaling(rope_type=rope_type, **{k: v for k, v in rope.items() if k in keys})
-    heads = hf["num_attention_heads"]
     bias = bool(hf.get("attention_bias", False))
     if gemma:
-      pattern = int(hf.get("sliding_window_pattern", 6))
+      pattern = hf.get("sliding_window_pattern", 6)
+      _check_int("sliding_window_pattern", pattern)
       types = tuple(hf.get("layer_types") or (
           "sliding_attention" if (i + 1) % pattern else "full_attention"
           for i in range(hf["num_hidden_layers"])))
@@ -159,16 +201,17 @@ class ModelConfig:
                     sandwich_norms=True,
                     query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
                     layer_types=types, sliding_window=hf.get("sliding_window", 4096),
-                    rope_local_theta=float(local_rope["rope_theta"]))
+                    rope_local_theta=_float(local_rope["rope_theta"]))
     else:
       family = {}
     return cls(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        head_dim=hf.get("head_dim") or hidden // heads,
+        rms_norm_eps=_default(hf.get("rms_norm_eps"), 1e-6), rope_theta=_float(theta),
+        rope_scaling=scaling,
+        max_position_embeddings=_default(hf.get("max_position_embeddings"), 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
         qkv_bias=model_type == "qwen2" or bias, o_bias=bias and model_type == "llama",
         model_type=model_type, bos_token_id=hf.get("bos_token_id"),
@@ -223,6 +266,31 @@ class ModelConfig:
     mid = (1 - ramp) * inv / s.factor + ramp * inv
     return np.where(wavelen > low_wavelen, inv / s.factor,
                     np.where(wavelen < high_wavelen, inv, mid))
+
+
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads")
+_SIZE_KEYS = _REQUIRED_KEYS + ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _default(v, default):
+  return default if v is None else v
+
+
+def _float(v):
+  """`v` as a float when it is a number (else as is, for the check to name it)."""
+  return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+
+
+def _check_int(name: str, v, *, low: int = 1, shown=None) -> None:
+  if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+    raise ValueError(f"{name}={v if shown is None else shown!r} must be "
+                     f"{'a positive' if low == 1 else 'a non-negative'} integer")
+
+
+def _check_positive(name: str, v) -> None:
+  if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+    raise ValueError(f"{name}={v!r} must be a positive finite number")
 
 
 def _ids(v):

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import gguf
 import numpy as np
 
+from catjax.errors import InputError, check_finite
 from catjax.models.config import ARCHITECTURES
 from catjax.models.lazy import LazyTensors
 
@@ -118,10 +120,10 @@ class _Tensor:
     """Its stored data, read from the file now (a plain read, not a memory map:
     pages of a mapped file would count towards the process's resident memory
     until the whole model is loaded)."""
-    count = int(np.prod(self.stored_shape))
+    count = math.prod(self.stored_shape)
     a = np.fromfile(self.file, self.item, count, offset=self.offset)
     if a.size != count:
-      raise ValueError(f"{self.file}: tensor {self.name!r} is truncated "
+      raise InputError(self.file, f"tensor {self.name!r} is truncated "
                        f"({a.size * self.item.itemsize} of {count * self.item.itemsize} bytes)")
     return a.reshape(self.stored_shape)
 
@@ -129,7 +131,10 @@ class _Tensor:
 # GGUF metadata value types -> numpy scalar types (8 is a string, 9 an array).
 _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
             10: "<u8", 11: "<i8", 12: "<f8"}
-_FLOATS = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
+_FLOATS = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
+           gguf.GGMLQuantizationType.F64: np.float64}
+_INTEGERS = frozenset(getattr(gguf.GGMLQuantizationType, k, None) for k in ("I8", "I16", "I32", "I64"))
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 def _read(path: str) -> tuple[dict, dict[str, _Tensor]]:
@@ -137,14 +142,23 @@ def _read(path: str) -> tuple[dict, dict[str, _Tensor]]:
 
   gguf-py's `GGUFReader` makes a memory-map view per array element, ~30 s for
   a 262k-token vocabulary; here arrays of numbers are one `frombuffer`, and
-  strings a loop over the bytes.
+  strings a loop over the bytes. A truncated or corrupt header, an unknown
+  tensor type or a tensor past the end of the file raise `InputError`.
   """
+  if os.path.getsize(path) == 0:
+    raise InputError(path, "empty file (expected a GGUF file)")
   data = np.memmap(path, mode="r")
   buf = memoryview(data)
   pos = 0
 
+  def need(n: int, what: str):
+    if pos + n > len(buf):
+      raise InputError(path, f"truncated or corrupt GGUF header: {what} at byte {pos} needs "
+                       f"{n} bytes, the file has {len(buf) - pos} left")
+
   def take(fmt: str):
     nonlocal pos
+    need(np.dtype(fmt).itemsize, "a value")
     value = np.frombuffer(buf, np.dtype(fmt), 1, pos)[0]
     pos += np.dtype(fmt).itemsize
     return value
@@ -152,6 +166,7 @@ def _read(path: str) -> tuple[dict, dict[str, _Tensor]]:
   def string() -> str:
     nonlocal pos
     n = int(take("<u8"))
+    need(n, "a string")
     pos += n
     return bytes(buf[pos - n:pos]).decode("utf-8", errors="replace")
 
@@ -162,42 +177,64 @@ def _read(path: str) -> tuple[dict, dict[str, _Tensor]]:
     if kind == 9:
       item, n = int(take("<u4")), int(take("<u8"))
       if item in _SCALARS:
+        need(n * np.dtype(_SCALARS[item]).itemsize, f"an array of {n}")
         arr = np.frombuffer(buf, np.dtype(_SCALARS[item]), n, pos)
         pos += arr.nbytes
         return arr.tolist()
       return [value(item) for _ in range(n)]
     if kind not in _SCALARS:
-      raise ValueError(f"{path}: unknown GGUF metadata value type {kind}")
+      raise InputError(path, f"unknown GGUF metadata value type {kind} at byte {pos}: corrupt header")
     return take(_SCALARS[kind]).item()
 
   if bytes(buf[:4]) != b"GGUF":
-    raise ValueError(f"{path} is not a GGUF file (magic {bytes(buf[:4])!r})")
+    raise InputError(path, f"not a GGUF file (magic {bytes(buf[:4])!r})")
   pos = 4
   version = int(take("<u4"))
   if version < 2:
-    raise ValueError(f"{path}: GGUF version {version} is not supported (2 or newer)")
+    raise InputError(path, f"GGUF version {version} is not supported (2 or newer)")
   n_tensors, n_kv = int(take("<u8")), int(take("<u8"))
   meta = {}
   for _ in range(n_kv):
     key = string()
     meta[key] = value(int(take("<u4")))
-  infos = []
+  infos, seen = [], set()
   for _ in range(n_tensors):
     name = string()
-    dims = tuple(int(take("<u8")) for _ in range(int(take("<u4"))))
-    infos.append((name, dims, gguf.GGMLQuantizationType(int(take("<u4"))), int(take("<u8"))))
-  align = int(meta.get("general.alignment", 32))
+    n_dims = int(take("<u4"))
+    if n_dims > _MAX_DIMS:
+      raise InputError(path, f"tensor {name!r} has {n_dims} dimensions (at most {_MAX_DIMS}): "
+                       "corrupt header")
+    dims = tuple(int(take("<u8")) for _ in range(n_dims))
+    code = int(take("<u4"))
+    try:
+      kind = gguf.GGMLQuantizationType(code)
+    except ValueError:
+      raise InputError(path, f"tensor {name!r} has unknown GGML type {code}") from None
+    if name in seen:
+      raise InputError(path, f"tensor {name!r} is stored twice")
+    seen.add(name)
+    infos.append((name, dims, kind, int(take("<u8"))))
+  align = meta.get("general.alignment", 32)
+  if isinstance(align, bool) or not isinstance(align, int) or align < 1 or align & (align - 1):
+    raise InputError(path, f"general.alignment={align!r}: expected a power of two")
   start = -(-pos // align) * align
   tensors = {}
   for name, dims, kind, offset in infos:
     shape = tuple(reversed(dims))
+    if offset % align:
+      raise InputError(path, f"tensor {name!r} starts at offset {offset}, not a multiple of the "
+                       f"alignment {align}: corrupt header")
     if kind in _FLOATS:
-      item, count = np.dtype(_FLOATS[kind]), int(np.prod(shape))
+      item, count = np.dtype(_FLOATS[kind]), math.prod(shape)
     else:
-      shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
-      item, count = np.dtype(np.uint8), int(np.prod(shape))
+      try:
+        shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+      except (KeyError, ValueError) as e:
+        raise InputError(path, f"tensor {name!r} of shape {_torch_dims(dims)}, {kind.name}: "
+                         f"{e}") from None
+      item, count = np.dtype(np.uint8), math.prod(shape)
     if start + offset + count * item.itemsize > data.size:
-      raise ValueError(f"{path}: tensor {name!r} ends past the end of the file (truncated)")
+      raise InputError(path, f"tensor {name!r} ends past the end of the file (truncated)")
     tensors[name] = _Tensor(name, kind, dims, str(path), start + offset, item, shape)
   return meta, tensors
 
@@ -207,13 +244,43 @@ def _field(meta: dict, path: str, key: str, default=_REQUIRED):
   if key in meta:
     return meta[key]
   if default is _REQUIRED:
-    raise ValueError(f"GGUF metadata key {key!r} is missing from {path}")
+    raise InputError(path, f"GGUF metadata key {key!r} is missing")
   return default
+
+
+def _count(meta: dict, path: str, key: str, default=_REQUIRED, *, low: int = 1) -> int:
+  """An integer metadata value of at least `low` (a count or a size)."""
+  v = _field(meta, path, key, default)
+  if isinstance(v, bool) or not isinstance(v, int) or v < low:
+    raise InputError(path, f"GGUF metadata {key}={v!r}: expected an integer >= {low}")
+  return v
+
+
+def _positive(meta: dict, path: str, key: str, default=_REQUIRED) -> float:
+  """A positive, finite float32 metadata value."""
+  v = _field(meta, path, key, default)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+    raise InputError(path, f"GGUF metadata {key}={v!r}: expected a positive finite number")
+  return _f32(v)
+
+
+def _token_id(meta: dict, path: str, key: str, n_tokens: int | None = None, default=None):
+  """A token id metadata value (None when absent), within the vocabulary when its size is given."""
+  v = _field(meta, path, key, default)
+  if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0
+                        or (n_tokens is not None and v >= n_tokens)):
+    raise InputError(path, f"GGUF metadata {key}={v!r}: not a token id" +
+                     (f" (the vocabulary has {n_tokens})" if n_tokens is not None else ""))
+  return v
 
 
 def _f32(value) -> float:
   """A float32 metadata value as the shortest decimal that round-trips (1e-05)."""
   return float(str(np.float32(value)))
+
+
+def _torch_dims(dims) -> tuple[int, ...]:
+  return tuple(int(d) for d in reversed(dims))
 
 
 def _torch_shape(tensor) -> tuple[int, ...]:
@@ -223,8 +290,15 @@ def _torch_shape(tensor) -> tuple[int, ...]:
 
 def _dequantize(tensor) -> np.ndarray:
   """One tensor as float32 in PyTorch order."""
-  data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-  return np.array(data, np.float32).reshape(_torch_shape(tensor))
+  data = tensor.data
+  with np.errstate(over="ignore", invalid="ignore"):  # NaN / Inf are refused by the caller
+    if tensor.tensor_type != gguf.GGMLQuantizationType.F64:
+      try:
+        data = gguf.quants.dequantize(data, tensor.tensor_type)
+      except NotImplementedError:
+        raise InputError(tensor.file, f"tensor {tensor.name!r} has GGML type "
+                         f"{tensor.tensor_type.name}, which cannot be dequantized") from None
+    return np.array(data, np.float32).reshape(_torch_shape(tensor))
 
 
 def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, path: str) -> dict:
@@ -248,7 +322,8 @@ def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, path: str)
       if np.allclose(1 / ((1 - fit) / factor + fit), factors, rtol=1e-4):
         return {"rope_type": "llama3", "factor": _f32(factor), "low_freq_factor": 1.0,
                 "high_freq_factor": high, "original_max_position_embeddings": old}
-  raise ValueError(f"rope_freqs.weight in {path} does not hold llama3 rope scaling factors")
+  raise InputError(path, f"rope_freqs.weight in {os.path.basename(path)} does not hold llama3 rope "
+                   "scaling factors")
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
@@ -266,41 +341,55 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     `(out_features, in_features)`, q/k rows in Hugging Face order. `lm_head.weight`
     is present only when the file has `output.weight` (else tied embeddings).
 
+  NaN or Inf values (a corrupt scale of a quantized block, say) are refused
+  when a tensor is loaded (`catjax.models.loading.params_from_hf`); finite
+  garbage cannot be detected (GGUF files carry no checksums).
+
   Raises:
-    ValueError: for another architecture, a missing metadata key or tensor, an
-      unknown tensor, or rope factors that are not llama3 rope scaling.
+    InputError: for another architecture, a missing or malformed metadata
+      value or tensor, an unknown tensor, a non-float tensor type, a truncated
+      or corrupt file, or rope factors that are not llama3 rope scaling.
   """
   path = os.fspath(path)
   meta, tensors = _read(path)
   get = functools.partial(_field, meta, path)
+  count = functools.partial(_count, meta, path)
   arch = get("general.architecture")
   if arch not in _ARCHS:
-    raise ValueError(f"architecture {arch!r} of {path} is not supported ({sorted(_ARCHS)})")
+    raise InputError(path, f"architecture {arch!r} of {os.path.basename(path)} is not supported "
+                     f"({sorted(_ARCHS)})")
   spec = _ARCHS[arch]
   model_type, permuted = spec.model_type, spec.permuted
-  n_layers = int(get(f"{arch}.block_count"))
+  n_layers = count(f"{arch}.block_count")
   names = dict(_GLOBAL_TENSORS)
   for i in range(n_layers):
     names.update({f"blk.{i}.{g}": f"model.layers.{i}.{h}" for g, h in spec.block_tensors.items()})
   for name in tensors:
     if name not in names and name not in _OPTIONAL_TENSORS:
-      raise ValueError(f"unknown tensor {name!r} in {path}")
+      raise InputError(path, f"unknown tensor {name!r} in {os.path.basename(path)}")
   for name in names:
     if name not in tensors and name not in _OPTIONAL_TENSORS:
-      raise ValueError(f"expected tensor {name!r} is missing from {path}")
+      raise InputError(path, f"expected tensor {name!r} is missing from {os.path.basename(path)}")
+  for name, t in tensors.items():
+    if t.tensor_type in _INTEGERS:
+      raise InputError(path, f"tensor {name!r} has type {t.tensor_type.name}; expected a float "
+                       "or quantized float type")
 
-  hidden = int(get(f"{arch}.embedding_length"))
-  heads = int(get(f"{arch}.attention.head_count"))
-  kv_heads = int(get(f"{arch}.attention.head_count_kv", heads))
-  head_dim = int(get(f"{arch}.attention.key_length",
-                     get(f"{arch}.rope.dimension_count", hidden // heads)))
-  theta = _f32(get(f"{arch}.rope.freq_base", 10000.0))
+  hidden = count(f"{arch}.embedding_length")
+  heads = count(f"{arch}.attention.head_count")
+  kv_heads = count(f"{arch}.attention.head_count_kv", heads)
+  rope_dim = count(f"{arch}.rope.dimension_count", hidden // heads)
+  head_dim = count(f"{arch}.attention.key_length", rope_dim)
+  theta = _positive(meta, path, f"{arch}.rope.freq_base", 10000.0)
   def load(tensor, n_head, shift):
     w = _dequantize(tensor)
-    w = w if n_head is None else unpermute_qk(w, n_head)
+    try:
+      w = w if n_head is None else unpermute_qk(w, n_head)
+    except ValueError as e:
+      raise InputError(path, f"tensor {tensor.name!r}: {e}") from None
     return w - np.float32(shift) if shift else w
 
-  loaders, shapes = {}, {}
+  loaders, shapes, labels = {}, {}, {}
   for name, hf_name in names.items():
     if name in tensors:
       n_head = (None if not permuted else heads if ".attn_q." in name
@@ -308,35 +397,40 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
       shift = spec.norm_shift if name.endswith("norm.weight") else 0.0
       loaders[hf_name] = functools.partial(load, tensors[name], n_head, shift)
       shapes[hf_name] = _torch_shape(tensors[name])
-  weights = LazyTensors(loaders, shapes)
+      labels[hf_name] = f"{name!r} ({tensors[name].tensor_type.name})"
+  weights = LazyTensors(loaders, shapes, files=dict.fromkeys(loaders, path), labels=labels)
 
   scaling_type = get(f"{arch}.rope.scaling.type", "none")
-  original = get(f"{arch}.rope.scaling.original_context_length", 0)
+  original = count(f"{arch}.rope.scaling.original_context_length", 0, low=0)
   if scaling_type != "none":  # linear / yarn: llama.cpp writes the parameters as metadata
-    rope_scaling = {"rope_type": scaling_type, "factor": _f32(get(f"{arch}.rope.scaling.factor")),
-                    **({"original_max_position_embeddings": int(original)} if original else {})}
+    rope_scaling = {"rope_type": scaling_type,
+                    "factor": _positive(meta, path, f"{arch}.rope.scaling.factor"),
+                    **({"original_max_position_embeddings": original} if original else {})}
   elif "rope_freqs.weight" in tensors:
-    rope_scaling = _llama3_scaling(_dequantize(tensors["rope_freqs.weight"]), theta, head_dim, path)
+    factors = _dequantize(tensors["rope_freqs.weight"])
+    check_finite("tensor 'rope_freqs.weight'", factors, where=path)
+    rope_scaling = _llama3_scaling(factors, theta, head_dim, path)
   else:
     rope_scaling = None
-  bos, eos = get("tokenizer.ggml.bos_token_id", None), get("tokenizer.ggml.eos_token_id", None)
+  bos = _token_id(meta, path, "tokenizer.ggml.bos_token_id")
+  eos = _token_id(meta, path, "tokenizer.ggml.eos_token_id")
   config = {
     "architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
     "vocab_size": weights.shape("model.embed_tokens.weight")[0], "hidden_size": hidden,
-    "intermediate_size": int(get(f"{arch}.feed_forward_length")), "num_hidden_layers": n_layers,
+    "intermediate_size": count(f"{arch}.feed_forward_length"), "num_hidden_layers": n_layers,
     "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
-    "rms_norm_eps": _f32(get(f"{arch}.attention.layer_norm_rms_epsilon")), "rope_theta": theta,
-    "max_position_embeddings": int(get(f"{arch}.context_length")),
+    "rms_norm_eps": _positive(meta, path, f"{arch}.attention.layer_norm_rms_epsilon"),
+    "rope_theta": theta, "max_position_embeddings": count(f"{arch}.context_length"),
     "tie_word_embeddings": "output.weight" not in tensors,
-    "bos_token_id": None if bos is None else int(bos), "eos_token_id": None if eos is None else int(eos),
+    "bos_token_id": bos, "eos_token_id": eos,
     "rope_scaling": rope_scaling,
   }
   if model_type == "gemma3_text":
     # Not in the file; llama.cpp's values: every 6th layer global, local RoPE
     # base 10000, scores scaled by 1/sqrt(head_dim).
     config.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=head_dim,
-                  sliding_window=int(get(f"{arch}.attention.sliding_window")),
-                  sliding_window_pattern=int(get(f"{arch}.attention.sliding_window_pattern", 6)),
+                  sliding_window=count(f"{arch}.attention.sliding_window"),
+                  sliding_window_pattern=count(f"{arch}.attention.sliding_window_pattern", 6),
                   rope_local_base_freq=10000.0)
   return config, weights
 
@@ -355,26 +449,42 @@ def tokenizer_from_gguf(path: str | os.PathLike):
 
   Raises:
     ValueError: for another tokenizer model, an unsupported
-      `tokenizer.ggml.pre`, or missing metadata.
+      `tokenizer.ggml.pre`, or missing or malformed metadata (`InputError`).
   """
   from tokenizers import AddedToken
-  from transformers import PreTrainedTokenizerFast
+
+  from catjax.data import import_transformers
+  PreTrainedTokenizerFast = import_transformers().PreTrainedTokenizerFast
 
   path = os.fspath(path)
-  get = functools.partial(_field, _read(path)[0], path)
+  meta = _read(path)[0]
+  get = functools.partial(_field, meta, path)
   kind = get("tokenizer.ggml.model")
   if kind not in ("gpt2", "llama"):
     raise ValueError(f"tokenizer.ggml.model {kind!r} in {path} is not supported "
                      "('gpt2' or 'llama')")
   tokens = get("tokenizer.ggml.tokens")
+  if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+    raise InputError(path, "GGUF metadata tokenizer.ggml.tokens: expected a non-empty list of "
+                     "strings")
+  token_id = functools.partial(_token_id, meta, path, n_tokens=len(tokens))
   pre = get("tokenizer.ggml.pre", "default")
   if kind == "llama":
-    backend = _sentencepiece_bpe(tokens, get("tokenizer.ggml.scores"),
-                                 get("general.architecture") == "gemma3",
+    scores = get("tokenizer.ggml.scores")
+    if not isinstance(scores, list) or len(scores) != len(tokens):
+      raise InputError(path, f"GGUF metadata tokenizer.ggml.scores: expected {len(tokens)} "
+                       "numbers, one per token")
+    backend = _sentencepiece_bpe(tokens, scores, get("general.architecture") == "gemma3",
                                  get("tokenizer.ggml.add_space_prefix", True),
-                                 get("tokenizer.ggml.unknown_token_id", 0))
+                                 token_id("tokenizer.ggml.unknown_token_id", default=0))
   else:
-    backend = _byte_level_bpe(tokens, get("tokenizer.ggml.merges"), pre, path)
+    merges = get("tokenizer.ggml.merges")
+    bad = [m for m in (merges if isinstance(merges, list) else [merges])
+           if not isinstance(m, str) or len(m.split(" ")) != 2]
+    if bad:
+      raise InputError(path, f"GGUF metadata tokenizer.ggml.merges: {bad[0]!r} is not a merge "
+                       "('left right')")
+    backend = _byte_level_bpe(tokens, merges, pre, path)
   types = get("tokenizer.ggml.token_type", [])
   control, user = gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED
   backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
@@ -384,7 +494,7 @@ def tokenizer_from_gguf(path: str | os.PathLike):
   vocab = backend.get_vocab()
   backend.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types)
                       if k == user and t in vocab])
-  ids = {f"{role}_token": get(f"tokenizer.ggml.{key}_token_id", None)
+  ids = {f"{role}_token": token_id(f"tokenizer.ggml.{key}_token_id")
          for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
   special = {role: tokens[i] for role, i in ids.items() if i is not None}
   return PreTrainedTokenizerFast(

@@ -19,12 +19,17 @@ class LazyTensors(Mapping):
   Args:
     loaders: `{name: () -> array}`.
     shapes: optional `{name: shape}` known without reading (file headers).
+    files: optional `{name: file}` each tensor is read from (for messages).
+    labels: optional `{name: how to name it}` in messages (default `repr(name)`).
   """
 
   def __init__(self, loaders: Mapping[str, Callable[[], np.ndarray]],
-               shapes: Mapping[str, tuple[int, ...]] | None = None):
+               shapes: Mapping[str, tuple[int, ...]] | None = None, *,
+               files: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None):
     self._loaders = dict(loaders)
     self._shapes = dict(shapes or {})
+    self._files = dict(files or {})
+    self._labels = dict(labels or {})
 
   def __getitem__(self, name: str) -> np.ndarray:
     return np.asarray(self._loaders[name]())
@@ -40,3 +45,11 @@ class LazyTensors(Mapping):
     if name not in self._loaders:
       raise KeyError(name)
     return tuple(self._shapes[name]) if name in self._shapes else self[name].shape
+
+  def file(self, name: str) -> str | None:
+    """The file the tensor is read from, when known."""
+    return self._files.get(name)
+
+  def label(self, name: str) -> str:
+    """The tensor's name for messages (with its name in the file where that differs)."""
+    return self._labels.get(name, repr(name))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from catjax.errors import InputError, check_finite, read_json
 from catjax.models.config import ModelConfig
 from catjax.models.lazy import LazyTensors
 from catjax.models.llama import Llama, abstract_model
@@ -49,11 +50,15 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype
   (`catjax.sharding.placement`; each device receives only its slice), else
   the default device. A stacked parameter is allocated there once and each
   block's tensor is written into it in place (a donated update), so host
-  memory peaks near the model in `dtype` plus one tensor.
+  memory peaks near the model in `dtype` plus one tensor. Each tensor is
+  checked as it is converted: a float dtype, and finite values (NaN or Inf
+  in the file, or an overflow of `dtype`, is refused). Finite garbage cannot
+  be told from weights here.
 
   Raises:
-    ValueError: naming the tensor, for an unknown or missing tensor or a
-      shape that does not match the config.
+    InputError: naming the file (`source` unless `tensors` knows it) and the
+      tensor, for an unknown or missing tensor, a shape that does not match
+      the config, a non-float dtype, or NaN / Inf values.
   """
   model = abstract_model(cfg, dtype=dtype)
   slots = _flat_params(model)
@@ -71,7 +76,7 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype
   for hf_name, path, transpose in spec.hf_table:
     if path not in slots:
       if hf_name in by_name:
-        raise ValueError(f"{source}: tensor {sorted(by_name[hf_name])[0]!r} has no place in a "
+        raise InputError(source, f"tensor {sorted(by_name[hf_name])[0]!r} has no place in a "
                          f"model with this config (qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, "
                          f"tie_embeddings={cfg.tie_embeddings})")
       continue
@@ -79,13 +84,13 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype
     names = [hf_name.format(i=i) for i in range(cfg.num_layers)] if stacked else [hf_name]
     missing = [n for n in names if n not in left]
     if missing:
-      raise ValueError(f"{source}: tensor {missing[0]!r} is missing "
+      raise InputError(source, f"tensor {missing[0]!r} is missing "
                        f"({len(missing)} missing for {hf_name!r})")
     left.difference_update(names)
     plan.append((path, names, stacked, transpose))
   unknown = sorted(n for n in left if not _IGNORED.fullmatch(n))
   if unknown:
-    raise ValueError(f"{source}: unknown tensor {unknown[0]!r} ({len(unknown)} unknown in all)")
+    raise InputError(source, f"unknown tensor {unknown[0]!r} ({len(unknown)} unknown in all)")
   np_dtype = jnp.dtype(dtype)
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   for path, names, stacked, transpose in plan:
@@ -94,12 +99,24 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype
     sharding = default if place is None else place(spec, path, var.shape)
 
     def read(n):
+      lazy = isinstance(tensors, LazyTensors)
+      file = (tensors.file(n) if lazy else None) or source
+      label = tensors.label(n) if lazy else repr(n)
       a = tensors[n]
+      if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise InputError(file, f"tensor {label} has dtype {a.dtype}; expected a float type")
       got = a.shape[::-1] if transpose else a.shape
       if got != want:
-        raise ValueError(f"{source}: tensor {n!r} has shape {a.shape}, expected "
+        raise InputError(file, f"tensor {label} has shape {a.shape}, expected "
                          f"{want[::-1] if transpose else want} for {'/'.join(path)}")
-      return np.asarray(a.T if transpose else a, np_dtype)
+      with np.errstate(over="ignore"):
+        out = np.asarray(a.T if transpose else a, np_dtype)
+      if not np.isfinite(out).all():
+        check_finite(f"tensor {label}", a, where=file)
+        big = float(np.max(np.abs(np.asarray(a, np.float32))))
+        raise InputError(file, f"tensor {label} overflows {np_dtype.name} (largest magnitude "
+                         f"{big:.4g}); load it in float32")
+      return out
 
     if not stacked:
       var.set_value(_on(read(names[0]), sharding))
@@ -127,41 +144,93 @@ def _write_block(stacked: jax.Array, block: jax.Array, i) -> jax.Array:
 
 
 def read_safetensors(folder: Path) -> LazyTensors:
-  """The tensors of `model.safetensors` or of the shards its index lists, read lazily."""
-  from safetensors import safe_open
+  """The tensors of `model.safetensors` or of the shards its index lists, read lazily.
+
+  Every file's header is read here, before any tensor: an unreadable or
+  truncated file, an index that is not JSON, has no `weight_map` or names a
+  missing file or tensor, a tensor stored twice or of a non-float dtype each
+  raise `InputError` naming the file.
+  """
+  from safetensors import SafetensorError, safe_open
   index = folder / "model.safetensors.index.json"
+  weight_map = {}
   if index.exists():
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+      raise InputError(index, 'expected a "weight_map" object of {tensor name: file name}')
+    files = sorted(set(weight_map.values()))
+    for f in files:
+      if not (folder / f).is_file():
+        name = next(n for n, g in weight_map.items() if g == f)
+        raise InputError(index, f"weight_map names file {f!r} (for tensor {name!r}), which is "
+                         f"not in {folder}")
   elif (folder / "model.safetensors").exists():
     files = ["model.safetensors"]
   else:
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-  loaders, shapes = {}, {}
+  loaders, shapes, where = {}, {}, {}
 
   def read(file, name):
-    with safe_open(str(file), framework="flax") as fh:
-      return np.asarray(fh.get_tensor(name))
+    try:
+      with safe_open(str(file), framework="flax") as fh:
+        return np.asarray(fh.get_tensor(name))
+    except (SafetensorError, OSError) as e:
+      raise InputError(file, f"cannot read tensor {name!r} ({e})") from None
 
   for f in files:
-    with safe_open(str(folder / f), framework="flax") as fh:
-      for name in fh.keys():
-        if name in loaders:
-          raise ValueError(f"{folder}: tensor {name!r} is stored twice ({f} and another shard)")
-        loaders[name] = functools.partial(read, folder / f, name)
-        shapes[name] = tuple(fh.get_slice(name).get_shape())
-  return LazyTensors(loaders, shapes)
+    path = folder / f
+    try:
+      with safe_open(str(path), framework="flax") as fh:
+        for name in fh.keys():
+          if name in loaders:
+            raise InputError(folder, f"tensor {name!r} is stored twice ({f} and another shard)")
+          info = fh.get_slice(name)
+          dtype = info.get_dtype()
+          if not dtype.startswith(("F", "BF")) and not _IGNORED.fullmatch(name):
+            raise InputError(path, f"tensor {name!r} has dtype {dtype}; expected a float type "
+                             "(F32, F16, BF16, ...)")
+          loaders[name] = functools.partial(read, path, name)
+          shapes[name] = tuple(info.get_shape())
+          where[name] = str(path)
+    except (SafetensorError, OSError) as e:
+      raise InputError(path, f"not a readable safetensors file ({e})") from None
+  for name, f in weight_map.items():
+    if name not in loaders:
+      raise InputError(folder / f, f"tensor {name!r} is missing (the index lists it here)")
+  return LazyTensors(loaders, shapes, files=where)
 
 
 def load_hf(folder: str | Path, *, dtype=jnp.float32, place: Place | None = None) -> Llama:
   """Load a Hugging Face folder: `config.json` + (sharded) safetensors, bf16/f16/f32
-  (`place`: see `params_from_hf`)."""
+  (`place`: see `params_from_hf`). A bad `config.json` (not JSON, a missing
+  required key, an impossible value) raises `InputError` naming it and the key."""
   folder = Path(folder)
-  config_file = folder / "config.json"
-  if not config_file.exists():
-    raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-  cfg = ModelConfig.from_hf(json.loads(config_file.read_text()))
-  return params_from_hf(cfg, read_safetensors(folder), dtype=dtype, source=str(folder),
-                        place=place)
+  return params_from_hf(load_config(folder), read_safetensors(folder), dtype=dtype,
+                        source=str(folder), place=place)
+
+
+def load_config(path: str | Path) -> ModelConfig:
+  """The configuration of a Hugging Face folder or GGUF file, without reading
+  any weight: to check a run against the model before loading it."""
+  path = Path(path)
+  if path.is_dir():
+    config_file = path / "config.json"
+    if not config_file.exists():
+      raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model folder)")
+    return _config(read_json(config_file), config_file)
+  if path.suffix == ".gguf":
+    from catjax.models.gguf import read_gguf
+    return _config(read_gguf(path)[0], path)
+  raise ValueError(f"{path}: expected a Hugging Face model folder or a .gguf file")
+
+
+def _config(hf, where) -> ModelConfig:
+  """`ModelConfig.from_hf(hf)`, its errors naming the file `where`."""
+  try:
+    return ModelConfig.from_hf(hf)
+  except (TypeError, ValueError) as e:
+    raise InputError(where, str(e)) from None
 
 
 def load_gguf(path: str | Path, *, dtype=jnp.float32, place: Place | None = None) -> Llama:
@@ -169,7 +238,7 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32, place: Place | None = None
   `place`: see `params_from_hf`)."""
   from catjax.models.gguf import read_gguf
   hf_config, tensors = read_gguf(path)
-  cfg = ModelConfig.from_hf(hf_config)
+  cfg = _config(hf_config, path)
   return params_from_hf(cfg, tensors, dtype=dtype, source=str(path), place=place)
 
 
