@@ -62,9 +62,8 @@ def _upper_inverse_factor(h: jax.Array) -> jax.Array:
   return jnp.triu(inv[::-1, ::-1])
 
 
-@functools.partial(jax.jit, static_argnames=("qmax", "block_size", "act_order"))
-def _gptq(kernel, hessian, scales, damping, *, qmax, block_size, act_order):
-  dtype = linalg.fit_dtype()
+@functools.partial(jax.jit, static_argnames=("qmax", "block_size", "act_order", "dtype"))
+def _gptq(kernel, hessian, scales, damping, *, qmax, block_size, act_order, dtype):
   d_in = kernel.shape[0]
   scales = scales.astype(dtype)
   w = kernel.astype(dtype)
@@ -118,16 +117,20 @@ def _gptq(kernel, hessian, scales, damping, *, qmax, block_size, act_order):
   q = q[:d_in]
   if act_order:
     q = q[jnp.argsort(perm)]
+  q = jnp.where(ok, q, jnp.nan)  # a failed Cholesky: all NaN, not a partial result
   return q.astype(jnp.float32).astype(kernel.dtype), ok
 
 
 def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_order=False,
-                  group_size=None, clip_ratio=1.0, scale=None) -> jax.Array:
+                  group_size=None, clip_ratio=1.0, scale=None, dtype=None) -> jax.Array:
   """Quantize a kernel with GPTQ (Frantar et al., 2022, arXiv:2210.17323).
 
-  Works in `linalg.fit_dtype()` (float64 with x64 enabled, else float32 with
-  HIGHEST-precision matmuls). Input channels with `H_ii = 0` are dead: their
-  rows are quantized to 0. `H` is damped by `damping · mean(diag H) · I`.
+  Works in `dtype` (default: the promoted dtype of `kernel` and `hessian`, at
+  least float32; matmuls at HIGHEST precision). Input channels with `H_ii = 0`
+  are dead: their rows are quantized to 0. `H` is damped by
+  `damping · mean(diag H) · I`. Under `jit`, where the inputs cannot be
+  checked, an output channel holding a NaN or ±Inf comes out NaN, and so
+  does everything when the Cholesky fails.
 
   Args:
     kernel: `(d_in, d_out)` weight, `y = x @ kernel`.
@@ -143,6 +146,7 @@ def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_
     clip_ratio: scales are `clip_ratio · absmax / qmax`, in (0, 1].
     scale: optional `(d_out,)` positive per-output-channel scales to use
       instead (e.g. from a clip search); not with `group_size` or `clip_ratio`.
+    dtype: computation dtype, float32 or float64 (float64 needs x64).
 
   Returns:
     The fake-quantized (dequantized) kernel, same shape and dtype as `kernel`,
@@ -168,12 +172,12 @@ def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_
       not _is_int(group_size) or group_size < 1 or kernel.shape[0] % group_size):
     raise ValueError(f"group_size must be None or a positive divisor of d_in, got "
                      f"{group_size=!r} {kernel.shape=}")
-  if not 0.0 < float(clip_ratio) <= 1.0:
-    raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio=!r}")
+  if not quant._is_ratio(clip_ratio):
+    raise ValueError(f"clip_ratio must be a number in (0, 1], got {clip_ratio=!r}")
+  dtype = linalg.compute_dtype(kernel, hessian, dtype=dtype)
   concrete = not any(isinstance(a, jax.core.Tracer) for a in (kernel, hessian))
   for name, a in (("kernel", kernel), ("hessian", hessian)):
-    if concrete and not bool(jnp.all(jnp.isfinite(a))):
-      raise ValueError(f"{name} has non-finite values ({name}.shape={a.shape})")
+    linalg.check_array(name, a)
   config = quant.weight_config(int(bits), group_size=None if group_size is None else int(group_size),
                                clip_ratio=float(clip_ratio))
   # Scales outside the jit, op by op like `quant.fake_quantize`: inside a jit XLA
@@ -189,8 +193,10 @@ def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_
     if concrete and not bool(jnp.all(jnp.isfinite(scale) & (scale > 0))):
       raise ValueError("scale must be finite and > 0")
     scales = jnp.broadcast_to(scale, kernel.shape)
+  # A channel holding a NaN or ±Inf gets a NaN scale: it comes out NaN (also where it is dead).
+  scales = jnp.where(jnp.all(jnp.isfinite(kernel), axis=0), scales, jnp.nan)
   q, ok = _gptq(kernel, hessian, scales, float(damping), qmax=config.qmax,
-                block_size=int(block_size), act_order=bool(act_order))
+                block_size=int(block_size), act_order=bool(act_order), dtype=dtype)
   if not isinstance(ok, jax.core.Tracer) and not bool(ok):
     raise FloatingPointError(
         f"GPTQ: Cholesky of the damped hessian failed ({hessian.shape=}, {damping=}); the "
@@ -207,7 +213,8 @@ def gptq_error(kernel, qkernel, hessian) -> jax.Array:
     hessian: `(d_in, d_in)` second moment of the layer input.
 
   Returns:
-    A scalar in `linalg.fit_dtype()`: `Σ_j (k - q)[:, j]ᵀ H (k - q)[:, j]`.
+    A scalar in the inputs' promoted dtype (at least float32):
+    `Σ_j (k - q)[:, j]ᵀ H (k - q)[:, j]`.
 
   Raises:
     ValueError: mismatched shapes.
@@ -216,6 +223,6 @@ def gptq_error(kernel, qkernel, hessian) -> jax.Array:
   if kernel.ndim != 2 or qkernel.shape != kernel.shape or hessian.shape != (kernel.shape[0],) * 2:
     raise ValueError(f"need matching (d_in, d_out) kernels and a (d_in, d_in) hessian, got "
                      f"{kernel.shape=} {qkernel.shape=} {hessian.shape=}")
-  dtype = linalg.fit_dtype()
+  dtype = linalg.compute_dtype(kernel, qkernel, hessian)
   diff = kernel.astype(dtype) - qkernel.astype(dtype)
   return jnp.sum(diff * jnp.matmul(hessian.astype(dtype), diff, precision=HIGHEST))

@@ -1,10 +1,12 @@
 """Symmetric positive definite (SPD) matrix functions for fitting transforms.
 
 Everything here is pure and jittable, works on batches of matrices (leading
-axes), and computes in `fit_dtype()`: float64 when x64 is enabled, otherwise
-float32 with matmuls at HIGHEST precision. Second moments of LLM activations
-are extremely ill-conditioned (docs/design.md §1.3), so every function damps its
-inputs by `eps · tr(S)/d · I` and floors eigenvalues at `eps` times their mean.
+axes), and computes in an explicit `dtype`: by default the inputs' promoted
+dtype, at least float32 (`compute_dtype`), never one picked from the x64 flag;
+pass float64 (under `jax.enable_x64`) for ill-conditioned statistics. Matmuls
+run at HIGHEST precision. Second moments of LLM activations are extremely
+ill-conditioned (docs/design.md §1.3), so every function damps its inputs by
+`eps · tr(S)/d · I` and floors eigenvalues at `eps` times their mean.
 """
 
 from __future__ import annotations
@@ -19,9 +21,65 @@ HIGHEST = jax.lax.Precision.HIGHEST
 CHOLESKY_RIDGE = 1e-6
 
 
-def fit_dtype():
-  """float64 when `jax_enable_x64` is on, else float32."""
-  return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+def compute_dtype(*arrays, dtype=None):
+  """The dtype to compute in: `dtype` when given, else the promoted dtype of
+  `arrays` (None entries skipped), at least float32.
+
+  Raises:
+    ValueError: a `dtype` that is not float32 or float64, or float64 while
+      x64 is off (jax would silently compute in float32).
+  """
+  if dtype is None:
+    return jnp.dtype(jnp.result_type(*(a for a in arrays if a is not None), jnp.float32))
+  dtype = jnp.dtype(dtype)
+  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+    raise ValueError(f"dtype must be float32 or float64, got {dtype=}")
+  if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    raise ValueError("dtype=float64 needs x64: call inside `with jax.enable_x64(True):`")
+  return dtype
+
+
+def check_array(name: str, a, *, finite: bool = True, nonzero: bool = False,
+                nonnegative: bool = False, psd: bool = False, context: str | None = None) -> None:
+  """Raise `ValueError` naming `name` (after `context: `) if a concrete `a` has
+  non-finite values, is all zero (`nonzero`), has negative values
+  (`nonnegative`) or a negative diagonal (`psd`: not a second moment).
+
+  Inside `jit` (traced arrays, or a concrete one under a trace) nothing is
+  checked; the reductions run where `a` lives and one scalar per check comes
+  back.
+  """
+  if a is None or isinstance(a, jax.core.Tracer):
+    return
+  a = jnp.asarray(a)
+  where = f"{context}: " if context else ""
+  if a.size == 0:
+    if nonzero:
+      raise ValueError(f"{where}{name} is empty (shape {a.shape})")
+    return
+  counts = {}
+  if finite and jnp.issubdtype(a.dtype, jnp.inexact):
+    counts["finite"] = jnp.sum(~jnp.isfinite(a))
+  if nonzero:
+    counts["nonzero"] = jnp.any(a != 0)
+  if nonnegative:
+    counts["nonnegative"] = jnp.sum(a < 0)
+  if psd:
+    counts["psd"] = jnp.sum(jnp.diagonal(a, axis1=-2, axis2=-1) < 0)
+  if any(isinstance(c, jax.core.Tracer) for c in counts.values()):
+    return
+  counts = jax.device_get(counts)
+  if counts.get("finite", 0):
+    raise ValueError(f"{where}{name} has {int(counts['finite'])} non-finite value(s) (NaN or Inf) "
+                     f"out of {a.size}")
+  if nonzero and not counts["nonzero"]:
+    raise ValueError(f"{where}{name} is all zero")
+  if counts.get("nonnegative", 0):
+    raise ValueError(f"{where}{name} has {int(counts['nonnegative'])} negative value(s); "
+                     "expected values >= 0")
+  if counts.get("psd", 0):
+    raise ValueError(f"{where}{name} has {int(counts['psd'])} negative diagonal value(s); expected "
+                     "a positive semi-definite second moment")
 
 
 def _check_square(name: str, a: jax.Array) -> None:
@@ -47,19 +105,20 @@ def damp(a: jax.Array, eps: float) -> jax.Array:
   return a + (eps * mean_eig)[..., None, None] * jnp.eye(d, dtype=a.dtype)
 
 
-def spd_eigh(a: jax.Array, *, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+def spd_eigh(a: jax.Array, *, eps: float = 1e-6, dtype=None) -> tuple[jax.Array, jax.Array]:
   """Eigen-decomposition of a damped SPD matrix with floored eigenvalues.
 
   Args:
     a: `(..., d, d)` symmetric positive semi-definite matrix.
     eps: relative damping and eigenvalue floor.
+    dtype: computation dtype (default `compute_dtype(a)`).
 
   Returns:
     `(w, v)` with `a ≈ v diag(w) vᵀ` and `w >= max(eps · mean(w),
     d · ulp · max(w)) > 0`.
   """
   _check_square("a", a)
-  a = damp(symmetrize(jnp.asarray(a, fit_dtype())), eps)
+  a = damp(symmetrize(jnp.asarray(a, compute_dtype(a, dtype=dtype))), eps)
   w, v = jnp.linalg.eigh(a)
   floor = _eigen_floor(jnp.mean(jnp.abs(w), axis=-1, keepdims=True),
                        jnp.max(jnp.abs(w), axis=-1, keepdims=True), a.shape[-1], eps)
@@ -79,20 +138,20 @@ def _from_eigh(w: jax.Array, v: jax.Array, power: float) -> jax.Array:
   return symmetrize(jnp.matmul(scaled, jnp.swapaxes(v, -1, -2), precision=HIGHEST))
 
 
-def spd_power(a: jax.Array, power: float, *, eps: float = 1e-6) -> jax.Array:
-  """`a^power` of a (damped) SPD matrix via `eigh`."""
-  w, v = spd_eigh(a, eps=eps)
+def spd_power(a: jax.Array, power: float, *, eps: float = 1e-6, dtype=None) -> jax.Array:
+  """`a^power` of a (damped) SPD matrix via `eigh`, in `dtype` (see `spd_eigh`)."""
+  w, v = spd_eigh(a, eps=eps, dtype=dtype)
   return _from_eigh(w, v, power)
 
 
-def spd_sqrt(a: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+def spd_sqrt(a: jax.Array, *, eps: float = 1e-6, dtype=None) -> jax.Array:
   """SPD square root `a^½`."""
-  return spd_power(a, 0.5, eps=eps)
+  return spd_power(a, 0.5, eps=eps, dtype=dtype)
 
 
-def spd_inv_sqrt(a: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+def spd_inv_sqrt(a: jax.Array, *, eps: float = 1e-6, dtype=None) -> jax.Array:
   """SPD inverse square root `a^-½`."""
-  return spd_power(a, -0.5, eps=eps)
+  return spd_power(a, -0.5, eps=eps, dtype=dtype)
 
 
 def _mm(*mats: jax.Array) -> jax.Array:
@@ -102,7 +161,7 @@ def _mm(*mats: jax.Array) -> jax.Array:
   return out
 
 
-def geometric_mean(a: jax.Array, b: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+def geometric_mean(a: jax.Array, b: jax.Array, *, eps: float = 1e-6, dtype=None) -> jax.Array:
   """Matrix geometric mean `a # b` of two SPD matrices.
 
   `a # b = a^½ (a^-½ b a^-½)^½ a^½`, the unique SPD `G` with `G a⁻¹ G = b`
@@ -111,23 +170,26 @@ def geometric_mean(a: jax.Array, b: jax.Array, *, eps: float = 1e-6) -> jax.Arra
   Args:
     a, b: `(..., d, d)` SPD matrices of the same shape.
     eps: relative damping and eigenvalue floor.
+    dtype: computation dtype (default `compute_dtype(a, b)`).
 
   Returns:
-    `G`, symmetric, in `fit_dtype()`.
+    `G`, symmetric, in that dtype.
 
   Raises:
     ValueError: for non-square or mismatched shapes.
   """
   _check_pair(("a", "b"), a, b)
-  wa, va = spd_eigh(a, eps=eps)
+  dtype = compute_dtype(a, b, dtype=dtype)
+  wa, va = spd_eigh(a, eps=eps, dtype=dtype)
   outer, inner_side = _from_eigh(wa, va, 0.5), _from_eigh(wa, va, -0.5)
-  b = damp(symmetrize(jnp.asarray(b, fit_dtype())), eps)
-  inner = spd_sqrt(_mm(inner_side, b, inner_side), eps=0.0)
+  b = damp(symmetrize(jnp.asarray(b, dtype)), eps)
+  inner = spd_sqrt(_mm(inner_side, b, inner_side), eps=0.0, dtype=dtype)
   return symmetrize(_mm(outer, inner, outer))
 
 
 def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *, eps: float = 1e-6,
-                        min_ridge: float | None = None) -> tuple[jax.Array, jax.Array]:
+                        min_ridge: float | None = None, dtype=None
+                        ) -> tuple[jax.Array, jax.Array]:
   """An optimal-alignment transform `M` and its inverse, from one `eigh`.
 
   Alignment is maximized by every `M` with `Mᵀ M = P = Σ_x⁻¹ # Σ_W`
@@ -151,20 +213,24 @@ def alignment_transform(sigma_x: jax.Array, gram_w: jax.Array, *, eps: float = 1
       mean eigenvalue), so that its Cholesky factor exists.
     min_ridge: see `eps`; default `CHOLESKY_RIDGE` (1e-6) for float32
       `sigma_x`, scaled by the ulp of other dtypes.
+    dtype: computation dtype (default `compute_dtype(sigma_x, gram_w)`).
 
   Returns:
-    `(M, M⁻¹)` in `fit_dtype()`.
+    `(M, M⁻¹)` in that dtype.
   """
   _check_pair(("sigma_x", "gram_w"), sigma_x, gram_w)
-  lower = _activation_cholesky(sigma_x, eps, min_ridge)
+  lower = _activation_cholesky(sigma_x, eps, min_ridge,
+                               dtype=compute_dtype(sigma_x, gram_w, dtype=dtype))
   gram = damp(symmetrize(jnp.asarray(gram_w, lower.dtype)), eps)
-  w, v = spd_eigh(_mm(jnp.swapaxes(lower, -1, -2), gram, lower), eps=eps)
+  w, v = spd_eigh(_mm(jnp.swapaxes(lower, -1, -2), gram, lower), eps=eps, dtype=lower.dtype)
   return _transform_pair(lower, _from_eigh(w, v, 0.25), _mm(lower, _from_eigh(w, v, -0.25)))
 
 
-def _activation_cholesky(sigma_x, eps: float, min_ridge: float | None) -> jax.Array:
-  """`L` with `L Lᵀ = Σ_x` ridged (see `alignment_transform`), in `fit_dtype()`."""
-  dtype = fit_dtype()
+def _activation_cholesky(sigma_x, eps: float, min_ridge: float | None, *, dtype=None
+                         ) -> jax.Array:
+  """`L` with `L Lᵀ = Σ_x` ridged (see `alignment_transform`), in `dtype`
+  (default `compute_dtype(sigma_x)`)."""
+  dtype = compute_dtype(sigma_x, dtype=dtype)
   d = sigma_x.shape[-1]
   # Second moments are sums accumulated in their dtype: eigenvalues below a
   # few ulps of the trace are rounding noise and may be negative. The ridge
@@ -184,7 +250,7 @@ def _transform_pair(lower, k_quarter, m_inv) -> tuple[jax.Array, jax.Array]:
 
 
 def alignment_transform_low_rank(sigma_x: jax.Array, weight: jax.Array, *, eps: float = 1e-6,
-                                 min_ridge: float | None = None
+                                 min_ridge: float | None = None, dtype=None
                                  ) -> tuple[jax.Array, jax.Array]:
   """`alignment_transform` for a weight Gram `Σ_W = W Wᵀ` of rank `r < d`.
 
@@ -201,15 +267,17 @@ def alignment_transform_low_rank(sigma_x: jax.Array, weight: jax.Array, *, eps: 
     sigma_x: `(..., d, d)` activation second moment.
     weight: `(..., d, r)` with `W Wᵀ = Σ_W`, e.g. the site's kernels side by side.
     eps, min_ridge: as in `alignment_transform`.
+    dtype: computation dtype (default `compute_dtype(sigma_x, weight)`).
 
   Returns:
-    `(M, M⁻¹)` in `fit_dtype()`.
+    `(M, M⁻¹)` in that dtype.
   """
   _check_square("sigma_x", sigma_x)
   if weight.ndim != sigma_x.ndim or weight.shape[:-1] != sigma_x.shape[:-1]:
     raise ValueError(f"weight must be (..., d, r) beside sigma_x {sigma_x.shape}, got "
                      f"{weight.shape=}")
-  lower = _activation_cholesky(sigma_x, eps, min_ridge)
+  lower = _activation_cholesky(sigma_x, eps, min_ridge,
+                               dtype=compute_dtype(sigma_x, weight, dtype=dtype))
   d = lower.shape[-1]
   g = _mm(jnp.swapaxes(lower, -1, -2), jnp.asarray(weight, lower.dtype))  # (..., d, r)
   s2, v = jnp.linalg.eigh(symmetrize(_mm(jnp.swapaxes(g, -1, -2), g)))

@@ -31,8 +31,8 @@ from catjax.gptq import gptq_quantize
 from catjax.models.config import ModelConfig
 from catjax.models.llama import Llama
 from catjax.models.spec import ArchSpec, get_path, spec_for
-from catjax.quant import (QuantConfig, activation_config, fake_quantize, fake_quantize_clip_search,
-                          quantize, weight_config)
+from catjax.quant import (QuantConfig, _absmax, _safe_scale, activation_config, fake_quantize,
+                          fake_quantize_clip_search, quantize, weight_config)
 from catjax.sharding import shard_batch
 from catjax.stats import SecondMoment
 from catjax.transforms import DEFAULT_EPS, Transform, fit_transform, fold_block_hadamard
@@ -198,6 +198,11 @@ def _check_int(name: str, v, lo: int) -> None:
     raise ValueError(f"{name}={v!r}: expected an integer >= {lo}")
 
 
+def _check_bool(name: str, v) -> None:
+  if not isinstance(v, (bool, np.bool_)):
+    raise ValueError(f"{name}={v!r}: expected True or False")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Recipe:
   """How to quantize a model: one frozen, validated record.
@@ -235,7 +240,7 @@ class Recipe:
       "block" (a Hadamard of the block size folded into each block, so the
       transform is one block-diagonal matrix, as a fused kernel wants).
     alpha: SmoothQuant migration strength.
-    eps: relative damping of the second moments in the fits.
+    eps: relative damping of the second moments in the fits, finite and >= 0.
     fit_x64: fit in float64 (default); False fits in float32 with the
       eigenvalue floors, ~3x faster for wide sites, at some accuracy cost.
   """
@@ -268,17 +273,23 @@ class Recipe:
     _check_bits("w_bits", self.w_bits)
     _check_bits("a_bits", self.a_bits)
     _check_bits("kv_bits", self.kv_bits)
-    if not 0.0 < float(self.a_clip) <= 1.0:
+    if not (tf._is_real(self.a_clip) and 0.0 < self.a_clip <= 1.0):
       raise ValueError(f"a_clip={self.a_clip!r}: expected a ratio in (0, 1]")
     if self.weights not in WEIGHT_METHODS:
       raise ValueError(f"weights={self.weights!r}: expected one of {WEIGHT_METHODS}")
-    if not (np.isfinite(self.gptq_damping) and self.gptq_damping >= 0):
+    if not (tf._is_real(self.gptq_damping) and self.gptq_damping >= 0):
       raise ValueError(f"gptq_damping={self.gptq_damping!r}: expected a finite value >= 0")
     _check_int("gptq_block", self.gptq_block, 1)
     _check_int("train_steps", self.train_steps, 0)
     _check_int("train_batch", self.train_batch, 1)
-    if not (np.isfinite(self.train_lr) and self.train_lr > 0):
+    if not (tf._is_real(self.train_lr) and self.train_lr > 0):
       raise ValueError(f"train_lr={self.train_lr!r}: expected a finite value > 0")
+    if not (tf._is_real(self.eps) and self.eps >= 0):
+      raise ValueError(f"eps={self.eps!r}: expected a finite value >= 0")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+      raise ValueError(f"seed={self.seed!r}: expected an integer")
+    for name in ("act_order", "train_w_clip", "fit_x64"):
+      _check_bool(name, getattr(self, name))
     if self.propagate not in PROPAGATE:
       raise ValueError(f"propagate={self.propagate!r}: expected one of {PROPAGATE}")
     if self.train_steps and (self.method == "fp" or self.transform_method is None
@@ -289,7 +300,7 @@ class Recipe:
       raise ValueError(f"hadamard={self.hadamard!r}: expected 'full' or 'block'")
     if self.hadamard == "block" and self.method not in ("cat", "cat_full"):
       raise ValueError(f"hadamard='block' applies to 'cat' and 'cat_full', not {self.method!r}")
-    if not 0.0 <= float(self.alpha) <= 1.0:
+    if not (tf._is_real(self.alpha) and 0.0 <= self.alpha <= 1.0):
       raise ValueError(f"alpha={self.alpha!r}: expected a value in [0, 1]")
 
   @property
@@ -515,11 +526,11 @@ def channel_clipped_quantize(kernel: jax.Array, ratio: jax.Array, qmax: int
   With `ratio = 1` the values equal `fake_quantize` on `weight_config`'s grid.
 
   Returns:
-    `(fake-quantized kernel in float32, scales (d_out,))`.
+    `(fake-quantized kernel in float32, scales (d_out,))`; a channel holding a
+    NaN or ±Inf (or with a NaN ratio) is all NaN, with a NaN scale.
   """
   k = kernel.astype(jnp.float32)
-  scale = ratio.astype(jnp.float32) * jnp.max(jnp.abs(k), axis=-2) / qmax
-  scale = jnp.where(scale > 0, scale, 1.0)
+  scale = _safe_scale(ratio.astype(jnp.float32) * _absmax(jnp.abs(k), -2)[..., 0, :] / qmax)
   u = jnp.clip(k / scale, -qmax, qmax)
   levels = u + jax.lax.stop_gradient(jnp.round(u) - u)
   return levels * scale, scale

@@ -20,8 +20,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 GRANULARITIES = ("tensor", "token", "channel")
+
+
+def _is_ratio(v) -> bool:
+  """Whether `v` is a real number (not a bool) in (0, 1]; False for NaN."""
+  return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+          and 0.0 < float(v) <= 1.0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,8 +65,10 @@ class QuantConfig:
       if self.granularity == "tensor":
         raise ValueError(
             f"group_size={self.group_size} needs granularity 'token' or 'channel', got {self.granularity=!r}")
-    if not 0.0 < float(self.clip_ratio) <= 1.0:
-      raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio=!r}")
+    if not isinstance(self.symmetric, (bool, np.bool_)):
+      raise ValueError(f"symmetric must be True or False, got {self.symmetric=!r}")
+    if not _is_ratio(self.clip_ratio):
+      raise ValueError(f"clip_ratio must be a number in (0, 1], got {self.clip_ratio=!r}")
 
   @property
   def qmax(self) -> int:
@@ -139,7 +148,10 @@ def quantize(v: jax.Array, config: QuantConfig) -> QArray:
     config: the quantizer.
 
   Returns:
-    A `QArray` with int8 (symmetric) or uint8 (asymmetric) values.
+    A `QArray` with int8 (symmetric) or uint8 (asymmetric) values. Integers
+    cannot hold NaN: a group with a NaN or ±Inf gets a NaN scale (its
+    values and zero point are then meaningless), so `dequantize` and the
+    integer matmul give NaN there instead of finite numbers.
 
   Raises:
     ValueError: for ranks or group sizes the config cannot take.
@@ -153,19 +165,30 @@ def quantize(v: jax.Array, config: QuantConfig) -> QArray:
   return QArray(values=values, scale=scale, zero_point=zero, config=config, shape=shape)
 
 
+def _absmax(g: jax.Array, axes, sign: float = 1.0) -> jax.Array:
+  """`max(sign · g)` over `axes` (`g` already `|g|` for the absolute maximum),
+  +Inf where the group holds a NaN: XLA's max reductions need not propagate
+  NaN (on CPU, those over a non-minor axis drop it)."""
+  return jnp.max(jnp.where(jnp.isnan(g), jnp.inf, sign * g), axis=axes, keepdims=True)
+
+
+def _safe_scale(scale: jax.Array) -> jax.Array:
+  """`scale` with 1 where it is 0 (an all-zero group) and NaN where it is
+  infinite (a group holding a NaN or ±Inf), so such a group quantizes to NaN."""
+  return jnp.where(scale == 0, 1.0, jnp.where(jnp.isinf(scale), jnp.nan, scale))
+
+
 def _levels(g: jax.Array, axes, config: QuantConfig):
   """`(levels, scale, zero point or None)` of grouped float32 `g`; the levels
-  are integers held as float32 (exact: at most 8 bits)."""
+  are integers held as float32 (exact: at most 8 bits). A group with a NaN or
+  ±Inf gets a NaN scale."""
   clip = jnp.float32(config.clip_ratio)
   if config.symmetric:
-    absmax = jnp.max(jnp.abs(g), axis=axes, keepdims=True)
-    scale = clip * absmax / config.qmax
-    scale = jnp.where(scale > 0, scale, 1.0)
+    scale = _safe_scale(clip * _absmax(jnp.abs(g), axes) / config.qmax)
     return jnp.clip(jnp.round(g / scale), -config.qmax, config.qmax), scale, None
-  lo = jnp.minimum(jnp.min(g, axis=axes, keepdims=True), 0.0) * clip
-  hi = jnp.maximum(jnp.max(g, axis=axes, keepdims=True), 0.0) * clip
-  scale = (hi - lo) / config.qmax
-  scale = jnp.where(scale > 0, scale, 1.0)
+  lo = jnp.minimum(-_absmax(g, axes, -1.0), 0.0) * clip
+  hi = jnp.maximum(_absmax(g, axes), 0.0) * clip
+  scale = _safe_scale((hi - lo) / config.qmax)
   zero = jnp.clip(jnp.round(-lo / scale), 0, config.qmax)
   return jnp.clip(jnp.round(g / scale) + zero, 0, config.qmax), scale, zero
 
@@ -182,7 +205,8 @@ def dequantize(q: QArray, dtype: Any = jnp.float32) -> jax.Array:
 def fake_quantize(v: jax.Array, config: QuantConfig) -> jax.Array:
   """`dequantize(quantize(v))`, returned in the dtype of `v`: the same values,
   computed without the round trip through the integer storage dtype (the
-  levels are exact integers in float32)."""
+  levels are exact integers in float32). A group holding a NaN or ±Inf comes
+  back all NaN."""
   v = jnp.asarray(v)
   g, axes = _grouped(v.astype(jnp.float32), config)
   q, scale, zero = _levels(g, axes, config)
@@ -232,18 +256,22 @@ def fake_quantize_clip_search(kernel: jax.Array, config: QuantConfig, *,
   `ratios`, quantize with the range `r · max_i |w_ij|` and keep the result
   with the least `Σ_i importance_i (w_ij - Q(w)_ij)²` (plain squared error
   when `importance` is None; use the energy `E[x_i²]` of each input channel
-  to minimize the output error of a diagonal activation model).
+  to minimize the output error of a diagonal activation model). A NaN
+  importance makes the channels it weighs NaN.
 
   Returns:
-    The fake-quantized kernel; with `return_scale`, also the chosen scales
-    `(..., d_out)`.
+    The fake-quantized kernel (NaN in every channel holding a NaN or ±Inf);
+    with `return_scale`, also the chosen scales `(..., d_out)`.
 
   Raises:
     ValueError: a config that is not symmetric per channel without groups,
-      or an `importance` that does not match `d_in`.
+      an `importance` that does not match `d_in`, or no ratio in (0, 1].
   """
   if config.granularity != "channel" or not config.symmetric or config.group_size is not None:
     raise ValueError(f"clip search takes a symmetric per-channel config without groups, got {config}")
+  ratios = tuple(ratios)
+  if not ratios or not all(_is_ratio(r) for r in ratios):
+    raise ValueError(f"ratios must be a non-empty sequence of numbers in (0, 1], got {ratios!r}")
   kernel = jnp.asarray(kernel)
   if kernel.ndim < 2:
     raise ValueError(f"kernel must be (..., d_in, d_out), got {kernel.shape=}")
@@ -254,13 +282,15 @@ def fake_quantize_clip_search(kernel: jax.Array, config: QuantConfig, *,
     importance = jnp.asarray(importance, jnp.float32)
     if importance.shape != k.shape[:-1]:
       raise ValueError(f"importance must have shape {k.shape[:-1]}, got {importance.shape=}")
+    negative = jnp.sum(importance < 0)
+    if not isinstance(negative, jax.core.Tracer) and int(negative):
+      raise ValueError(f"importance must be >= 0 (energies E[x_i²]), got {int(negative)} "
+                       "negative value(s)")
     w = importance[..., None]
-  absmax = jnp.max(jnp.abs(k), axis=-2, keepdims=True)
+  absmax = _absmax(jnp.abs(k), -2)
   best = best_err = best_scale = None
   for r in ratios:
-    if not 0.0 < float(r) <= 1.0:
-      raise ValueError(f"clip ratios must lie in (0, 1], got {r!r}")
-    scale = jnp.where(absmax > 0, float(r) * absmax / config.qmax, 1.0)
+    scale = _safe_scale(float(r) * absmax / config.qmax)
     q = jnp.clip(jnp.round(k / scale), -config.qmax, config.qmax) * scale
     err = jnp.sum(w * (q - k) ** 2, axis=-2, keepdims=True)
     if best is None:
@@ -269,5 +299,5 @@ def fake_quantize_clip_search(kernel: jax.Array, config: QuantConfig, *,
       take = err < best_err
       best, best_err = jnp.where(take, q, best), jnp.where(take, err, best_err)
       best_scale = jnp.where(take, scale, best_scale)
-  best = best.astype(kernel.dtype)
+  best = jnp.where(jnp.isnan(best_err), jnp.nan, best).astype(kernel.dtype)  # NaN importance
   return (best, best_scale[..., 0, :]) if return_scale else best

@@ -9,7 +9,9 @@ docs/design.md §1.2):
 with the concentrations `C(x) = E‖x‖² / E[r(x)²]`, `C(W) = ‖W‖_F² / Σ_j r(W_j)²`
 and the alignment `A = tr(Σ_x Σ_W) / (tr Σ_x · tr Σ_W)`, `Σ_x = E[x xᵀ]`,
 `Σ_W = Wᵀ W = kernel @ kernel.T`. All functions are pure and jittable except
-`sqnr_decomposition`, which returns Python floats.
+`sqnr_decomposition`, which returns Python floats. Called eagerly, the public
+ones raise `ValueError` for operands that are all zero or hold NaN or ±Inf
+(whose ratios would be NaN); inside `jit` they are not checked.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ class SecondMoment:
   """Running `Σ x xᵀ`, per-channel `max |x|` and token count of one site.
 
   A pytree: `update` it with batches inside `jit`, `merge` partial results
-  (e.g. across devices or files), read `sigma` at the end. Accumulates in
-  float32, or float64 when x64 is enabled.
+  (e.g. across devices or files), read `sigma` at the end. Accumulates in the
+  dtype it was made with (`zeros(d, dtype=...)`, float32 by default).
   """
 
   xx: jax.Array      # (d, d) sum of outer products
@@ -51,10 +53,12 @@ class SecondMoment:
   count: jax.Array   # () int32 number of tokens seen
 
   @classmethod
-  def zeros(cls, d: int, *, dtype=None) -> "SecondMoment":
-    if not isinstance(d, int) or d < 1:
+  def zeros(cls, d: int, *, dtype=jnp.float32) -> "SecondMoment":
+    """Empty statistics of width `d`, accumulated in `dtype` (float32 or
+    float64; float64 needs x64)."""
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
       raise ValueError(f"d must be a positive integer, got {d=!r}")
-    dtype = dtype or linalg.fit_dtype()
+    dtype = linalg.compute_dtype(dtype=dtype)
     return cls(xx=jnp.zeros((d, d), dtype), absmax=jnp.zeros((d,), dtype),
                count=jnp.zeros((), jnp.int32))
 
@@ -74,7 +78,8 @@ class SecondMoment:
         raise ValueError(f"mask must have shape x.shape[:-1], got {mask.shape=}")
       w = mask.reshape(-1).astype(bool).astype(x.dtype)
     xx = jnp.matmul((x * w[:, None]).T, x, precision=HIGHEST)
-    absmax = jnp.max(jnp.abs(x) * (w[:, None] > 0), axis=0)
+    a = jnp.where(jnp.isnan(x), jnp.inf, jnp.abs(x))  # max reductions need not keep NaN
+    absmax = jnp.max(jnp.where(w[:, None] > 0, a, 0.0), axis=0)
     return SecondMoment(
         xx=self.xx + xx, absmax=jnp.maximum(self.absmax, absmax), count=self.count + jnp.sum(w > 0, dtype=jnp.int32))
 
@@ -93,20 +98,57 @@ class SecondMoment:
     return 0.5 * (s + jnp.swapaxes(s, -1, -2))
 
 
-def second_moment(x: jax.Array) -> jax.Array:
-  """`E[x xᵀ]` over all leading axes of `x: (..., d)`, in the fit dtype."""
-  x = x.reshape(-1, x.shape[-1]).astype(linalg.fit_dtype())
+def second_moment(x: jax.Array, *, dtype=None) -> jax.Array:
+  """`E[x xᵀ]` over all leading axes of `x: (..., d)`, in `dtype` (default:
+  the dtype of `x`, at least float32)."""
+  x = jnp.asarray(x)
+  x = x.reshape(-1, x.shape[-1]).astype(linalg.compute_dtype(x, dtype=dtype))
   return jnp.matmul(x.T, x, precision=HIGHEST) / x.shape[0]
 
 
-def weight_gram(kernel: jax.Array) -> jax.Array:
-  """`Σ_W = Wᵀ W = kernel @ kernel.T`, `(d_in, d_in)`, in the fit dtype."""
-  k = kernel.astype(linalg.fit_dtype())
+def weight_gram(kernel: jax.Array, *, dtype=None) -> jax.Array:
+  """`Σ_W = Wᵀ W = kernel @ kernel.T`, `(d_in, d_in)`, in `dtype` (default:
+  the dtype of `kernel`, at least float32)."""
+  kernel = jnp.asarray(kernel)
+  k = kernel.astype(linalg.compute_dtype(kernel, dtype=dtype))
   return jnp.matmul(k, k.T, precision=HIGHEST)
 
 
 # ---------------------------------------------------------------------------
 # Concentration, alignment, SQNR
+
+
+def _check_operands(x=None, kernel=None) -> None:
+  """Shapes `x (..., d_in)` and `kernel (d_in, d_out)`, then values: each
+  concrete operand finite and not all zero (`linalg.check_array`)."""
+  if kernel is not None and jnp.ndim(kernel) != 2:
+    raise ValueError(f"kernel must be (d_in, d_out), got kernel.shape={jnp.shape(kernel)}")
+  if x is not None and jnp.ndim(x) < 1:
+    raise ValueError(f"x must be (..., d_in), got x.shape={jnp.shape(x)}")
+  if x is not None and kernel is not None and jnp.shape(x)[-1] != jnp.shape(kernel)[0]:
+    raise ValueError(f"need x (..., d_in) and kernel (d_in, d_out), got x.shape={jnp.shape(x)} "
+                     f"kernel.shape={jnp.shape(kernel)}")
+  linalg.check_array("x", x, nonzero=True)
+  linalg.check_array("kernel", kernel, nonzero=True)
+
+
+def _check_moments(sigma_x, gram_w) -> None:
+  """Equal square shapes; concrete values finite, not all zero, with a
+  non-negative diagonal."""
+  linalg._check_pair(("sigma_x", "gram_w"), jnp.asarray(sigma_x), jnp.asarray(gram_w))
+  for name, a in (("sigma_x", sigma_x), ("gram_w", gram_w)):
+    linalg.check_array(name, a, nonzero=True, psd=True)
+
+
+def _check_positive(name: str, v) -> None:
+  """A concrete `v` must be finite and > 0 everywhere."""
+  if isinstance(v, jax.core.Tracer):
+    return
+  a = jnp.asarray(v)
+  bad = jnp.sum(~(jnp.isfinite(a) & (a > 0)))
+  if not isinstance(bad, jax.core.Tracer) and int(bad):
+    got = f"{name}={float(a)!r}" if a.size == 1 else f"{bad} of {a.size} values of {name}"
+    raise ValueError(f"{got}: expected a finite value > 0")
 
 
 def _range_sq_sum(v: jax.Array, config: QuantConfig) -> jax.Array:
@@ -131,6 +173,8 @@ def concentration_x(x: jax.Array, config: QuantConfig | None = None) -> jax.Arra
   the mean of the groups' squared ranges. Default: symmetric per token.
   """
   config = config or activation_config(8)
+  _check_operands(x=x)
+  x = jnp.asarray(x)
   x = x.reshape(-1, x.shape[-1])
   return jnp.sum(x.astype(jnp.float32) ** 2) / (_range_sq_sum(x, config) / x.shape[-1])
 
@@ -138,13 +182,15 @@ def concentration_x(x: jax.Array, config: QuantConfig | None = None) -> jax.Arra
 def concentration_w(kernel: jax.Array, config: QuantConfig | None = None) -> jax.Array:
   """`C(W) = ‖W‖_F² / Σ_j r(W_j)²` over output channels `j` (columns of `kernel`)."""
   config = config or weight_config(8)
-  if kernel.ndim != 2:
-    raise ValueError(f"kernel must be (d_in, d_out), got {kernel.shape=}")
+  _check_operands(kernel=kernel)
+  kernel = jnp.asarray(kernel)
   return jnp.sum(kernel.astype(jnp.float32) ** 2) / (_range_sq_sum(kernel, config) / kernel.shape[0])
 
 
 def alignment(sigma_x: jax.Array, gram_w: jax.Array) -> jax.Array:
   """`A = tr(Σ_x Σ_W) / (tr Σ_x · tr Σ_W)`; `1/d` for isotropic activations."""
+  _check_moments(sigma_x, gram_w)
+  sigma_x, gram_w = jnp.asarray(sigma_x), jnp.asarray(gram_w)
   num = jnp.sum(sigma_x * gram_w.T)
   return num / (jnp.trace(sigma_x) * jnp.trace(gram_w))
 
@@ -158,9 +204,11 @@ def optimal_alignment(sigma_x: jax.Array, gram_w: jax.Array) -> jax.Array:
   """Best alignment over invertible transforms, `A* = Σσ_i² / (Σσ_i)²`.
 
   `σ_i` are the singular values of `W Σ_x^½`, i.e. `σ_i²` the eigenvalues of
-  `Σ_x^½ Σ_W Σ_x^½` (docs/design.md §1.3). No damping is applied.
+  `Σ_x^½ Σ_W Σ_x^½` (docs/design.md §1.3). No damping is applied. Computes in
+  the promoted dtype of the inputs (at least float32).
   """
-  s_half = linalg.spd_sqrt(sigma_x, eps=0.0)
+  _check_moments(sigma_x, gram_w)
+  s_half = linalg.spd_sqrt(sigma_x, eps=0.0, dtype=linalg.compute_dtype(sigma_x, gram_w))
   g = jnp.asarray(gram_w, s_half.dtype)
   lam = jnp.linalg.eigvalsh(linalg.symmetrize(s_half @ g @ s_half))
   sig = jnp.sqrt(jnp.maximum(lam, 0.0))
@@ -177,7 +225,17 @@ def predicted_sqnr(c_x, c_w, align, *, a_config: QuantConfig | None,
                    w_config: QuantConfig | None):
   """`12 · (N_x² C_x ∥ N_w² C_w) · A` (linear, not dB): `1 / (1/SQNR_x + 1/SQNR_w)`,
   where an operand whose config is None is not quantized and adds no noise
-  (both None: infinite)."""
+  (both None: infinite).
+
+  Raises:
+    ValueError: (eagerly) a factor the prediction uses that is not finite and > 0.
+  """
+  if a_config is not None or w_config is not None:
+    _check_positive("align", align)
+  if a_config is not None:
+    _check_positive("c_x", c_x)
+  if w_config is not None:
+    _check_positive("c_w", c_w)
   inv = 0.0
   if a_config is not None:
     inv = inv + 1.0 / (12.0 * a_config.num_steps**2 * c_x * align)
@@ -186,20 +244,29 @@ def predicted_sqnr(c_x, c_w, align, *, a_config: QuantConfig | None,
   return jnp.inf if a_config is None and w_config is None else 1.0 / inv
 
 
+def output_sqnr(y: jax.Array, y_q: jax.Array) -> jax.Array:
+  """`‖y‖² / ‖y - y_q‖²` (linear) of an output and its quantized counterpart."""
+  return jnp.sum(y**2) / jnp.sum((y - y_q) ** 2)
+
+
 def measured_sqnr(x: jax.Array, kernel: jax.Array, *, a_config: QuantConfig,
                   w_config: QuantConfig) -> jax.Array:
   """`‖x W‖² / ‖x W - Q(x) Q(W)‖²` over all tokens, in float32 (linear)."""
+  _check_operands(x, kernel)
+  x, kernel = jnp.asarray(x), jnp.asarray(kernel)
   x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   k = kernel.astype(jnp.float32)
   y = jnp.matmul(x, k, precision=HIGHEST)
   yq = jnp.matmul(fake_quantize(x, a_config), fake_quantize(k, w_config), precision=HIGHEST)
-  return jnp.sum(y**2) / jnp.sum((y - yq) ** 2)
+  return output_sqnr(y, yq)
 
 
 def operand_alignment(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """`alignment(Σ_x, Σ_W)` of the operands themselves, without `d × d` products:
   with `Σ_x = XᵀX / n` and `Σ_W = K Kᵀ`, `tr(Σ_x Σ_W) = ‖X K‖² / n`, so
   `A = ‖X K‖² / (‖X‖² ‖K‖²)`."""
+  _check_operands(x, kernel)
+  x, kernel = jnp.asarray(x), jnp.asarray(kernel)
   x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   k = kernel.astype(jnp.float32)
   y = jnp.matmul(x, k, precision=HIGHEST)
@@ -210,6 +277,8 @@ def sqnr_factors(x: jax.Array, kernel: jax.Array, *, a_config: QuantConfig,
                  w_config: QuantConfig) -> dict[str, jax.Array]:
   """The decomposition's factors of `y = x @ kernel` (linear, not dB):
   `concentration_x`, `concentration_w` and `alignment`."""
+  _check_operands(x, kernel)
+  x = jnp.asarray(x)
   x2 = x.reshape(-1, x.shape[-1])
   return {"concentration_x": concentration_x(x2, a_config),
           "concentration_w": concentration_w(kernel, w_config),
@@ -267,10 +336,14 @@ def sqnr_decomposition(x: jax.Array, kernel: jax.Array, *, w_bits: int = 4,
     `SQNRDecomposition` with float attributes in dB.
 
   Raises:
-    ValueError: for mismatched shapes or invalid bit widths.
+    ValueError: mismatched shapes, invalid bit widths, or an operand that is
+      all zero or holds NaN or ±Inf.
   """
-  if kernel.ndim != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
-    raise ValueError(f"need x (..., d_in) and kernel (d_in, d_out), got {x.shape=} {kernel.shape=}")
+  for name, bits in (("w_bits", w_bits), ("a_bits", a_bits)):
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+      raise ValueError(f"{name}={bits!r}: expected an integer in 2..8")
+  x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+  _check_operands(x, kernel)
   terms = layer_sqnr_terms(x, kernel, a_config=activation_config(a_bits),
                            w_config=weight_config(w_bits))
   return SQNRDecomposition(**{k: float(v) for k, v in jax.device_get(terms).items()})

@@ -20,6 +20,7 @@ Methods (all fitted from `Σ_x = E[x xᵀ]` and `Σ_W = Wᵀ W = kernel @ kernel
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -169,9 +170,9 @@ def _smooth_scales(sigma_x, gram_w, act_absmax, weight_absmax, alpha, eps):
   return a**alpha / w ** (1.0 - alpha)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "block_size", "alpha", "eps"))
+@functools.partial(jax.jit, static_argnames=("method", "block_size", "alpha", "eps", "dtype"))
 def _fit(sigma_x, gram_w, signs, act_absmax, weight_absmax, weight, *, method, block_size, alpha,
-         eps):
+         eps, dtype=None):
   blocks = inv = None
   kind = REGISTRY[method].blocks
   if kind == "diagonal":
@@ -181,9 +182,10 @@ def _fit(sigma_x, gram_w, signs, act_absmax, weight_absmax, weight, *, method, b
     sx = _diagonal_blocks(sigma_x, block_size)
     if weight is not None:  # Σ_W blocks of rank < k (fit_transform passes it only then)
       wb = weight.reshape(-1, block_size, weight.shape[-1])
-      blocks, inv = linalg.alignment_transform_low_rank(sx, wb, eps=eps)
+      blocks, inv = linalg.alignment_transform_low_rank(sx, wb, eps=eps, dtype=dtype)
     else:
-      blocks, inv = linalg.alignment_transform(sx, _diagonal_blocks(gram_w, block_size), eps=eps)
+      blocks, inv = linalg.alignment_transform(sx, _diagonal_blocks(gram_w, block_size), eps=eps,
+                                               dtype=dtype)
   d = sigma_x.shape[-1]
   as32 = lambda a: None if a is None else a.astype(jnp.float32)
   return Transform(blocks=as32(blocks), inv_blocks=as32(inv), signs=signs, method=method, dim=d)
@@ -210,10 +212,12 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
     weight_absmax: `(d,)` per-input-channel `max |W_:,j|` for SmoothQuant
       (default: the column norm from `gram_w`; a global factor does not
       change quantization).
-    eps: relative damping of both second moments and eigenvalue floor.
+    eps: relative damping of both second moments and eigenvalue floor,
+      finite and >= 0.
     x64: fit in float64 (default: yes, except on TPU where float64 is
-      emulated); the transform is stored in float32 either way. Activation
-      second moments are too ill-conditioned for float32 eigh (docs/design.md §1.3).
+      emulated), else in float32, whatever `jax_enable_x64` says; the
+      transform is stored in float32 either way. Activation second moments
+      are too ill-conditioned for float32 eigh (docs/design.md §1.3).
     name: label used in error messages (e.g. "layer 3 down_in").
     weight: optional `(d, r)` factor of `gram_w` (`gram_w = weight weightᵀ`,
       e.g. the site's kernels side by side). When `r` is below the block size
@@ -226,11 +230,14 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
 
   Raises:
     ValueError: unknown method, mismatched shapes, a block size that does not
-      divide `d`, or a width without a supported Hadamard.
+      divide `d`, a width without a supported Hadamard, a bad `eps`, `alpha`
+      or `x64`, or statistics that hold NaN or ±Inf, are negative (a negative
+      diagonal of `sigma_x` / `gram_w`, negative maxima) or, for "cat" and
+      "cat_full", all zero. The message starts with `name`.
     FloatingPointError: the fit produced non-finite values.
   """
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  if not isinstance(method, str) or method not in METHODS:
+    raise ValueError(f"{name}: unknown method {method!r}; expected one of {METHODS}")
   sigma_x, gram_w = jnp.asarray(sigma_x), jnp.asarray(gram_w)
   if sigma_x.ndim != 2 or sigma_x.shape[0] != sigma_x.shape[1] or sigma_x.shape != gram_w.shape:
     raise ValueError(f"sigma_x and gram_w must be equal square (d, d) matrices, got "
@@ -241,9 +248,20 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
       raise ValueError(f"{label} must have shape ({d},), got {jnp.shape(v)}")
   if weight is not None and (jnp.ndim(weight) != 2 or jnp.shape(weight)[0] != d):
     raise ValueError(f"weight must have shape ({d}, r), got {jnp.shape(weight)}")
-  if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"alpha must be in [0, 1], got {alpha=}")
+  if not (_is_real(alpha) and 0.0 <= alpha <= 1.0):
+    raise ValueError(f"{name}: alpha must be in [0, 1], got {alpha=!r}")
+  if not (_is_real(eps) and eps >= 0):
+    raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps=!r}")
+  if x64 is not None and not isinstance(x64, (bool, np.bool_)):
+    raise ValueError(f"{name}: x64 must be True, False or None, got {x64=!r}")
   kind = REGISTRY[method].blocks
+  fits = kind in ("block", "full")  # Cholesky and eigh of the (blocks of the) moments
+  for label, v, kw in (("sigma_x", sigma_x, {"psd": True, "nonzero": fits}),
+                       ("gram_w", gram_w, {"psd": True, "nonzero": fits}),
+                       ("act_absmax", act_absmax, {"nonnegative": True}),
+                       ("weight_absmax", weight_absmax, {"nonnegative": True}),
+                       ("weight", weight, {})):
+    linalg.check_array(label, v, context=name, **kw)
   if kind == "block":
     block_size = block_size or (128 if d % 128 == 0 else 64)
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
@@ -262,14 +280,26 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
     weight = None  # the Gram's blocks are full rank: the dense fit
   if x64 is None:
     x64 = jax.default_backend() != "tpu"
-  with jax.enable_x64(bool(x64)):
-    t = _fit(sigma_x, gram_w, signs,
-             None if act_absmax is None else jnp.asarray(act_absmax),
-             None if weight_absmax is None else jnp.asarray(weight_absmax),
-             None if weight is None else jnp.asarray(weight),
-             method=method, block_size=block_size, alpha=float(alpha), eps=float(eps))
+  arrays = (sigma_x, gram_w, act_absmax, weight_absmax, weight)
+  if not x64:  # float32 inputs, as a jit with x64 off would see them
+    arrays = tuple(None if a is None else _float32(jnp.asarray(a)) for a in arrays)
+  # float64 arrays exist only with x64 on: a scope of this thread, for this fit.
+  with jax.enable_x64(True) if x64 else contextlib.nullcontext():
+    t = _fit(*arrays[:2], signs, *(None if a is None else jnp.asarray(a) for a in arrays[2:]),
+             method=method, block_size=block_size, alpha=float(alpha), eps=float(eps),
+             dtype=jnp.dtype(jnp.float64 if x64 else jnp.float32))
   linalg.ensure_finite(name, t.blocks, t.inv_blocks)
   return t
+
+
+def _is_real(v) -> bool:
+  """A finite real number, not a bool."""
+  return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+          and bool(np.isfinite(v)))
+
+
+def _float32(a: jax.Array) -> jax.Array:
+  return a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
 
 
 def fold_block_hadamard(t: Transform) -> Transform:

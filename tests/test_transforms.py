@@ -165,7 +165,7 @@ def test_fit_shape_and_hadamard_errors():
 
 def test_non_finite_fit_names_the_layer():
   g = jnp.eye(16).at[0, 0].set(jnp.nan)
-  with pytest.raises(FloatingPointError, match="layer 3 down_in"):
+  with pytest.raises(ValueError, match="layer 3 down_in: gram_w has 1 non-finite"):
     cj.fit_transform("cat", jnp.eye(16), g, block_size=8, name="layer 3 down_in")
 
 

@@ -78,7 +78,9 @@ def quantized_matmul(x: jax.Array, transform_blocks: jax.Array | None, qweight: 
     config: kernel tiles (default `choose_block_config`).
 
   Returns:
-    `(..., d_out)` in `out_dtype`.
+    `(..., d_out)` in `out_dtype`. NaN propagates through the float scales:
+    a token holding a NaN or ±Inf (after the transform) gives a NaN output
+    row, and a weight channel quantized from one a NaN column.
 
   Raises:
     ValueError: mismatched shapes, bad bit widths or dtypes, an unknown

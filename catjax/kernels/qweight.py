@@ -115,10 +115,13 @@ def quantize_weight(kernel: jax.Array, *, bits: int, scale: jax.Array | None = N
 
   Returns:
     A `QuantizedWeight` with K-major values (see the module docstring).
+    Integers cannot hold NaN: the scale of an output channel holding a NaN
+    or ±Inf is NaN, so that channel of `dequantize` and of
+    `quantized_matmul`'s output is NaN, never finite.
 
   Raises:
-    ValueError: rank < 2, a bit width outside 2..8, or an odd `d_in` when
-      packing.
+    ValueError: rank < 2, a bit width outside 2..8, an odd `d_in` when
+      packing, or (eagerly) a `scale` with values <= 0.
   """
   bits = _check_bits(bits)
   kernel = jnp.asarray(kernel)
@@ -135,7 +138,12 @@ def quantize_weight(kernel: jax.Array, *, bits: int, scale: jax.Array | None = N
     scale = jnp.asarray(scale, jnp.float32)
     if scale.shape != kernel.shape[:-2] + (d_out,):
       raise ValueError(f"scale must have shape {kernel.shape[:-2] + (d_out,)}, got {scale.shape=}")
-    v = jnp.round(kernel.astype(jnp.float32) / scale[..., None, :])
+    bad = jnp.sum(scale <= 0)
+    if not isinstance(bad, jax.core.Tracer) and int(bad):
+      raise ValueError(f"scale must be > 0, got {int(bad)} value(s) <= 0")
+    k = kernel.astype(jnp.float32)
+    scale = jnp.where(jnp.all(jnp.isfinite(k), axis=-2), scale, jnp.nan)
+    v = jnp.round(k / scale[..., None, :])
     values = jnp.clip(v, -config.qmax, config.qmax).astype(jnp.int8)
   values = jnp.swapaxes(values, -1, -2)
   if bits <= 4:

@@ -49,7 +49,8 @@ def quantize_activations(x: jax.Array, transform_blocks: jax.Array | None, *,
     a_clip: clip ratio of the per-token range, in (0, 1].
 
   Returns:
-    `(x_q, s_x)`: int8 `(m, d_in)` integers and float32 `(m, 1)` scales.
+    `(x_q, s_x)`: int8 `(m, d_in)` integers and float32 `(m, 1)` scales; a
+    token holding a NaN or ±Inf gets a NaN scale.
   """
   config = quant.activation_config(a_bits, clip_ratio=a_clip)
   q = quant.quantize(transform_activations(x, transform_blocks), config)
