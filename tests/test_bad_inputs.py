@@ -202,3 +202,20 @@ def test_seqlen_past_the_model_warns(setup, tmp_path, caplog):
                      "--seqlen", "512", "--max-tokens", "512", "--no-progress"]) == 0
   assert any("seqlen=512 exceeds the model's max_position_embeddings=256" in r.message
              for r in caplog.records)
+
+
+@pytest.mark.parametrize("case", ["NaN weight", "int32 weight", "truncated safetensors",
+                                  "index names a missing shard", "config not JSON",
+                                  "config missing vocab_size", "rope_theta 0", "rms_norm_eps NaN"])
+def test_bad_model_files_through_the_cli(setup, tmp_path, capsys, case):
+  """The loader cases of `test_bad_files.py`, as `catjax eval` reports them."""
+  import shutil
+
+  from test_bad_files import HF_BAD
+  edit, file, words, _ = HF_BAD[case]
+  folder = tmp_path / "m"
+  shutil.copytree(setup[0], folder)
+  edit(folder)
+  assert cli.main(["eval", "--model", str(folder), "--eval-text", str(setup[1]),
+                   "--seqlen", "16", "--max-tokens", "32", "--no-progress"]) == 2
+  _one_error_line(capsys, *map(re.escape, [str(folder / file).rstrip("/."), *words]))
