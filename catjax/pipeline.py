@@ -101,6 +101,10 @@ class RunConfig:
       if r.method == "fp" or r.w_bits is None or r.a_bits is None:
         raise ValueError(f"save={self.save}: a real quantized model needs weight and activation "
                          f"bits; recipe {r.label!r} has w_bits={r.w_bits} a_bits={r.a_bits}")
+      if (r.w_format, r.a_format) != ("int", "int"):
+        raise ValueError(f"save={self.save}: a real quantized model is integer; recipe {r.label!r} "
+                         f"has w_format={r.w_format!r} a_format={r.a_format!r} (no integer storage "
+                         "for FP4 formats; they run as fake quantization only)")
     if self.eval_max_tokens < self.seqlen:
       raise ValueError(f"eval_max_tokens={self.eval_max_tokens} is less than one window of "
                        f"seqlen={self.seqlen}")
