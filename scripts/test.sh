@@ -13,7 +13,7 @@ kernels=", then tests/test_kernels.py on jax $kjax"
 case " ${CATJAX_PYTHONS:-3.11 3.12} " in *" 3.12 "*) ;; *) kernels="" ;; esac
 { [ -z "$kjax" ] || [ $# -gt 0 ]; } && kernels=""
 echo "scripts/test.sh: pytest on Python ${CATJAX_PYTHONS:-3.11 3.12}$kernels;" \
-     "a full run takes ~25-30 min and ~4 GB of virtual environments (.venv-py*, .venv-jax*)."
+     "a full run takes ~35 min on 2 cores and ~4 GB of virtual environments (.venv-py*, .venv-jax*)."
 stage() {  # elapsed time of the stage that started at $1 (seconds since the script began)
   echo "--- $2: $(( (SECONDS - $1) / 60 )) min $(( (SECONDS - $1) % 60 )) s"
 }
