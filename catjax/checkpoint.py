@@ -232,7 +232,7 @@ def _load_tokenizer(folder: Path):
       read_json(folder / name)
     except ValueError as e:
       raise CheckpointError(str(e)) from None
-  from catjax.data import import_transformers
+  from catjax.models.hf import import_transformers
   try:
     return import_transformers().AutoTokenizer.from_pretrained(str(folder))
   except Exception as e:  # noqa: BLE001 (any tokenizer library error: a bad file)

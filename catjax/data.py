@@ -31,6 +31,7 @@ import numpy as np
 
 from catjax import assets
 from catjax.errors import InputError
+from catjax.models.hf import import_transformers
 
 log = logging.getLogger("catjax")
 
@@ -74,23 +75,6 @@ def load_text(source: str, **fetch_kw) -> str:
   if not text.strip():
     raise InputError(path, "text file is empty")
   return text
-
-
-class _NoTorchNotice(logging.Filter):
-  """Drops transformers' "PyTorch was not found" notice (catjax uses only its tokenizers)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("PyTorch was not found")
-
-
-def import_transformers():
-  """The `transformers` module, imported without its "PyTorch was not found"
-  notice; its other messages are kept."""
-  logger = logging.getLogger("transformers")
-  if not any(isinstance(f, _NoTorchNotice) for f in logger.filters):
-    logger.addFilter(_NoTorchNotice())
-  import transformers
-  return transformers
 
 
 def load_tokenizer(model_path: str | Path):

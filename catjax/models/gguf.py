@@ -453,7 +453,7 @@ def tokenizer_from_gguf(path: str | os.PathLike):
   """
   from tokenizers import AddedToken
 
-  from catjax.data import import_transformers
+  from catjax.models.hf import import_transformers
   PreTrainedTokenizerFast = import_transformers().PreTrainedTokenizerFast
 
   path = os.fspath(path)
