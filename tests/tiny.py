@@ -21,14 +21,15 @@ def config(**kw) -> ModelConfig:
 
 @functools.lru_cache(maxsize=None)
 def tokenizer():
-  """A byte-level BPE tokenizer with 128 tokens trained on `TEXT`."""
+  """A byte-level BPE tokenizer with 128 tokens trained on `TEXT`. The same every
+  run: `ByteLevel.alphabet()` comes from a hash set, in a new order each call."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<eos>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100])
+                                initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[:100])
   tok.train_from_iterator([TEXT], trainer)
   return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
