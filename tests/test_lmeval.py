@@ -25,7 +25,9 @@ PAIRS = [("The quick brown fox", " jumps over the lazy dog."),
 def models(tmp_path_factory):
   from lm_eval.models.huggingface import HFLM
   folder = tmp_path_factory.mktemp("lmeval") / "tiny"
-  tiny.hf_folder(folder, seed=21)
+  # The model's end-of-text id is the tokenizer's, as in real checkpoints: HF's
+  # generate then stops on it too (it stops on the model config's id only).
+  tiny.hf_folder(folder, seed=21, eos_token_id=tiny.tokenizer().eos_token_id)
   ours = CatjaxLM(model=str(folder), batch_size=3)
   theirs = HFLM(pretrained=str(folder), device="cpu", batch_size=3, dtype="float32")
   return folder, ours, theirs
