@@ -79,8 +79,9 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool):
   if several:
     p.add_argument("--methods", default="fp,none,smoothquant,hadamard,cat,cat_full",
                    help="comma-separated method specs METHOD[@wNaM][@kN][@kvN][@gptq|@clip]"
-                        "[@tN][@bh][@pfp|@pq], e.g. none@w6a6, hadamard@gptq or "
-                        "cat@gptq@t200; options override the flags below "
+                        "[@tN][@bh][@pfp|@pq][@mxfp4|@nvfp4|@int], e.g. none@w6a6, "
+                        "hadamard@gptq, cat@gptq@t200 or cat@mxfp4; options override the "
+                        "flags below "
                         "(default: %(default)s)")
   else:
     from catjax.ptq import PTQ_METHODS
@@ -92,6 +93,12 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool):
   q.add_argument("--w-bits", type=_bits, default=4, help="weight bits, 2..8 or 16 (default: 4)")
   q.add_argument("--a-bits", type=_bits, default=4,
                  help="activation bits, 2..8 or 16 (default: 4)")
+  from catjax.quant import FORMATS
+  q.add_argument("--w-format", default="int", choices=FORMATS,
+                 help="weight number format: integers, or E2M1 with a scale per 32 (mxfp4) / "
+                      "16 (nvfp4) input channels, 4 bits (default: %(default)s)")
+  q.add_argument("--a-format", default="int", choices=FORMATS,
+                 help="activation number format, as --w-format (default: %(default)s)")
   q.add_argument("--kv-bits", type=_bits, default=None,
                  help="KV-cache bits, 2..8 (default: 16, not quantized)")
   q.add_argument("--a-clip", type=_ratio, default=1.0,
@@ -189,7 +196,8 @@ def _run_config(args, specs: list[str]):
   from catjax.pipeline import RunConfig
   from catjax.ptq import Recipe
   base = Recipe(method="fp", block_size=args.block_size, w_bits=args.w_bits, a_bits=args.a_bits,
-                kv_bits=args.kv_bits, a_clip=args.a_clip, weights=args.weights,
+                w_format=args.w_format, a_format=args.a_format, kv_bits=args.kv_bits,
+                a_clip=args.a_clip, weights=args.weights,
                 train_steps=args.train_steps, train_lr=args.train_lr,
                 propagate=args.propagate, seed=args.seed)
   recipes = tuple(base.with_spec(s) for s in specs)

@@ -22,6 +22,9 @@ Batch-Updates"). The grid is the repository's RTN weight quantizer
 (`catjax.quant.weight_config`): symmetric, per output channel (or per group of
 input channels and output channel), scales fixed up front from the original
 kernel, so that GPTQ without error propagation reproduces `fake_quantize`.
+With `format="mxfp4"` / `"nvfp4"` the grid is that FP4 format's (E2M1
+elements, one scale per block of input channels and output channel, also
+fixed from the original kernel).
 """
 
 from __future__ import annotations
@@ -44,7 +47,11 @@ def _is_int(v) -> bool:
 
 def _row_scales(kernel: jax.Array, config: quant.QuantConfig) -> jax.Array:
   """Per-element scales `(d_in, d_out)` of the RTN quantizer, in original row order."""
-  scale = quant.quantize(kernel, config).scale  # (1, d_out) or (d_in/g, 1, d_out)
+  if config.is_fp4:
+    block, second = quant.fp4_scales(kernel, config)  # (d_in/g, 1, d_out), (1, 1, 1)
+    scale = block * second
+  else:
+    scale = quant.quantize(kernel, config).scale  # (1, d_out) or (d_in/g, 1, d_out)
   if config.group_size is None:
     return jnp.broadcast_to(scale, kernel.shape)
   return jnp.repeat(scale[:, 0, :], config.group_size, axis=0)
@@ -64,6 +71,8 @@ def _upper_inverse_factor(h: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("qmax", "block_size", "act_order", "dtype"))
 def _gptq(kernel, hessian, scales, damping, *, qmax, block_size, act_order, dtype):
+  """GPTQ on the grid of `scales`: integer levels `-qmax..qmax`, or E2M1 when
+  `qmax` is None (a scale of 0 then rounds to 0)."""
   d_in = kernel.shape[0]
   scales = scales.astype(dtype)
   w = kernel.astype(dtype)
@@ -91,7 +100,10 @@ def _gptq(kernel, hessian, scales, damping, *, qmax, block_size, act_order, dtyp
   def quantize_row(i, carry, ub, sb):
     wb, qb, eb = carry
     s = sb[i]
-    q = jnp.clip(jnp.round(wb[i] / s), -qmax, qmax) * s
+    if qmax is None:
+      q = quant.round_e2m1(wb[i] / jnp.where(s == 0, 1.0, s)) * s
+    else:
+      q = jnp.clip(jnp.round(wb[i] / s), -qmax, qmax) * s
     e = (wb[i] - q) / ub[i, i]
     # U is upper triangular: rows j < i of the block are left alone (row i
     # itself changes too, but it is already stored in `qb`).
@@ -122,7 +134,8 @@ def _gptq(kernel, hessian, scales, damping, *, qmax, block_size, act_order, dtyp
 
 
 def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_order=False,
-                  group_size=None, clip_ratio=1.0, scale=None, dtype=None) -> jax.Array:
+                  group_size=None, clip_ratio=1.0, scale=None, dtype=None,
+                  format="int") -> jax.Array:
   """Quantize a kernel with GPTQ (Frantar et al., 2022, arXiv:2210.17323).
 
   Works in `dtype` (default: the promoted dtype of `kernel` and `hessian`, at
@@ -147,11 +160,13 @@ def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_
     scale: optional `(d_out,)` positive per-output-channel scales to use
       instead (e.g. from a clip search); not with `group_size` or `clip_ratio`.
     dtype: computation dtype, float32 or float64 (float64 needs x64).
+    format: "int", or "mxfp4" / "nvfp4" (`quant.QuantConfig.format`: bits 4,
+      the format's block size as the groups, no `scale`).
 
   Returns:
     The fake-quantized (dequantized) kernel, same shape and dtype as `kernel`,
     on the grid of `quant.fake_quantize(kernel, quant.weight_config(bits,
-    group_size=group_size, clip_ratio=clip_ratio))` (or of `scale`).
+    group_size=group_size, clip_ratio=clip_ratio, format=format))` (or of `scale`).
 
   Raises:
     ValueError: bad shapes, parameters, or non-finite inputs.
@@ -179,7 +194,9 @@ def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_
   for name, a in (("kernel", kernel), ("hessian", hessian)):
     linalg.check_array(name, a)
   config = quant.weight_config(int(bits), group_size=None if group_size is None else int(group_size),
-                               clip_ratio=float(clip_ratio))
+                               clip_ratio=float(clip_ratio), format=format)
+  if config.is_fp4 and scale is not None:
+    raise ValueError(f"scale= gives per-channel integer scales; not with {format=!r}")
   # Scales outside the jit, op by op like `quant.fake_quantize`: inside a jit XLA
   # folds `clip · absmax / qmax` into one multiply, which can move a scale by an ulp.
   if scale is None:
@@ -195,7 +212,8 @@ def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_
     scales = jnp.broadcast_to(scale, kernel.shape)
   # A channel holding a NaN or ±Inf gets a NaN scale: it comes out NaN (also where it is dead).
   scales = jnp.where(jnp.all(jnp.isfinite(kernel), axis=0), scales, jnp.nan)
-  q, ok = _gptq(kernel, hessian, scales, float(damping), qmax=config.qmax,
+  q, ok = _gptq(kernel, hessian, scales, float(damping),
+                qmax=None if config.is_fp4 else config.qmax,
                 block_size=int(block_size), act_order=bool(act_order), dtype=dtype)
   if not isinstance(ok, jax.core.Tracer) and not bool(ok):
     raise FloatingPointError(

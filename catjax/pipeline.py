@@ -101,6 +101,10 @@ class RunConfig:
       if r.method == "fp" or r.w_bits is None or r.a_bits is None:
         raise ValueError(f"save={self.save}: a real quantized model needs weight and activation "
                          f"bits; recipe {r.label!r} has w_bits={r.w_bits} a_bits={r.a_bits}")
+      if (r.w_format, r.a_format) != ("int", "int"):
+        raise ValueError(f"save={self.save}: a real quantized model is integer; recipe {r.label!r} "
+                         f"has w_format={r.w_format!r} a_format={r.a_format!r} (no integer storage "
+                         "for FP4 formats; they run as fake quantization only)")
     if self.eval_max_tokens < self.seqlen:
       raise ValueError(f"eval_max_tokens={self.eval_max_tokens} is less than one window of "
                        f"seqlen={self.seqlen}")
@@ -220,14 +224,16 @@ class RunReport:
             "comparisons": [c.to_dict() for c in self.comparisons]}
 
 
-def _baseline(results: list[MethodResult], method: str, w_bits, a_bits) -> MethodResult | None:
+def _baseline(results: list[MethodResult], method: str, w_bits, a_bits, w_format="int",
+              a_format="int") -> MethodResult | None:
   return next((r for r in results if r.recipe.method == method
-               and (r.recipe.w_bits, r.recipe.a_bits) == (w_bits, a_bits)), None)
+               and (r.recipe.w_bits, r.recipe.a_bits) == (w_bits, a_bits)
+               and (r.recipe.w_format, r.recipe.a_format) == (w_format, a_format)), None)
 
 
 def comparisons(results: list[MethodResult]) -> list[Comparison]:
   """For every transform recipe other than hadamard: its per-site SQNR gain over
-  hadamard at the same bits, its perplexity gap as a fraction of hadamard's, and
+  hadamard at the same bits and formats, its perplexity gap as a fraction of hadamard's, and
   the fraction of sites where it is at least `none` at W6A6."""
   fp = next((r for r in results if r.recipe.method == "fp"), None)
   out = []
@@ -235,7 +241,7 @@ def comparisons(results: list[MethodResult]) -> list[Comparison]:
     rc = r.recipe
     if rc.method in ("fp", "none", "hadamard"):
       continue
-    had = _baseline(results, "hadamard", rc.w_bits, rc.a_bits)
+    had = _baseline(results, "hadamard", rc.w_bits, rc.a_bits, rc.w_format, rc.a_format)
     w6 = _baseline(results, "none", 6, 6)
     frac = None
     if had is not None and fp is not None and had.perplexity > fp.perplexity:

@@ -2,7 +2,8 @@
 
 A decoder block is quantized by `fit_block` (one transform per site from that
 block's statistics) -> `merge_block` (`kernel' = T⁻ᵀ kernel`) ->
-`quantize_block` (RTN, clip search or GPTQ per output channel); the block
+`quantize_block` (RTN, clip search or GPTQ per output channel, or per block
+of input channels for the FP4 formats); the block
 engine (`catjax.engine`) walks the model through them. Which linears read each
 site comes from the model's architecture spec (`catjax.models.spec`); every
 function here takes one block's pure parameter dict (or, where noted, the
@@ -31,8 +32,9 @@ from catjax.gptq import gptq_quantize
 from catjax.models.config import ModelConfig
 from catjax.models.llama import Llama
 from catjax.models.spec import ArchSpec, get_path, spec_for
-from catjax.quant import (QuantConfig, _absmax, _safe_scale, activation_config, fake_quantize,
-                          fake_quantize_clip_search, quantize, weight_config)
+from catjax.quant import (FORMATS, FP4_BLOCK, QuantConfig, _absmax, _safe_scale,
+                          activation_config, fake_quantize, fake_quantize_clip_search, quantize,
+                          weight_config)
 from catjax.sharding import shard_batch
 from catjax.stats import SecondMoment
 from catjax.transforms import DEFAULT_EPS, Transform, fit_transform, fold_block_hadamard
@@ -213,6 +215,13 @@ class Recipe:
     w_bits: weight bits (symmetric, per output channel), 2..8; None keeps
       weights in floating point.
     a_bits: activation bits (symmetric, per token), 2..8; None keeps them.
+    w_format / a_format: number format of the weights / activations (one of
+      `catjax.quant.FORMATS`): "int" (uniform integers, the default),
+      "mxfp4" or "nvfp4" (E2M1 elements with a scale per block of 32 / 16
+      input channels, `catjax.quant.fake_quantize`; bits must be 4). FP4
+      weights take weights="rtn" or "gptq", not the clip search nor, with
+      `train_steps`, learned weight clips (`train_w_clip=False`); they have
+      no integer export.
     kv_bits: KV-cache bits (asymmetric, per token and head), or None (16-bit).
     a_clip: activation clip ratio in (0, 1].
     weights: how kernels are rounded: "rtn" (round to nearest), "clip" (per
@@ -249,6 +258,8 @@ class Recipe:
   block_size: int = 64
   w_bits: int | None = 4
   a_bits: int | None = 4
+  w_format: str = "int"
+  a_format: str = "int"
   kv_bits: int | None = None
   a_clip: float = 1.0
   weights: str = "rtn"
@@ -302,6 +313,24 @@ class Recipe:
       raise ValueError(f"hadamard='block' applies to 'cat' and 'cat_full', not {self.method!r}")
     if not (tf._is_real(self.alpha) and 0.0 <= self.alpha <= 1.0):
       raise ValueError(f"alpha={self.alpha!r}: expected a value in [0, 1]")
+    self._check_formats()
+
+  def _check_formats(self) -> None:
+    for side, fmt, bits in (("w", self.w_format, self.w_bits), ("a", self.a_format, self.a_bits)):
+      if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ValueError(f"{side}_format={fmt!r}: expected one of {FORMATS}")
+      if fmt != "int" and bits not in (None, 4):
+        raise ValueError(f"{side}_format={fmt!r} has 4-bit E2M1 elements: {side}_bits must be 4 "
+                         f"(or None for 16-bit), got {side}_bits={bits!r}")
+    if self.w_format == "int" or self.w_bits is None or self.method == "fp":
+      return
+    if self.weights == "clip":
+      raise ValueError(f"weights='clip' searches clip ratios of an integer grid; with "
+                       f"w_format={self.w_format!r} use weights='rtn' or 'gptq'")
+    if self.train_steps and self.train_w_clip:
+      raise ValueError(f"trained CAT's learned weight clip ratios (train_w_clip=True) scale an "
+                       f"integer per-channel grid; with w_format={self.w_format!r} set "
+                       f"train_w_clip=False (method spec option @nowc)")
 
   @property
   def transform_method(self) -> str | None:
@@ -323,11 +352,13 @@ class Recipe:
   def a_config(self) -> QuantConfig | None:
     if self.method == "fp" or self.a_bits is None:
       return None
-    return activation_config(self.a_bits, clip_ratio=float(self.a_clip))
+    return activation_config(self.a_bits, clip_ratio=float(self.a_clip), format=self.a_format)
 
   @property
   def w_config(self) -> QuantConfig | None:
-    return None if self.method == "fp" or self.w_bits is None else weight_config(self.w_bits)
+    if self.method == "fp" or self.w_bits is None:
+      return None
+    return weight_config(self.w_bits, format=self.w_format)
 
   @property
   def kv_config(self) -> QuantConfig | None:
@@ -337,7 +368,8 @@ class Recipe:
 
   @property
   def label(self) -> str:
-    """Short name, e.g. "cat k=64 W4A4", "cat k=64 gptq t200 W4A4", "fp"."""
+    """Short name, e.g. "cat k=64 W4A4", "cat k=64 gptq t200 W4A4", "fp"; FP4
+    formats: "cat k=64 MXFP4" (both operands), "none W4A8 w:nvfp4" (one)."""
     if self.method == "fp":
       return "fp"
     name = f"{self.method} k={self.block_size}" if self.method == "cat" else self.method
@@ -353,6 +385,13 @@ class Recipe:
     if self.propagate != "auto":
       name += f" prop={self.propagate}"
     bits = f"W{self.w_bits or 16}A{self.a_bits or 16}"
+    w_fmt = self.w_format if self.w_bits else "int"
+    a_fmt = self.a_format if self.a_bits else "int"
+    if w_fmt == a_fmt != "int":
+      bits = w_fmt.upper()
+    else:
+      bits += "".join(f" {side}:{fmt}" for side, fmt in (("w", w_fmt), ("a", a_fmt))
+                      if fmt != "int")
     return f"{name} {bits}" + (f" KV{self.kv_bits}" if self.kv_bits else "")
 
   def to_dict(self) -> dict[str, Any]:
@@ -361,6 +400,14 @@ class Recipe:
   def check_model(self, cfg: ModelConfig) -> None:
     """Raise ValueError, before any work, if this recipe cannot quantize `cfg`'s widths."""
     dims = spec_for(cfg).site_dims(cfg)
+    for side, fmt, bits in (("w", self.w_format, self.w_bits), ("a", self.a_format, self.a_bits)):
+      if fmt == "int" or bits is None or self.method == "fp":
+        continue
+      bad = {s: d for s, d in dims.items() if d % FP4_BLOCK[fmt]}
+      if bad:
+        raise ValueError(f"{side}_format={fmt!r} scales blocks of {FP4_BLOCK[fmt]} input channels: "
+                         f"the site widths {bad} of this model are not multiples of "
+                         f"{FP4_BLOCK[fmt]}")
     if self.method == "cat":
       bad = {s: d for s, d in dims.items() if d % self.block_size}
       if bad:
@@ -383,8 +430,9 @@ class Recipe:
     `clip` / `gptq` (weight rounding), `tN` (trained CAT, N steps per block),
     `pfp` / `pq` (propagate fp / quantized outputs), `f32` (float32 fits), `dX` (GPTQ damping),
     `act` (GPTQ act-order), `nowc` (trained CAT without learned weight clips),
-    `acX` (activation clip ratio), e.g. "none@w6a6", "cat@k192", "cat@bh", "hadamard@gptq",
-    "cat@gptq@d0.1@t200", "hadamard@ac0.9"."""
+    `acX` (activation clip ratio), `mxfp4` / `nvfp4` (both formats, and 4 bits), `int`
+    (both formats integer), e.g. "none@w6a6", "cat@k192", "cat@bh", "hadamard@gptq",
+    "cat@gptq@d0.1@t200", "hadamard@ac0.9", "cat@mxfp4", "hadamard@nvfp4"."""
     method, *opts = spec.strip().split("@")
     kw: dict[str, Any] = {"method": method}
     flags = {"bh": ("hadamard", "block"), "pfp": ("propagate", "fp"),
@@ -398,6 +446,10 @@ class Recipe:
            re.fullmatch(r"ac(\d*\.?\d+)", o))
       if o in flags:
         kw[flags[o][0]] = flags[o][1]
+      elif o in FORMATS:
+        kw["w_format"] = kw["a_format"] = o
+        if o != "int":
+          kw["w_bits"] = kw["a_bits"] = 4
       elif m[0]:  # 16 bits: not quantized
         kw["w_bits"], kw["a_bits"] = (None if int(v) == 16 else int(v) for v in m[0].groups())
       elif m[1]:
@@ -412,7 +464,8 @@ class Recipe:
         kw["a_clip"] = float(m[5][1])
       else:
         raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected wNaM, kN, kvN, "
-                         f"tN, dX, acX, act, nowc, bh, rtn, clip, gptq, pfp, pq or f32")
+                         f"tN, dX, acX, act, nowc, bh, rtn, clip, gptq, pfp, pq, f32, mxfp4, "
+                         f"nvfp4 or int")
     return dataclasses.replace(self, **kw)
 
 
@@ -515,6 +568,9 @@ def _rtn(kernel, *, config):
   return (q.values.astype(jnp.float32) * q.scale).astype(kernel.dtype), q.scale[0]
 
 
+_fake_rtn = jax.jit(fake_quantize, static_argnames=("config",))
+
+
 def channel_clipped_quantize(kernel: jax.Array, ratio: jax.Array, qmax: int
                              ) -> tuple[jax.Array, jax.Array]:
   """Symmetric per-output-channel fake quantization of a `(d_in, d_out)` kernel
@@ -550,7 +606,8 @@ def quantize_block(block: dict, recipe: Recipe, *, spec: ArchSpec,
                    stats: dict[str, SecondMoment] | None = None,
                    w_clip: dict[str, jax.Array] | None = None
                    ) -> tuple[dict, dict[tuple[str, ...], jax.Array]]:
-  """Fake-quantize every kernel of a (merged) block per output channel.
+  """Fake-quantize every kernel of a (merged) block per output channel (FP4
+  formats: per block of input channels and output channel).
 
   `recipe.weights`: "rtn"; "clip" (importance `diag(T Σ_x Tᵀ)`) or "gptq"
   (Hessian `T Σ_x Tᵀ`), both of which need `stats`. `w_clip`: learned
@@ -559,7 +616,8 @@ def quantize_block(block: dict, recipe: Recipe, *, spec: ArchSpec,
 
   Returns:
     `(block with fake-quantized kernels, {linear path: per-channel scales (d_out,)})`;
-    the scales are those of the grid the kernels lie on, for integer export.
+    the scales are those of the grid the kernels lie on, for integer export
+    (none for the FP4 formats, which have no integer export).
   """
   config = recipe.w_config
   if config is None:
@@ -585,13 +643,16 @@ def quantize_block(block: dict, recipe: Recipe, *, spec: ArchSpec,
     elif ratio is not None:
       q, scale = _clipped_rtn(kernel, ratio, qmax=config.qmax)
       q = q.astype(kernel.dtype)
+    elif config.is_fp4:
+      q, scale = _fake_rtn(kernel, config=config), None  # no integer export: no scales
     else:
       q, scale = _rtn(kernel, config=config)
     if recipe.weights == "gptq":
       q = gptq_quantize(kernel, sigma_t(site), bits=config.bits, damping=recipe.gptq_damping,
                         block_size=recipe.gptq_block, act_order=recipe.act_order,
-                        scale=None if ratio is None else scale)
-    scales[path] = scale
+                        scale=None if ratio is None else scale, format=config.format)
+    if scale is not None:
+      scales[path] = scale
     return q
 
   return map_kernels(block, spec, one), scales

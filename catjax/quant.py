@@ -1,4 +1,4 @@
-"""Uniform integer round-to-nearest (RTN) quantizers and int4 packing.
+"""Round-to-nearest (RTN) quantizers: uniform integers, MXFP4 and NVFP4; int4 packing.
 
 Conventions (docs/design.md §1.1): activations `x` have shape `(..., tokens, d_in)` and
 are quantized per token (one scale per row, reduction over the last axis);
@@ -10,6 +10,15 @@ Symmetric `b`-bit quantization uses the levels `-qmax..qmax`,
 `qmax = 2^(b-1) - 1`, so the range `2·absmax` is cut into `N(b) = 2^b - 2`
 steps; asymmetric quantization uses `2^b - 1` steps over `[min, max]` (the
 range always contains zero) and an integer zero point.
+
+The FP4 formats (docs/design.md §1.1) round `v / scale` to the E2M1 grid
+(magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6; nearest, ties to even, saturating at
+±6) with one scale per block of consecutive elements along the reduced axis:
+MXFP4 (OCP Microscaling) a power of two `2^(floor(log2 absmax) - 2)` per 32
+elements (E8M0); NVFP4 an FP8-E4M3 scale per 16 elements times a float32
+second-level scale per matrix (weights) or per token (activations). They
+exist as fake quantization only (`fake_quantize`): `quantize` and the
+integer export refuse them.
 """
 
 from __future__ import annotations
@@ -23,6 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 GRANULARITIES = ("tensor", "token", "channel")
+FORMATS = ("int", "mxfp4", "nvfp4")
+FP4_BLOCK = {"mxfp4": 32, "nvfp4": 16}  # elements per block scale
+E2M1_MAX = 6.0  # largest E2M1 magnitude
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def _is_ratio(v) -> bool:
@@ -33,9 +46,13 @@ def _is_ratio(v) -> bool:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantConfig:
-  """A uniform RTN quantizer.
+  """An RTN quantizer: uniform integers, or the FP4 block formats.
 
   Attributes:
+    format: "int" (uniform integer levels), "mxfp4" or "nvfp4" (E2M1
+      elements with a scale per block of 32 / 16 input channels; `bits` 4,
+      symmetric, granularity "token" or "channel", `group_size` the block
+      size, filled in when None).
     bits: bit width, 2..8.
     symmetric: symmetric (`-qmax..qmax`, no zero point) or asymmetric
       (`0..2^b-1` with an integer zero point).
@@ -53,6 +70,7 @@ class QuantConfig:
   granularity: str = "token"
   group_size: int | None = None
   clip_ratio: float = 1.0
+  format: str = "int"
 
   def __post_init__(self):
     if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -69,29 +87,59 @@ class QuantConfig:
       raise ValueError(f"symmetric must be True or False, got {self.symmetric=!r}")
     if not _is_ratio(self.clip_ratio):
       raise ValueError(f"clip_ratio must be a number in (0, 1], got {self.clip_ratio=!r}")
+    if not isinstance(self.format, str) or self.format not in FORMATS:
+      raise ValueError(f"format must be one of {FORMATS}, got {self.format=!r}")
+    if self.format != "int":
+      block = FP4_BLOCK[self.format]
+      if self.bits != 4:
+        raise ValueError(f"format={self.format!r} has 4-bit E2M1 elements: bits must be 4, "
+                         f"got {self.bits=!r}")
+      if not self.symmetric:
+        raise ValueError(f"format={self.format!r} is symmetric: symmetric must be True")
+      if self.granularity == "tensor":
+        raise ValueError(f"format={self.format!r} scales blocks of {block} along the reduced axis: "
+                         f"granularity must be 'token' or 'channel', got {self.granularity=!r}")
+      if self.group_size not in (None, block):
+        raise ValueError(f"format={self.format!r} has one scale per {block} elements: group_size "
+                         f"must be None or {block}, got {self.group_size=!r}")
+      object.__setattr__(self, "group_size", block)
+
+  @property
+  def is_fp4(self) -> bool:
+    """Whether this is an FP4 block format (fake quantization only)."""
+    return self.format != "int"
+
+  def _integer_only(self, what: str) -> None:
+    if self.is_fp4:
+      raise ValueError(f"{what} is defined for integer formats only; format={self.format!r} "
+                       f"has E2M1 elements (magnitudes up to {E2M1_MAX:g}) and block scales")
 
   @property
   def qmax(self) -> int:
     """Largest integer level: `2^(b-1)-1` symmetric, `2^b-1` asymmetric."""
+    self._integer_only("qmax")
     return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
   @property
   def num_steps(self) -> int:
     """`N(b)`: quantization steps across the range (docs/design.md §1.1)."""
+    self._integer_only("num_steps")
     return 2**self.bits - 2 if self.symmetric else 2**self.bits - 1
 
   @property
   def storage_dtype(self):
+    self._integer_only("storage_dtype")
     return jnp.int8 if self.symmetric else jnp.uint8
 
 
 def activation_config(bits: int, **kw) -> QuantConfig:
-  """Symmetric per-token quantizer for activations."""
+  """Symmetric per-token quantizer for activations (`format=` for FP4)."""
   return QuantConfig(bits=bits, granularity="token", **kw)
 
 
 def weight_config(bits: int, **kw) -> QuantConfig:
-  """Symmetric per-output-channel quantizer for `(d_in, d_out)` kernels."""
+  """Symmetric per-output-channel quantizer for `(d_in, d_out)` kernels (`format=`
+  for FP4: blocks along d_in)."""
   return QuantConfig(bits=bits, granularity="channel", **kw)
 
 
@@ -132,6 +180,10 @@ def _grouped(v: jax.Array, config: QuantConfig) -> tuple[jax.Array, tuple[int, .
   if config.group_size is None:
     return v, (axis,)
   n = v.shape[axis]
+  if n % config.group_size and config.is_fp4:
+    raise ValueError(
+        f"format={config.format!r} scales blocks of {config.group_size} elements along axis "
+        f"{axis}: its size {n} ({v.shape=}) is not a multiple of {config.group_size}")
   if n % config.group_size:
     raise ValueError(
         f"group_size must divide the reduced axis: {v.shape=} axis={axis} (size {n}) "
@@ -154,8 +206,12 @@ def quantize(v: jax.Array, config: QuantConfig) -> QArray:
     integer matmul give NaN there instead of finite numbers.
 
   Raises:
-    ValueError: for ranks or group sizes the config cannot take.
+    ValueError: for ranks or group sizes the config cannot take, and for the
+      FP4 formats (no integer storage; use `fake_quantize`).
   """
+  if config.is_fp4:
+    raise ValueError(f"no integer storage for {config.format}; use fake quantization "
+                     "(catjax.quant.fake_quantize)")
   v = jnp.asarray(v)
   shape = v.shape
   g, axes = _grouped(v.astype(jnp.float32), config)
@@ -205,12 +261,106 @@ def dequantize(q: QArray, dtype: Any = jnp.float32) -> jax.Array:
 def fake_quantize(v: jax.Array, config: QuantConfig) -> jax.Array:
   """`dequantize(quantize(v))`, returned in the dtype of `v`: the same values,
   computed without the round trip through the integer storage dtype (the
-  levels are exact integers in float32). A group holding a NaN or ±Inf comes
-  back all NaN."""
+  levels are exact integers in float32). FP4 formats: `E2M1(v / s) · s` with
+  each block's scale `s` (`fp4_scales`). A group holding a NaN or ±Inf comes
+  back all NaN; an all-zero group comes back zero."""
   v = jnp.asarray(v)
+  if config.is_fp4:
+    g, axes = _grouped(v.astype(jnp.float32), config)
+    return _fp4_levels(g, _fp4_scale(g, axes, config)).reshape(v.shape).astype(v.dtype)
   g, axes = _grouped(v.astype(jnp.float32), config)
   q, scale, zero = _levels(g, axes, config)
   return ((q if zero is None else q - zero) * scale).reshape(v.shape).astype(v.dtype)
+
+
+def round_e2m1(u: jax.Array) -> jax.Array:
+  """`u` rounded to the E2M1 grid (0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6): nearest,
+  ties to even, saturating at ±6; NaN stays NaN. Exact in the dtype of `u`:
+  the grid step is 0.5 below 2, 1 below 4 and 2 above, and on each step's
+  range the even multiples are the even mantissas. The same values as a cast
+  through float4_e2m1fn (tests/test_formats.py), which has no NaN and is
+  about four times slower on CPU."""
+  u = jnp.asarray(u)
+  a = jnp.abs(u)
+  step = jnp.where(a < 2, 0.5, jnp.where(a < 4, 1.0, 2.0)).astype(u.dtype)
+  q = jnp.minimum(jnp.round(a / step) * step, E2M1_MAX)  # jnp.round: ties to even; NaN stays
+  return jnp.copysign(q, u)
+
+
+def _pow2(e: jax.Array) -> jax.Array:
+  """`2^e` in float32, exactly, for integer `e` in -126..127 (from the bits)."""
+  return jax.lax.bitcast_convert_type(jnp.left_shift(e + 127, 23).astype(jnp.int32), jnp.float32)
+
+
+def _floor_log2(a: jax.Array) -> jax.Array:
+  """`floor(log2 a)` of float32 `a >= 0` from its exponent bits (-127 for 0
+  and subnormals, 128 for Inf)."""
+  return jnp.right_shift(jax.lax.bitcast_convert_type(a, jnp.int32), 23) - 127
+
+
+def round_e4m3(a: jax.Array) -> jax.Array:
+  """Float32 `a` in [0, 448] rounded to float8_e4m3fn: nearest, ties to even.
+  Exact: the step is `2^(e-3)` on the binade `[2^e, 2^(e+1))`, `2^-9` below
+  `2^-6` (subnormals). The same values as a cast through float8_e4m3fn
+  (tests/test_formats.py), which XLA on CPU runs far slower."""
+  step = _pow2(jnp.maximum(_floor_log2(a), -6) - 3)
+  return jnp.round(a / step) * step
+
+
+def _fp4_parts(g: jax.Array, axes, config: QuantConfig) -> tuple[jax.Array, jax.Array]:
+  """`(block scale, second-level scale)` of grouped float32 `g` (keepdims shapes).
+
+  MXFP4: `2^(floor(log2(clip · absmax)) - 2)`, the exponent clamped to
+  -126..127 (E8M0 reaches -127, float32 normals -126; XLA on CPU flushes
+  subnormals), and a second-level scale of 1. NVFP4: the second level is
+  `clip · absmax · float32(1 / (6 · 448))` over the finite blocks of each matrix
+  ("channel") or token ("token"), 1 where that is 0, and the block scale
+  `e4m3(min(clip · absmax_block / (6 · second), 448))` (float8_e4m3fn
+  rounding, `round_e4m3`). A block holding a NaN or ±Inf gets a NaN block scale.
+  """
+  clip = jnp.float32(config.clip_ratio)
+  amax = clip * _absmax(jnp.abs(g), axes)  # +Inf where the block holds a NaN or ±Inf
+  if config.format == "mxfp4":
+    block = _pow2(jnp.clip(_floor_log2(amax) - 2, -126, 127))
+    return jnp.where(jnp.isinf(amax), jnp.nan, block), jnp.ones_like(block)
+  outer = tuple(range(min(axes) - 1, g.ndim))  # the blocks' axis, the block and what follows
+  tensor = jnp.max(jnp.where(jnp.isinf(amax), 0.0, amax), axis=outer, keepdims=True)
+  # Times the float32 reciprocal, as XLA computes a division by a constant anyway.
+  second = tensor * np.float32(1 / (E2M1_MAX * E4M3_MAX))
+  second = jnp.where(second == 0, 1.0, second)
+  block = round_e4m3(jnp.minimum(amax / (E2M1_MAX * second), E4M3_MAX))
+  return jnp.where(jnp.isinf(amax), jnp.nan, block), second
+
+
+def _fp4_scale(g: jax.Array, axes, config: QuantConfig) -> jax.Array:
+  """Each block's scale `block · second` (`_fp4_parts`); 0 for a block of zeros
+  under NVFP4 (or whose E4M3 scale underflows), NaN for a non-finite block."""
+  block, second = _fp4_parts(g, axes, config)
+  return block * second
+
+
+def _fp4_levels(g: jax.Array, scale: jax.Array) -> jax.Array:
+  """`E2M1(g / scale) · scale`; 0 where the scale is 0."""
+  return round_e2m1(g / jnp.where(scale == 0, 1.0, scale)) * scale
+
+
+def fp4_scales(v: jax.Array, config: QuantConfig) -> tuple[jax.Array, jax.Array]:
+  """The scales an FP4 `config` gives `v`, `(block, second)` in float32.
+
+  `block` has the shape of the grouped view of `v` with the block axis of
+  size 1 (`(..., d_in/block, 1, d_out)` for "channel", `(..., d/block, 1)`
+  for "token"): E8M0 powers of two (MXFP4) or E4M3 values (NVFP4); NaN for a
+  block holding a NaN or ±Inf. `second` broadcasts against it: 1 (MXFP4),
+  the float32 scale of each matrix or token (NVFP4). A block's elements are
+  `E2M1(v / (block · second)) · block · second`.
+
+  Raises:
+    ValueError: an integer config, or a width the block size does not divide.
+  """
+  if not config.is_fp4:
+    raise ValueError(f"fp4_scales takes format 'mxfp4' or 'nvfp4', got {config.format=!r}")
+  g, axes = _grouped(jnp.asarray(v).astype(jnp.float32), config)
+  return _fp4_parts(g, axes, config)
 
 
 def pack_int4(q: jax.Array, *, axis: int = -1) -> jax.Array:
@@ -267,6 +417,8 @@ def fake_quantize_clip_search(kernel: jax.Array, config: QuantConfig, *,
     ValueError: a config that is not symmetric per channel without groups,
       an `importance` that does not match `d_in`, or no ratio in (0, 1].
   """
+  if config.is_fp4:
+    raise ValueError(f"clip search takes an integer format, got {config.format=!r}")
   if config.granularity != "channel" or not config.symmetric or config.group_size is not None:
     raise ValueError(f"clip search takes a symmetric per-channel config without groups, got {config}")
   ratios = tuple(ratios)

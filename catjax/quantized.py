@@ -58,12 +58,16 @@ def realize(model: Llama, qm: QuantizedModel, *, implementation: str | None = No
 
   Raises:
     ValueError: a recipe without both weight and activation quantization
-      (the integer matmul needs both).
+      (the integer matmul needs both), or with an FP4 format.
   """
   r = qm.recipe
   if r.method == "fp" or r.w_bits is None or r.a_bits is None:
     raise ValueError(f"real quantized inference needs w_bits and a_bits; recipe {r.label!r} "
                      f"has w_bits={r.w_bits} a_bits={r.a_bits}")
+  for side, fmt in (("w", r.w_format), ("a", r.a_format)):
+    if fmt != "int":
+      raise ValueError(f"no integer storage for {fmt} ({side}_format of recipe {r.label!r}); use "
+                       "fake quantization")
   new = nnx.clone(qm.model)  # new modules and variables, shared arrays
   spec = spec_for(model.config)
   online = {}

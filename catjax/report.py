@@ -221,7 +221,7 @@ def comparison_markdown(summary: list[SummaryRow]) -> str:
       "perplexity": "not evaluated",
       "Δ vs fp": "needs the fp baseline (add `fp` to the methods)",
       "mean SQNR dB": quantized, "mean SQNR dB (pos ≥ 1)": quantized,
-      "mean predicted dB": quantized})
+      "mean predicted dB": quantized + ", or FP4 formats, which the noise model does not cover"})
 
 
 def sites_markdown(rows: list[SiteSQNR]) -> str:
@@ -232,7 +232,8 @@ def sites_markdown(rows: list[SiteSQNR]) -> str:
   cells = [[str(r.layer), r.site] + [_cell(getattr(r, f)) for f in SITE_FIELDS] for r in rows]
   infinite = "infinite, the method does not quantize"
   return markdown_table(head, cells, keep=2, needs={
-      "measured dB": infinite, "measured dB (pos ≥ 1)": infinite, "predicted dB": infinite})
+      "measured dB": infinite, "measured dB (pos ≥ 1)": infinite,
+      "predicted dB": infinite + ", or an FP4 format, which the noise model does not cover"})
 
 
 # Plots. Figures are built on the Agg canvas directly (no pyplot state, no display);

@@ -215,17 +215,23 @@ def optimal_alignment(sigma_x: jax.Array, gram_w: jax.Array) -> jax.Array:
   return jnp.sum(sig**2) / jnp.sum(sig) ** 2
 
 
+def _steps(config: QuantConfig) -> float:
+  """`N(b)` of an integer quantizer; NaN for the FP4 formats, which the uniform
+  noise model does not describe (no prediction)."""
+  return float("nan") if config.is_fp4 else float(config.num_steps)
+
+
 def _operand_sqnrs(c_x, c_w, align, a_config: QuantConfig, w_config: QuantConfig):
   """`SQNR_x = 12 N_x² C_x A` and `SQNR_w = 12 N_w² C_w A`."""
-  return (12.0 * a_config.num_steps**2 * c_x * align,
-          12.0 * w_config.num_steps**2 * c_w * align)
+  return (12.0 * _steps(a_config)**2 * c_x * align,
+          12.0 * _steps(w_config)**2 * c_w * align)
 
 
 def predicted_sqnr(c_x, c_w, align, *, a_config: QuantConfig | None,
                    w_config: QuantConfig | None):
   """`12 · (N_x² C_x ∥ N_w² C_w) · A` (linear, not dB): `1 / (1/SQNR_x + 1/SQNR_w)`,
   where an operand whose config is None is not quantized and adds no noise
-  (both None: infinite).
+  (both None: infinite). NaN when an operand has an FP4 format (no model yet).
 
   Raises:
     ValueError: (eagerly) a factor the prediction uses that is not finite and > 0.
@@ -238,9 +244,9 @@ def predicted_sqnr(c_x, c_w, align, *, a_config: QuantConfig | None,
     _check_positive("c_w", c_w)
   inv = 0.0
   if a_config is not None:
-    inv = inv + 1.0 / (12.0 * a_config.num_steps**2 * c_x * align)
+    inv = inv + 1.0 / (12.0 * _steps(a_config)**2 * c_x * align)
   if w_config is not None:
-    inv = inv + 1.0 / (12.0 * w_config.num_steps**2 * c_w * align)
+    inv = inv + 1.0 / (12.0 * _steps(w_config)**2 * c_w * align)
   return jnp.inf if a_config is None and w_config is None else 1.0 / inv
 
 
