@@ -107,7 +107,8 @@ def _site_terms(x, kernel, qkernel, transform, *, a_config, w_config):
     f = st.sqnr_factors(xt, kt, a_config=a_config or activation_config(8),
                         w_config=w_config or weight_config(8))
     c_x, c_w, align = f["concentration_x"], f["concentration_w"], f["alignment"]
-    predicted = st.predicted_sqnr(c_x, c_w, align, a_config=a_config, w_config=w_config)
+    predicted = st.predicted_sqnr(c_x, c_w, align, a_config=a_config, w_config=w_config,
+                                  diag_align=f["diagonal_alignment"])
     return {
         "measured": st.output_sqnr(y, yq),
         "measured_excl_pos0": st.output_sqnr(y[:, 1:], yq[:, 1:]),

@@ -8,7 +8,20 @@ docs/design.md §1.2):
 
 with the concentrations `C(x) = E‖x‖² / E[r(x)²]`, `C(W) = ‖W‖_F² / Σ_j r(W_j)²`
 and the alignment `A = tr(Σ_x Σ_W) / (tr Σ_x · tr Σ_W)`, `Σ_x = E[x xᵀ]`,
-`Σ_W = Wᵀ W = kernel @ kernel.T`. All functions are pure and jittable except
+`Σ_W = Wᵀ W = kernel @ kernel.T`.
+
+The FP4 formats (MXFP4, NVFP4) have no uniform step: E2M1's step grows with the
+magnitude, so their error is close to a fixed fraction `κ` of each element's
+power (`fp_relative_noise`, measured once on Gaussian blocks). An operand `v` of
+such a format adds output noise `κ Σ_i Σ_x,ii Σ_W,ii` (errors uncorrelated
+across elements), so
+
+    SQNR_fp = A / (κ · A_diag),   A_diag = Σ_i Σ_x,ii Σ_W,ii / (tr Σ_x · tr Σ_W)
+
+with the diagonal alignment `A_diag` (`diagonal_alignment`): concentration
+drops out (a block's scale follows its largest element), and after a
+rotation, which flattens both diagonals (`A_diag ≈ 1/d`), `SQNR_fp ≈ d·A / κ`,
+the alignment gain over `κ`. All functions are pure and jittable except
 `sqnr_decomposition`, which returns Python floats. Called eagerly, the public
 ones raise `ValueError` for operands that are all zero or hold NaN or ±Inf
 (whose ratios would be NaN); inside `jit` they are not checked.
@@ -21,6 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from catjax import linalg
 from catjax.quant import QuantConfig, _grouped, activation_config, fake_quantize, weight_config
@@ -215,38 +229,81 @@ def optimal_alignment(sigma_x: jax.Array, gram_w: jax.Array) -> jax.Array:
   return jnp.sum(sig**2) / jnp.sum(sig) ** 2
 
 
-def _steps(config: QuantConfig) -> float:
-  """`N(b)` of an integer quantizer; NaN for the FP4 formats, which the uniform
-  noise model does not describe (no prediction)."""
-  return float("nan") if config.is_fp4 else float(config.num_steps)
+def diagonal_alignment(sigma_x: jax.Array, gram_w: jax.Array) -> jax.Array:
+  """`A_diag = Σ_i Σ_x,ii Σ_W,ii / (tr Σ_x · tr Σ_W)`: the alignment of the
+  diagonals alone, which sets the SQNR of the FP4 formats (module docstring)."""
+  _check_moments(sigma_x, gram_w)
+  dx, dw = jnp.diagonal(jnp.asarray(sigma_x)), jnp.diagonal(jnp.asarray(gram_w))
+  return jnp.sum(dx * dw) / (jnp.sum(dx) * jnp.sum(dw))
 
 
-def _operand_sqnrs(c_x, c_w, align, a_config: QuantConfig, w_config: QuantConfig):
-  """`SQNR_x = 12 N_x² C_x A` and `SQNR_w = 12 N_w² C_w A`."""
-  return (12.0 * _steps(a_config)**2 * c_x * align,
-          12.0 * _steps(w_config)**2 * c_w * align)
+# Gaussian rows the FP4 noise ratio is measured on: 256 rows of 2048 elements.
+_KAPPA_SHAPE, _KAPPA_SEED = (256, 2048), 0
+
+
+@functools.lru_cache(maxsize=None)
+def fp_relative_noise(config: QuantConfig) -> float:
+  """`κ = E[(Q(v) - v)²] / E[v²]` of an FP4 `config` on Gaussian rows (of
+  scales spread evenly over a factor of two in log): the
+  format's error as a fraction of each element's power (the whole error,
+  including elements that round to zero). Rotated activations and weights
+  are close to Gaussian, where this is what the SQNR model uses; heavier
+  tails give MXFP4 a larger κ (its power-of-two scales waste up to a bit),
+  NVFP4 nearly the same (benchmarks/fp4_noise.py measures both on SmolLM2).
+  Computed once per config, eagerly even under a trace.
+
+  Raises:
+    ValueError: an integer config (its noise is `Δ²/12`, not relative).
+  """
+  if not config.is_fp4:
+    raise ValueError(f"fp_relative_noise takes an FP4 format, got {config.format=!r}")
+  rng = np.random.RandomState(_KAPPA_SEED)
+  v = rng.standard_normal(_KAPPA_SHAPE)
+  # Rows at every position within a power of two: MXFP4's scale error depends on it.
+  v = (v * 2.0 ** rng.uniform(0, 1, (_KAPPA_SHAPE[0], 1))).astype(np.float32)
+  if config.granularity == "channel":  # blocks run down the columns
+    v = v.T
+  with jax.ensure_compile_time_eval():
+    err = fake_quantize(jnp.asarray(v), config) - v
+    return float(jnp.sum(err**2) / jnp.sum(jnp.asarray(v) ** 2))
+
+
+def _operand_sqnr(c, align, diag_align, config: QuantConfig):
+  """One operand's SQNR: `12 N² C A` (integers) or `A / (κ A_diag)` (FP4)."""
+  if config.is_fp4:
+    return align / (fp_relative_noise(config) * diag_align)
+  return 12.0 * config.num_steps**2 * c * align
+
+
+def _operand_sqnrs(c_x, c_w, align, diag_align, a_config: QuantConfig, w_config: QuantConfig):
+  """`(SQNR_x, SQNR_w)` of the two operands (`_operand_sqnr`)."""
+  return (_operand_sqnr(c_x, align, diag_align, a_config),
+          _operand_sqnr(c_w, align, diag_align, w_config))
 
 
 def predicted_sqnr(c_x, c_w, align, *, a_config: QuantConfig | None,
-                   w_config: QuantConfig | None):
-  """`12 · (N_x² C_x ∥ N_w² C_w) · A` (linear, not dB): `1 / (1/SQNR_x + 1/SQNR_w)`,
-  where an operand whose config is None is not quantized and adds no noise
-  (both None: infinite). NaN when an operand has an FP4 format (no model yet).
+                   w_config: QuantConfig | None, diag_align=None):
+  """`1 / (1/SQNR_x + 1/SQNR_w)` (linear, not dB): for integer operands
+  `12 · (N_x² C_x ∥ N_w² C_w) · A`; an FP4 operand's SQNR is `A / (κ A_diag)`
+  (module docstring), so it needs `diag_align`. An operand whose config is
+  None is not quantized and adds no noise (both None: infinite).
 
   Raises:
-    ValueError: (eagerly) a factor the prediction uses that is not finite and > 0.
+    ValueError: (eagerly) a factor the prediction uses that is not finite and
+      > 0, or an FP4 operand without `diag_align`.
   """
-  if a_config is not None or w_config is not None:
-    _check_positive("align", align)
-  if a_config is not None:
-    _check_positive("c_x", c_x)
-  if w_config is not None:
-    _check_positive("c_w", c_w)
+  used = [(name, v) for name, v, cfg in (("c_x", c_x, a_config), ("c_w", c_w, w_config))
+          if cfg is not None and not cfg.is_fp4]
+  fp4 = [cfg.format for cfg in (a_config, w_config) if cfg is not None and cfg.is_fp4]
+  if fp4 and diag_align is None:
+    raise ValueError(f"an FP4 operand ({fp4[0]}) needs diag_align (stats.diagonal_alignment)")
+  for name, v in ([("align", align)] if a_config is not None or w_config is not None else []
+                  ) + used + ([("diag_align", diag_align)] if fp4 else []):
+    _check_positive(name, v)
   inv = 0.0
-  if a_config is not None:
-    inv = inv + 1.0 / (12.0 * _steps(a_config)**2 * c_x * align)
-  if w_config is not None:
-    inv = inv + 1.0 / (12.0 * _steps(w_config)**2 * c_w * align)
+  for c, cfg in ((c_x, a_config), (c_w, w_config)):
+    if cfg is not None:
+      inv = inv + 1.0 / _operand_sqnr(c, align, diag_align, cfg)
   return jnp.inf if a_config is None and w_config is None else 1.0 / inv
 
 
@@ -279,16 +336,34 @@ def operand_alignment(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return jnp.sum(y**2) / (jnp.sum(x**2) * jnp.sum(k**2))
 
 
+def operand_diagonal_alignment(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`diagonal_alignment(Σ_x, Σ_W)` of the operands themselves:
+  `Σ_i ‖X_:i‖² ‖K_i:‖² / (‖X‖² ‖K‖²)`."""
+  _check_operands(x, kernel)
+  x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+  dx = jnp.sum(x.reshape(-1, x.shape[-1]).astype(jnp.float32) ** 2, axis=0)
+  dw = jnp.sum(kernel.astype(jnp.float32) ** 2, axis=1)
+  return jnp.sum(dx * dw) / (jnp.sum(dx) * jnp.sum(dw))
+
+
 def sqnr_factors(x: jax.Array, kernel: jax.Array, *, a_config: QuantConfig,
                  w_config: QuantConfig) -> dict[str, jax.Array]:
   """The decomposition's factors of `y = x @ kernel` (linear, not dB):
-  `concentration_x`, `concentration_w` and `alignment`."""
+  `concentration_x`, `concentration_w`, `alignment` and `diagonal_alignment`
+  (the FP4 formats' factor). The concentrations use an integer quantizer's
+  ranges: for an FP4 config, 4-bit integers with the format's blocks as groups."""
   _check_operands(x, kernel)
   x = jnp.asarray(x)
   x2 = x.reshape(-1, x.shape[-1])
-  return {"concentration_x": concentration_x(x2, a_config),
-          "concentration_w": concentration_w(kernel, w_config),
-          "alignment": operand_alignment(x2, kernel)}
+  return {"concentration_x": concentration_x(x2, _as_int(a_config)),
+          "concentration_w": concentration_w(kernel, _as_int(w_config)),
+          "alignment": operand_alignment(x2, kernel),
+          "diagonal_alignment": operand_diagonal_alignment(x2, kernel)}
+
+
+def _as_int(config: QuantConfig) -> QuantConfig:
+  """An FP4 config's integer counterpart (same bits, blocks and clip); integers as they are."""
+  return dataclasses.replace(config, format="int") if config.is_fp4 else config
 
 
 @functools.partial(jax.jit, static_argnames=("a_config", "w_config"))
@@ -298,7 +373,7 @@ def layer_sqnr_terms(x: jax.Array, kernel: jax.Array, *, a_config: QuantConfig,
   x2 = x.reshape(-1, x.shape[-1])
   f = sqnr_factors(x2, kernel, a_config=a_config, w_config=w_config)
   c_x, c_w, a = f["concentration_x"], f["concentration_w"], f["alignment"]
-  sx, sw = _operand_sqnrs(c_x, c_w, a, a_config, w_config)
+  sx, sw = _operand_sqnrs(c_x, c_w, a, f["diagonal_alignment"], a_config, w_config)
   return {
       "measured_sqnr_db": db(measured_sqnr(x2, kernel, a_config=a_config, w_config=w_config)),
       "predicted_sqnr_db": db(sx * sw / (sx + sw)),
