@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from catjax.models.llama import Llama, block_forward, layer_rope, rope_tables
 from catjax.models.spec import spec_for
+from catjax.plan import Plan, hook_state
 from catjax.sharding import shard_batch
 from catjax.ptq import (QuantHook, QuantizedModel, Recipe, fit_block, merge_block, quantize_block,
                         stats_hook)
@@ -100,7 +101,7 @@ def _stack(items: list):
   return jax.tree.map(lambda *a: jnp.stack(a), *items)
 
 
-def quantize_model(model: Llama, windows, recipe: Recipe, *,
+def quantize_model(model: Llama, windows, recipe: "Recipe | Plan", *,
                    stats: dict[str, SecondMoment] | None = None, batch_size: int = 1,
                    progress: bool = True, mesh=None) -> QuantizedModel:
   """Quantize `model` with `recipe`, walking it one decoder block at a time.
@@ -109,7 +110,10 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
     model: the full-precision model (unchanged).
     windows: calibration token windows `(n, seqlen)`; may be None when
       `stats` is given and the recipe needs no walk (closed form, fp propagation).
-    recipe: what to do (checked against the model's widths before any work).
+    recipe: what to do (checked against the model's widths before any work):
+      a `Recipe` for every site, or a `catjax.plan.Plan` (each site its own
+      method, block size, bits and formats over the plan's base recipe; the
+      model's hook is then a `PlanHook`, fake quantization only).
     stats: precomputed statistics of every block (`catjax.ptq.calibrate` or
       `load_stats`); only with full-precision propagation.
     batch_size: windows per jitted block call.
@@ -130,18 +134,25 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
     FloatingPointError: naming the block and site of non-finite statistics.
   """
   cfg = model.config
+  plan = recipe if isinstance(recipe, Plan) else None
   recipe.check_model(cfg)
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-  if recipe.method == "fp":
+  spec = spec_for(cfg)
+  if plan is not None:
+    recipe = plan.base
+    per_layer = [plan.recipes(b, spec) for b in range(cfg.num_layers)]
+    every = [r for rs in per_layer for r in rs.values()]
+  else:
+    every = [recipe]
+  if recipe.method == "fp" and plan is None:
     return QuantizedModel(model, None, recipe)
   quant_prop, train = recipe.propagates_quantized, recipe.train_steps > 0
   if stats is not None and quant_prop:
     raise ValueError(f"recipe {recipe.label!r} propagates quantized outputs: its statistics "
                      "come from the quantized model and cannot be given (stats=...)")
-  needs_stats = recipe.transform_method is not None or recipe.weights != "rtn"
+  needs_stats = any(r.transform_method is not None or r.weights != "rtn" for r in every)
   walk = (needs_stats and stats is None) or quant_prop or train
-  spec = spec_for(cfg)
   t_start = time.perf_counter()
   graphdef_m, state_m = nnx.split(model)
   pure = nnx.to_pure_dict(state_m)
@@ -153,9 +164,11 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
     x_fp = x if (train and quant_prop) else None  # the full-precision twin (training targets)
   hook = QuantHook(recipe.a_config, recipe.kv_config, spec.kv_sites)
   blocks, transforms, scales, losses = [], [], [], []
-  for b in tqdm(range(cfg.num_layers), desc=f"quantize {recipe.label}", unit="block",
+  label = recipe.label if plan is None else plan.label
+  for b in tqdm(range(cfg.num_layers), desc=f"quantize {label}", unit="block",
                 disable=not progress, leave=False):
     block = jax.tree.map(lambda a: a[b], layers)
+    recipe_b = recipe if plan is None else per_layer[b]
     if walk:
       runner.at(b)
     if not walk and stats is None:  # RTN without a transform: nothing to measure
@@ -172,9 +185,9 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
     # Under a mesh the fits' factorizations would run replicated on every device:
     # each site's fit runs once, from host copies, spread over this process's devices.
     if mesh is None:
-      t_b = fit_block(block, stats_b, recipe, spec=spec, layer=b)
+      t_b = fit_block(block, stats_b, recipe_b, spec=spec, layer=b)
     else:
-      t_b = fit_block(*jax.device_get((block, stats_b)), recipe, spec=spec, layer=b,
+      t_b = fit_block(*jax.device_get((block, stats_b)), recipe_b, spec=spec, layer=b,
                       devices=list(mesh.local_devices))
     w_clip = None
     if train:
@@ -182,9 +195,13 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
       t_b, w_clip, info = train_block(runner, block, t_b, x, target, recipe, spec=spec, layer=b)
       losses.append(info)
       x_fp = None if x_fp is None else target
-    qblock, s_b = quantize_block(merge_block(block, t_b, spec=spec), recipe, spec=spec,
+    qblock, s_b = quantize_block(merge_block(block, t_b, spec=spec), recipe_b, spec=spec,
                                  transforms=t_b, stats=stats_b, w_clip=w_clip)
-    if walk:
+    if walk and quant_prop and plan is not None:
+      t_full = t_b or {site: None for site in spec.site_names}
+      hook_b, state_b = hook_state([t_full], [recipe_b], spec=spec, kv_config=recipe.kv_config)
+      x = runner(qblock, x, hook=hook_b, hook_state=jax.tree.map(lambda a: a[0], state_b))[0]
+    elif walk:
       x = runner(qblock, x, hook=hook, hook_state=t_b)[0] if quant_prop else y
     blocks.append(qblock)
     transforms.append(t_b)
@@ -196,6 +213,11 @@ def quantize_model(model: Llama, windows, recipe: Recipe, *,
           "propagate": "quantized" if quant_prop else "fp"}
   if losses:
     info["train"] = losses
+  if plan is not None:
+    full = [t or {site: None for site in spec.site_names} for t in transforms]
+    p_hook, p_state = hook_state(full, per_layer, spec=spec, kv_config=recipe.kv_config)
+    return QuantizedModel(nnx.merge(graphdef_m, state), p_state, recipe, info=info, plan=plan,
+                          plan_hook=p_hook)
   return QuantizedModel(nnx.merge(graphdef_m, state), None if transforms[0] is None
                         else _stack(transforms), recipe,
                         w_scales=_stack(scales) if scales[0] else None, info=info)

@@ -492,29 +492,39 @@ def site_grams(block: dict, *, spec: ArchSpec) -> dict[str, jax.Array]:
           for s in spec.sites}
 
 
-def fit_block(block: dict, stats: dict[str, SecondMoment], recipe: Recipe, *, spec: ArchSpec,
-              layer: int, devices=None) -> dict[str, Transform] | None:
+def site_recipes(recipe: "Recipe | dict[str, Recipe]", spec: ArchSpec) -> dict[str, Recipe]:
+  """`{site: recipe}`: one recipe for every site, or a plan's per-site recipes as given."""
+  return dict(recipe) if isinstance(recipe, dict) else {s: recipe for s in spec.site_names}
+
+
+def fit_block(block: dict, stats: dict[str, SecondMoment], recipe: "Recipe | dict[str, Recipe]",
+              *, spec: ArchSpec, layer: int, devices=None) -> dict[str, Transform | None] | None:
   """One transform per site of block `layer` from its statistics (closed form).
 
-  Hadamard signs depend on `recipe.seed`, the layer and the site only.
+  `recipe`: one for every site, or `{site: recipe}` (a plan's block). Hadamard
+  signs depend on the recipe's seed, the layer and the site only.
   `devices`: run the sites' fits concurrently, site `i` on
   `devices[(layer · sites + i) mod len(devices)]` (one thread per device; the
   same computation, so the same transforms as on one device). `block` and
   `stats` must then be host arrays (or uncommitted), and so are the results.
 
   Returns:
-    `{site: Transform}`, or None for recipes without a transform.
+    `{site: Transform}` (None for a site whose recipe has no transform), or
+    None when no site has one.
   """
-  method = recipe.transform_method
-  if method is None:
+  recipes = site_recipes(recipe, spec)
+  if all(r.transform_method is None for r in recipes.values()):
     return None
   grams = site_grams(block, spec=spec)
-  key = jax.random.PRNGKey(recipe.seed)
 
   def fit(i, s):
+    recipe = recipes[s.name]
+    if recipe.transform_method is None:
+      return None
+    key = jax.random.PRNGKey(recipe.seed)
     weight_absmax = jnp.max(jnp.stack([jnp.abs(_kernel(block, p)).max(-1) for p in s.linears]), 0)
     t = fit_transform(
-        method, stats[s.name].sigma, grams[s.name], block_size=recipe.block_size,
+        recipe.transform_method, stats[s.name].sigma, grams[s.name], block_size=recipe.block_size,
         key=jax.random.fold_in(key, layer * len(spec.sites) + i),
         act_absmax=stats[s.name].absmax, alpha=recipe.alpha, weight_absmax=weight_absmax,
         eps=recipe.eps, x64=recipe.fit_x64, name=f"layer {layer} {s.name}",
@@ -554,7 +564,8 @@ def merge_block(block: dict, transforms: dict[str, Transform] | None, *, spec: A
   """
   if transforms is None:
     return block
-  return map_kernels(block, spec, lambda site, _, k: _merge(transforms[site], k))
+  return map_kernels(block, spec, lambda site, _, k: k if transforms[site] is None
+                     else _merge(transforms[site], k))
 
 
 def transformed_sigma(sigma: jax.Array, t: Transform | None) -> jax.Array:
@@ -601,7 +612,7 @@ def _clip(kernel, importance, *, config):
                                    return_scale=True)
 
 
-def quantize_block(block: dict, recipe: Recipe, *, spec: ArchSpec,
+def quantize_block(block: dict, recipe: "Recipe | dict[str, Recipe]", *, spec: ArchSpec,
                    transforms: dict[str, Transform] | None = None,
                    stats: dict[str, SecondMoment] | None = None,
                    w_clip: dict[str, jax.Array] | None = None
@@ -609,6 +620,7 @@ def quantize_block(block: dict, recipe: Recipe, *, spec: ArchSpec,
   """Fake-quantize every kernel of a (merged) block per output channel (FP4
   formats: per block of input channels and output channel).
 
+  `recipe`: one for every site, or `{site: recipe}` (a plan's block).
   `recipe.weights`: "rtn"; "clip" (importance `diag(T Σ_x Tᵀ)`) or "gptq"
   (Hessian `T Σ_x Tᵀ`), both of which need `stats`. `w_clip`: learned
   per-output-channel clip ratios `{"/".join(path): (d_out,)}` (trained CAT)
@@ -619,11 +631,12 @@ def quantize_block(block: dict, recipe: Recipe, *, spec: ArchSpec,
     the scales are those of the grid the kernels lie on, for integer export
     (none for the FP4 formats, which have no integer export).
   """
-  config = recipe.w_config
-  if config is None:
+  recipes = site_recipes(recipe, spec)
+  if all(r.w_config is None for r in recipes.values()):
     return block, {}
-  if recipe.weights != "rtn" and stats is None:
-    raise ValueError(f"weights={recipe.weights!r} needs the site statistics (stats=...)")
+  if any(r.weights != "rtn" for r in recipes.values()) and stats is None:
+    raise ValueError(f"weights={next(r.weights for r in recipes.values())!r} needs the site "
+                     "statistics (stats=...)")
   scales = {}
   sigmas = {}
 
@@ -634,6 +647,10 @@ def quantize_block(block: dict, recipe: Recipe, *, spec: ArchSpec,
     return sigmas[site]
 
   def one(site, path, kernel):
+    recipe = recipes[site]
+    config = recipe.w_config
+    if config is None:
+      return kernel
     ratio = None if w_clip is None else w_clip.get("/".join(path))
     if ratio is not None and recipe.weights == "clip":
       raise ValueError("learned weight clip ratios replace the clip search: weights='clip' "
@@ -707,6 +724,9 @@ class QuantizedModel:
     w_scales: `{linear path: (num_layers, d_out)}` per-channel scales of the
       grid every fake-quantized kernel lies on (for integer export).
     info: what the engine measured (seconds, training losses per block, ...).
+    plan / plan_hook: a `catjax.plan.Plan` model: `transforms` is then the
+      `PlanHook`'s state (`catjax.plan.hook_state`) and `hook` the plan hook;
+      `recipe` the plan's base recipe.
   """
 
   model: Llama
@@ -715,8 +735,16 @@ class QuantizedModel:
   real: bool = False
   w_scales: dict[tuple[str, ...], jax.Array] | None = None
   info: dict[str, Any] | None = None
+  plan: Any = None
+  plan_hook: Any = None
 
   @property
-  def hook(self) -> QuantHook:
+  def label(self) -> str:
+    return self.recipe.label if self.plan is None else self.plan.label
+
+  @property
+  def hook(self):
+    if self.plan_hook is not None:
+      return self.plan_hook
     return QuantHook(None if self.real else self.recipe.a_config, self.recipe.kv_config,
                      spec_for(self.model.config).kv_sites)
