@@ -36,7 +36,8 @@ class RunConfig:
   """Everything one comparison needs.
 
   Attributes:
-    recipes: the recipes to compare; all share one calibration.
+    recipes: the recipes to compare (or `catjax.plan.Plan`s); all share one
+      calibration.
     model: model name, .gguf file or Hugging Face folder.
     dtype: "float32", "bfloat16" or "float16".
     calib_text / eval_text: text sources (`catjax.data.load_text`); the
@@ -98,6 +99,9 @@ class RunConfig:
         raise ValueError(f"save={self.save}: saving needs exactly one recipe, got "
                          f"{len(self.recipes)}")
       r = self.recipes[0]
+      if r.method == "plan":
+        raise ValueError(f"save={self.save}: a per-site plan runs as fake quantization only; "
+                         "a real quantized model takes one recipe for every site")
       if r.method == "fp" or r.w_bits is None or r.a_bits is None:
         raise ValueError(f"save={self.save}: a real quantized model needs weight and activation "
                          f"bits; recipe {r.label!r} has w_bits={r.w_bits} a_bits={r.a_bits}")
@@ -307,6 +311,36 @@ def run(cfg: RunConfig) -> RunReport:
       calibration=calib_info, evaluation=eval_windows.to_dict(), methods=results,
       summary=[rep.summary_row(r.recipe.label, r.perplexity, r.sites, fp) for r in results],
       comparisons=comparisons(results))
+
+
+def make_plan(cfg: RunConfig, budget, *, bits=None, formats=("int",), block_sizes=None,
+              factor_windows: int = 2):
+  """Calibrate (or load the statistics of) `cfg`'s model and choose a per-site
+  plan under `budget` (`catjax.planner`); `cfg.recipes[0]` is the base recipe.
+  The factors are measured on the first `factor_windows` calibration windows.
+
+  Returns:
+    `(plan, calibration info)`.
+  """
+  from catjax import assets, planner
+  from catjax.models import capture, load_config
+  from catjax.sharding import default_mesh
+  mesh = default_mesh(cfg.mesh)
+  path = assets.resolve_model(cfg.model)
+  model_config = load_config(path)
+  base = cfg.recipes[0]
+  base.check_model(model_config)
+  model, tokenizer, path = assets.load_pretrained(path, dtype=cfg.dtype, mesh=mesh)
+  stats, fit, _, info = _calibration(cfg, model, tokenizer, mesh)
+  if stats is None:
+    t0 = time.perf_counter()
+    stats = calibrate(model, fit, batch_size=cfg.batch_size, progress=cfg.progress, mesh=mesh)
+    info["seconds"] = _timed(stats, t0)
+  acts = capture(model, fit[:factor_windows])
+  kw = {k: v for k, v in (("bits", bits), ("block_sizes", block_sizes)) if v is not None}
+  plan = planner.plan_model(model, stats, acts, budget, base, formats=formats,
+                            progress=cfg.progress, **kw)
+  return plan, {**info, "factor_windows": min(factor_windows, len(fit))}
 
 
 def comparisons_markdown(comps: list[Comparison]) -> str:

@@ -217,7 +217,7 @@ class Plan:
           raise InputError(where, f"base_recipe: {e}") from None
     info = {k: v for k, v in d.items() if k not in ("sites", "base_recipe")}
     try:
-      return cls(tuple(sorted(sites, key=lambda s: (s.layer, s.site))), base, info)
+      return cls(tuple(sites), base, info)
     except ValueError as e:
       raise InputError(where, str(e)) from None
 
@@ -228,6 +228,17 @@ class Plan:
   @property
   def label(self) -> str:
     return "plan " + self.info.get("name", f"{len(self.sites)} sites")
+
+  # What `catjax.pipeline` asks of a recipe: a plan is one quantized method.
+  method = "plan"
+  quantized = True
+  train_steps = 0
+  w_bits = a_bits = None
+  w_format = a_format = "int"
+
+  @property
+  def propagates_quantized(self) -> bool:
+    return self.base.propagates_quantized
 
 
 def uniform_plan(recipe: Recipe, cfg: ModelConfig) -> Plan:

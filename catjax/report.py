@@ -119,6 +119,27 @@ def _site_terms(x, kernel, qkernel, transform, *, a_config, w_config):
   return jax.lax.map(one, (x, kernel, qkernel, transform))
 
 
+def _layer_groups(qm: QuantizedModel, site: str, num_layers: int):
+  """`(layers, their stacked transforms or None, a_config, w_config)` for the
+  groups of layers that quantize `site` alike: all layers for a recipe; per
+  transform variant and weight quantizer for a plan."""
+  if qm.plan is None:
+    t = None if qm.transforms is None else qm.transforms[site]
+    return [(np.arange(num_layers), t, qm.recipe.a_config, qm.recipe.w_config)]
+  state = qm.transforms[site]
+  choice = np.asarray(state["choice"])
+  groups: dict[tuple, list[int]] = {}
+  for b in range(num_layers):
+    r = qm.plan.recipe(b, site)
+    groups.setdefault((int(choice[b]), r.a_config, r.w_config), []).append(b)
+  out = []
+  for (c, a_config, w_config), idx in groups.items():
+    idx = np.asarray(idx)
+    t = state["transforms"][c]
+    out.append((idx, None if t is None else jax.tree.map(lambda a: a[idx], t), a_config, w_config))
+  return out
+
+
 def _db(v: float) -> float | None:
   """dB of a linear ratio; None for an infinite or undefined one (JSON has no inf)."""
   return None if not math.isfinite(v) or v <= 0 else 10.0 * math.log10(v)
@@ -134,20 +155,21 @@ def site_report(model: Llama, qm: QuantizedModel, windows: np.ndarray, *,
   """
   windows = np.asarray(windows, np.int32)
   acts = capture(model, windows) if acts is None else acts
-  a_config, w_config = qm.recipe.a_config, qm.recipe.w_config
   spec = spec_for(model.config)
   layers, qlayers = (nnx.to_pure_dict(nnx.state(m.layers)) for m in (model, qm.model))
   rows = []
   for site in spec.site_names:
-    t = None if qm.transforms is None else qm.transforms[site]
-    terms = jax.device_get(_site_terms(acts[site], site_kernel(layers, site, spec=spec),
-                                       site_kernel(qlayers, site, spec=spec), t,
+    kernel, qkernel = (site_kernel(p, site, spec=spec) for p in (layers, qlayers))
+    terms = {}
+    for idx, t, a_config, w_config in _layer_groups(qm, site, model.config.num_layers):
+      got = jax.device_get(_site_terms(acts[site][idx], kernel[idx], qkernel[idx], t,
                                        a_config=a_config, w_config=w_config))
+      terms.update({int(b): {k: float(a[j]) for k, a in got.items()} for j, b in enumerate(idx)})
     for layer in range(model.config.num_layers):
-      v = {k: float(a[layer]) for k, a in terms.items()}
+      v = terms[layer]
       d = acts[site].shape[-1]
       rows.append(SiteSQNR(
-          layer=layer, site=site, method=qm.recipe.label,
+          layer=layer, site=site, method=qm.label,
           measured_sqnr_db=_db(v["measured"]),
           measured_sqnr_excl_pos0_db=_db(v["measured_excl_pos0"]),
           predicted_sqnr_db=_db(v["predicted"]),

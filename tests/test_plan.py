@@ -93,3 +93,103 @@ def _get(layers, path):
 
 def cfg_dim(cfg, site):
   return spec_for(cfg).site_dims(cfg)[site]
+
+
+# ---------------------------------------------------------------------------
+# The planner
+
+
+@pytest.fixture(scope="module")
+def planned(setup):
+  from catjax.models import capture
+  from catjax.planner import Budget, site_factors
+  from catjax.ptq import calibrate
+  model, windows = setup
+  stats = calibrate(model, windows[:8], batch_size=4, progress=False)
+  acts = capture(model, windows[8:])
+  factors = site_factors(model, stats, acts, Recipe(), block_sizes=(16, 32), progress=False)
+  return model, windows, stats, factors
+
+
+@pytest.mark.parametrize("w,a,flops", [(4.5, 4.5, None), (4.0, 6.0, 0.02), (6.0, 4.25, None),
+                                       (8.0, 8.0, 0.0)])
+def test_planner_respects_its_budgets(planned, w, a, flops):
+  from catjax.planner import Budget, choose
+  model, _, _, factors = planned
+  plan = choose(factors, model, Budget(w, a, flops), Recipe(), bits=(4, 6, 8),
+                formats=("int", "mxfp4", "nvfp4"), block_sizes=(16, 32))
+  info = plan.info
+  assert info["avg_w_bits"] <= w + 1e-9 and info["avg_a_bits"] <= a + 1e-9
+  if flops is not None:
+    assert info["transform_flops_ratio"] <= flops + 1e-12
+  if flops == 0.0:
+    assert {s.method for s in plan.sites} == {"none"}
+  # spending the budget: no single cheaper-or-equal upgrade is left that lowers the noise
+  # (the search stops only when nothing fits); here: the bits are used to within one step
+  assert info["avg_w_bits"] > w - 2.01 and info["avg_a_bits"] > a - 2.01
+  plan.check_model(model.config)
+  json.loads(json.dumps(plan.to_dict()))
+
+
+def test_more_budget_predicts_less_noise(planned):
+  from catjax.planner import Budget, choose
+  model, _, _, factors = planned
+  noise = [choose(factors, model, Budget(b, b), Recipe(), block_sizes=(16, 32)).info[
+      "predicted_total_relative_noise"] for b in (4.0, 5.0, 6.0, 8.0)]
+  assert noise == sorted(noise, reverse=True) and noise[0] > noise[-1]
+
+
+def test_budget_below_the_cheapest_plan_is_refused(planned):
+  from catjax.planner import Budget, choose
+  model, _, _, factors = planned
+  with pytest.raises(ValueError, match="below the cheapest plan: average weight bits"):
+    choose(factors, model, Budget(3.0, 4.0), Recipe(), bits=(4, 8), block_sizes=(16, 32))
+  with pytest.raises(ValueError, match="avg_w_bits"):
+    Budget(1.0, 4.0)
+
+
+def test_planner_predictions_are_the_reports(planned):
+  """Applied, every site's planner prediction equals the one the site report
+  computes for the quantized model on the same tokens."""
+  from catjax.planner import Budget, choose
+  from catjax.report import site_report
+  model, windows, stats, factors = planned
+  plan = choose(factors, model, Budget(5.0, 5.0), Recipe(), bits=(4, 6, 8),
+                formats=("int", "nvfp4"), block_sizes=(16, 32))
+  assert len({(s.method, s.block_size, s.w_bits, s.a_bits, s.a_format) for s in plan.sites}) > 1
+  qm = quantize_model(model, windows[:8], plan, stats=stats, progress=False)
+  rows = {(r.layer, r.site): r for r in site_report(model, qm, windows[8:])}
+  for s in plan.sites:
+    r = rows[(s.layer, s.site)]
+    assert r.predicted_sqnr_db == pytest.approx(s.predicted_sqnr_db, abs=1e-3), s
+    assert r.method == plan.label
+
+
+def test_plan_json_round_trip_and_bad_files(planned, tmp_path):
+  from catjax.errors import InputError
+  from catjax.planner import Budget, choose
+  model, _, _, factors = planned
+  plan = choose(factors, model, Budget(4.5, 4.5), Recipe(weights="gptq"), block_sizes=(16, 32))
+  plan.save(tmp_path / "p.json")
+  back = Plan.load(tmp_path / "p.json")
+  assert back.sites == plan.sites and back.base == plan.base
+  d = json.loads((tmp_path / "p.json").read_text())
+  assert {"sites", "avg_w_bits", "avg_a_bits", "transform_flops_ratio"} <= set(d)
+  assert set(d["sites"][0]) == {"layer", "site", "method", "block_size", "w_bits", "a_bits",
+                                "w_format", "a_format", "predicted_sqnr_db"}
+  bad = [({"sites": []}, "non-empty"),
+         ({"sites": [dict(d["sites"][0], method="smoothquant")]}, "method='smoothquant'"),
+         ({"sites": [dict(d["sites"][0], w_bits=9)]}, "w_bits"),
+         ({"sites": [dict(d["sites"][0], a_format="fp8")]}, "a_format='fp8'"),
+         ({"sites": [{"layer": 0}]}, "lacks"),
+         ({"sites": d["sites"] + d["sites"][:1]}, "twice")]
+  for content, match in bad:
+    (tmp_path / "bad.json").write_text(json.dumps(content))
+    with pytest.raises(InputError, match=match):
+      Plan.load(tmp_path / "bad.json")
+  short = Plan.from_dict({"sites": d["sites"][:-1]})
+  with pytest.raises(ValueError, match="missing"):
+    short.check_model(model.config)
+  wrong_k = Plan.from_dict({"sites": [dict(s, method="cat", block_size=24) for s in d["sites"]]})
+  with pytest.raises(ValueError, match="block_size=24 does not divide"):
+    wrong_k.check_model(model.config)
