@@ -4,6 +4,8 @@
     catjax generate --model smollm2-135m --prompt "The capital of France is"
     catjax quantize --model smollm2-135m --method cat --block-size 64 --w-bits 4 --a-bits 4 --json q.json
     catjax compare --model smollm2-135m --methods fp,none,hadamard,cat,cat_full --json cmp.json
+    catjax plan --model smollm2-135m --avg-w-bits 4.5 --avg-a-bits 4.5 --json plan.json
+    catjax quantize --model smollm2-135m --plan plan.json --json q.json
 """
 
 from __future__ import annotations
@@ -74,31 +76,62 @@ def _ratio(text: str) -> float:
   return value
 
 
-def _ptq_args(p: argparse.ArgumentParser, *, several: bool):
+def _csv(kind):
+  def parse(text: str):
+    try:
+      return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+  return parse
+
+
+# Recipe flags whose meaning a plan file takes over (each site's method, block, bits, formats).
+PLAN_SETS = ("method", "block_size", "w_bits", "a_bits", "w_format", "a_format")
+
+
+def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
   _model_args(p)
-  if several:
+  if plan:
+    b = p.add_argument_group("budget and candidates")
+    b.add_argument("--avg-w-bits", type=_positive_float, required=True,
+                   help="average weight bits over all weight elements (FP4 counts its block "
+                        "scale: MXFP4 4.25, NVFP4 4.5)")
+    b.add_argument("--avg-a-bits", type=_positive_float, required=True,
+                   help="average activation bits over the elements the linears read")
+    b.add_argument("--max-transform-flops", type=float, default=None, metavar="R",
+                   help="online transforms' multiply-adds at most R times the linears' "
+                        "(default: no limit; the plan reports its ratio)")
+    b.add_argument("--bits", type=_csv(int), default=(4, 6, 8),
+                   help="integer bit widths a site may take (default: 4,6,8)")
+    b.add_argument("--formats", type=_csv(str), default=("int",),
+                   help="number formats a site may take: int, mxfp4, nvfp4 (default: int)")
+    b.add_argument("--block-sizes", type=_csv(int), default=(32, 64, 128, 192),
+                   help="CAT block sizes to consider; each site takes those dividing its "
+                        "width (default: 32,64,128,192)")
+  elif several:
     p.add_argument("--methods", default="fp,none,smoothquant,hadamard,cat,cat_full",
                    help="comma-separated method specs METHOD[@wNaM][@kN][@kvN][@gptq|@clip]"
                         "[@tN][@bh][@pfp|@pq][@mxfp4|@nvfp4|@int], e.g. none@w6a6, "
                         "hadamard@gptq, cat@gptq@t200 or cat@mxfp4; options override the "
                         "flags below "
                         "(default: %(default)s)")
-  else:
+  q = p.add_argument_group("recipe" if not plan else "base recipe (what the plan leaves)")
+  if not several and not plan:
     from catjax.ptq import PTQ_METHODS
-    p.add_argument("--method", default="cat", choices=PTQ_METHODS,
-                   help="(default: %(default)s)")
-  q = p.add_argument_group("recipe")
-  q.add_argument("--block-size", type=_positive, default=64,
-                 help="block size k of 'cat'; must divide every site width (default: %(default)s)")
-  q.add_argument("--w-bits", type=_bits, default=4, help="weight bits, 2..8 or 16 (default: 4)")
-  q.add_argument("--a-bits", type=_bits, default=4,
-                 help="activation bits, 2..8 or 16 (default: 4)")
-  from catjax.quant import FORMATS
-  q.add_argument("--w-format", default="int", choices=FORMATS,
-                 help="weight number format: integers, or E2M1 with a scale per 32 (mxfp4) / "
-                      "16 (nvfp4) input channels, 4 bits (default: %(default)s)")
-  q.add_argument("--a-format", default="int", choices=FORMATS,
-                 help="activation number format, as --w-format (default: %(default)s)")
+    q.add_argument("--method", default="cat", choices=PTQ_METHODS, help="(default: %(default)s)")
+  if not plan:
+    q.add_argument("--block-size", type=_positive, default=64,
+                   help="block size k of 'cat'; must divide every site width "
+                        "(default: %(default)s)")
+    q.add_argument("--w-bits", type=_bits, default=4, help="weight bits, 2..8 or 16 (default: 4)")
+    q.add_argument("--a-bits", type=_bits, default=4,
+                   help="activation bits, 2..8 or 16 (default: 4)")
+    from catjax.quant import FORMATS
+    q.add_argument("--w-format", default="int", choices=FORMATS,
+                   help="weight number format: integers, or E2M1 with a scale per 32 (mxfp4) / "
+                        "16 (nvfp4) input channels, 4 bits (default: %(default)s)")
+    q.add_argument("--a-format", default="int", choices=FORMATS,
+                   help="activation number format, as --w-format (default: %(default)s)")
   q.add_argument("--kv-bits", type=_bits, default=None,
                  help="KV-cache bits, 2..8 (default: 16, not quantized)")
   q.add_argument("--a-clip", type=_ratio, default=1.0,
@@ -116,6 +149,8 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool):
                       "the full-precision outputs; auto = quantized for GPTQ and trained "
                       "recipes (default: %(default)s)")
   q.add_argument("--seed", type=int, default=0, help="Hadamard sign seed (default: %(default)s)")
+  p.set_defaults(recipe_defaults={a.option_strings[0]: (a.dest, a.default)
+                                  for a in q._group_actions})
   d = p.add_argument_group("data")
   d.add_argument("--calib-windows", type=_positive, default=None,
                  help="calibration windows (default: 32, or those of --load-stats)")
@@ -140,13 +175,23 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool):
                       "400 MB for SmolLM2-135M, 8 GB for an 8B model)")
   o.add_argument("--load-stats", type=Path,
                  help="reuse statistics saved from this same model instead of calibrating")
-  o.add_argument("--json", type=Path,
-                 help="write the report here, with .md, .sqnr.png and .decomposition.png beside it")
+  if plan:
+    o.add_argument("--json", type=Path, required=True,
+                   help="write the plan here (what quantize --plan reads), its table as .md "
+                        "beside it")
+  else:
+    o.add_argument("--json", type=Path,
+                   help="write the report here, with .md, .sqnr.png and .decomposition.png "
+                        "beside it")
   o.add_argument("--no-progress", action="store_true", help="no progress bars")
-  if not several:
+  if not several and not plan:
     o.add_argument("--save", type=Path, metavar="DIR",
                    help="write the real quantized model (integer weights, transforms, "
                         "tokenizer) to the new folder DIR; needs --w-bits and --a-bits")
+    o.add_argument("--plan", type=Path, metavar="FILE",
+                   help="quantize each site as the plan FILE (from catjax plan) says; the "
+                        "file carries the base recipe too, so --method, --block-size, bits, "
+                        "formats and the other recipe flags are not taken with it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,18 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
   _ptq_args(qz, several=False)
   cmp = sub.add_parser("compare", help="several methods on one calibration, side by side")
   _ptq_args(cmp, several=True)
+  pl = sub.add_parser("plan", help="choose transform, block size and bits per site under "
+                                   "bit and transform-cost budgets (for quantize --plan)")
+  _ptq_args(pl, several=False, plan=True)
   return parser
 
 
-def _run_config(args, specs: list[str]):
-  from catjax.pipeline import RunConfig
+def _base_recipe(args):
   from catjax.ptq import Recipe
-  base = Recipe(method="fp", block_size=args.block_size, w_bits=args.w_bits, a_bits=args.a_bits,
-                w_format=args.w_format, a_format=args.a_format, kv_bits=args.kv_bits,
-                a_clip=args.a_clip, weights=args.weights,
-                train_steps=args.train_steps, train_lr=args.train_lr,
+  kw = {k: getattr(args, k) for k in PLAN_SETS[1:] if hasattr(args, k)}
+  return Recipe(method="fp", **kw, kv_bits=args.kv_bits, a_clip=args.a_clip,
+                weights=args.weights, train_steps=args.train_steps, train_lr=args.train_lr,
                 propagate=args.propagate, seed=args.seed)
-  recipes = tuple(base.with_spec(s) for s in specs)
+
+
+def _run_config(args, specs: list[str], recipes=None):
+  from catjax.pipeline import RunConfig
+  if recipes is None:
+    base = _base_recipe(args)
+    recipes = tuple(base.with_spec(s) for s in specs)
   return RunConfig(recipes=recipes, model=args.model, dtype=args.dtype,
                    save=getattr(args, "save", None),
                    calib_text=args.calib_text, calib_windows=args.calib_windows,
@@ -225,9 +277,9 @@ def _wrote(paths) -> None:
   print("wrote " + ", ".join(str(p) for p in paths))
 
 
-def _ptq(args, specs: list[str], *, head: bool = False) -> dict:
+def _ptq(args, specs: list[str], *, head: bool = False, recipes=None) -> dict:
   from catjax.pipeline import check_outputs, run, write_outputs
-  cfg = _run_config(args, specs)  # bad specs fail here, before any work
+  cfg = _run_config(args, specs, recipes)  # bad specs fail here, before any work
   if args.json:
     check_outputs(args.json)
   report = run(cfg)
@@ -241,7 +293,40 @@ def _ptq(args, specs: list[str], *, head: bool = False) -> dict:
 
 
 def _quantize(args) -> dict:
-  return _ptq(args, [args.method], head=True)
+  if args.plan is None:
+    return _ptq(args, [args.method], head=True)
+  from catjax.plan import Plan
+  for flag, (dest, default) in args.recipe_defaults.items():
+    if getattr(args, dest) != default:
+      raise ValueError(f"{flag} is not taken with --plan {args.plan}: the "
+                       "plan sets each site's method, block size, bits and formats, and its "
+                       "base recipe the rest (give recipe flags to catjax plan instead)")
+  return _ptq(args, [], head=True, recipes=(Plan.load(args.plan),))
+
+
+def _plan(args) -> dict:
+  from catjax.errors import check_writable, write_text
+  from catjax.pipeline import make_plan
+  from catjax.planner import Budget, plan_table
+  md = args.json.with_suffix(".md")
+  for path in (args.json, md):
+    check_writable(path, what="--json")
+  budget = Budget(args.avg_w_bits, args.avg_a_bits, args.max_transform_flops)
+  cfg = _run_config(args, [], recipes=(_base_recipe(args),))
+  plan, calib = make_plan(cfg, budget, bits=args.bits, formats=args.formats,
+                          block_sizes=args.block_sizes)
+  plan = type(plan)(plan.sites, plan.base, {**plan.info, "model": args.model,
+                                             "calibration": calib})
+  i = plan.info
+  head = (f"plan for {args.model}: average weight bits {i['avg_w_bits']:.3f}, activation bits "
+          f"{i['avg_a_bits']:.3f}, transform flops {100 * i['transform_flops_ratio']:.2f}% of "
+          f"the linears'")
+  table = plan_table(plan)
+  print(head)
+  print(table)
+  plan.save(args.json)
+  _wrote([args.json, write_text(md, f"{head}\n\n{table}\n")])
+  return plan.to_dict()
 
 
 def _compare(args) -> dict:
@@ -333,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
       check_writable(args.json, what="--json")
     _distributed(args)
     report = {"eval": _eval, "generate": _generate, "quantize": _quantize,
-              "compare": _compare}[args.command](args)
+              "compare": _compare, "plan": _plan}[args.command](args)
     if getattr(args, "json", None) and args.command in ("eval", "generate"):
       _wrote([write_text(args.json, json.dumps(report, indent=2) + "\n")])
   except (ValueError, OSError) as e:

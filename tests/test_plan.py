@@ -193,3 +193,37 @@ def test_plan_json_round_trip_and_bad_files(planned, tmp_path):
   wrong_k = Plan.from_dict({"sites": [dict(s, method="cat", block_size=24) for s in d["sites"]]})
   with pytest.raises(ValueError, match="block_size=24 does not divide"):
     wrong_k.check_model(model.config)
+
+
+def test_cli_plan_then_quantize_the_plan(tmp_path_factory, tmp_path, capsys):
+  """`catjax plan` writes the plan file and its table; `quantize --plan` applies
+  it and reports every site; recipe flags beside --plan are refused."""
+  from catjax import cli
+  path, text = tiny.folder_and_text(tmp_path_factory, "plan")
+  common = ["--model", str(path), "--calib-text", str(text), "--seqlen", "16",
+            "--calib-windows", "4", "--no-progress"]
+  out = tmp_path / "plan.json"
+  assert cli.main(["plan", *common, "--avg-w-bits", "5", "--avg-a-bits", "4.5",
+                   "--max-transform-flops", "0.5", "--block-sizes", "16,32",
+                   "--formats", "int,nvfp4", "--weights", "gptq", "--json", str(out)]) == 0
+  d = json.loads(out.read_text())
+  assert d["avg_w_bits"] <= 5 and d["avg_a_bits"] <= 4.5 and d["transform_flops_ratio"] <= 0.5
+  assert len(d["sites"]) == 2 * 4 and d["base_recipe"]["weights"] == "gptq"
+  assert "layer" in (tmp_path / "plan.md").read_text()
+  capsys.readouterr()
+  q = tmp_path / "q.json"
+  assert cli.main(["quantize", *common, "--eval-text", str(text), "--eval-max-tokens", "32",
+                   "--report-windows", "1", "--plan", str(out), "--json", str(q)]) == 0
+  report = json.loads(q.read_text())
+  assert report["methods"][0]["recipe"]["sites"] == d["sites"]
+  assert len(report["sites"]) == 8 and all(s["predicted_sqnr_db"] is not None
+                                           for s in report["sites"])
+  assert np.isfinite(report["perplexity"])
+  capsys.readouterr()
+  assert cli.main(["quantize", *common, "--plan", str(out), "--w-bits", "8"]) == 2
+  assert "--w-bits is not taken with --plan" in capsys.readouterr().err
+  assert cli.main(["quantize", *common, "--plan", str(out), "--save", str(tmp_path / "s")]) == 2
+  assert "fake quantization only" in capsys.readouterr().err
+  assert cli.main(["plan", *common, "--avg-w-bits", "3", "--avg-a-bits", "4", "--bits", "4,8",
+                   "--json", str(tmp_path / "p2.json")]) == 2
+  assert "below the cheapest plan" in capsys.readouterr().err
