@@ -105,6 +105,9 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
                    help="integer bit widths a site may take (default: 4,6,8)")
     b.add_argument("--formats", type=_csv(str), default=("int",),
                    help="number formats a site may take: int, mxfp4, nvfp4 (default: int)")
+    b.add_argument("--objective", default="noise", choices=("noise", "db"),
+                   help="minimise the sum of 1/SQNR over sites (noise) or maximise the sum "
+                        "of SQNR in dB (db) (default: %(default)s)")
     b.add_argument("--block-sizes", type=_csv(int), default=(32, 64, 128, 192),
                    help="CAT block sizes to consider; each site takes those dividing its "
                         "width (default: 32,64,128,192)")
@@ -314,7 +317,7 @@ def _plan(args) -> dict:
   budget = Budget(args.avg_w_bits, args.avg_a_bits, args.max_transform_flops)
   cfg = _run_config(args, [], recipes=(_base_recipe(args),))
   plan, calib = make_plan(cfg, budget, bits=args.bits, formats=args.formats,
-                          block_sizes=args.block_sizes)
+                          block_sizes=args.block_sizes, objective=args.objective)
   plan = type(plan)(plan.sites, plan.base, {**plan.info, "model": args.model,
                                              "calibration": calib})
   i = plan.info

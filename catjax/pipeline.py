@@ -314,10 +314,11 @@ def run(cfg: RunConfig) -> RunReport:
 
 
 def make_plan(cfg: RunConfig, budget, *, bits=None, formats=("int",), block_sizes=None,
-              factor_windows: int = 2):
+              objective: str = "noise"):
   """Calibrate (or load the statistics of) `cfg`'s model and choose a per-site
   plan under `budget` (`catjax.planner`); `cfg.recipes[0]` is the base recipe.
-  The factors are measured on the first `factor_windows` calibration windows.
+  The factors are measured on the `cfg.report_windows` calibration windows
+  held out from the statistics (those `quantize` reports the sites on).
 
   Returns:
     `(plan, calibration info)`.
@@ -331,16 +332,15 @@ def make_plan(cfg: RunConfig, budget, *, bits=None, formats=("int",), block_size
   base = cfg.recipes[0]
   base.check_model(model_config)
   model, tokenizer, path = assets.load_pretrained(path, dtype=cfg.dtype, mesh=mesh)
-  stats, fit, _, info = _calibration(cfg, model, tokenizer, mesh)
+  stats, fit, held, info = _calibration(cfg, model, tokenizer, mesh)
   if stats is None:
     t0 = time.perf_counter()
     stats = calibrate(model, fit, batch_size=cfg.batch_size, progress=cfg.progress, mesh=mesh)
     info["seconds"] = _timed(stats, t0)
-  acts = capture(model, fit[:factor_windows])
   kw = {k: v for k, v in (("bits", bits), ("block_sizes", block_sizes)) if v is not None}
-  plan = planner.plan_model(model, stats, acts, budget, base, formats=formats,
-                            progress=cfg.progress, **kw)
-  return plan, {**info, "factor_windows": min(factor_windows, len(fit))}
+  plan = planner.plan_model(model, stats, capture(model, held), budget, base, formats=formats,
+                            objective=objective, progress=cfg.progress, **kw)
+  return plan, info
 
 
 def comparisons_markdown(comps: list[Comparison]) -> str:

@@ -4,7 +4,8 @@ For every block and site, every candidate transform (none, Hadamard, CAT with
 each allowed block size `k`) is fitted from the calibration statistics exactly
 as the engine would fit it (`catjax.ptq.fit_block`, same seeds), and the
 decomposition's factors of the transformed operands are measured on a sample
-of calibration activations: the integer concentrations `C(x)`, `C(W)`, the
+of calibration activations held out from the statistics (the CLI: the
+`--report-windows` windows): the integer concentrations `C(x)`, `C(W)`, the
 alignment `A` and the diagonal alignment `A_diag`. Every bit width and format
 then has a predicted SQNR in closed form (`catjax.stats.predicted_sqnr`):
 `12 N² C A` per integer operand, `A / (κ A_diag)` per FP4 operand.
@@ -15,7 +16,9 @@ relative to its own scale (through a norm, a softmax or the SwiGLU product)
 or added to a residual stream whose norm it is a fixed share of, so the
 noise-to-signal ratio, not the absolute noise, is what carries to the loss;
 weighting by measured sensitivities (gradients) is left open. The sum is
-dominated by the worst sites, which is where bits and transforms go.
+dominated by the worst sites, which is where bits and transforms go. The
+alternative objective "db" maximises `Σ SQNR_dB` instead (every dB counts the
+same wherever it is won); benchmarks/planner.py compares the two.
 
 Budgets: average weight bits over weight elements, average activation bits
 over the elements the linears read (FP4 counts its block scale: MXFP4 4.25,
@@ -152,9 +155,21 @@ def predict_db(f: dict[str, float], w: tuple[int, str] | None, a: tuple[int, str
   return 10.0 * math.log10(float(p))
 
 
+OBJECTIVES = {
+    "noise": "sum over sites of 1/SQNR (equal sensitivity)",
+    "db": "sum over sites of -SQNR in dB (the geometric mean of the SQNRs)",
+}
+
+
 def choose(factors, model: Llama, budget: Budget, base: Recipe, *, bits=DEFAULT_BITS,
-           formats=("int",), block_sizes=DEFAULT_BLOCK_SIZES) -> Plan:
-  """The plan (see the module docstring) for `factors` from `site_factors`."""
+           formats=("int",), block_sizes=DEFAULT_BLOCK_SIZES, objective: str = "noise") -> Plan:
+  """The plan (see the module docstring) for `factors` from `site_factors`.
+
+  `objective`: "noise" minimises `Σ 1/SQNR` (the default; dominated by the
+  worst sites), "db" maximises `Σ SQNR_dB` (every dB counts the same wherever
+  it is won)."""
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective={objective!r}: expected one of {tuple(OBJECTIVES)}")
   from flax import nnx
   cfg = model.config
   spec = spec_for(cfg)
@@ -177,7 +192,8 @@ def choose(factors, model: Llama, budget: Budget, base: Recipe, *, bits=DEFAULT_
                                           number_candidates(d, bits, formats)):
       f = factors[(b, s, m, k)]
       opts.append((m, k, w, a))
-      nz.append(10 ** (-predict_db(f, w, a) / 10))
+      p_db = predict_db(f, w, a)
+      nz.append(10 ** (-p_db / 10) if objective == "noise" else -p_db)
       cs.append((d * o * format_bits(*w), d * n_lin[s] * format_bits(*a),
                  transform_flops(m, k, d)))
     options.append(opts)
@@ -190,6 +206,8 @@ def choose(factors, model: Llama, budget: Budget, base: Recipe, *, bits=DEFAULT_
                    else budget.max_transform_flops * w_total])
   scale = np.where(np.isfinite(caps), np.maximum(caps, 1e-30), np.inf)  # no cap: free
   # Start: the cheapest option of every site (by normalised cost, then noise).
+  pred = [np.asarray([predict_db(factors[(b, s, m, k)], w, a) for m, k, w, a in opts])
+          for (b, s), opts in zip(keys, options)]
   current = [int(np.lexsort((n, (c / scale).sum(1)))[0]) for n, c in zip(noise, cost)]
   used = sum(c[i] for c, i in zip(cost, current))
   if np.any(used > caps * (1 + 1e-12)):
@@ -217,14 +235,15 @@ def choose(factors, model: Llama, budget: Budget, base: Recipe, *, bits=DEFAULT_
     used = used + cost[j][k] - cost[j][current[j]]
     current[j] = k
   sites = []
-  for (b, s), opts, n, i in zip(keys, options, noise, current):
+  for (b, s), opts, p_db, i in zip(keys, options, pred, current):
     m, k, w, a = opts[i]
-    sites.append(SitePlan(b, s, m, k, w[0], a[0], w[1], a[1],
-                          predicted_sqnr_db=-10 * math.log10(n[i])))
+    sites.append(SitePlan(b, s, m, k, w[0], a[0], w[1], a[1], predicted_sqnr_db=float(p_db[i])))
   plan = Plan(tuple(sites), base)
   summary = plan.summary(cfg, out_dims)
-  info = {**summary, "objective": "sum over sites of 1/SQNR (equal sensitivity)",
-          "predicted_total_relative_noise": float(sum(n[i] for n, i in zip(noise, current))),
+  info = {**summary, "objective": OBJECTIVES[objective],
+          "predicted_total_relative_noise": float(sum(10 ** (-p[i] / 10)
+                                                      for p, i in zip(pred, current))),
+          "predicted_mean_sqnr_db": float(np.mean([p[i] for p, i in zip(pred, current)])),
           "budget": dataclasses.asdict(budget), "candidates": {
               "block_sizes": list(block_sizes), "bits": list(bits), "formats": list(formats)}}
   return Plan(plan.sites, base, info)
@@ -232,11 +251,11 @@ def choose(factors, model: Llama, budget: Budget, base: Recipe, *, bits=DEFAULT_
 
 def plan_model(model: Llama, stats, acts, budget: Budget, base: Recipe = Recipe(), *,
                bits=DEFAULT_BITS, formats=("int",), block_sizes=DEFAULT_BLOCK_SIZES,
-               progress: bool = True) -> Plan:
+               objective: str = "noise", progress: bool = True) -> Plan:
   """`site_factors` then `choose`: the plan for `model` under `budget`."""
   factors = site_factors(model, stats, acts, base, block_sizes, progress=progress)
   return choose(factors, model, budget, base, bits=bits, formats=formats,
-                block_sizes=block_sizes)
+                block_sizes=block_sizes, objective=objective)
 
 
 def plan_table(plan: Plan) -> str:

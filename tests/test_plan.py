@@ -111,13 +111,14 @@ def planned(setup):
   return model, windows, stats, factors
 
 
+@pytest.mark.parametrize("objective", ["noise", "db"])
 @pytest.mark.parametrize("w,a,flops", [(4.5, 4.5, None), (4.0, 6.0, 0.02), (6.0, 4.25, None),
                                        (8.0, 8.0, 0.0)])
-def test_planner_respects_its_budgets(planned, w, a, flops):
+def test_planner_respects_its_budgets(planned, w, a, flops, objective):
   from catjax.planner import Budget, choose
   model, _, _, factors = planned
   plan = choose(factors, model, Budget(w, a, flops), Recipe(), bits=(4, 6, 8),
-                formats=("int", "mxfp4", "nvfp4"), block_sizes=(16, 32))
+                formats=("int", "mxfp4", "nvfp4"), block_sizes=(16, 32), objective=objective)
   info = plan.info
   assert info["avg_w_bits"] <= w + 1e-9 and info["avg_a_bits"] <= a + 1e-9
   if flops is not None:
@@ -146,6 +147,8 @@ def test_budget_below_the_cheapest_plan_is_refused(planned):
     choose(factors, model, Budget(3.0, 4.0), Recipe(), bits=(4, 8), block_sizes=(16, 32))
   with pytest.raises(ValueError, match="avg_w_bits"):
     Budget(1.0, 4.0)
+  with pytest.raises(ValueError, match="objective='mse'"):
+    choose(factors, model, Budget(4.0, 4.0), Recipe(), objective="mse")
 
 
 def test_planner_predictions_are_the_reports(planned):
