@@ -96,7 +96,7 @@ def main() -> None:
     results[key]["prediction_error_db"] = _errors(plans[obj], results[key]["sites"])
   mixed = plans["noise"]
   uniform = {}
-  out_dims = _out_dims(model)
+  out_dims = planner.site_out_dims(model)
   for spec in ("hadamard", "cat@k64", "none@w6a6", "cat@k64@w6a6"):
     r = Recipe(block_size=64).with_spec(spec)
     uniform[spec] = {**run(r.label, r), **uniform_plan(r, cfg).summary(cfg, out_dims)}
@@ -152,17 +152,6 @@ def main() -> None:
   print(md)
   write("planner", {**extra, **results}, md)
   _plot(mixed, results["plan"]["sites"], RESULTS / "planner.png")
-
-
-def _out_dims(model):
-  from flax import nnx
-  import jax
-  from catjax.models.spec import spec_for
-  from catjax.ptq import site_kernel
-  spec = spec_for(model.config)
-  layers = nnx.to_pure_dict(nnx.state(model.layers))
-  block = jax.tree.map(lambda a: a[0], layers)
-  return {s: int(site_kernel(block, s, spec=spec).shape[1]) for s in spec.site_names}
 
 
 def _errors(plan, sites):

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from catjax import hadamard as hd
 from catjax.errors import InputError, read_json
@@ -143,19 +141,11 @@ class Plan:
       raise ValueError(f"the plan does not fit this model ({cfg.num_layers} blocks, sites "
                        f"{spec.site_names}): missing {missing[:4]}{'...' if len(missing) > 4 else ''}"
                        f", unknown {extra[:4]}{'...' if len(extra) > 4 else ''}")
-    dims = spec.site_dims(cfg)
     for s in self.sites:
-      r = self.recipe(s.layer, s.site)
-      d = dims[s.site]
-      if s.method == "cat" and d % s.block_size:
-        raise ValueError(f"layer {s.layer} site {s.site!r}: block_size={s.block_size} does not "
-                         f"divide its width {d}")
-      if s.method != "none" and not hd.is_supported(d):
-        raise ValueError(f"layer {s.layer} site {s.site!r}: no Hadamard matrix of size {d}")
-      for side, fmt, bits in (("w", r.w_format, r.w_bits), ("a", r.a_format, r.a_bits)):
-        if fmt != "int" and bits is not None and d % FP4_BLOCK[fmt]:
-          raise ValueError(f"layer {s.layer} site {s.site!r}: {side}_format={fmt!r} needs a width "
-                           f"divisible by {FP4_BLOCK[fmt]}, got {d}")
+      try:
+        self.recipe(s.layer, s.site).check_model(cfg, sites=(s.site,))
+      except ValueError as e:
+        raise ValueError(f"layer {s.layer} site {s.site!r}: {e}") from None
 
   # -- summaries --------------------------------------------------------------
 
@@ -321,6 +311,3 @@ def layer_transforms(state, site: str, layer: int):
   t = s["transforms"][int(s["choice"][layer])]
   return None if t is None else jax.tree.map(lambda a: a[layer], t)
 
-
-def _finite_or_none(v) -> float | None:
-  return None if v is None or not math.isfinite(v) else float(v)

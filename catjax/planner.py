@@ -34,10 +34,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -141,6 +139,14 @@ def _factors(x, kernel):
           "diag_align": f["diagonal_alignment"]}
 
 
+def site_out_dims(model: Llama) -> dict[str, int]:
+  """`{site: Σ d_out over the linears reading it}` (for `Plan.summary`)."""
+  from flax import nnx
+  spec = spec_for(model.config)
+  block = jax.tree.map(lambda a: a[0], nnx.to_pure_dict(nnx.state(model.layers)))
+  return {s: int(site_kernel(block, s, spec=spec).shape[1]) for s in spec.site_names}
+
+
 def predict_db(f: dict[str, float], w: tuple[int, str] | None, a: tuple[int, str] | None
                ) -> float:
   """Predicted SQNR (dB) of a site with factors `f` at weight / activation
@@ -170,16 +176,13 @@ def choose(factors, model: Llama, budget: Budget, base: Recipe, *, bits=DEFAULT_
   it is won)."""
   if objective not in OBJECTIVES:
     raise ValueError(f"objective={objective!r}: expected one of {tuple(OBJECTIVES)}")
-  from flax import nnx
   cfg = model.config
   spec = spec_for(cfg)
   dims = spec.site_dims(cfg)
   for f in formats:
     if f not in FORMATS:
       raise ValueError(f"formats: {f!r} is not one of {FORMATS}")
-  layers = nnx.to_pure_dict(nnx.state(model.layers))
-  out_dims = {s: int(site_kernel(jax.tree.map(lambda a: a[0], layers), s, spec=spec).shape[1])
-              for s in dims}
+  out_dims = site_out_dims(model)
   n_lin = {s.name: len(s.linears) for s in spec.sites}
   keys = [(b, s) for b in range(cfg.num_layers) for s in spec.site_names]
   # Per site: options (transform, w, a), their noise and resource use.

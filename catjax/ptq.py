@@ -397,9 +397,11 @@ class Recipe:
   def to_dict(self) -> dict[str, Any]:
     return {**dataclasses.asdict(self), "label": self.label}
 
-  def check_model(self, cfg: ModelConfig) -> None:
-    """Raise ValueError, before any work, if this recipe cannot quantize `cfg`'s widths."""
+  def check_model(self, cfg: ModelConfig, *, sites: tuple[str, ...] | None = None) -> None:
+    """Raise ValueError, before any work, if this recipe cannot quantize `cfg`'s
+    widths (those of `sites` only, if given)."""
     dims = spec_for(cfg).site_dims(cfg)
+    dims = {s: d for s, d in dims.items() if sites is None or s in sites}
     for side, fmt, bits in (("w", self.w_format, self.w_bits), ("a", self.a_format, self.a_bits)):
       if fmt == "int" or bits is None or self.method == "fp":
         continue
