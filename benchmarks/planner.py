@@ -37,7 +37,8 @@ from catjax.evaluate import perplexity  # noqa: E402
 from catjax.models import capture  # noqa: E402
 from catjax.plan import uniform_plan  # noqa: E402
 from catjax.ptq import Recipe, calibrate  # noqa: E402
-from catjax.report import markdown_table, site_report  # noqa: E402
+from catjax.report import (SiteSQNR, markdown_table, plan_points,  # noqa: E402
+                           plot_predicted_vs_measured, site_report)
 
 
 def main() -> None:
@@ -151,7 +152,12 @@ def main() -> None:
       f"jax {extra['machine']['jax']}."])
   print(md)
   write("planner", {**extra, **results}, md)
-  _plot(mixed, results["plan"]["sites"], RESULTS / "planner.png")
+  rows = [SiteSQNR(**r) for r in results["plan"]["sites"]]
+  print("wrote", plot_predicted_vs_measured(
+      plan_points(mixed, rows), RESULTS / "planner.png",
+      title="Chosen plan, every site: predicted vs measured",
+      xlabel="planner's predicted SQNR (dB, held-out calibration windows)",
+      ylabel="measured SQNR (dB, other held-out windows)"))
 
 
 def _errors(plan, sites):
@@ -159,28 +165,6 @@ def _errors(plan, sites):
   err = np.array([pred[(r["layer"], r["site"])] - r["measured_sqnr_db"] for r in sites])
   return {"mean_abs": float(np.abs(err).mean()), "mean": float(err.mean()),
           "max_abs": float(np.abs(err).max())}
-
-
-def _plot(plan, sites, path):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  pred = {(s.layer, s.site): s.predicted_sqnr_db for s in plan.sites}
-  fig = Figure(figsize=(5.5, 5))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
-  for site in dict.fromkeys(r["site"] for r in sites):
-    xs = [pred[(r["layer"], r["site"])] for r in sites if r["site"] == site]
-    ys = [r["measured_sqnr_db"] for r in sites if r["site"] == site]
-    ax.scatter(xs, ys, s=14, label=site)
-  lo = min(min(pred.values()), min(r["measured_sqnr_db"] for r in sites)) - 1
-  hi = max(max(pred.values()), max(r["measured_sqnr_db"] for r in sites)) + 1
-  ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
-  ax.set_xlabel("planner's predicted SQNR (dB, held-out calibration windows)")
-  ax.set_ylabel("measured SQNR (dB, other held-out windows)")
-  ax.set_title("Chosen plan, every site: predicted vs measured")
-  ax.legend()
-  fig.savefig(path, dpi=120, bbox_inches="tight")
-  print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -379,11 +379,12 @@ def markdown(report: RunReport) -> str:
 
 def output_paths(json_path: str | Path) -> dict[str, Path]:
   """The files `write_outputs` writes for `json_path=X.json`: X.json, X.md,
-  X.sqnr.png and X.decomposition.png."""
+  X.sqnr.png, X.decomposition.png (and X.predicted.png for a plan)."""
   json_path = Path(json_path)
   stem = json_path.with_suffix("")
   return {"json": json_path, "md": stem.with_suffix(".md"),
-          "sqnr": Path(f"{stem}.sqnr.png"), "decomposition": Path(f"{stem}.decomposition.png")}
+          "sqnr": Path(f"{stem}.sqnr.png"), "decomposition": Path(f"{stem}.decomposition.png"),
+          "predicted": Path(f"{stem}.predicted.png")}
 
 
 def check_outputs(json_path: str | Path) -> None:
@@ -395,7 +396,9 @@ def check_outputs(json_path: str | Path) -> None:
 def write_outputs(report: RunReport, json_path: str | Path, *,
                   extra: dict[str, Any] | None = None) -> list[Path]:
   """Write `X.json` (`report.to_dict()`, after `extra`'s keys), `X.md`, `X.sqnr.png`
-  and `X.decomposition.png` for `json_path=X.json`, each atomically."""
+  and `X.decomposition.png` for `json_path=X.json`, each atomically; for a run of
+  a per-site plan also `X.predicted.png` (the planner's prediction vs the
+  measured SQNR of every site)."""
   out = output_paths(json_path)
   json_path, md = out["json"], out["md"]
   write_text(json_path, json.dumps({**(extra or {}), **report.to_dict()}, indent=2) + "\n")
@@ -409,4 +412,10 @@ def write_outputs(report: RunReport, json_path: str | Path, *,
     paths.append(rep.plot_decomposition(
         by_method, out["decomposition"],
         focus=("none", "smoothquant", "hadamard", "cat", "cat_full"), **kw))
+  for r in report.methods:
+    if r.recipe.method == "plan":
+      paths.append(rep.plot_predicted_vs_measured(
+          rep.plan_points(r.recipe, r.sites), out["predicted"],
+          title=f"{r.recipe.label}: every site, planner vs measured",
+          xlabel="planner's predicted SQNR (dB)", ylabel="measured SQNR (dB, held-out windows)"))
   return paths

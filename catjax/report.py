@@ -244,7 +244,7 @@ def comparison_markdown(summary: list[SummaryRow]) -> str:
       "perplexity": "not evaluated",
       "Δ vs fp": "needs the fp baseline (add `fp` to the methods)",
       "mean SQNR dB": quantized, "mean SQNR dB (pos ≥ 1)": quantized,
-      "mean predicted dB": quantized + ", or FP4 formats, which the noise model does not cover"})
+      "mean predicted dB": quantized})
 
 
 def sites_markdown(rows: list[SiteSQNR]) -> str:
@@ -256,7 +256,7 @@ def sites_markdown(rows: list[SiteSQNR]) -> str:
   infinite = "infinite, the method does not quantize"
   return markdown_table(head, cells, keep=2, needs={
       "measured dB": infinite, "measured dB (pos ≥ 1)": infinite,
-      "predicted dB": infinite + ", or an FP4 format, which the noise model does not cover"})
+      "predicted dB": infinite})
 
 
 # Plots. Figures are built on the Agg canvas directly (no pyplot state, no display);
@@ -485,6 +485,41 @@ def plot_sqnr(rows_by_method: dict[str, list[SiteSQNR]], path: str | Path,
   the lines drawn, and a footnote names the methods left out."""
   return _save(sqnr_figure(rows_by_method, field, model=model, bits=bits, tokens=tokens,
                            title=title, focus=focus), path)
+
+
+def plan_points(plan, rows: list[SiteSQNR]) -> dict[str, list[tuple[float, float]]]:
+  """`{site: [(planner's predicted dB, measured dB), ...]}` of a `catjax.plan.Plan`
+  and the site report of the model quantized with it."""
+  pred = {(s.layer, s.site): s.predicted_sqnr_db for s in plan.sites}
+  out: dict[str, list[tuple[float, float]]] = {}
+  for r in rows:
+    p = pred.get((r.layer, r.site))
+    if p is not None and r.measured_sqnr_db is not None:
+      out.setdefault(r.site, []).append((p, r.measured_sqnr_db))
+  return out
+
+
+def plot_predicted_vs_measured(points: dict[str, list[tuple[float, float]]], path: str | Path,
+                               *, title: str, xlabel: str = "predicted SQNR (dB)",
+                               ylabel: str = "measured SQNR (dB)") -> Path:
+  """One point per site, coloured by site kind, with the identity line; a PNG at `path`."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(5.5, 5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  every = [v for pts in points.values() for p in pts for v in p]
+  for site, pts in points.items():
+    ax.scatter([p for p, _ in pts], [m for _, m in pts], s=14, label=site)
+  if every:
+    lo, hi = min(every) - 1, max(every) + 1
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend()
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  return Path(path)
 
 
 def plot_decomposition(rows_by_method: dict[str, list[SiteSQNR]], path: str | Path, *,

@@ -221,6 +221,7 @@ def test_cli_plan_then_quantize_the_plan(tmp_path_factory, tmp_path, capsys):
   assert len(report["sites"]) == 8 and all(s["predicted_sqnr_db"] is not None
                                            for s in report["sites"])
   assert np.isfinite(report["perplexity"])
+  assert (tmp_path / "q.predicted.png").stat().st_size > 0  # planner vs measured, every site
   capsys.readouterr()
   assert cli.main(["quantize", *common, "--plan", str(out), "--w-bits", "8"]) == 2
   assert "--w-bits is not taken with --plan" in capsys.readouterr().err
