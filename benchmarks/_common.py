@@ -1,5 +1,6 @@
 """Shared helpers for benchmarks: timing medians, machine description, output."""
 
+import argparse
 import json
 import os
 import platform
@@ -34,6 +35,18 @@ def machine() -> dict:
       "jax": jax.__version__,
       "device": f"{dev.platform}: {getattr(dev, 'device_kind', str(dev))}",
   }
+
+
+def smollm2_parser(description: str) -> argparse.ArgumentParser:
+  """The flags every SmolLM2 run of the benchmarks shares (model, calibration,
+  evaluation budget, batch size), with the CPU-sized defaults."""
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--model", default="smollm2-135m")
+  p.add_argument("--calib-windows", type=int, default=8)
+  p.add_argument("--seqlen", type=int, default=512)
+  p.add_argument("--eval-max-tokens", type=int, default=4096)
+  p.add_argument("--batch-size", type=int, default=4)
+  return p
 
 
 def write(name: str, payload: dict, markdown: str) -> None:

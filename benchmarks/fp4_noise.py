@@ -15,7 +15,6 @@ Writes `results/fp4_noise.{json,md}` and prints the tables.
     python benchmarks/fp4_noise.py [--calib-windows 8] [--eval-max-tokens 4096]
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write  # noqa: E402
+from _common import machine, smollm2_parser, write  # noqa: E402
 
 from catjax import assets  # noqa: E402
 from catjax.models import load_config  # noqa: E402
@@ -49,12 +48,7 @@ def _uniform_db(row, recipe, dim):
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--model", default="smollm2-135m")
-  p.add_argument("--calib-windows", type=int, default=8)
-  p.add_argument("--seqlen", type=int, default=512)
-  p.add_argument("--eval-max-tokens", type=int, default=4096)
-  p.add_argument("--batch-size", type=int, default=4)
+  p = smollm2_parser(__doc__.split("\n")[0])
   p.add_argument("--methods", default=METHODS)
   args = p.parse_args()
   recipes = tuple(Recipe().with_spec(s) for s in args.methods.split(","))

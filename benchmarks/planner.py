@@ -20,7 +20,6 @@ Writes `results/planner.{json,md,png}` and prints the tables.
     python benchmarks/planner.py [--calib-windows 8] [--eval-max-tokens 4096]
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, write  # noqa: E402
+from _common import RESULTS, machine, smollm2_parser, write  # noqa: E402
 
 from catjax import assets, planner  # noqa: E402
 from catjax.data import text_windows  # noqa: E402
@@ -42,12 +41,7 @@ from catjax.report import (SiteSQNR, markdown_table, plan_points,  # noqa: E402
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--model", default="smollm2-135m")
-  p.add_argument("--calib-windows", type=int, default=8)
-  p.add_argument("--seqlen", type=int, default=512)
-  p.add_argument("--eval-max-tokens", type=int, default=4096)
-  p.add_argument("--batch-size", type=int, default=4)
+  p = smollm2_parser(__doc__.split("\n")[0])
   p.add_argument("--budget", type=float, default=4.5, help="average bits of (a) and (c)")
   args = p.parse_args()
   t_start = time.perf_counter()

@@ -22,6 +22,7 @@ would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -100,12 +101,12 @@ class Plan:
       if (s.layer, s.site) in seen:
         raise ValueError(f"plan lists layer {s.layer} site {s.site!r} twice")
       seen.add((s.layer, s.site))
-      self.recipe(s.layer, s.site, _table={(s.layer, s.site): s})  # validates the site
+    for s in self.sites:
+      self.recipe(s.layer, s.site)  # validates the site
 
-  def recipe(self, layer: int, site: str, *, _table=None) -> Recipe:
+  def recipe(self, layer: int, site: str) -> Recipe:
     """The recipe block `layer`'s `site` is quantized with."""
-    table = _table or self._table
-    s = table.get((layer, site))
+    s = self._table.get((layer, site))
     if s is None:
       raise ValueError(f"the plan has no entry for layer {layer} site {site!r}")
     if s.method not in PLAN_METHODS:
@@ -122,7 +123,7 @@ class Plan:
     except (TypeError, ValueError) as e:
       raise ValueError(f"layer {s.layer} site {s.site!r}: {e}") from None
 
-  @property
+  @functools.cached_property
   def _table(self) -> dict[tuple[int, str], SitePlan]:
     return {(s.layer, s.site): s for s in self.sites}
 
