@@ -256,6 +256,18 @@ def comparisons(results: list[MethodResult]) -> list[Comparison]:
   return out
 
 
+def _load_checked(cfg: RunConfig, mesh):
+  """`(model, tokenizer, path)` of `cfg.model`, every recipe checked against its
+  config before the weights load."""
+  from catjax import assets
+  from catjax.models import load_config
+  path = assets.resolve_model(cfg.model)
+  model_config = load_config(path)
+  for r in cfg.recipes:
+    r.check_model(model_config)
+  return assets.load_pretrained(path, dtype=cfg.dtype, mesh=mesh)
+
+
 def run(cfg: RunConfig) -> RunReport:
   """Calibrate once and quantize, report and evaluate every recipe of `cfg`.
 
@@ -263,22 +275,17 @@ def run(cfg: RunConfig) -> RunReport:
   """
   from catjax.data import text_windows
   from catjax.evaluate import perplexity
-  from catjax import assets
-  from catjax.models import capture, load_config
+  from catjax.models import capture
   from catjax.sharding import default_mesh, shard_model
   mesh = default_mesh(cfg.mesh)  # a bad mesh fails before the model loads
   if cfg.save is not None:
     check_new_folder(cfg.save)
   if cfg.stats_out is not None:
     check_writable(cfg.stats_out, what="statistics file")
-  path = assets.resolve_model(cfg.model)
-  model_config = load_config(path)  # recipes are checked against it before the weights load
-  for r in cfg.recipes:
-    r.check_model(model_config)
-  model, tokenizer, path = assets.load_pretrained(path, dtype=cfg.dtype, mesh=mesh)
+  model, tokenizer, path = _load_checked(cfg, mesh)
   eval_windows = text_windows(tokenizer, cfg.eval_text, seqlen=cfg.seqlen,
                               max_tokens=cfg.eval_max_tokens,
-                              max_positions=model_config.max_position_embeddings)
+                              max_positions=model.config.max_position_embeddings)
   stats, fit, held, calib_info = _calibration(cfg, model, tokenizer, mesh)
   held_acts = capture(model, held)  # full-precision site inputs, shared by every recipe
   results = []
@@ -323,15 +330,12 @@ def make_plan(cfg: RunConfig, budget, *, bits=None, formats=("int",), block_size
   Returns:
     `(plan, calibration info)`.
   """
-  from catjax import assets, planner
-  from catjax.models import capture, load_config
+  from catjax import planner
+  from catjax.models import capture
   from catjax.sharding import default_mesh
   mesh = default_mesh(cfg.mesh)
-  path = assets.resolve_model(cfg.model)
-  model_config = load_config(path)
   base = cfg.recipes[0]
-  base.check_model(model_config)
-  model, tokenizer, path = assets.load_pretrained(path, dtype=cfg.dtype, mesh=mesh)
+  model, tokenizer, _ = _load_checked(cfg, mesh)
   stats, fit, held, info = _calibration(cfg, model, tokenizer, mesh)
   if stats is None:
     t0 = time.perf_counter()
