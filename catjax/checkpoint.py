@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from catjax.assets import sha256_file
-from catjax.errors import read_json
+from catjax.errors import is_writer, read_json
 from catjax.kernels import QuantizedWeight
 from catjax.models.config import ModelConfig
 from catjax.models.llama import Llama
@@ -48,6 +48,7 @@ from catjax.models.loading import MAX_SHARD_BYTES, write_tensors
 from catjax.models.spec import get_path, set_path, spec_for
 from catjax.ptq import QuantizedModel, Recipe
 from catjax.quantized import QLinear
+from catjax.sharding import barrier
 from catjax.transforms import Transform
 
 FORMAT = "catjax-quantized"
@@ -116,7 +117,9 @@ def save_quantized(qm: QuantizedModel, folder: str | Path, *, tokenizer=None,
   """Write the real quantized model `qm` (`catjax.quantized.realize`) to `folder`.
 
   The folder must not exist. Everything is written into a temporary sibling
-  and renamed into place at the end (atomic on one filesystem).
+  and renamed into place at the end (atomic on one filesystem). Multi-process
+  runs: every process calls it (tensors split across processes are gathered
+  shard by shard); process 0 writes, and all return once the folder is there.
 
   Raises:
     ValueError: `qm` is not a realized model.
@@ -126,9 +129,13 @@ def save_quantized(qm: QuantizedModel, folder: str | Path, *, tokenizer=None,
     raise ValueError("save_quantized needs a real quantized model: catjax.quantized.realize(...)")
   folder = check_new_folder(folder)
   tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
+  tensors = _tensors(qm)
+  if not is_writer():  # another process of a multi-process run: gather only
+    write_tensors(tmp, tensors, max_shard_bytes=max_shard_bytes)
+    barrier("catjax save_quantized")
+    return folder
   tmp.mkdir()
   try:
-    tensors = _tensors(qm)
     cfg = qm.model.config
     write_tensors(tmp, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": FORMAT})
     if tokenizer is not None:
@@ -161,6 +168,7 @@ def save_quantized(qm: QuantizedModel, folder: str | Path, *, tokenizer=None,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  barrier("catjax save_quantized")
   return folder
 
 

@@ -72,7 +72,8 @@ def check_writable(path: str | Path, *, what: str = "output") -> Path:
 def atomic_write(path: str | Path, *, suffix: str | None = None) -> Iterator[Path]:
   """Yield a temporary path beside `path`; on success rename it over `path`,
   on any error (or interrupt) remove it. `suffix`: the temporary file's
-  suffix (default: `path`'s, for writers that insist on one)."""
+  suffix (default: `path`'s, for writers that insist on one). Outside
+  process 0 of a multi-process run the file is discarded (`is_writer`)."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix if suffix is None
@@ -81,9 +82,18 @@ def atomic_write(path: str | Path, *, suffix: str | None = None) -> Iterator[Pat
   tmp = Path(tmp)
   try:
     yield tmp
-    os.replace(tmp, path)
+    if is_writer():
+      os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
+
+
+def is_writer() -> bool:
+  """Whether this process writes the run's files: in a multi-process
+  (`jax.distributed`) run only process 0 does; the others compute alike and
+  discard what they would have written."""
+  import jax
+  return jax.process_index() == 0
 
 
 def write_text(path: str | Path, text: str) -> Path:

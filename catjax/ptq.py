@@ -108,12 +108,14 @@ def model_fingerprint(model: Llama) -> str:
 def save_stats(path: str | Path, stats: dict[str, SecondMoment], *,
                fingerprint: str | None = None, **meta: Any) -> Path:
   """Write calibration statistics (and JSON-able `meta`) to one `.npz` file,
-  atomically. `fingerprint` (`model_fingerprint`): the model they came from;
-  `load_stats` refuses them for any other model."""
+  atomically (multi-process runs: process 0 writes). `fingerprint`
+  (`model_fingerprint`): the model they came from; `load_stats` refuses them
+  for any other model."""
   from catjax.errors import atomic_write
+  from catjax.sharding import host_value
   if fingerprint is not None:
     meta = {**meta, "model_fingerprint": fingerprint}
-  arrays = {f"{site}.{f}": np.asarray(getattr(st, f)) for site, st in stats.items()
+  arrays = {f"{site}.{f}": host_value(getattr(st, f)) for site, st in stats.items()
             for f in ("xx", "absmax", "count")}
   with atomic_write(path) as tmp, open(tmp, "wb") as fh:  # numpy must not append ".npz"
     np.savez(fh, meta=np.asarray(json.dumps(meta)), **arrays)

@@ -469,10 +469,12 @@ def decomposition_figure(rows_by_method: dict[str, list[SiteSQNR]], *,
   return fig
 
 
-def _save(fig, path) -> Path:
-  path = Path(path)
-  fig.savefig(path, dpi=110)
-  return path
+def _save(fig, path, **kw) -> Path:
+  """`fig.savefig`, atomically (and only in the writing process, `errors.is_writer`)."""
+  from catjax.errors import atomic_write
+  with atomic_write(path) as tmp:
+    fig.savefig(tmp, **{"dpi": 110, **kw})
+  return Path(path)
 
 
 def plot_sqnr(rows_by_method: dict[str, list[SiteSQNR]], path: str | Path,
@@ -518,8 +520,7 @@ def plot_predicted_vs_measured(points: dict[str, list[tuple[float, float]]], pat
   ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.legend()
-  fig.savefig(path, dpi=120, bbox_inches="tight")
-  return Path(path)
+  return _save(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_decomposition(rows_by_method: dict[str, list[SiteSQNR]], path: str | Path, *,

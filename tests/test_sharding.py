@@ -86,7 +86,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_compute_the_single_process_statistics_and_perplexity():
+def test_two_processes_compute_the_single_process_statistics_and_perplexity(tmp_path):
   # jax.distributed on a 127.0.0.1 coordinator, one CPU device per process,
   # gloo all-reduces: the same second moments as one process alone.
   import tiny
@@ -95,7 +95,7 @@ def test_two_processes_compute_the_single_process_statistics_and_perplexity():
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   worker = str(Path(__file__).with_name("distributed_worker.py"))
   port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, worker, str(i), "2", port], env=env,
+  procs = [subprocess.Popen([sys.executable, worker, str(i), "2", port, str(tmp_path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
@@ -113,3 +113,21 @@ def test_two_processes_compute_the_single_process_statistics_and_perplexity():
     a = np.asarray(st.sigma)
     np.testing.assert_allclose(np.asarray(got["sigma"][site]), a, rtol=1e-4,
                                atol=1e-5 * np.abs(a).max(), err_msg=site)
+  # Both processes saved into one folder: process 0 wrote every file once (no
+  # clash, nothing partial), the checkpoint's tensors gathered from both.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["quantized", "stats.npz", "writer.txt"]
+  assert (tmp_path / "writer.txt").read_text() == "0"
+  from safetensors.numpy import load_file
+  from catjax.checkpoint import _tensors
+  from catjax.engine import quantize_model
+  from catjax.ptq import Recipe, load_stats
+  from catjax.quantized import realize
+  stats, _ = load_stats(tmp_path / "stats.npz", model.config)
+  qm = quantize_model(model, None, Recipe(method="cat", block_size=16), stats=stats, progress=False)
+  want = {k: np.asarray(v) for k, v in _tensors(realize(model, qm)).items()}
+  got = load_file(str(tmp_path / "quantized" / "model.safetensors"))
+  assert sorted(got) == sorted(want)
+  for name, a in want.items():
+    assert got[name].shape == a.shape and got[name].dtype == a.dtype, name
+    np.testing.assert_allclose(got[name].astype(np.float64), a.astype(np.float64), rtol=1e-5,
+                               atol=1e-6, err_msg=name)

@@ -278,8 +278,15 @@ def write_tensors(folder: Path, tensors: Mapping[str, jax.Array], *,
   """Write `tensors` as safetensors into `folder`: `model.safetensors` up to
   `max_shard_bytes`, above that `model-0000i-of-0000n.safetensors` shards of at
   most that size (a larger single tensor gets a shard of its own) and
-  `model.safetensors.index.json`. Returns the files written."""
+  `model.safetensors.index.json`. Returns the files written.
+
+  Multi-process runs: every process calls it (each shard's tensors are
+  gathered from all of them, one shard at a time); only process 0 writes."""
   from safetensors.flax import save_file
+
+  from catjax.errors import is_writer
+  from catjax.sharding import host_value
+  writer = is_writer()
   shards, size = [[]], 0
   for name, t in tensors.items():
     if shards[-1] and size + t.nbytes > max_shard_bytes:
@@ -290,8 +297,12 @@ def write_tensors(folder: Path, tensors: Mapping[str, jax.Array], *,
   files = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   for file, names in zip(files, shards):
-    save_file({k: jnp.asarray(tensors[k]) for k in names}, str(folder / file), metadata=metadata)
-  if len(shards) > 1:
+    shard = {k: host_value(tensors[k]) for k in names}
+    if writer:
+      save_file({k: jnp.asarray(v) for k, v in shard.items()}, str(folder / file),
+                metadata=metadata)
+    del shard
+  if len(shards) > 1 and writer:
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
              "weight_map": {k: file for file, names in zip(files, shards) for k in names}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -306,18 +317,25 @@ def save_hf(model: Llama, folder: str | Path, *, tokenizer=None,
   Up to `max_shard_bytes` the weights go to `model.safetensors`; above, to
   `model-0000i-of-0000n.safetensors` shards of at most that size (a larger
   single tensor gets a shard of its own) and `model.safetensors.index.json`.
+  Multi-process runs: every process calls it; process 0 writes, and all
+  return once the folder is complete.
   """
   if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
     raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: expected a positive integer")
+  from catjax.errors import is_writer
+  from catjax.sharding import barrier
   folder = Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors",
-              folder / "model.safetensors.index.json"]:
-    old.unlink(missing_ok=True)  # the other layout's files would shadow or confuse
-  hf = {**model.config.to_hf(), "torch_dtype": str(jnp.dtype(model.dtype))}
-  (folder / "config.json").write_text(json.dumps(hf, indent=2))
+  writer = is_writer()
+  if writer:
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors",
+                folder / "model.safetensors.index.json"]:
+      old.unlink(missing_ok=True)  # the other layout's files would shadow or confuse
+    hf = {**model.config.to_hf(), "torch_dtype": str(jnp.dtype(model.dtype))}
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
   write_tensors(folder, hf_tensors(model), max_shard_bytes=max_shard_bytes,
                 metadata={"format": "pt"})
-  if tokenizer is not None:
+  if tokenizer is not None and writer:
     tokenizer.save_pretrained(str(folder))
+  barrier("catjax save_hf")
   return folder
