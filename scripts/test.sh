@@ -12,7 +12,7 @@ kjax="${CATJAX_KERNEL_JAX-0.11.2}"
 case " $pythons " in *" 3.12 "*) ;; *) kjax="" ;; esac
 [ $# -gt 0 ] && kjax=""
 echo "scripts/test.sh: pytest on Python $pythons${kjax:+, then tests/test_kernels.py on jax $kjax};" \
-     "a full run takes ~40 min on 2 cores and ~4 GB of virtual environments (.venv-py*, .venv-jax*)."
+     "a full run takes ~30 min on 2 cores and ~4 GB of virtual environments (.venv-py*, .venv-jax*)."
 elapsed() {  # minutes and seconds since $1 (seconds since the script began)
   echo "$(( (SECONDS - $1) / 60 )) min $(( (SECONDS - $1) % 60 )) s"
 }
