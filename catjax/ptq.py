@@ -110,16 +110,39 @@ def save_stats(path: str | Path, stats: dict[str, SecondMoment], *,
   """Write calibration statistics (and JSON-able `meta`) to one `.npz` file,
   atomically (multi-process runs: process 0 writes). `fingerprint`
   (`model_fingerprint`): the model they came from; `load_stats` refuses them
-  for any other model."""
+  for any other model. A second moment that is exactly symmetric (as
+  `calibrate`'s are) is stored as its upper triangle (`SITE.xx_upper`, half
+  the bytes), any other in full (`SITE.xx`): either way `load_stats` gives
+  back the same values bit for bit."""
   from catjax.errors import atomic_write
   from catjax.sharding import host_value
   if fingerprint is not None:
     meta = {**meta, "model_fingerprint": fingerprint}
-  arrays = {f"{site}.{f}": host_value(getattr(st, f)) for site, st in stats.items()
-            for f in ("xx", "absmax", "count")}
+  arrays = {}
+  for site, st in stats.items():
+    xx = host_value(st.xx)
+    if np.array_equal(xx, np.swapaxes(xx, -1, -2)):
+      rows, cols = np.triu_indices(xx.shape[-1])
+      arrays[f"{site}.xx_upper"] = xx[..., rows, cols]
+    else:
+      arrays[f"{site}.xx"] = xx
+    arrays[f"{site}.absmax"] = host_value(st.absmax)
+    arrays[f"{site}.count"] = host_value(st.count)
   with atomic_write(path) as tmp, open(tmp, "wb") as fh:  # numpy must not append ".npz"
     np.savez(fh, meta=np.asarray(json.dumps(meta)), **arrays)
   return Path(path)
+
+
+def _unpack_upper(packed: np.ndarray, d: int, name: str) -> np.ndarray:
+  """The symmetric `(..., d, d)` matrices whose upper triangles `packed` holds."""
+  if packed.shape[-1:] != (d * (d + 1) // 2,):
+    raise ValueError(f"{name} has shape {packed.shape}: the upper triangle of a {d} x {d} "
+                     f"matrix has {d * (d + 1) // 2} entries")
+  full = np.empty(packed.shape[:-1] + (d, d), packed.dtype)
+  rows, cols = np.triu_indices(d)
+  full[..., rows, cols] = packed
+  full[..., cols, rows] = packed
+  return full
 
 
 def load_stats(path: str | Path, cfg: ModelConfig | None = None, *,
@@ -140,16 +163,21 @@ def load_stats(path: str | Path, cfg: ModelConfig | None = None, *,
     raise FileNotFoundError(f"no calibration statistics at {path}")
   try:
     with np.load(path) as z:
-      sites = sorted({f.split(".")[0] for f in z.files if f.endswith(".xx")})
+      sites = sorted({f.split(".")[0] for f in z.files if f.endswith((".xx", ".xx_upper"))})
       if cfg is not None:
         sites = list(spec_for(cfg).site_names)
-      missing = [f"{s}.{f}" for s in sites for f in ("xx", "absmax", "count")
-                 if f"{s}.{f}" not in z.files] + ([] if "meta" in z.files else ["meta"])
+      xx = {s: f"{s}.xx_upper" if f"{s}.xx_upper" in z.files else f"{s}.xx" for s in sites}
+      missing = [name for s in sites for name in (xx[s], f"{s}.absmax", f"{s}.count")
+                 if name not in z.files] + ([] if "meta" in z.files else ["meta"])
       if missing or not sites:
         raise InputError(path, f"lacks {missing or 'statistics of any site'}; was it written "
                                "by save_stats?")
-      raw = {s: {f: z[f"{s}.{f}"] for f in ("xx", "absmax", "count")} for s in sites}
+      raw = {s: {"xx": z[xx[s]], "absmax": z[f"{s}.absmax"], "count": z[f"{s}.count"]}
+             for s in sites}
       meta = json.loads(str(z["meta"]))
+    for s, r in raw.items():
+      if xx[s].endswith("_upper"):
+        r["xx"] = _unpack_upper(r["xx"], r["absmax"].shape[-1], xx[s])
   except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
     if isinstance(e, (InputError, FileNotFoundError)):
       raise

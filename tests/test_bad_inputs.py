@@ -40,12 +40,12 @@ def _variant(stats, tmp_path, kind):
     out.write_bytes(stats.read_bytes()[:1000])
   elif kind == "negated":
     with np.load(stats) as z:
-      arrays = {k: (-z[k] if k.endswith(".xx") else z[k]) for k in z.files}
+      arrays = {k: (-z[k] if k.endswith((".xx", ".xx_upper")) else z[k]) for k in z.files}
     np.savez(out, **arrays)
   elif kind == "nan":
     with np.load(stats) as z:
       arrays = {k: z[k] for k in z.files}
-    key = next(k for k in arrays if k.endswith(".xx"))
+    key = next(k for k in arrays if k.endswith((".xx", ".xx_upper")))
     arrays[key] = arrays[key].copy()
     arrays[key].flat[3] = np.nan
     np.savez(out, **arrays)
