@@ -114,7 +114,7 @@ def save_stats(path: str | Path, stats: dict[str, SecondMoment], *,
   `calibrate`'s are) is stored as its upper triangle (`SITE.xx_upper`, half
   the bytes), any other in full (`SITE.xx`): either way `load_stats` gives
   back the same values bit for bit."""
-  from catjax.errors import atomic_write
+  from catjax.errors import atomic_write, is_writer
   from catjax.sharding import host_value
   if fingerprint is not None:
     meta = {**meta, "model_fingerprint": fingerprint}
@@ -128,8 +128,9 @@ def save_stats(path: str | Path, stats: dict[str, SecondMoment], *,
       arrays[f"{site}.xx"] = xx
     arrays[f"{site}.absmax"] = host_value(st.absmax)
     arrays[f"{site}.count"] = host_value(st.count)
-  with atomic_write(path) as tmp, open(tmp, "wb") as fh:  # numpy must not append ".npz"
-    np.savez(fh, meta=np.asarray(json.dumps(meta)), **arrays)
+  if is_writer():  # other processes gathered with it; they need not serialize gigabytes
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:  # numpy must not append ".npz"
+      np.savez(fh, meta=np.asarray(json.dumps(meta)), **arrays)
   return Path(path)
 
 
@@ -166,18 +167,18 @@ def load_stats(path: str | Path, cfg: ModelConfig | None = None, *,
       sites = sorted({f.split(".")[0] for f in z.files if f.endswith((".xx", ".xx_upper"))})
       if cfg is not None:
         sites = list(spec_for(cfg).site_names)
-      xx = {s: f"{s}.xx_upper" if f"{s}.xx_upper" in z.files else f"{s}.xx" for s in sites}
-      missing = [name for s in sites for name in (xx[s], f"{s}.absmax", f"{s}.count")
+      xx_key = {s: f"{s}.xx_upper" if f"{s}.xx_upper" in z.files else f"{s}.xx" for s in sites}
+      missing = [name for s in sites for name in (xx_key[s], f"{s}.absmax", f"{s}.count")
                  if name not in z.files] + ([] if "meta" in z.files else ["meta"])
       if missing or not sites:
         raise InputError(path, f"lacks {missing or 'statistics of any site'}; was it written "
                                "by save_stats?")
-      raw = {s: {"xx": z[xx[s]], "absmax": z[f"{s}.absmax"], "count": z[f"{s}.count"]}
+      raw = {s: {"xx": z[xx_key[s]], "absmax": z[f"{s}.absmax"], "count": z[f"{s}.count"]}
              for s in sites}
       meta = json.loads(str(z["meta"]))
     for s, r in raw.items():
-      if xx[s].endswith("_upper"):
-        r["xx"] = _unpack_upper(r["xx"], r["absmax"].shape[-1], xx[s])
+      if xx_key[s].endswith("_upper"):
+        r["xx"] = _unpack_upper(r["xx"], r["absmax"].shape[-1], xx_key[s])
   except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
     if isinstance(e, (InputError, FileNotFoundError)):
       raise
