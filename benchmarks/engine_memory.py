@@ -30,10 +30,11 @@ GiB = 2**30
 
 
 def child(mode: str, windows: int, seqlen: int) -> None:
-  from catjax.assets import load_pretrained
-  from catjax.data import text_windows
-  from catjax.engine import quantize_model
-  from catjax.ptq import Recipe, calibrate
+  from catjax.app.runnable import load_pretrained
+  from catjax.app.data import text_windows
+  from catjax.ptq.engine import quantize_model
+  from catjax.ptq.recipe import Recipe
+  from catjax.ptq.calibrate import calibrate
   model, tok, _ = load_pretrained("smollm2-135m")
   calib = text_windows(tok, "wiki-calib", seqlen=seqlen, max_tokens=windows * seqlen).tokens
   t0 = time.perf_counter()

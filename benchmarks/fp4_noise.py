@@ -6,7 +6,7 @@ calibration windows and perplexity on 4096 tokens of the Wikipedia eval split.
 For every site of every FP4 recipe it compares the measured SQNR with two
 predictions from the same factors:
 
-- the FP4 model `SQNR = A / (κ · A_diag)` (catjax.stats, what the report shows);
+- the FP4 model `SQNR = A / (κ · A_diag)` (catjax.core.stats, what the report shows);
 - the uniform model of 4-bit integers on the format's blocks, `12 N² C A`
   (N = 14), i.e. what the integer decomposition would say.
 
@@ -24,13 +24,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, smollm2_parser, write  # noqa: E402
 
-from catjax import assets  # noqa: E402
+from catjax.app import assets  # noqa: E402
 from catjax.models import load_config  # noqa: E402
 from catjax.models.spec import spec_for  # noqa: E402
-from catjax.pipeline import RunConfig, run  # noqa: E402
-from catjax.ptq import Recipe  # noqa: E402
-from catjax.report import markdown_table  # noqa: E402
-from catjax.stats import _as_int, predicted_sqnr  # noqa: E402
+from catjax.app.pipeline import RunConfig, run  # noqa: E402
+from catjax.ptq.recipe import Recipe  # noqa: E402
+from catjax.app.tables import markdown_table  # noqa: E402
+from catjax.core.stats import _as_int, predicted_sqnr  # noqa: E402
 
 METHODS = ("fp,none,hadamard,cat,none@mxfp4,hadamard@mxfp4,cat@mxfp4,none@nvfp4,"
            "hadamard@nvfp4,cat@nvfp4")

@@ -30,14 +30,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 
-from catjax.assets import load_pretrained  # noqa: E402
-from catjax.checkpoint import load_quantized, save_quantized  # noqa: E402
-from catjax.data import text_windows  # noqa: E402
-from catjax.engine import quantize_model  # noqa: E402
-from catjax.evaluate import perplexity  # noqa: E402
+from catjax.app.runnable import load_pretrained  # noqa: E402
+from catjax.artifacts.checkpoint import load_quantized, save_quantized  # noqa: E402
+from catjax.app.data import text_windows  # noqa: E402
+from catjax.ptq.engine import quantize_model  # noqa: E402
+from catjax.analysis.evaluate import perplexity  # noqa: E402
 from catjax.models import generate, save_hf  # noqa: E402
-from catjax.ptq import Recipe  # noqa: E402
-from catjax.quantized import linear_bytes, realize  # noqa: E402
+from catjax.ptq.recipe import Recipe  # noqa: E402
+from catjax.ptq.realize import linear_bytes, realize  # noqa: E402
 
 
 def _folder_bytes(folder: Path, pattern: str) -> int:

@@ -8,7 +8,7 @@ m in {1, 16, 256, 2048, 8192} tokens, all timed in one run (median of
   W`bits`A`a_bits` (transform + per-token quantization pre-pass, then the
   Pallas Mosaic GPU integer matmul with the scale epilogue);
 - `no_transform`: the same with `transform_blocks=None`;
-- `full_hadamard`: a fast full-width Hadamard (`catjax.hadamard.apply_hadamard`,
+- `full_hadamard`: a fast full-width Hadamard (`catjax.core.hadamard.apply_hadamard`,
   Kronecker factors, never the d×d matrix) then the kernel without transform:
   the other way CAT's Hadamard can reach the kernel (README, "Real integer weights");
 - `bf16`: `jnp.dot` of bf16 operands (float32 accumulation);
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median_time, write  # noqa: E402
 
 from catjax import kernels  # noqa: E402
-from catjax.hadamard import apply_hadamard  # noqa: E402
+from catjax.core.hadamard import apply_hadamard  # noqa: E402
 from catjax.kernels import pallas_gpu  # noqa: E402
 
 LLAMA_7B = ((4096, 4096), (4096, 11008), (11008, 4096))

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median_time, write  # noqa: E402
 
 import catjax as cj  # noqa: E402
-from catjax import hadamard  # noqa: E402
-from catjax.analysis import compare_methods, markdown_table  # noqa: E402
-from catjax.synthetic import synthetic_layer  # noqa: E402
+from catjax.core import hadamard  # noqa: E402
+from catjax.analysis.layers import compare_methods, markdown_table  # noqa: E402
+from catjax.core.synthetic import synthetic_layer  # noqa: E402
 
 
 def layer_table(tokens: int):

@@ -11,7 +11,7 @@ split. RTN weights throughout. Three questions:
     uniform CAT k=64 as its ceiling, vs uniform CAT k=64.
 (c) Mixed precision at an average of 4.5 weight and 4.5 activation bits
     (ints of 4, 6, 8 bits) vs uniform W4A4 and W6A6.
-Each plan is chosen with both objectives of `catjax.planner` ("noise":
+Each plan is chosen with both objectives of `catjax.ptq.planner` ("noise":
 Σ 1/SQNR, the default; "db": Σ SQNR_dB).
 (CAT vs Hadamard at MXFP4 and NVFP4 is benchmarks/fp4_noise.py.)
 
@@ -29,15 +29,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, smollm2_parser, write  # noqa: E402
 
-from catjax import assets, planner  # noqa: E402
-from catjax.data import text_windows  # noqa: E402
-from catjax.engine import quantize_model  # noqa: E402
-from catjax.evaluate import perplexity  # noqa: E402
+from catjax.app.runnable import load_pretrained  # noqa: E402
+from catjax.ptq import planner  # noqa: E402
+from catjax.app.data import text_windows  # noqa: E402
+from catjax.ptq.engine import quantize_model  # noqa: E402
+from catjax.analysis.evaluate import perplexity  # noqa: E402
 from catjax.models import capture  # noqa: E402
-from catjax.plan import uniform_plan  # noqa: E402
-from catjax.ptq import Recipe, calibrate  # noqa: E402
-from catjax.report import (SiteSQNR, markdown_table, plan_points,  # noqa: E402
-                           plot_predicted_vs_measured, site_report)
+from catjax.ptq.plan import uniform_plan  # noqa: E402
+from catjax.ptq.recipe import Recipe  # noqa: E402
+from catjax.ptq.calibrate import calibrate  # noqa: E402
+from catjax.analysis.sites import SiteSQNR, site_report
+from catjax.app.tables import markdown_table
+from catjax.app.plots import plan_points, plot_predicted_vs_measured
 
 
 def main() -> None:
@@ -45,7 +48,7 @@ def main() -> None:
   p.add_argument("--budget", type=float, default=4.5, help="average bits of (a) and (c)")
   args = p.parse_args()
   t_start = time.perf_counter()
-  model, tok, _ = assets.load_pretrained(args.model)
+  model, tok, _ = load_pretrained(args.model)
   cfg = model.config
   n = args.calib_windows
   calib = text_windows(tok, "wiki-calib", seqlen=args.seqlen, max_tokens=(n + 4) * args.seqlen,

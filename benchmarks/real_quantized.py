@@ -29,16 +29,17 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 
-from catjax.data import text_windows  # noqa: E402
-from catjax.evaluate import perplexity  # noqa: E402
+from catjax.app.data import text_windows  # noqa: E402
+from catjax.analysis.evaluate import perplexity  # noqa: E402
 from catjax.kernels import QuantizedWeight, quantized_matmul  # noqa: E402
-from catjax.assets import load_pretrained  # noqa: E402
+from catjax.app.runnable import load_pretrained  # noqa: E402
 from catjax.models.llama import capture  # noqa: E402
-from catjax.quantized import linear_bytes, realize  # noqa: E402
-from catjax.engine import quantize_model  # noqa: E402
+from catjax.ptq.realize import linear_bytes, realize  # noqa: E402
+from catjax.ptq.engine import quantize_model  # noqa: E402
 from catjax.models import LLAMA, get_path  # noqa: E402
-from catjax.ptq import Recipe, calibrate  # noqa: E402
-from catjax.report import site_report  # noqa: E402
+from catjax.ptq.recipe import Recipe  # noqa: E402
+from catjax.ptq.calibrate import calibrate  # noqa: E402
+from catjax.analysis.sites import site_report  # noqa: E402
 
 
 def _layer(tree, l):

@@ -23,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 from real_quantized import embed_scaled  # noqa: E402
 
-from catjax.data import text_windows  # noqa: E402
-from catjax.evaluate import token_nll  # noqa: E402
-from catjax.assets import load_pretrained  # noqa: E402
+from catjax.app.data import text_windows  # noqa: E402
+from catjax.analysis.evaluate import token_nll  # noqa: E402
+from catjax.app.runnable import load_pretrained  # noqa: E402
 from catjax.models.llama import SITES, forward  # noqa: E402
-from catjax.engine import quantize_model  # noqa: E402
-from catjax.ptq import QuantHook, Recipe  # noqa: E402
+from catjax.ptq.engine import quantize_model  # noqa: E402
+from catjax.ptq.hooks import QuantHook  # noqa: E402
+from catjax.ptq.recipe import Recipe  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

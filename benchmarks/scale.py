@@ -47,14 +47,14 @@ def _rss() -> float:
 
 
 def _windows(tok, split, n):
-  from catjax.data import text_windows
+  from catjax.app.data import text_windows
   return text_windows(tok, split, seqlen=SEQLEN, max_tokens=n * SEQLEN).tokens
 
 
 def _load(name, dtype="float32"):
   import jax
 
-  from catjax.assets import load_pretrained
+  from catjax.app.runnable import load_pretrained
   t0 = time.perf_counter()
   model, tok, path = load_pretrained(name, dtype=dtype)
   jax.block_until_ready(jax.tree.leaves(model))
@@ -62,7 +62,7 @@ def _load(name, dtype="float32"):
 
 
 def _ppl(model, windows, qm=None, mesh=None):
-  from catjax.evaluate import perplexity
+  from catjax.analysis.evaluate import perplexity
   kw = {} if qm is None else {"hook": qm.hook, "hook_state": qm.transforms}
   return perplexity(model, windows, batch_size=8 if mesh else 1, progress=False, mesh=mesh,
                     **kw).perplexity
@@ -103,8 +103,8 @@ def step_eval(name, args):
 def step_quant(name, args):
   import jax
 
-  from catjax.engine import quantize_model
-  from catjax.ptq import Recipe
+  from catjax.ptq.engine import quantize_model
+  from catjax.ptq.recipe import Recipe
   model, tok, _ = _load(name)
   calib = _windows(tok, "wiki-calib", args.calib_windows)
   rss_before = _rss()
@@ -123,9 +123,10 @@ def step_shard(name, args):
   import jax
   import numpy as np
 
-  from catjax.engine import quantize_model
-  from catjax.ptq import Recipe, calibrate
-  from catjax.sharding import make_mesh, shard_model
+  from catjax.ptq.engine import quantize_model
+  from catjax.ptq.recipe import Recipe
+  from catjax.ptq.calibrate import calibrate
+  from catjax.models.sharding import make_mesh, shard_model
   recipe = Recipe().with_spec(args.method)
   out = {"devices": len(jax.devices())}
   for spec in (None, *MESHES):

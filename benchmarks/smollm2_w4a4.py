@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine  # noqa: E402
 
-from catjax.pipeline import RunConfig, comparisons_markdown, run, write_outputs  # noqa: E402
-from catjax.ptq import Recipe  # noqa: E402
-from catjax.report import comparison_markdown  # noqa: E402
+from catjax.app.pipeline import RunConfig, comparisons_markdown, run, write_outputs  # noqa: E402
+from catjax.ptq.recipe import Recipe  # noqa: E402
+from catjax.app.tables import comparison_markdown  # noqa: E402
 
 METHODS = ("fp,none,smoothquant,smoothquant_hadamard,hadamard,cat@k64,cat@k192,cat_full,"
            "cat_full@f32,none@w6a6,none@w8a8,hadamard@gptq,smoothquant_hadamard@gptq,"

@@ -3,7 +3,7 @@ offline lm-eval tasks, through the "catjax" lm-eval model type.
 
 Methods: fp, then W4A4 with none / hadamard / cat k=64 / cat_full (block
 engine, RTN weights, fake quantization; calibration `--calib-windows` × 512
-wiki-calib tokens). Tasks (`catjax/lmeval_tasks`, built from the Wikipedia
+wiki-calib tokens). Tasks (`catjax/app/lmeval_tasks`, built from the Wikipedia
 eval split by scripts/make_lmeval_tasks.py): `catjax_wiki_lastword`
 (LAMBADA-style last word: accuracy of the greedy word, perplexity) and
 `catjax_wiki_cloze` (4-way multiple-choice cloze: acc, acc_norm), the first
@@ -25,8 +25,8 @@ from _common import machine, write  # noqa: E402
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from catjax.checkpoint import load_runnable  # noqa: E402
-from catjax.lmeval import TASKS_DIR, CatjaxLM  # noqa: E402
+from catjax.app.runnable import load_runnable  # noqa: E402
+from catjax.app.lmeval import TASKS_DIR, CatjaxLM  # noqa: E402
 
 TASKS = ("catjax_wiki_lastword", "catjax_wiki_cloze")
 METRICS = (("catjax_wiki_lastword", "acc"), ("catjax_wiki_lastword", "perplexity"),

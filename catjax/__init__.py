@@ -1,21 +1,39 @@
 """catjax: post-training quantization of LLaMA-family models with
-Concentration-Alignment Transforms (arXiv 2603.04359) in JAX."""
+Concentration-Alignment Transforms (arXiv 2603.04359) in JAX.
 
-from catjax.gptq import gptq_error, gptq_quantize
-from catjax.hadamard import apply_hadamard, hadamard_matrix, is_supported as hadamard_supported
-from catjax.linalg import geometric_mean, spd_inv_sqrt, spd_sqrt
-from catjax.quant import (QArray, QuantConfig, activation_config, dequantize, fake_quantize,
-                          pack_int4, quantize, unpack_int4, weight_config)
-from catjax.stats import (SecondMoment, SQNRDecomposition, alignment, alignment_gain,
-                          concentration_w, concentration_x, measured_sqnr, optimal_alignment,
-                          predicted_sqnr, second_moment, sqnr_decomposition, weight_gram)
-from catjax.transforms import METHODS, Transform, fit_transform
+The package is laid out in floors, each importing only from those below it:
+`base` (errors, checks, atomic files) · `core` (pure JAX math, no Flax) ·
+`kernels` · `models` (structure, forward, checkpoint I/O) · `ptq` (recipes,
+plans, calibration, per-block algorithms, hooks, engine, training,
+realization, planner) · `artifacts` (statistics files, quantized checkpoints)
+· `analysis` (site reports, layer comparisons, perplexity) · `app` (assets,
+data, pipeline, tables, plots, CLI, lm-eval). This module is the public
+surface: the math core directly, the model-level API on first use (so the
+math core imports without Flax).
+"""
+
+from catjax.core.gptq import gptq_error, gptq_quantize
+from catjax.core.hadamard import apply_hadamard, hadamard_matrix, is_supported as hadamard_supported
+from catjax.core.linalg import geometric_mean, spd_inv_sqrt, spd_sqrt
+from catjax.core.quant import (QArray, QuantConfig, activation_config, dequantize, fake_quantize,
+                               pack_int4, quantize, unpack_int4, weight_config)
+from catjax.core.stats import (SecondMoment, SQNRDecomposition, alignment, alignment_gain,
+                               concentration_w, concentration_x, measured_sqnr, optimal_alignment,
+                               predicted_sqnr, second_moment, sqnr_decomposition, weight_gram)
+from catjax.core.transforms import METHODS, Transform, fit_transform
 
 __version__ = "0.1.0"
 
-# The model-level API, imported on first use (the math core above needs no Flax).
-_LAZY = {"load_quantized": "catjax.checkpoint", "save_quantized": "catjax.checkpoint",
-         "CheckpointError": "catjax.checkpoint"}
+# The model-level API: name -> module, imported on first use.
+_LAZY = {
+    "Recipe": "catjax.ptq.recipe", "Plan": "catjax.ptq.plan", "SitePlan": "catjax.ptq.plan",
+    "calibrate": "catjax.ptq.calibrate", "quantize_model": "catjax.ptq.engine",
+    "QuantizedModel": "catjax.ptq.quantized", "realize": "catjax.ptq.realize",
+    "save_stats": "catjax.artifacts.stats_file", "load_stats": "catjax.artifacts.stats_file",
+    "save_quantized": "catjax.artifacts.checkpoint", "load_quantized": "catjax.artifacts.checkpoint",
+    "CheckpointError": "catjax.artifacts.checkpoint", "perplexity": "catjax.analysis.evaluate",
+    "site_report": "catjax.analysis.sites", "InputError": "catjax.base.errors",
+}
 
 
 def __getattr__(name):
@@ -25,12 +43,16 @@ def __getattr__(name):
   raise AttributeError(f"module 'catjax' has no attribute {name!r}")
 
 
-__all__ = [
-    "CheckpointError", "METHODS", "QArray", "QuantConfig", "SQNRDecomposition", "SecondMoment", "Transform",
+def __dir__():
+  return sorted(__all__)
+
+
+__all__ = sorted([
+    "METHODS", "QArray", "QuantConfig", "SQNRDecomposition", "SecondMoment", "Transform",
     "activation_config", "alignment", "alignment_gain", "apply_hadamard", "concentration_w",
     "concentration_x", "dequantize", "fake_quantize", "fit_transform", "geometric_mean",
-    "gptq_error", "gptq_quantize", "load_quantized",
-    "hadamard_matrix", "hadamard_supported", "measured_sqnr", "optimal_alignment", "pack_int4",
-    "predicted_sqnr", "quantize", "save_quantized", "second_moment", "spd_inv_sqrt", "spd_sqrt",
-    "sqnr_decomposition", "unpack_int4", "weight_config", "weight_gram",
-]
+    "gptq_error", "gptq_quantize", "hadamard_matrix", "hadamard_supported", "measured_sqnr",
+    "optimal_alignment", "pack_int4", "predicted_sqnr", "quantize", "second_moment",
+    "spd_inv_sqrt", "spd_sqrt", "sqnr_decomposition", "unpack_int4", "weight_config",
+    "weight_gram", *_LAZY,
+])

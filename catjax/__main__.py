@@ -1,5 +1,5 @@
 """`python -m catjax ...` is the `catjax` command."""
 
-from catjax.cli import main
+from catjax.app.cli import main
 
 raise SystemExit(main())

@@ -13,8 +13,8 @@ import argparse
 import jax
 
 import catjax as cj
-from catjax.analysis import compare_methods, markdown_table
-from catjax.synthetic import synthetic_layer
+from catjax.analysis.layers import compare_methods, markdown_table
+from catjax.core.synthetic import synthetic_layer
 
 
 def main():

@@ -1,5 +1,5 @@
 """Build catjax's two offline lm-eval tasks from the Wikipedia eval split
-(the `wiki` asset, `catjax.data.wiki_documents("eval")`), deterministically:
+(the `wiki` asset, `catjax.app.data.wiki_documents("eval")`), deterministically:
 
 * `wiki_lastword.json` — LAMBADA-style last-word prediction: the first
   sentences of an article (40–120 words) whose last word (alphabetic, at least
@@ -12,7 +12,7 @@
 
     python scripts/make_lmeval_tasks.py [--n 500]
 
-Writes catjax/lmeval_tasks/{wiki_lastword,wiki_cloze}.json.
+Writes catjax/app/lmeval_tasks/{wiki_lastword,wiki_cloze}.json.
 """
 
 import argparse
@@ -21,9 +21,9 @@ import random
 import re
 from pathlib import Path
 
-from catjax.data import wiki_documents
+from catjax.app.data import wiki_documents
 
-OUT = Path(__file__).resolve().parents[1] / "catjax" / "lmeval_tasks"
+OUT = Path(__file__).resolve().parents[1] / "catjax" / "app" / "lmeval_tasks"
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
 WORD = re.compile(r"[A-Za-z]+")
 

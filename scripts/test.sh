@@ -11,7 +11,7 @@ pythons="${CATJAX_PYTHONS:-3.11 3.12}"
 kjax="${CATJAX_KERNEL_JAX-0.11.2}"
 case " $pythons " in *" 3.12 "*) ;; *) kjax="" ;; esac
 [ $# -gt 0 ] && kjax=""
-echo "scripts/test.sh: pytest on Python $pythons${kjax:+, then tests/test_kernels.py on jax $kjax};" \
+echo "scripts/test.sh: pytest on Python $pythons${kjax:+, then tests/kernels/test_kernels.py on jax $kjax};" \
      "a full run takes ~30 min on 2 cores and ~4 GB of virtual environments (.venv-py*, .venv-jax*)."
 elapsed() {  # minutes and seconds since $1 (seconds since the script began)
   echo "$(( (SECONDS - $1) / 60 )) min $(( (SECONDS - $1) % 60 )) s"
@@ -36,8 +36,8 @@ stage() {  # stage NAME COMMAND
 # 1. Environments and stages. Python 3.11's suite (PyTorch's reference tests run
 # only there) is the longest: without pytest arguments it runs as two
 # processes, these files and the others.
-split="tests/test_real_models.py tests/test_sharding.py tests/test_lmeval.py"
-split+=" tests/test_smollm2.py tests/test_report_cli.py tests/test_formats.py"
+split="tests/models/test_real_models.py tests/models/test_sharding.py tests/app/test_lmeval.py"
+split+=" tests/app/test_smollm2.py tests/app/test_report_cli.py tests/core/test_formats.py"
 args=""
 [ $# -gt 0 ] && args=$(printf '%q ' "$@")
 for v in $pythons; do
@@ -65,7 +65,7 @@ if [ -n "$kjax" ] && [ -n "${py312:-}" ]; then
        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); then
     echo "--- setup of jax $kjax: $(elapsed "$t0")"
     stage "kernels on jax $kjax" \
-      "PYTHONPATH=\"$PWD\" \"$venv/bin/python\" -m pytest -q tests/test_kernels.py"
+      "PYTHONPATH=\"$PWD\" \"$venv/bin/python\" -m pytest -q tests/kernels/test_kernels.py"
   else
     echo "setup of jax $kjax for the kernel tests failed"
     status=1

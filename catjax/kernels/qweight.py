@@ -1,13 +1,13 @@
 """Quantized weights in the layout the kernels read (docs/design.md §1.1).
 
 A `(d_in, d_out)` kernel is quantized symmetrically per output channel with
-`catjax.quant.quantize` (so the integers and scales are exactly those of
+`catjax.core.quant.quantize` (so the integers and scales are exactly those of
 `weight_config(bits)`) and stored **K-major**: `values` has shape
 `(d_out, d_in)` for 5..8 bits, i.e. the transpose of the kernel. Hopper's
 int8 tensor-core instruction (wgmma) takes both operands K-major only, so
 storing the transpose once at quantization time saves a transpose per call.
 
-For 2..4 bits two values share a byte (`catjax.quant.pack_int4`), paired
+For 2..4 bits two values share a byte (`catjax.core.quant.pack_int4`), paired
 **split-half**: byte `j` of row `o` holds input channel `j` in its low nibble
 and channel `j + d_in/2` in its high nibble, so `values` is
 `(d_out, d_in/2)`. Unpacking a tile then gives two contiguous K-tiles (one
@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from catjax import quant
+from catjax.core import quant
 
 
 @functools.partial(

@@ -2,10 +2,10 @@
 
 For activations `x (m, d_in)`, an optional block-diagonal transform `B`
 (`transform_blocks`, `(d_in/k, k, k)`, the convention of
-`catjax.transforms.Transform.blocks`) and a `QuantizedWeight`:
+`catjax.core.transforms.Transform.blocks`) and a `QuantizedWeight`:
 
 1. `x' = x Bᵀ` blockwise in float32 (`"...bk,bjk->...bj"`, HIGHEST precision);
-2. `x'` is quantized per token to `a_bits` with `catjax.quant.quantize`
+2. `x'` is quantized per token to `a_bits` with `catjax.core.quant.quantize`
    (symmetric, `scale = a_clip · absmax / qmax`, round-half-even, clip; int8
    values);
 3. `acc = x_q · w_qᵀ` with int32 accumulation;
@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from catjax import quant
+from catjax.core import quant
 from catjax.kernels import qweight
 
 HIGHEST = jax.lax.Precision.HIGHEST

@@ -23,7 +23,7 @@ import os
 import gguf
 import numpy as np
 
-from catjax.errors import InputError, check_finite
+from catjax.base.errors import InputError, check_finite
 from catjax.models.config import ARCHITECTURES
 from catjax.models.lazy import LazyTensors
 

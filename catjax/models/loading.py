@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from catjax.errors import InputError, check_finite, read_json
+from catjax.base.errors import InputError, check_finite, read_json
 from catjax.models.config import ModelConfig
 from catjax.models.lazy import LazyTensors
 from catjax.models.llama import Llama, abstract_model
@@ -47,7 +47,7 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype
   at a time (`tensors[name]`; a `LazyTensors` reads from the file only then),
   converted to the target dtype and written straight into their parameter on
   its device(s): the sharding `place(spec, path, shape)` when given
-  (`catjax.sharding.placement`; each device receives only its slice), else
+  (`catjax.models.sharding.placement`; each device receives only its slice), else
   the default device. A stacked parameter is allocated there once and each
   block's tensor is written into it in place (a donated update), so host
   memory peaks near the model in `dtype` plus one tensor. Each tensor is
@@ -284,8 +284,8 @@ def write_tensors(folder: Path, tensors: Mapping[str, jax.Array], *,
   gathered from all of them, one shard at a time); only process 0 writes."""
   from safetensors.flax import save_file
 
-  from catjax.errors import is_writer
-  from catjax.sharding import host_value
+  from catjax.base.errors import is_writer
+  from catjax.models.sharding import host_value
   writer = is_writer()
   shards, size = [[]], 0
   for name, t in tensors.items():
@@ -322,8 +322,8 @@ def save_hf(model: Llama, folder: str | Path, *, tokenizer=None,
   """
   if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
     raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: expected a positive integer")
-  from catjax.errors import is_writer
-  from catjax.sharding import barrier
+  from catjax.base.errors import is_writer
+  from catjax.models.sharding import barrier
   folder = Path(folder)
   writer = is_writer()
   if writer:

@@ -29,7 +29,7 @@ class Site:
 
   `row_parallel`: under tensor parallelism the site's input is split over its
   features (it comes out of column-parallel linears), so its linears split
-  their input axis (`catjax.sharding`).
+  their input axis (`catjax.models.sharding`).
   """
 
   name: str

@@ -1,0 +1,202 @@
+"""Per-site SQNR of a quantized model, measured and predicted, with its decomposition."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from catjax.core import stats as st
+from flax import nnx
+
+from catjax.models.llama import Llama, capture
+from catjax.models.spec import spec_for
+from catjax.ptq.quantized import QuantizedModel
+from catjax.ptq.blocks import site_kernel
+from catjax.core.quant import activation_config, fake_quantize, weight_config
+
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+SITE_FIELDS = ("measured_sqnr_db", "measured_sqnr_excl_pos0_db", "predicted_sqnr_db",
+               "concentration_x_db", "concentration_w_db", "alignment_gain_db")
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteSQNR:
+  """One block site of a quantized model on held-out tokens; dB, None where
+  infinite (an unquantized model). `to_dict()` gives the report's JSON keys."""
+
+  layer: int
+  site: str
+  method: str
+  measured_sqnr_db: float | None
+  measured_sqnr_excl_pos0_db: float | None
+  predicted_sqnr_db: float | None
+  concentration_x_db: float | None
+  concentration_w_db: float | None
+  alignment_gain_db: float | None
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SQNRGain:
+  """Per-site differences of one SQNR field between two methods (dB);
+  `sites == 0` (and the rest None) when no site has both values."""
+
+  sites: int
+  mean_db: float | None = None
+  median_db: float | None = None
+  max_db: float | None = None
+  min_db: float | None = None
+  fraction_at_least: float | None = None
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryRow:
+  """One method's line of the comparison table: perplexity, its gap to fp and
+  the mean of every site field (`mean_<field>`)."""
+
+  method: str
+  perplexity: float | None
+  ppl_gap_to_fp: float | None
+  mean_measured_sqnr_db: float | None
+  mean_measured_sqnr_excl_pos0_db: float | None
+  mean_predicted_sqnr_db: float | None
+  mean_concentration_x_db: float | None
+  mean_concentration_w_db: float | None
+  mean_alignment_gain_db: float | None
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@functools.partial(jax.jit, static_argnames=("a_config", "w_config"))
+def _site_terms(x, kernel, qkernel, transform, *, a_config, w_config):
+  """Linear-scale terms for each layer; `x (L, B, T, d)`, kernels `(L, d, o)`.
+
+  Every term is `catjax.core.stats`'s: `output_sqnr` of the site's output against
+  the quantized model's (all tokens, and without position 0), `sqnr_factors`
+  of the transformed operands (8-bit quantizers' ranges for an operand left
+  unquantized) and `predicted_sqnr` from them. Degenerate sites give NaN.
+  """
+
+  def one(args):
+    x, k, kq, t = args
+    xt = x if t is None else t.apply(x)
+    kt = k if t is None else t.merge(k)
+    xq = xt if a_config is None else fake_quantize(xt, a_config)
+    y = jnp.einsum("btd,do->bto", x, k, precision=HIGHEST)
+    yq = jnp.einsum("btd,do->bto", xq, kq, precision=HIGHEST)
+    f = st.sqnr_factors(xt, kt, a_config=a_config or activation_config(8),
+                        w_config=w_config or weight_config(8))
+    c_x, c_w, align = f["concentration_x"], f["concentration_w"], f["alignment"]
+    predicted = st.predicted_sqnr(c_x, c_w, align, a_config=a_config, w_config=w_config,
+                                  diag_align=f["diagonal_alignment"])
+    return {
+        "measured": st.output_sqnr(y, yq),
+        "measured_excl_pos0": st.output_sqnr(y[:, 1:], yq[:, 1:]),
+        "predicted": jnp.asarray(predicted, jnp.float32),
+        "c_x": c_x, "c_w": c_w, "align": align,
+    }
+
+  return jax.lax.map(one, (x, kernel, qkernel, transform))
+
+
+def _layer_groups(qm: QuantizedModel, site: str, num_layers: int):
+  """`(layers, their stacked transforms or None, a_config, w_config)` for the
+  groups of layers that quantize `site` alike: all layers for a recipe; per
+  transform variant and weight quantizer for a plan."""
+  if qm.plan is None:
+    t = None if qm.transforms is None else qm.transforms[site]
+    return [(np.arange(num_layers), t, qm.recipe.a_config, qm.recipe.w_config)]
+  state = qm.transforms[site]
+  choice = np.asarray(state["choice"])
+  groups: dict[tuple, list[int]] = {}
+  for b in range(num_layers):
+    r = qm.plan.recipe(b, site)
+    groups.setdefault((int(choice[b]), r.a_config, r.w_config), []).append(b)
+  out = []
+  for (c, a_config, w_config), idx in groups.items():
+    idx = np.asarray(idx)
+    t = state["transforms"][c]
+    out.append((idx, None if t is None else jax.tree.map(lambda a: a[idx], t), a_config, w_config))
+  return out
+
+
+def _db(v: float) -> float | None:
+  """dB of a linear ratio; None for an infinite or undefined one (JSON has no inf)."""
+  return None if not math.isfinite(v) or v <= 0 else 10.0 * math.log10(v)
+
+
+def site_report(model: Llama, qm: QuantizedModel, windows: np.ndarray, *,
+                acts: dict[str, jax.Array] | None = None) -> list[SiteSQNR]:
+  """One `SiteSQNR` per block and site: SQNR terms of `qm` on `windows` (held-out tokens).
+
+  Inputs of every site are captured from the full-precision `model`, so each
+  row measures that site alone. Pass `acts=capture(model, windows)` to reuse
+  one capture across recipes.
+  """
+  windows = np.asarray(windows, np.int32)
+  acts = capture(model, windows) if acts is None else acts
+  spec = spec_for(model.config)
+  layers, qlayers = (nnx.to_pure_dict(nnx.state(m.layers)) for m in (model, qm.model))
+  rows = []
+  for site in spec.site_names:
+    kernel, qkernel = (site_kernel(p, site, spec=spec) for p in (layers, qlayers))
+    terms = {}
+    for idx, t, a_config, w_config in _layer_groups(qm, site, model.config.num_layers):
+      got = jax.device_get(_site_terms(acts[site][idx], kernel[idx], qkernel[idx], t,
+                                       a_config=a_config, w_config=w_config))
+      terms.update({int(b): {k: float(a[j]) for k, a in got.items()} for j, b in enumerate(idx)})
+    for layer in range(model.config.num_layers):
+      v = terms[layer]
+      d = acts[site].shape[-1]
+      rows.append(SiteSQNR(
+          layer=layer, site=site, method=qm.label,
+          measured_sqnr_db=_db(v["measured"]),
+          measured_sqnr_excl_pos0_db=_db(v["measured_excl_pos0"]),
+          predicted_sqnr_db=_db(v["predicted"]),
+          concentration_x_db=_db(v["c_x"]),
+          concentration_w_db=_db(v["c_w"]),
+          alignment_gain_db=_db(d * v["align"])))
+  rows.sort(key=lambda r: (r.layer, spec.site_names.index(r.site)))
+  return rows
+
+
+def sqnr_gain(rows: list[SiteSQNR], base: list[SiteSQNR], *,
+              field: str = "measured_sqnr_db") -> SQNRGain:
+  """Per-site `rows - base` of `field` (matched on layer and site): mean, median, max,
+  min and the fraction of sites where `rows >= base`."""
+  ref = {(r.layer, r.site): getattr(r, field) for r in base}
+  diffs = np.array([getattr(r, field) - ref[(r.layer, r.site)] for r in rows
+                    if getattr(r, field) is not None and ref.get((r.layer, r.site)) is not None])
+  if diffs.size == 0:
+    return SQNRGain(sites=0)
+  return SQNRGain(sites=int(diffs.size), mean_db=float(diffs.mean()),
+                  median_db=float(np.median(diffs)), max_db=float(diffs.max()),
+                  min_db=float(diffs.min()), fraction_at_least=float(np.mean(diffs >= 0)))
+
+
+def _mean(rows: list[SiteSQNR], field: str) -> float | None:
+  vals = [getattr(r, field) for r in rows if getattr(r, field) is not None]
+  return float(np.mean(vals)) if vals else None
+
+
+def summary_row(label: str, ppl: float | None, rows: list[SiteSQNR],
+                fp_ppl: float | None) -> SummaryRow:
+  """One line of the comparison table: perplexity, its gap to fp, mean site terms."""
+  return SummaryRow(method=label, perplexity=ppl,
+                    ppl_gap_to_fp=None if ppl is None or fp_ppl is None else ppl - fp_ppl,
+                    **{f"mean_{f}": _mean(rows, f) for f in SITE_FIELDS})

@@ -1,0 +1,321 @@
+"""Function-preserving transforms of a linear layer's input (docs/design.md §1.3).
+
+Every transform is `T = H · D · B`: a block-diagonal `B` (`d/k` blocks of
+`k × k`; absent for pure rotations), then an optional randomized orthonormal
+Hadamard `H · D` (`D` a ±1 diagonal). Activations become `x' = x Tᵀ` and the
+kernel `kernel' = T⁻ᵀ kernel`, so `x' @ kernel' == x @ kernel`. `B⁻¹` is
+computed once, at fit time, from the same eigendecomposition as `B`.
+
+Methods (all fitted from `Σ_x = E[x xᵀ]` and `Σ_W = Wᵀ W = kernel @ kernel.T`):
+
+| method | B | H·D |
+|---|---|---|
+| identity | -- | -- |
+| smoothquant | `diag(1/s)`, `s_j = a_j^α / w_j^(1-α)` | -- |
+| smoothquant_hadamard | as smoothquant | yes |
+| hadamard | -- | yes |
+| cat | blockdiag of `(Σ_x,i⁻¹ # Σ_W,i)^½` over `k × k` diagonal blocks | yes |
+| cat_full | `(Σ_x⁻¹ # Σ_W)^½` (k = d, the optimum) | yes |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from catjax.base.checks import is_real
+from catjax.core import hadamard as hd
+from catjax.core import linalg
+
+HIGHEST = jax.lax.Precision.HIGHEST
+DEFAULT_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One entry of the method registry.
+
+  Attributes:
+    name: the method's name.
+    blocks: what `B` is: None (no `B`), "diagonal" (`1 × 1` blocks), "block"
+      (`k × k` blocks) or "full" (`k = d`).
+    hadamard: whether a randomized Hadamard follows `B`.
+  """
+
+  name: str
+  blocks: str | None
+  hadamard: bool
+
+
+# The one registry of transform methods; `catjax.ptq.recipe` adds "fp" and "none" on top.
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("identity", None, False),
+    Method("smoothquant", "diagonal", False),
+    Method("smoothquant_hadamard", "diagonal", True),
+    Method("hadamard", None, True),
+    Method("cat", "block", True),
+    Method("cat_full", "full", True),
+)}
+METHODS = tuple(REGISTRY)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["blocks", "inv_blocks", "signs"], meta_fields=["method", "dim"])
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """`T = H · D · B` as a pytree.
+
+  Attributes:
+    blocks: `(d/k, k, k)` float32 blocks `B_i` of `B`, or None.
+    inv_blocks: `(d/k, k, k)` blocks of `B⁻¹`, or None.
+    signs: `(d,)` ±1 diagonal `D` of the randomized Hadamard, or None when
+      the transform has no Hadamard.
+    method: the method it was fitted with.
+    dim: `d`, the input width of the layer.
+  """
+
+  blocks: jax.Array | None
+  inv_blocks: jax.Array | None
+  signs: jax.Array | None
+  method: str
+  dim: int
+
+  @property
+  def block_size(self) -> int | None:
+    return None if self.blocks is None else self.blocks.shape[-1]
+
+  def _check(self, v: jax.Array, axis: int, what: str) -> None:
+    if v.ndim < 1 or v.shape[axis] != self.dim:
+      raise ValueError(f"{what} must have size {self.dim} on axis {axis}, got shape {v.shape}")
+
+  def apply(self, x: jax.Array) -> jax.Array:
+    """`x' = x Tᵀ` for activations `x: (..., d)`; returns the dtype of `x`."""
+    x = jnp.asarray(x)
+    self._check(x, -1, "x")
+    v = x.astype(jnp.float32)
+    if self._fuses(x):
+      return self._apply_fused(v.reshape(-1, self.dim)).reshape(x.shape).astype(x.dtype)
+    if self.blocks is not None:
+      # Blocks-major batched matmul with explicit transposes: ~1.5x faster on
+      # CPU than letting the einsum place the block axis.
+      nb, k, _ = self.blocks.shape
+      v = jnp.swapaxes(v.reshape(-1, nb, k), 0, 1)  # (nb, tokens, k)
+      v = jnp.matmul(v, jnp.swapaxes(self.blocks, -1, -2), precision=HIGHEST)
+      v = jnp.swapaxes(v, 0, 1).reshape(x.shape)
+    if self.signs is not None:
+      v = hd.apply_hadamard(v, self.signs)
+    return v.astype(x.dtype)
+
+  def _fuses(self, x: jax.Array) -> bool:
+    """Whether `apply` folds `D` and the inner Hadamard factor into the blocks:
+    when there are both blocks and a Hadamard and at least `k` rows (folding
+    costs what applying that factor to `k` rows does)."""
+    if self.blocks is None or self.signs is None or self.block_size < 2:
+      return False
+    return math.prod(x.shape[:-1]) >= self.block_size and hd.inner_split(
+        self.dim, self.block_size)[0] > 1
+
+  def _apply_fused(self, v: jax.Array) -> jax.Array:
+    """`apply` on float32 `(rows, d)` as `(H_outer ⊗ I) · F` with the block
+    diagonal `F = (I ⊗ H_inner) D B` (`hadamard.inner_split`): the same `T`,
+    one pass over the activations fewer."""
+    nb, k, _ = self.blocks.shape
+    inner, outer = hd.inner_split(self.dim, k)
+    f = self.signs.reshape(nb, k, 1).astype(jnp.float32) * self.blocks
+    f = hd.apply_hadamard(f.reshape(nb, k // inner, inner, k), axis=2).reshape(nb, k, k)
+    v = jnp.swapaxes(v.reshape(-1, nb, k), 0, 1)
+    v = jnp.matmul(v, jnp.swapaxes(f, -1, -2), precision=HIGHEST)
+    v = jnp.swapaxes(v, 0, 1).reshape(-1, self.dim // inner, inner)
+    return hd.apply_outer(v, outer).reshape(-1, self.dim)
+
+  def merge(self, kernel: jax.Array) -> jax.Array:
+    """`kernel' = T⁻ᵀ kernel` for `kernel: (d, d_out)`; returns its dtype."""
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 2:
+      raise ValueError(f"kernel must be (d_in, d_out), got {kernel.shape=}")
+    self._check(kernel, 0, "kernel")
+    k = kernel.astype(jnp.float32)
+    if self.inv_blocks is not None:
+      nb, bs, _ = self.inv_blocks.shape
+      k = jnp.einsum("bkj,bko->bjo", self.inv_blocks, k.reshape(nb, bs, -1), precision=HIGHEST)
+      k = k.reshape(kernel.shape)
+    if self.signs is not None:
+      k = hd.apply_hadamard(k, self.signs, axis=0)
+    return k.astype(kernel.dtype)
+
+  def matrix(self) -> jax.Array:
+    """Dense `T` (`d × d`), for analysis and tests: `T = apply(I)ᵀ`."""
+    return self.apply(jnp.eye(self.dim, dtype=jnp.float32)).T
+
+
+def _diagonal_blocks(s: jax.Array, k: int) -> jax.Array:
+  nb = s.shape[-1] // k
+  s = s.reshape(nb, k, nb, k).transpose(0, 2, 1, 3)
+  idx = jnp.arange(nb)
+  return s[idx, idx]
+
+
+def _smooth_scales(sigma_x, gram_w, act_absmax, weight_absmax, alpha, eps):
+  """SmoothQuant `s_j = a_j^α / w_j^(1-α)` with RMS fallbacks for the maxima."""
+  a = jnp.sqrt(jnp.maximum(jnp.diagonal(sigma_x), 0.0)) if act_absmax is None else act_absmax
+  w = jnp.sqrt(jnp.maximum(jnp.diagonal(gram_w), 0.0)) if weight_absmax is None else weight_absmax
+  a = jnp.maximum(a.astype(jnp.float32), eps * jnp.max(a) + 1e-30)
+  w = jnp.maximum(w.astype(jnp.float32), eps * jnp.max(w) + 1e-30)
+  return a**alpha / w ** (1.0 - alpha)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "block_size", "alpha", "eps", "dtype"))
+def _fit(sigma_x, gram_w, signs, act_absmax, weight_absmax, weight, *, method, block_size, alpha,
+         eps, dtype=None):
+  blocks = inv = None
+  kind = REGISTRY[method].blocks
+  if kind == "diagonal":
+    s = _smooth_scales(sigma_x, gram_w, act_absmax, weight_absmax, alpha, eps)
+    blocks, inv = (1.0 / s)[:, None, None], s[:, None, None]
+  elif kind is not None:
+    sx = _diagonal_blocks(sigma_x, block_size)
+    if weight is not None:  # Σ_W blocks of rank < k (fit_transform passes it only then)
+      wb = weight.reshape(-1, block_size, weight.shape[-1])
+      blocks, inv = linalg.alignment_transform_low_rank(sx, wb, eps=eps, dtype=dtype)
+    else:
+      blocks, inv = linalg.alignment_transform(sx, _diagonal_blocks(gram_w, block_size), eps=eps,
+                                               dtype=dtype)
+  d = sigma_x.shape[-1]
+  as32 = lambda a: None if a is None else a.astype(jnp.float32)
+  return Transform(blocks=as32(blocks), inv_blocks=as32(inv), signs=signs, method=method, dim=d)
+
+
+def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
+                  block_size: int | None = None, key: jax.Array | None = None,
+                  act_absmax: jax.Array | None = None, alpha: float = 0.5,
+                  weight_absmax: jax.Array | None = None, eps: float = DEFAULT_EPS,
+                  x64: bool | None = None, name: str = "transform",
+                  weight: jax.Array | None = None) -> Transform:
+  """Fit a function-preserving transform for one linear input.
+
+  Args:
+    method: one of `METHODS`.
+    sigma_x: `(d, d)` activation second moment `E[x xᵀ]`.
+    gram_w: `(d, d)` weight Gram `kernel @ kernel.T` (summed over the linears
+      that share this input).
+    block_size: `k` for "cat" (must divide `d`; default 128 if it divides `d`,
+      else 64); ignored by other methods ("cat_full" uses `k = d`).
+    key: PRNG key for the Hadamard signs (default `PRNGKey(0)`).
+    act_absmax: `(d,)` per-channel `max |x_j|` for SmoothQuant (default: RMS).
+    alpha: SmoothQuant migration strength.
+    weight_absmax: `(d,)` per-input-channel `max |W_:,j|` for SmoothQuant
+      (default: the column norm from `gram_w`; a global factor does not
+      change quantization).
+    eps: relative damping of both second moments and eigenvalue floor,
+      finite and >= 0.
+    x64: fit in float64 (default: yes, except on TPU where float64 is
+      emulated), else in float32, whatever `jax_enable_x64` says; the
+      transform is stored in float32 either way. Activation second moments
+      are too ill-conditioned for float32 eigh (docs/design.md §1.3).
+    name: label used in error messages (e.g. "layer 3 down_in").
+    weight: optional `(d, r)` factor of `gram_w` (`gram_w = weight weightᵀ`,
+      e.g. the site's kernels side by side). When `r` is below the block size
+      the blocks of `gram_w` are singular, and "cat" / "cat_full" fit from it
+      with `linalg.alignment_transform_low_rank` (an `r × r` eigh per block
+      instead of `k × k`; no separate ridge on `gram_w`).
+
+  Returns:
+    A `Transform` with `.apply(x)` and `.merge(kernel)`.
+
+  Raises:
+    ValueError: unknown method, mismatched shapes, a block size that does not
+      divide `d`, a width without a supported Hadamard, a bad `eps`, `alpha`
+      or `x64`, or statistics that hold NaN or ±Inf, are negative (a negative
+      diagonal of `sigma_x` / `gram_w`, negative maxima) or, for "cat" and
+      "cat_full", all zero. The message starts with `name`.
+    FloatingPointError: the fit produced non-finite values.
+  """
+  if not isinstance(method, str) or method not in METHODS:
+    raise ValueError(f"{name}: unknown method {method!r}; expected one of {METHODS}")
+  sigma_x, gram_w = jnp.asarray(sigma_x), jnp.asarray(gram_w)
+  if sigma_x.ndim != 2 or sigma_x.shape[0] != sigma_x.shape[1] or sigma_x.shape != gram_w.shape:
+    raise ValueError(f"sigma_x and gram_w must be equal square (d, d) matrices, got "
+                     f"{sigma_x.shape=} {gram_w.shape=}")
+  d = sigma_x.shape[0]
+  for label, v in (("act_absmax", act_absmax), ("weight_absmax", weight_absmax)):
+    if v is not None and jnp.shape(v) != (d,):
+      raise ValueError(f"{label} must have shape ({d},), got {jnp.shape(v)}")
+  if weight is not None and (jnp.ndim(weight) != 2 or jnp.shape(weight)[0] != d):
+    raise ValueError(f"weight must have shape ({d}, r), got {jnp.shape(weight)}")
+  if not (is_real(alpha) and 0.0 <= alpha <= 1.0):
+    raise ValueError(f"{name}: alpha must be in [0, 1], got {alpha=!r}")
+  if not (is_real(eps) and eps >= 0):
+    raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps=!r}")
+  if x64 is not None and not isinstance(x64, (bool, np.bool_)):
+    raise ValueError(f"{name}: x64 must be True, False or None, got {x64=!r}")
+  kind = REGISTRY[method].blocks
+  fits = kind in ("block", "full")  # Cholesky and eigh of the (blocks of the) moments
+  for label, v, kw in (("sigma_x", sigma_x, {"psd": True, "nonzero": fits}),
+                       ("gram_w", gram_w, {"psd": True, "nonzero": fits}),
+                       ("act_absmax", act_absmax, {"nonnegative": True}),
+                       ("weight_absmax", weight_absmax, {"nonnegative": True}),
+                       ("weight", weight, {})):
+    linalg.check_array(label, v, context=name, **kw)
+  if kind == "block":
+    block_size = block_size or (128 if d % 128 == 0 else 64)
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
+        or block_size < 1 or d % block_size:
+      raise ValueError(f"block_size must be a positive divisor of d: {d=} {block_size=}")
+    block_size = int(block_size)
+  elif kind == "full":
+    block_size = d
+  else:
+    block_size = None
+  signs = None
+  if REGISTRY[method].hadamard:
+    hd.hadamard_factors(d)  # raises with the nearest supported sizes
+    signs = hd.random_signs(jax.random.PRNGKey(0) if key is None else key, d)
+  if kind not in ("block", "full") or weight is None or jnp.shape(weight)[1] >= block_size:
+    weight = None  # the Gram's blocks are full rank: the dense fit
+  if x64 is None:
+    x64 = jax.default_backend() != "tpu"
+  arrays = (sigma_x, gram_w, act_absmax, weight_absmax, weight)
+  if not x64:  # float32 inputs, as a jit with x64 off would see them
+    arrays = tuple(None if a is None else _float32(jnp.asarray(a)) for a in arrays)
+  # float64 arrays exist only with x64 on: a scope of this thread, for this fit.
+  with jax.enable_x64(True) if x64 else contextlib.nullcontext():
+    t = _fit(*arrays[:2], signs, *(None if a is None else jnp.asarray(a) for a in arrays[2:]),
+             method=method, block_size=block_size, alpha=float(alpha), eps=float(eps),
+             dtype=jnp.dtype(jnp.float64 if x64 else jnp.float32))
+  linalg.ensure_finite(name, t.blocks, t.inv_blocks)
+  return t
+
+
+def _float32(a: jax.Array) -> jax.Array:
+  return a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+
+def fold_block_hadamard(t: Transform) -> Transform:
+  """A block-only transform: the full-width Hadamard `H·D` of `t` replaced by a
+  Hadamard of the block size inside every block, `B'_i = H_k D_i B_i`.
+
+  `T' = blockdiag(H_k D_i B_i)` is one block-diagonal matrix (what a fused
+  kernel applies), still function-preserving with `B'_i⁻¹ = B_i⁻¹ D_i H_kᵀ`,
+  but its Hadamard mixes channels only within a block. It keeps `t`'s signs.
+
+  Raises:
+    ValueError: `t` lacks blocks or a Hadamard, or `k` has no Hadamard matrix.
+  """
+  if t.blocks is None or t.signs is None:
+    raise ValueError(f"fold_block_hadamard needs blocks and a Hadamard, got method {t.method!r}")
+  nb, k, _ = t.blocks.shape[-3:]
+  if not hd.is_supported(k):
+    raise ValueError(f"block size k={k} has no Hadamard matrix (see catjax.core.hadamard)")
+  h = jnp.asarray(hd.hadamard_matrix(k), jnp.float32)
+  s = t.signs.reshape(t.signs.shape[:-1] + (nb, k))
+  hs = h * s[..., None, :]  # H_k D_i
+  blocks = jnp.einsum("...bij,...bjk->...bik", hs, t.blocks, precision=HIGHEST)
+  inv = jnp.einsum("...bij,...bkj->...bik", t.inv_blocks, hs, precision=HIGHEST)
+  return Transform(blocks=blocks, inv_blocks=inv, signs=None, method=t.method, dim=t.dim)

@@ -1,0 +1,226 @@
+"""The block-by-block PTQ engine: one walk over the decoder blocks.
+
+    tokens ─ embed ─► X₀ (n windows × T × d)
+    for block b:  stats_b ← site second moments of block b on X_b
+                  T_b ← fit(stats_b, W_b)              (closed form; `catjax.ptq.blocks.fit_block`)
+                  T_b ← train(T_b)                     (trained CAT, `catjax.ptq.train`)
+                  Ŵ_b ← quantize(T_b⁻ᵀ W_b)            (RTN | clip | GPTQ with H = T Σ Tᵀ)
+                  X_{b+1} ← block_b(X_b), quantized or full precision (`Recipe.propagate`)
+
+Peak memory beyond the parameters: one block's statistics and the calibration
+activations (`n · T · d` floats; twice that when training with quantized
+propagation, which keeps the full-precision twin for the targets), never the
+statistics of all blocks. With statistics given (`stats=`, e.g. from
+`catjax.ptq.calibrate.calibrate` or a saved file) and full-precision propagation, a
+closed-form recipe needs no forward at all: the old all-at-once path is this
+engine's special case.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from catjax.models.llama import Llama, block_forward, layer_rope, rope_tables
+from catjax.models.spec import spec_for
+from catjax.ptq.plan import Plan, hook_state
+from catjax.models.sharding import shard_batch
+from catjax.ptq.hooks import QuantHook
+from catjax.ptq.quantized import QuantizedModel
+from catjax.ptq.recipe import Recipe
+from catjax.ptq.blocks import fit_block, merge_block, quantize_block
+from catjax.ptq.calibrate import stats_hook
+from catjax.core.stats import SecondMoment
+from catjax.ptq.train import train_block
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
+def _apply_block(graphdef, block, h, rope, hook, hook_state):
+  h, _, outs = block_forward(graphdef, block, h, rope, hook=hook, hook_state=hook_state)
+  return h, outs
+
+
+class BlockRunner:
+  """Runs one decoder block over the calibration activations in batches of windows."""
+
+  def __init__(self, model: Llama, seqlen: int, batch_size: int, mesh=None):
+    self.graphdef, _ = nnx.split(model.layers)
+    self.mesh = mesh
+    self.config = model.config
+    self.tables = rope_tables(model.config, jnp.arange(seqlen)[None], model.dtype)
+    self.batch_size = batch_size
+    self.at(0)
+
+  def at(self, layer: int) -> "BlockRunner":
+    """Run the blocks as layer `layer` (its RoPE and attention window) from now on."""
+    self.rope = layer_rope(self.config, self.tables, int(self.config.layer_kinds[layer]))
+    return self
+
+  def __call__(self, block: dict, x: jax.Array, *, hook=None, hook_state=None):
+    """`(block(x), hook outputs)`; with `hook=stats_hook` the statistics accumulate over batches."""
+    outs, state = [], hook_state
+    for i in range(0, x.shape[0], self.batch_size):
+      y, new = _apply_block(self.graphdef, block, shard_batch(x[i:i + self.batch_size], self.mesh),
+                            self.rope, hook, state)
+      outs.append(y)
+      if hook is stats_hook:
+        state = {site: new[site] for site in state}
+    return jnp.concatenate(outs) if len(outs) > 1 else outs[0], state
+
+  def statistics(self, block: dict, x: jax.Array, sites: dict[str, SecondMoment]):
+    return self(block, x, hook=stats_hook, hook_state=sites)
+
+
+def _check_finite(stats: dict[str, SecondMoment], layer: int) -> None:
+  for site, st in stats.items():
+    if not bool(jnp.isfinite(st.xx).all() & jnp.isfinite(st.absmax).all()):
+      raise FloatingPointError(
+          f"block {layer} site {site}: non-finite calibration statistics (the inputs of this "
+          "block overflowed or are NaN; check the model's dtype and the earlier blocks)")
+
+
+def _check_windows(windows, cfg) -> np.ndarray:
+  if windows is None:
+    raise ValueError("this recipe walks the model block by block and needs calibration windows "
+                     "(windows=None was given)")
+  windows = np.asarray(windows)
+  if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
+    raise ValueError(f"windows.shape={windows.shape}; expected (n >= 1, seqlen >= 1)")
+  if not np.issubdtype(windows.dtype, np.integer):
+    raise ValueError(f"windows.dtype={windows.dtype}; expected integer token ids")
+  if windows.min() < 0 or windows.max() >= cfg.vocab_size:
+    raise ValueError(f"token ids in [{windows.min()}, {windows.max()}] outside the vocabulary "
+                     f"[0, {cfg.vocab_size})")
+  return windows.astype(np.int32)
+
+
+def _stack(items: list):
+  return jax.tree.map(lambda *a: jnp.stack(a), *items)
+
+
+def quantize_model(model: Llama, windows, recipe: "Recipe | Plan", *,
+                   stats: dict[str, SecondMoment] | None = None, batch_size: int = 1,
+                   progress: bool = True, mesh=None) -> QuantizedModel:
+  """Quantize `model` with `recipe`, walking it one decoder block at a time.
+
+  Args:
+    model: the full-precision model (unchanged).
+    windows: calibration token windows `(n, seqlen)`; may be None when
+      `stats` is given and the recipe needs no walk (closed form, fp propagation).
+    recipe: what to do (checked against the model's widths before any work):
+      a `Recipe` for every site, or a `catjax.ptq.plan.Plan` (each site its own
+      method, block size, bits and formats over the plan's base recipe; the
+      model's hook is then a `PlanHook`, fake quantization only).
+    stats: precomputed statistics of every block (`catjax.ptq.calibrate.calibrate` or
+      `load_stats`); only with full-precision propagation.
+    batch_size: windows per jitted block call.
+    progress: a progress bar over the blocks.
+    mesh: a `jax.sharding.Mesh` (`catjax.models.sharding`; the model placed on it with
+      `shard_model`): each batch of windows splits over its data axis, and the
+      statistics are reduced over it (a `batch_size` that the data axis
+      divides uses every device); each block's site fits run concurrently on
+      this process's devices of the mesh.
+
+  Returns:
+    A `QuantizedModel` (stacked transforms, merged fake-quantized kernels,
+    weight scales; `info` has the seconds and, when training, the per-block losses).
+
+  Raises:
+    ValueError: a recipe that does not fit the model, bad windows, or `stats`
+      with quantized propagation.
+    FloatingPointError: naming the block and site of non-finite statistics.
+  """
+  cfg = model.config
+  plan = recipe if isinstance(recipe, Plan) else None
+  recipe.check_model(cfg)
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+  spec = spec_for(cfg)
+  if plan is not None:
+    recipe = plan.base
+    per_layer = [plan.recipes(b, spec) for b in range(cfg.num_layers)]
+    every = [r for rs in per_layer for r in rs.values()]
+  else:
+    every = [recipe]
+  if recipe.method == "fp" and plan is None:
+    return QuantizedModel(model, None, recipe)
+  quant_prop, train = recipe.propagates_quantized, recipe.train_steps > 0
+  if stats is not None and quant_prop:
+    raise ValueError(f"recipe {recipe.label!r} propagates quantized outputs: its statistics "
+                     "come from the quantized model and cannot be given (stats=...)")
+  needs_stats = any(r.transform_method is not None or r.weights != "rtn" for r in every)
+  walk = (needs_stats and stats is None) or quant_prop or train
+  t_start = time.perf_counter()
+  graphdef_m, state_m = nnx.split(model)
+  pure = nnx.to_pure_dict(state_m)
+  layers = pure["layers"]
+  if walk:
+    windows = _check_windows(windows, cfg)
+    runner = BlockRunner(model, windows.shape[1], batch_size, mesh)
+    x = model.embed_tokens(jnp.asarray(windows))
+    x_fp = x if (train and quant_prop) else None  # the full-precision twin (training targets)
+  hook = QuantHook(recipe.a_config, recipe.kv_config, spec.kv_sites)
+  blocks, transforms, scales, losses = [], [], [], []
+  label = recipe.label if plan is None else plan.label
+  for b in tqdm(range(cfg.num_layers), desc=f"quantize {label}", unit="block",
+                disable=not progress, leave=False):
+    block = jax.tree.map(lambda a: a[b], layers)
+    recipe_b = recipe if plan is None else per_layer[b]
+    if walk:
+      runner.at(b)
+    if not walk and stats is None:  # RTN without a transform: nothing to measure
+      stats_b = y = None
+    elif stats is None:
+      empty = {site: SecondMoment.zeros(d, dtype=jnp.float32)
+               for site, d in spec.site_dims(cfg).items()}
+      y, stats_b = runner.statistics(block, x, empty)
+    else:
+      stats_b = jax.tree.map(lambda a: a[b], stats)
+      y = runner(block, x)[0] if walk else None
+    if stats_b is not None:
+      _check_finite(stats_b, b)
+    # Under a mesh the fits' factorizations would run replicated on every device:
+    # each site's fit runs once, from host copies, spread over this process's devices.
+    if mesh is None:
+      t_b = fit_block(block, stats_b, recipe_b, spec=spec, layer=b)
+    else:
+      t_b = fit_block(*jax.device_get((block, stats_b)), recipe_b, spec=spec, layer=b,
+                      devices=list(mesh.local_devices))
+    w_clip = None
+    if train:
+      target = y if x_fp is None else runner(block, x_fp)[0]
+      t_b, w_clip, info = train_block(runner, block, t_b, x, target, recipe, spec=spec, layer=b)
+      losses.append(info)
+      x_fp = None if x_fp is None else target
+    qblock, s_b = quantize_block(merge_block(block, t_b, spec=spec), recipe_b, spec=spec,
+                                 transforms=t_b, stats=stats_b, w_clip=w_clip)
+    if walk and quant_prop and plan is not None:
+      t_full = t_b or {site: None for site in spec.site_names}
+      hook_b, state_b = hook_state([t_full], [recipe_b], spec=spec, kv_config=recipe.kv_config)
+      x = runner(qblock, x, hook=hook_b, hook_state=jax.tree.map(lambda a: a[0], state_b))[0]
+    elif walk:
+      x = runner(qblock, x, hook=hook, hook_state=t_b)[0] if quant_prop else y
+    blocks.append(qblock)
+    transforms.append(t_b)
+    scales.append(s_b)
+  pure["layers"] = _stack(blocks)
+  state = jax.tree.map(lambda a: a, state_m)
+  nnx.replace_by_pure_dict(state, pure)
+  info = {"seconds": time.perf_counter() - t_start, "walked": walk,
+          "propagate": "quantized" if quant_prop else "fp"}
+  if losses:
+    info["train"] = losses
+  if plan is not None:
+    full = [t or {site: None for site in spec.site_names} for t in transforms]
+    p_hook, p_state = hook_state(full, per_layer, spec=spec, kv_config=recipe.kv_config)
+    return QuantizedModel(nnx.merge(graphdef_m, state), p_state, recipe, info=info, plan=plan,
+                          plan_hook=p_hook)
+  return QuantizedModel(nnx.merge(graphdef_m, state), None if transforms[0] is None
+                        else _stack(transforms), recipe,
+                        w_scales=_stack(scales) if scales[0] else None, info=info)

@@ -1,0 +1,315 @@
+"""Per-site quantization plans: what each site of each block gets, and the hook
+that runs a model quantized that way.
+
+A `Plan` names, for every `(layer, site)`, the transform (`none`, `hadamard`
+or `cat` with its block size `k`) and the weight and activation bits and
+formats; everything else (weight rounding, GPTQ settings, KV bits, seeds)
+comes from one base `Recipe`. `Plan.recipe(layer, site)` is the recipe that
+site is quantized with: the block engine (`catjax.ptq.engine.quantize_model(...,
+plan=)`) fits, merges and rounds each site exactly as a whole-model run of that
+recipe would. `catjax.ptq.planner` chooses plans; the JSON form is the CLI's
+`plan --json` / `quantize --plan` file.
+
+The model's forward scans over its blocks with one static hook, so per-layer
+differences live in the hook state: each site has the distinct
+`(transform, activation quantizer)` variants it uses, each variant's
+transforms stacked over all layers (layers that do not use it hold a copy of
+one that does), and a per-layer index `choice`; `PlanHook` runs the chosen
+variant with `lax.switch`, so every layer computes what its own recipe's hook
+would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from catjax.core import hadamard as hd
+from catjax.base.errors import InputError, read_json
+from catjax.models.config import ModelConfig
+from catjax.models.spec import ArchSpec, spec_for
+from catjax.ptq.recipe import Recipe
+from catjax.ptq.hooks import fake_quantize_ste
+from catjax.core.quant import FORMATS, FP4_BLOCK, QuantConfig
+
+PLAN_METHODS = ("none", "hadamard", "cat")
+SITE_KEYS = ("method", "block_size", "w_bits", "a_bits", "w_format", "a_format")
+
+
+def format_bits(bits: int | None, fmt: str) -> float:
+  """Storage bits per element: the integer width, or 4 plus the FP4 block
+  scale's 8 bits shared by its block (MXFP4 4.25, NVFP4 4.5); 16 unquantized."""
+  if bits is None:
+    return 16.0
+  return float(bits) if fmt == "int" else 4.0 + 8.0 / FP4_BLOCK[fmt]
+
+
+def transform_flops(method: str, block_size: int | None, dim: int) -> int:
+  """Multiply-adds per token of a site's online transform: `d·k` for CAT's
+  blocks plus `d·Σ factors` for the fast Hadamard (`catjax.core.hadamard`), 0 for none."""
+  if method == "none":
+    return 0
+  had = dim * sum(hd.hadamard_factors(dim))
+  return had + (dim * block_size if method == "cat" else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePlan:
+  """One site of one block (see `Plan`); `predicted_sqnr_db` as the planner saw it."""
+
+  layer: int
+  site: str
+  method: str
+  block_size: int | None
+  w_bits: int | None
+  a_bits: int | None
+  w_format: str = "int"
+  a_format: str = "int"
+  predicted_sqnr_db: float | None = None
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Per-site choices over a base recipe.
+
+  Attributes:
+    sites: one `SitePlan` per block and site, in (layer, site) order.
+    base: the recipe the sites' recipes start from (weight rounding, GPTQ,
+      KV bits, seeds, clip); its method, block size, bits and formats are
+      replaced per site.
+    info: what the planner reports beside the sites (budgets, objective).
+  """
+
+  sites: tuple[SitePlan, ...]
+  base: Recipe = Recipe()
+  info: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+  def __post_init__(self):
+    if self.base.train_steps:
+      raise ValueError(f"a plan takes closed-form recipes; the base recipe {self.base.label!r} "
+                       f"trains (train_steps={self.base.train_steps})")
+    seen = set()
+    for s in self.sites:
+      if (s.layer, s.site) in seen:
+        raise ValueError(f"plan lists layer {s.layer} site {s.site!r} twice")
+      seen.add((s.layer, s.site))
+    for s in self.sites:
+      self.recipe(s.layer, s.site)  # validates the site
+
+  def recipe(self, layer: int, site: str) -> Recipe:
+    """The recipe block `layer`'s `site` is quantized with."""
+    s = self._table.get((layer, site))
+    if s is None:
+      raise ValueError(f"the plan has no entry for layer {layer} site {site!r}")
+    if s.method not in PLAN_METHODS:
+      raise ValueError(f"layer {s.layer} site {s.site!r}: method={s.method!r}, expected one of "
+                       f"{PLAN_METHODS}")
+    if s.method == "cat" and (isinstance(s.block_size, bool) or not isinstance(s.block_size, int)):
+      raise ValueError(f"layer {s.layer} site {s.site!r}: cat needs an integer block_size, got "
+                       f"{s.block_size!r}")
+    try:
+      return dataclasses.replace(
+          self.base, method=s.method, block_size=s.block_size if s.method == "cat" else
+          self.base.block_size, w_bits=s.w_bits, a_bits=s.a_bits, w_format=s.w_format,
+          a_format=s.a_format, hadamard=self.base.hadamard if s.method == "cat" else "full")
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"layer {s.layer} site {s.site!r}: {e}") from None
+
+  @functools.cached_property
+  def _table(self) -> dict[tuple[int, str], SitePlan]:
+    return {(s.layer, s.site): s for s in self.sites}
+
+  def recipes(self, layer: int, spec: ArchSpec) -> dict[str, Recipe]:
+    """`{site: recipe}` of block `layer`."""
+    return {name: self.recipe(layer, name) for name in spec.site_names}
+
+  def check_model(self, cfg: ModelConfig) -> None:
+    """Raise ValueError, before any work, unless the plan covers exactly `cfg`'s
+    blocks and sites with recipes its widths take."""
+    spec = spec_for(cfg)
+    want = {(b, s) for b in range(cfg.num_layers) for s in spec.site_names}
+    have = set(self._table)
+    if have != want:
+      missing, extra = sorted(want - have), sorted(have - want)
+      raise ValueError(f"the plan does not fit this model ({cfg.num_layers} blocks, sites "
+                       f"{spec.site_names}): missing {missing[:4]}{'...' if len(missing) > 4 else ''}"
+                       f", unknown {extra[:4]}{'...' if len(extra) > 4 else ''}")
+    for s in self.sites:
+      try:
+        self.recipe(s.layer, s.site).check_model(cfg, sites=(s.site,))
+      except ValueError as e:
+        raise ValueError(f"layer {s.layer} site {s.site!r}: {e}") from None
+
+  # -- summaries --------------------------------------------------------------
+
+  def summary(self, cfg: ModelConfig, out_dims: dict[str, int]) -> dict[str, float]:
+    """`avg_w_bits` (over weight elements), `avg_a_bits` (over the elements the
+    linears read: a site's width times its linears), `transform_flops_ratio`
+    (online transform multiply-adds per token over those of the linears).
+    `out_dims`: `{site: Σ d_out over its linears}`."""
+    dims = spec_for(cfg).site_dims(cfg)
+    n_lin = {s.name: len(s.linears) for s in spec_for(cfg).sites}
+    w_num = w_den = a_num = a_den = t_num = lin = 0.0
+    for s in self.sites:
+      d, o = dims[s.site], out_dims[s.site]
+      w_num += d * o * format_bits(s.w_bits, s.w_format)
+      w_den += d * o
+      a_num += d * n_lin[s.site] * format_bits(s.a_bits, s.a_format)
+      a_den += d * n_lin[s.site]
+      t_num += transform_flops(s.method, s.block_size, d)
+      lin += d * o
+    return {"avg_w_bits": w_num / w_den, "avg_a_bits": a_num / a_den,
+            "transform_flops_ratio": t_num / lin}
+
+  # -- JSON ---------------------------------------------------------------------
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"sites": [s.to_dict() for s in self.sites], **self.info,
+            "base_recipe": self.base.to_dict()}
+
+  def save(self, path: str | Path) -> None:
+    from catjax.base.errors import write_text
+    write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+  @classmethod
+  def from_dict(cls, d: Any, *, base: Recipe | None = None, where: str = "plan") -> "Plan":
+    """A plan from its JSON form; `base` replaces the file's base recipe."""
+    if not isinstance(d, dict) or not isinstance(d.get("sites"), list) or not d["sites"]:
+      raise InputError(where, "expected an object with a non-empty list \"sites\"")
+    sites = []
+    for i, s in enumerate(d["sites"]):
+      if not isinstance(s, dict):
+        raise InputError(where, f"sites[{i}] is {type(s).__name__}, expected an object")
+      missing = [k for k in ("layer", "site", *SITE_KEYS) if k not in s]
+      if missing:
+        raise InputError(where, f"sites[{i}] lacks {missing}")
+      kw = {k: s[k] for k in ("layer", "site", *SITE_KEYS)}
+      if isinstance(kw["layer"], bool) or not isinstance(kw["layer"], int) or kw["layer"] < 0:
+        raise InputError(where, f"sites[{i}].layer={kw['layer']!r}: expected an integer >= 0")
+      for k in ("w_format", "a_format"):
+        if kw[k] not in FORMATS:
+          raise InputError(where, f"sites[{i}].{k}={kw[k]!r}: expected one of {FORMATS}")
+      sites.append(SitePlan(**kw, predicted_sqnr_db=s.get("predicted_sqnr_db")))
+    if base is None:
+      base = Recipe()
+      if isinstance(d.get("base_recipe"), dict):
+        fields = {f.name for f in dataclasses.fields(Recipe)}
+        try:
+          base = Recipe(**{k: v for k, v in d["base_recipe"].items() if k in fields})
+        except (TypeError, ValueError) as e:
+          raise InputError(where, f"base_recipe: {e}") from None
+    info = {k: v for k, v in d.items() if k not in ("sites", "base_recipe")}
+    try:
+      return cls(tuple(sites), base, info)
+    except ValueError as e:
+      raise InputError(where, str(e)) from None
+
+  @classmethod
+  def load(cls, path: str | Path, *, base: Recipe | None = None) -> "Plan":
+    return cls.from_dict(read_json(Path(path)), base=base, where=str(path))
+
+  @property
+  def label(self) -> str:
+    return "plan " + self.info.get("name", f"{len(self.sites)} sites")
+
+  # What `catjax.app.pipeline` asks of a recipe: a plan is one quantized method.
+  method = "plan"
+  quantized = True
+  train_steps = 0
+  w_bits = a_bits = None
+  w_format = a_format = "int"
+
+  @property
+  def propagates_quantized(self) -> bool:
+    return self.base.propagates_quantized
+
+
+def uniform_plan(recipe: Recipe, cfg: ModelConfig) -> Plan:
+  """The plan that gives every site `recipe` (a method of `PLAN_METHODS`)."""
+  spec = spec_for(cfg)
+  sites = tuple(SitePlan(b, s, recipe.method, recipe.block_size if recipe.method == "cat" else None,
+                         recipe.w_bits, recipe.a_bits, recipe.w_format, recipe.a_format)
+                for b in range(cfg.num_layers) for s in spec.site_names)
+  return Plan(sites, recipe, {"name": recipe.label})
+
+
+# ---------------------------------------------------------------------------
+# The hook
+
+
+def _variant_key(r: Recipe):
+  return (r.method, r.block_size if r.method == "cat" else None, r.a_config)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanHook:
+  """The site hook of a planned model: at each linear-input site the variant
+  `state["choice"]` of that layer (its transform, then its activation
+  quantizer); KV sites as `QuantHook`. Frozen and hashable (static in jit).
+
+  Attributes:
+    configs: `((site, (activation config or None per variant)), ...)`.
+  """
+
+  configs: tuple[tuple[str, tuple[QuantConfig | None, ...]], ...]
+  kv_config: QuantConfig | None = None
+  kv_sites: tuple[str, ...] = ("keys", "values")
+  ste: bool = False
+
+  def __call__(self, site: str, x: jax.Array, state):
+    if site in self.kv_sites:
+      return (x if self.kv_config is None else fake_quantize_ste(x, self.kv_config, ste=self.ste)), None
+    configs = dict(self.configs)[site]
+
+    def branch(i):
+      def run(x, transforms):
+        t = transforms[i]
+        v = x if t is None else t.apply(x)
+        return v if configs[i] is None else fake_quantize_ste(v, configs[i], ste=self.ste)
+      return run
+
+    if len(configs) == 1:
+      return branch(0)(x, state["transforms"]), None
+    return jax.lax.switch(state["choice"], [branch(i) for i in range(len(configs))], x,
+                          state["transforms"]), None
+
+
+def _stack(items):
+  return jax.tree.map(lambda *a: jnp.stack(a), *items)
+
+
+def hook_state(transforms: list[dict[str, Any]], recipes: list[dict[str, Recipe]], *,
+               spec: ArchSpec, kv_config: QuantConfig | None):
+  """`(PlanHook, state)` for blocks whose sites have `transforms[b][site]`
+  (a `Transform` or None) from `recipes[b][site]`; the state's arrays are
+  stacked over the blocks (index `[0]` for a single block run on its own)."""
+  configs, state = [], {}
+  for site in spec.site_names:
+    keys = [_variant_key(r[site]) for r in recipes]
+    variants = list(dict.fromkeys(keys))
+    stacks = []
+    for v in variants:
+      first = keys.index(v)
+      per_layer = [t[site] if k == v else transforms[first][site] for t, k in zip(transforms, keys)]
+      stacks.append(None if per_layer[0] is None else _stack(per_layer))
+    state[site] = {"choice": jnp.asarray([variants.index(k) for k in keys], jnp.int32),
+                   "transforms": tuple(stacks)}
+    configs.append((site, tuple(v[2] for v in variants)))
+  return PlanHook(tuple(configs), kv_config, spec.kv_sites), state
+
+
+def layer_transforms(state, site: str, layer: int):
+  """The transform (or None) block `layer` applies at `site` under a plan's hook state."""
+  s = state[site]
+  t = s["transforms"][int(s["choice"][layer])]
+  return None if t is None else jax.tree.map(lambda a: a[layer], t)
+

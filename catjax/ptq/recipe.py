@@ -1,0 +1,297 @@
+"""`Recipe`: how to quantize a model, one frozen, validated record."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import numpy as np
+
+from catjax.base.checks import check_bits, check_bool, check_int, is_real
+from catjax.core import hadamard as hd
+from catjax.core import transforms as tf
+from catjax.models.config import ModelConfig
+from catjax.models.spec import spec_for
+from catjax.core.quant import FORMATS, FP4_BLOCK, QuantConfig, activation_config, weight_config
+from catjax.core.transforms import DEFAULT_EPS
+
+
+# "fp" switches quantization off; "none" quantizes without a transform; every other
+# method is a transform of the registry `catjax.core.transforms.REGISTRY`.
+PTQ_METHODS = ("fp", "none") + tuple(m for m in tf.METHODS if m != "identity")
+
+
+WEIGHT_METHODS = ("rtn", "clip", "gptq")
+
+
+PROPAGATE = ("auto", "fp", "quantized")
+
+
+CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00, 0.95, ..., 0.50
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+  """How to quantize a model: one frozen, validated record.
+
+  Attributes:
+    method: one of `PTQ_METHODS`; "fp" switches quantization off.
+    block_size: `k` of block CAT ("cat" only); must divide every site width.
+    w_bits: weight bits (symmetric, per output channel), 2..8; None keeps
+      weights in floating point.
+    a_bits: activation bits (symmetric, per token), 2..8; None keeps them.
+    w_format / a_format: number format of the weights / activations (one of
+      `catjax.core.quant.FORMATS`): "int" (uniform integers, the default),
+      "mxfp4" or "nvfp4" (E2M1 elements with a scale per block of 32 / 16
+      input channels, `catjax.core.quant.fake_quantize`; bits must be 4). FP4
+      weights take weights="rtn" or "gptq", not the clip search nor, with
+      `train_steps`, learned weight clips (`train_w_clip=False`); they have
+      no integer export.
+    kv_bits: KV-cache bits (asymmetric, per token and head), or None (16-bit).
+    a_clip: activation clip ratio in (0, 1].
+    weights: how kernels are rounded: "rtn" (round to nearest), "clip" (per
+      output channel, the clip ratio of `CLIP_GRID` with the least
+      activation-weighted squared error) or "gptq" (`catjax.gptq_quantize`
+      with the site's Hessian `T Σ_x Tᵀ`).
+    gptq_damping / gptq_block / act_order: GPTQ's relative damping, lazy
+      batch size and descending-diag(H) order. The damping defaults to 10% of
+      the mean diagonal, not `gptq_quantize`'s 1%: on SmolLM2 W4A4 with
+      32 × 512 calibration tokens it is the better of the two for CAT
+      (benchmarks/results/smollm2_gptq_damping.md).
+    train_steps: optimizer steps of trained CAT per block (0: closed form);
+      methods with a block-diagonal part only.
+    train_lr: peak AdamW learning rate (cosine decay) of trained CAT.
+    train_batch: calibration windows per training step.
+    train_w_clip: trained CAT also learns a weight clip ratio per output
+      channel (in [`catjax.ptq.train.W_CLIP_MIN`, 1], from 1), which then sets the
+      grid of RTN and GPTQ; not with weights="clip" (its search replaces it).
+    propagate: what the next block sees: "fp" (outputs of the
+      full-precision block) or "quantized" (of the quantized block); "auto"
+      is "quantized" for GPTQ or trained recipes, else "fp".
+    seed: seed of the randomized Hadamard signs and of the training batches.
+    hadamard: where the Hadamard of "cat" / "cat_full" acts: "full" (one
+      randomized Hadamard of the whole width after the blocks, as fitted) or
+      "block" (a Hadamard of the block size folded into each block, so the
+      transform is one block-diagonal matrix, as a fused kernel wants).
+    alpha: SmoothQuant migration strength.
+    eps: relative damping of the second moments in the fits, finite and >= 0.
+    fit_x64: fit in float64 (default); False fits in float32 with the
+      eigenvalue floors, ~3x faster for wide sites, at some accuracy cost.
+  """
+
+  method: str = "cat"
+  block_size: int = 64
+  w_bits: int | None = 4
+  a_bits: int | None = 4
+  w_format: str = "int"
+  a_format: str = "int"
+  kv_bits: int | None = None
+  a_clip: float = 1.0
+  weights: str = "rtn"
+  gptq_damping: float = 0.1
+  gptq_block: int = 128
+  act_order: bool = False
+  train_steps: int = 0
+  train_lr: float = 1e-3
+  train_batch: int = 4
+  train_w_clip: bool = True
+  propagate: str = "auto"
+  seed: int = 0
+  hadamard: str = "full"
+  alpha: float = 0.5
+  eps: float = DEFAULT_EPS
+  fit_x64: bool = True
+
+  def __post_init__(self):
+    if self.method not in PTQ_METHODS:
+      raise ValueError(f"method={self.method!r}: expected one of {PTQ_METHODS}")
+    check_int("block_size", self.block_size, 1)
+    check_bits("w_bits", self.w_bits)
+    check_bits("a_bits", self.a_bits)
+    check_bits("kv_bits", self.kv_bits)
+    if not (is_real(self.a_clip) and 0.0 < self.a_clip <= 1.0):
+      raise ValueError(f"a_clip={self.a_clip!r}: expected a ratio in (0, 1]")
+    if self.weights not in WEIGHT_METHODS:
+      raise ValueError(f"weights={self.weights!r}: expected one of {WEIGHT_METHODS}")
+    if not (is_real(self.gptq_damping) and self.gptq_damping >= 0):
+      raise ValueError(f"gptq_damping={self.gptq_damping!r}: expected a finite value >= 0")
+    check_int("gptq_block", self.gptq_block, 1)
+    check_int("train_steps", self.train_steps, 0)
+    check_int("train_batch", self.train_batch, 1)
+    if not (is_real(self.train_lr) and self.train_lr > 0):
+      raise ValueError(f"train_lr={self.train_lr!r}: expected a finite value > 0")
+    if not (is_real(self.eps) and self.eps >= 0):
+      raise ValueError(f"eps={self.eps!r}: expected a finite value >= 0")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+      raise ValueError(f"seed={self.seed!r}: expected an integer")
+    for name in ("act_order", "train_w_clip", "fit_x64"):
+      check_bool(name, getattr(self, name))
+    if self.propagate not in PROPAGATE:
+      raise ValueError(f"propagate={self.propagate!r}: expected one of {PROPAGATE}")
+    if self.train_steps and (self.method == "fp" or self.transform_method is None
+                             or tf.REGISTRY[self.transform_method].blocks is None):
+      raise ValueError(f"train_steps={self.train_steps} needs a method with trainable blocks "
+                       f"(cat, cat_full, smoothquant...), not {self.method!r}")
+    if self.hadamard not in ("full", "block"):
+      raise ValueError(f"hadamard={self.hadamard!r}: expected 'full' or 'block'")
+    if self.hadamard == "block" and self.method not in ("cat", "cat_full"):
+      raise ValueError(f"hadamard='block' applies to 'cat' and 'cat_full', not {self.method!r}")
+    if not (is_real(self.alpha) and 0.0 <= self.alpha <= 1.0):
+      raise ValueError(f"alpha={self.alpha!r}: expected a value in [0, 1]")
+    self._check_formats()
+
+  def _check_formats(self) -> None:
+    for side, fmt, bits in (("w", self.w_format, self.w_bits), ("a", self.a_format, self.a_bits)):
+      if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ValueError(f"{side}_format={fmt!r}: expected one of {FORMATS}")
+      if fmt != "int" and bits not in (None, 4):
+        raise ValueError(f"{side}_format={fmt!r} has 4-bit E2M1 elements: {side}_bits must be 4 "
+                         f"(or None for 16-bit), got {side}_bits={bits!r}")
+    if self.w_format == "int" or self.w_bits is None or self.method == "fp":
+      return
+    if self.weights == "clip":
+      raise ValueError(f"weights='clip' searches clip ratios of an integer grid; with "
+                       f"w_format={self.w_format!r} use weights='rtn' or 'gptq'")
+    if self.train_steps and self.train_w_clip:
+      raise ValueError(f"trained CAT's learned weight clip ratios (train_w_clip=True) scale an "
+                       f"integer per-channel grid; with w_format={self.w_format!r} set "
+                       f"train_w_clip=False (method spec option @nowc)")
+
+  @property
+  def transform_method(self) -> str | None:
+    """The transform of `catjax.core.transforms` this recipe fits (None: no transform)."""
+    return None if self.method in ("fp", "none") else self.method
+
+  @property
+  def quantized(self) -> bool:
+    return self.method != "fp" and (self.w_bits, self.a_bits, self.kv_bits) != (None,) * 3
+
+  @property
+  def propagates_quantized(self) -> bool:
+    """Whether the next block sees the quantized block's outputs (resolves "auto")."""
+    if self.propagate == "auto":
+      return self.quantized and (self.weights == "gptq" or self.train_steps > 0)
+    return self.propagate == "quantized" and self.quantized
+
+  @property
+  def a_config(self) -> QuantConfig | None:
+    if self.method == "fp" or self.a_bits is None:
+      return None
+    return activation_config(self.a_bits, clip_ratio=float(self.a_clip), format=self.a_format)
+
+  @property
+  def w_config(self) -> QuantConfig | None:
+    if self.method == "fp" or self.w_bits is None:
+      return None
+    return weight_config(self.w_bits, format=self.w_format)
+
+  @property
+  def kv_config(self) -> QuantConfig | None:
+    if self.method == "fp" or self.kv_bits is None:
+      return None
+    return QuantConfig(bits=self.kv_bits, symmetric=False, granularity="token")
+
+  @property
+  def label(self) -> str:
+    """Short name, e.g. "cat k=64 W4A4", "cat k=64 gptq t200 W4A4", "fp"; FP4
+    formats: "cat k=64 MXFP4" (both operands), "none W4A8 w:nvfp4" (one)."""
+    if self.method == "fp":
+      return "fp"
+    name = f"{self.method} k={self.block_size}" if self.method == "cat" else self.method
+    name += " blockH" if self.hadamard == "block" else ""
+    name += "" if self.weights == "rtn" else f" {self.weights}"
+    if self.weights == "gptq" and self.gptq_damping != Recipe.gptq_damping:
+      name += f" d={self.gptq_damping:g}"
+    name += " act-order" if self.weights == "gptq" and self.act_order else ""
+    name += f" aclip={self.a_clip:g}" if self.a_clip != 1.0 else ""
+    name += f" t{self.train_steps}" if self.train_steps else ""
+    name += " nowc" if self.train_steps and not self.train_w_clip else ""
+    name += "" if self.fit_x64 else " f32"
+    if self.propagate != "auto":
+      name += f" prop={self.propagate}"
+    bits = f"W{self.w_bits or 16}A{self.a_bits or 16}"
+    w_fmt = self.w_format if self.w_bits else "int"
+    a_fmt = self.a_format if self.a_bits else "int"
+    if w_fmt == a_fmt != "int":
+      bits = w_fmt.upper()
+    else:
+      bits += "".join(f" {side}:{fmt}" for side, fmt in (("w", w_fmt), ("a", a_fmt))
+                      if fmt != "int")
+    return f"{name} {bits}" + (f" KV{self.kv_bits}" if self.kv_bits else "")
+
+  def to_dict(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), "label": self.label}
+
+  def check_model(self, cfg: ModelConfig, *, sites: tuple[str, ...] | None = None) -> None:
+    """Raise ValueError, before any work, if this recipe cannot quantize `cfg`'s
+    widths (those of `sites` only, if given)."""
+    dims = spec_for(cfg).site_dims(cfg)
+    dims = {s: d for s, d in dims.items() if sites is None or s in sites}
+    for side, fmt, bits in (("w", self.w_format, self.w_bits), ("a", self.a_format, self.a_bits)):
+      if fmt == "int" or bits is None or self.method == "fp":
+        continue
+      bad = {s: d for s, d in dims.items() if d % FP4_BLOCK[fmt]}
+      if bad:
+        raise ValueError(f"{side}_format={fmt!r} scales blocks of {FP4_BLOCK[fmt]} input channels: "
+                         f"the site widths {bad} of this model are not multiples of "
+                         f"{FP4_BLOCK[fmt]}")
+    if self.method == "cat":
+      bad = {s: d for s, d in dims.items() if d % self.block_size}
+      if bad:
+        common = np.gcd.reduce(list(dims.values()))
+        raise ValueError(
+            f"block_size={self.block_size} does not divide the site widths {bad} of this "
+            f"model; block sizes that divide every width divide {common}")
+    if self.hadamard == "block" and not hd.is_supported(self.block_size):
+      raise ValueError(f"hadamard='block' needs a Hadamard matrix of block_size="
+                       f"{self.block_size}; it has none (see catjax.core.hadamard)")
+    if self.transform_method and tf.REGISTRY[self.transform_method].hadamard:
+      bad = sorted({d for d in dims.values() if not hd.is_supported(d)})
+      if bad:
+        raise ValueError(f"method {self.method!r} needs a Hadamard matrix of every site width; "
+                         f"widths {bad} of this model have none (see catjax.core.hadamard)")
+
+  def with_spec(self, spec: str) -> "Recipe":
+    """This recipe with a method spec applied: `METHOD[@OPT...]`, options `wNaM`
+    (bits; 16 = not quantized), `kN` (block size), `kvN` (KV bits), `bh` (block Hadamard), `rtn` /
+    `clip` / `gptq` (weight rounding), `tN` (trained CAT, N steps per block),
+    `pfp` / `pq` (propagate fp / quantized outputs), `f32` (float32 fits), `dX` (GPTQ damping),
+    `act` (GPTQ act-order), `nowc` (trained CAT without learned weight clips),
+    `acX` (activation clip ratio), `mxfp4` / `nvfp4` (both formats, and 4 bits), `int`
+    (both formats integer), e.g. "none@w6a6", "cat@k192", "cat@bh", "hadamard@gptq",
+    "cat@gptq@d0.1@t200", "hadamard@ac0.9", "cat@mxfp4", "hadamard@nvfp4"."""
+    method, *opts = spec.strip().split("@")
+    kw: dict[str, Any] = {"method": method}
+    flags = {"bh": ("hadamard", "block"), "pfp": ("propagate", "fp"),
+             "pq": ("propagate", "quantized"), "f32": ("fit_x64", False), "act": ("act_order", True),
+             "nowc": ("train_w_clip", False),
+             **{w: ("weights", w) for w in WEIGHT_METHODS}}
+    for opt in opts:
+      o = opt.lower()
+      m = (re.fullmatch(r"w(\d+)a(\d+)", o), re.fullmatch(r"kv(\d+)", o), re.fullmatch(r"k(\d+)", o),
+           re.fullmatch(r"t(\d+)", o), re.fullmatch(r"d(\d*\.?\d+)", o),
+           re.fullmatch(r"ac(\d*\.?\d+)", o))
+      if o in flags:
+        kw[flags[o][0]] = flags[o][1]
+      elif o in FORMATS:
+        kw["w_format"] = kw["a_format"] = o
+        if o != "int":
+          kw["w_bits"] = kw["a_bits"] = 4
+      elif m[0]:  # 16 bits: not quantized
+        kw["w_bits"], kw["a_bits"] = (None if int(v) == 16 else int(v) for v in m[0].groups())
+      elif m[1]:
+        kw["kv_bits"] = None if int(m[1][1]) == 16 else int(m[1][1])
+      elif m[2]:
+        kw["block_size"] = int(m[2][1])
+      elif m[3]:
+        kw["train_steps"] = int(m[3][1])
+      elif m[4]:
+        kw["gptq_damping"] = float(m[4][1])
+      elif m[5]:
+        kw["a_clip"] = float(m[5][1])
+      else:
+        raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected wNaM, kN, kvN, "
+                         f"tN, dX, acX, act, nowc, bh, rtn, clip, gptq, pfp, pq, f32, mxfp4, "
+                         f"nvfp4 or int")
+    return dataclasses.replace(self, **kw)

@@ -1,0 +1,238 @@
+"""Trained CAT: refine one block's closed-form transforms by gradient descent.
+
+For every site whose transform has a block-diagonal part `B` (cat, cat_full,
+smoothquant...), the trained transform is `B(Δ) = (I + Δ) B₀` per `k × k` block,
+`Δ` initialised at zero, so step 0 is exactly the closed form `B₀`. Its inverse
+is `B₀⁻¹ (I + Δ)⁻¹`: the closed form's own (float64-fitted) inverse times the
+inverse of a near-identity `k × k` matrix — Newton–Schulz iterations inside the
+training step, an exact float64 inverse for the transforms that are kept — so
+the function stays preserved without quantization and the inverse is well
+conditioned as long as `I + Δ` is. The loss is the block's output error under fake quantization,
+`‖block_q(X) − Y‖² / ‖Y‖²` against the full-precision block's outputs `Y`,
+with straight-through rounding of activations, weights and the KV cache, and
+AdamW with a cosine learning-rate decay (optax), on random batches of the
+calibration windows (deterministic under `Recipe.seed`).
+
+With `Recipe.train_w_clip` (the default for RTN and GPTQ weights) every
+kernel also learns a clip ratio per output channel, `r = 1 + c·θ` with `θ`
+from zero (so step 0 is still the closed form), projected back into
+`[W_CLIP_MIN, 1]` after every step; the weights' grid is then
+`r · absmax / qmax` (`ptq.channel_clipped_quantize`, LSQ gradients), and the
+kept ratios set the grid of the final RTN or GPTQ quantization. `c =
+W_CLIP_LR_SCALE` gives the ratios a 10× larger step than the block entries:
+Adam's steps are about the learning rate in parameter units, and a useful
+ratio lies ~0.1 below 1, a useful `Δ` entry ~0.01 from 0.
+
+Safeguards (per block): the trained transforms are kept only if their loss on
+all calibration windows is below the closed form's and every `I + Δ` has a
+condition number below `MAX_COND`; otherwise the closed form stays.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from catjax.models.llama import block_forward
+from catjax.models.spec import ArchSpec, get_path
+from catjax.ptq.hooks import QuantHook, fake_quantize_ste
+from catjax.ptq.blocks import channel_clipped_quantize, map_kernels
+from catjax.core.quant import QuantConfig
+from catjax.core.transforms import Transform
+
+MAX_COND = 1e3
+W_CLIP_MIN = 0.5
+W_CLIP_LR_SCALE = 10.0
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+NEWTON_STEPS = 12
+
+
+def _near_identity_inverse(m: jax.Array) -> jax.Array:
+  """`m⁻¹` of near-identity blocks by Newton–Schulz, `X ← X (2I − m X)` from `X = I`.
+
+  Matmuls only (a LAPACK inverse inside the training step deadlocks XLA's CPU
+  runtime on small machines); converges quadratically while `‖m − I‖ < 1`,
+  to float32 rounding in these steps for `‖m − I‖ ≤ 0.8`. The kept transforms
+  get an exact float64 inverse afterwards (`exact_with_delta`).
+  """
+  eye = jnp.eye(m.shape[-1], dtype=m.dtype)
+  x = jnp.broadcast_to(eye, m.shape)
+  for _ in range(NEWTON_STEPS):
+    x = jnp.einsum("bij,bjk->bik", x, 2 * eye - jnp.einsum("bij,bjk->bik", m, x,
+                                                           precision=HIGHEST), precision=HIGHEST)
+  return x
+
+
+def with_delta(t: Transform, delta: jax.Array) -> Transform:
+  """`t` with blocks `(I + Δ) B₀` and inverse blocks `B₀⁻¹ (I + Δ)⁻¹` (Newton–Schulz;
+  traceable, used in the training loss)."""
+  m = jnp.eye(delta.shape[-1], dtype=jnp.float32) + delta
+  blocks = jnp.einsum("bij,bjk->bik", m, t.blocks, precision=HIGHEST)
+  inv = jnp.einsum("bij,bjk->bik", t.inv_blocks, _near_identity_inverse(m), precision=HIGHEST)
+  return Transform(blocks=blocks, inv_blocks=inv, signs=t.signs, method=t.method, dim=t.dim)
+
+
+def exact_with_delta(t: Transform, delta: jax.Array) -> Transform:
+  """As `with_delta`, computed in float64 with an exact (LU) inverse of `I + Δ`."""
+  m = np.eye(delta.shape[-1]) + np.asarray(delta, np.float64)
+  b0, inv0 = np.asarray(t.blocks, np.float64), np.asarray(t.inv_blocks, np.float64)
+  blocks, inv = m @ b0, inv0 @ np.linalg.inv(m)
+  return Transform(blocks=jnp.asarray(blocks, jnp.float32), inv_blocks=jnp.asarray(inv, jnp.float32),
+                   signs=t.signs, method=t.method, dim=t.dim)
+
+
+def clip_ratio(theta: jax.Array) -> jax.Array:
+  """The weight clip ratio of a trained parameter `θ` (see the module docstring)."""
+  return 1.0 + W_CLIP_LR_SCALE * theta
+
+
+def _project(params: dict) -> dict:
+  """Keep every learned clip ratio in `[W_CLIP_MIN, 1]`."""
+  lo = (W_CLIP_MIN - 1.0) / W_CLIP_LR_SCALE
+  return {**params, "w_clip": jax.tree.map(lambda t: jnp.clip(t, lo, 0.0), params["w_clip"])}
+
+
+def _quantized_block(block, transforms, spec: ArchSpec, w_config: QuantConfig | None,
+                     w_clip: dict):
+  """The block's kernels merged with `transforms` and fake-quantized with STE
+  (on the learned clip grid of `w_clip` where it has the kernel)."""
+
+  def one(site, path, k):
+    k = transforms[site].merge(k)
+    ratio = w_clip.get("/".join(path))
+    if w_config is None:
+      return k
+    if ratio is None:
+      return fake_quantize_ste(k, w_config, ste=True)
+    return channel_clipped_quantize(k, ratio, w_config.qmax)[0].astype(k.dtype)
+
+  return map_kernels(block, spec, one)
+
+
+def _error(deltas, ratios, block, base, x, y, rope, *, graphdef, hook, spec, w_config):
+  """The quantized block's relative output error with blocks `(I + Δ) B₀` and
+  weight clip ratios `ratios`."""
+  ts = {site: (with_delta(t, deltas[site]) if site in deltas else t) for site, t in base.items()}
+  qblock = _quantized_block(block, ts, spec, w_config, ratios)
+  out, _, _ = block_forward(graphdef, qblock, x, rope, hook=hook, hook_state=ts)
+  err = jnp.sum((out.astype(jnp.float32) - y) ** 2)
+  return err / jnp.sum(y.astype(jnp.float32) ** 2)
+
+
+def _loss(params, *args, **kw):
+  ratios = {p: clip_ratio(t) for p, t in params["w_clip"].items()}
+  return _error(params["deltas"], ratios, *args, **kw)
+
+
+_STATIC = ("graphdef", "hook", "spec", "w_config")
+_error_jit = jax.jit(_error, static_argnames=_STATIC)
+
+
+def _optimizer(lr: float, steps: int):
+  return optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1)), weight_decay=0.0)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("lr", "steps"))
+def _step(params, opt_state, block, base, x, y, rope, *, graphdef, hook, spec, w_config, lr,
+          steps):
+  loss, grads = jax.value_and_grad(_loss)(params, block, base, x, y, rope, graphdef=graphdef,
+                                          hook=hook, spec=spec, w_config=w_config)
+  updates, opt_state = _optimizer(lr, steps).update(grads, opt_state, params)
+  return _project(optax.apply_updates(params, updates)), opt_state, loss
+
+
+def block_loss(runner, block, transforms, x, y, recipe, *, spec: ArchSpec,
+               w_clip: dict[str, jax.Array] | None = None) -> float:
+  """The training loss of `transforms` (and learned weight clip ratios
+  `w_clip`, `{"/".join(path): (d_out,)}`) on all windows (in batches);
+  straight-through estimation changes gradients only, so these are the
+  quantized block's true errors."""
+  hook = _hook(recipe, spec)
+  err = 0.0
+  for i in range(0, x.shape[0], runner.batch_size):
+    xb, yb = x[i:i + runner.batch_size], y[i:i + runner.batch_size]
+    part = _error_jit({}, w_clip or {}, block, transforms, xb, yb, runner.rope,
+                      graphdef=runner.graphdef, hook=hook, spec=spec, w_config=recipe.w_config)
+    err += float(part) * float(jnp.sum(yb.astype(jnp.float32) ** 2))
+  return err / float(jnp.sum(y.astype(jnp.float32) ** 2))
+
+
+def _hook(recipe, spec):
+  return QuantHook(recipe.a_config, recipe.kv_config, spec.kv_sites, ste=True)
+
+
+def learns_w_clip(recipe) -> bool:
+  """Whether trained CAT of `recipe` learns weight clip ratios."""
+  return recipe.train_w_clip and recipe.w_config is not None and recipe.weights in ("rtn", "gptq")
+
+
+def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Array,
+                y: jax.Array, recipe, *, spec: ArchSpec, layer: int
+                ) -> tuple[dict[str, Transform], dict[str, jax.Array] | None, dict]:
+  """Refine `transforms` of one block (see the module docstring).
+
+  Args:
+    runner: the engine's `BlockRunner` (block graph, RoPE tables, batch size).
+    block: the block's full-precision parameter dict.
+    transforms: the closed-form `{site: Transform}` of the block.
+    x: the block's calibration inputs `(n, T, d)`.
+    y: the targets, the full-precision block's outputs `(n, T, d)`.
+    recipe: `train_steps`, `train_lr`, `train_batch`, `train_w_clip`, `seed`
+      and the quantizers.
+    layer: the block index (seeds the batch order).
+
+  Returns:
+    `(transforms, w_clip, info)`: the kept transforms; the kept weight clip
+    ratios `{"/".join(path): (d_out,)}` for `quantize_block`, or None (not
+    learned, or the closed form kept); the losses (closed form, first and last
+    training step, trained on all windows), max condition number of `I + Δ`,
+    the mean learned clip ratio, and whether the trained result was kept.
+  """
+  trainable = {s: t for s, t in transforms.items() if t.blocks is not None}
+  params = {"deltas": {s: jnp.zeros_like(t.blocks) for s, t in trainable.items()},
+            "w_clip": {}}
+  if learns_w_clip(recipe):
+    params["w_clip"] = {"/".join(path): jnp.zeros(get_path(block, path)["kernel"].shape[-1],
+                                                  jnp.float32)
+                        for _, path in spec.linears}
+  steps, n = recipe.train_steps, x.shape[0]
+  batch = min(recipe.train_batch, n)
+  static = dict(graphdef=runner.graphdef, hook=_hook(recipe, spec), spec=spec,
+                w_config=recipe.w_config)
+  opt_state = _optimizer(recipe.train_lr, steps).init(params)
+  key = jax.random.fold_in(jax.random.PRNGKey(recipe.seed), layer)
+  curve = []
+  for step in range(steps):
+    idx = jax.random.choice(jax.random.fold_in(key, step), n, (batch,), replace=False)
+    params, opt_state, loss = _step(params, opt_state, block, transforms, x[idx], y[idx],
+                                    runner.rope, lr=float(recipe.train_lr), steps=steps, **static)
+    curve.append(float(loss))
+
+  def _cond(d):
+    m = np.eye(d.shape[-1]) + np.asarray(d, np.float64)
+    return float(np.max(np.linalg.cond(m))) if np.isfinite(m).all() else float("inf")
+
+  deltas = params["deltas"]
+  w_clip = {p: clip_ratio(t) for p, t in params["w_clip"].items()} or None
+  cond = max(map(_cond, deltas.values()), default=1.0)
+  closed = block_loss(runner, block, transforms, x, y, recipe, spec=spec)
+  result = transforms
+  trained = float("inf")
+  if np.isfinite(cond) and cond < MAX_COND:
+    result = {s: (exact_with_delta(t, deltas[s]) if s in deltas else t)
+              for s, t in transforms.items()}
+    trained = block_loss(runner, block, result, x, y, recipe, spec=spec, w_clip=w_clip)
+  keep = bool(np.isfinite(trained) and trained < closed)
+  info = {"layer": layer, "closed_form_loss": closed, "trained_loss": trained,
+          "first_step_loss": curve[0] if curve else None,
+          "last_step_loss": curve[-1] if curve else None, "max_cond": cond,
+          "mean_w_clip": (float(np.mean([np.mean(np.asarray(r)) for r in w_clip.values()]))
+                          if w_clip else None),
+          "kept": keep}
+  return (result, w_clip, info) if keep else (transforms, None, info)

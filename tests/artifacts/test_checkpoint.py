@@ -1,0 +1,248 @@
+"""Quantized checkpoints: save -> load is exact; every bad checkpoint is refused;
+generation from the quantized model; the CLI's --save / --model DIR."""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import stat
+
+import numpy as np
+import pytest
+
+import tiny
+from catjax.artifacts import checkpoint
+from catjax.app import cli
+from catjax.artifacts.checkpoint import MANIFEST, CheckpointError, load_quantized, save_quantized
+from catjax.ptq.engine import quantize_model
+from catjax.analysis.evaluate import perplexity
+from catjax.models import forward, generate, random_model
+from catjax.ptq.recipe import Recipe
+from catjax.ptq.realize import realize
+
+WINDOWS = tiny.tokens((4, 32), 128, seed=5)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """A tiny model's real W4A4 CAT (full Hadamard: online transforms) and KV8, saved."""
+  model = random_model(tiny.config(), seed=4)
+  qm = quantize_model(model, WINDOWS, Recipe(method="cat", block_size=16, kv_bits=8),
+                      progress=False)
+  real = realize(model, qm)
+  folder = tmp_path_factory.mktemp("ckpt") / "q"
+  save_quantized(real, folder, tokenizer=tiny.tokenizer())
+  return real, folder
+
+
+def _run(qm, tokens):
+  return forward(qm.model, tokens, hook=qm.hook, hook_state=qm.transforms)[0]
+
+
+def test_load_equals_the_in_memory_model_bit_for_bit(saved):
+  real, folder = saved
+  loaded, tokenizer = load_quantized(folder)
+  assert loaded.real and loaded.recipe == real.recipe
+  assert tokenizer is not None and tokenizer.get_vocab() == tiny.tokenizer().get_vocab()
+  np.testing.assert_array_equal(_run(loaded, WINDOWS), _run(real, WINDOWS))
+  ppl = lambda qm: perplexity(qm.model, WINDOWS, hook=qm.hook, hook_state=qm.transforms,  # noqa: E731
+                              progress=False).perplexity
+  assert ppl(loaded) == ppl(real)
+  manifest = json.loads((folder / MANIFEST).read_text())
+  assert manifest["format_version"] == checkpoint.VERSION
+  assert manifest["sites"]["attn_in"] == {"dim": 64, "block_size": 16, "in_kernel": False,
+                                          "online": True, "hadamard": 64}
+  assert manifest["tensors"]["layers.attn.q_proj.values"] == {"shape": [2, 64, 32],
+                                                              "dtype": "int8"}
+  assert not list(folder.parent.glob(".q.partial-*"))
+  umask = os.umask(0)
+  os.umask(umask)
+  assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o666 & ~umask}
+
+
+def test_sharded_checkpoint_and_block_hadamard_recipe(tmp_path):
+  """Blocks folded into the kernels (no online transform), several shards."""
+  model = random_model(tiny.config(), seed=6)
+  qm = quantize_model(model, WINDOWS, Recipe(method="cat", block_size=16, hadamard="block"),
+                      progress=False)
+  real = realize(model, qm)
+  folder = save_quantized(real, tmp_path / "b", max_shard_bytes=4096)
+  assert (folder / "model.safetensors.index.json").exists()
+  loaded, tokenizer = load_quantized(folder)
+  assert tokenizer is None and loaded.transforms is None
+  np.testing.assert_array_equal(_run(loaded, WINDOWS), _run(real, WINDOWS))
+
+
+def test_generation_from_the_loaded_model(saved):
+  real, folder = saved
+  loaded, _ = load_quantized(folder)
+  prompt = WINDOWS[0, :6]
+  greedy = generate(loaded.model, prompt, max_new_tokens=6, hook=loaded.hook,
+                    hook_state=loaded.transforms)
+  assert greedy == generate(real.model, prompt, max_new_tokens=6, hook=real.hook,
+                            hook_state=real.transforms)
+  # The first greedy token is the argmax of the quantized forward's last logits.
+  assert greedy[0] == int(np.argmax(_run(loaded, prompt[None])[0, -1]))
+  streamed = []
+  sample = lambda seed, **kw: generate(  # noqa: E731
+      loaded.model, prompt, max_new_tokens=6, hook=loaded.hook, hook_state=loaded.transforms,
+      temperature=1.0, seed=seed, **kw)
+  first = sample(0, on_token=streamed.append)
+  assert streamed == first and sample(0) == first  # the same seed, the same tokens
+  assert any(sample(s) != first for s in range(1, 6))
+  assert sample(3, top_p=1e-6) == greedy  # a nucleus of one token is greedy
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"temperature": -1.0}, "temperature=-1.0"),
+    ({"temperature": math.nan}, "temperature=nan"),
+    ({"top_p": 0.0}, "top_p=0.0"),
+    ({"top_p": 1.5}, "top_p=1.5"),
+])
+def test_generation_errors(kw, match):
+  with pytest.raises(ValueError, match=match):
+    generate(random_model(tiny.config(), seed=0), [1, 2], max_new_tokens=2, **kw)
+
+
+def _rehash(folder):
+  """Recompute every file's sha256 and the manifest checksum (a careful hand edit)."""
+  m = json.loads((folder / MANIFEST).read_text())
+  m["files"] = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in m["files"]}
+  m["checksum"] = checkpoint._checksum(m)
+  (folder / MANIFEST).write_text(json.dumps(m))
+
+
+def _edit_manifest(fn, rehash=False):
+  def edit(folder):
+    m = json.loads((folder / MANIFEST).read_text())
+    fn(m)
+    if rehash:
+      m["checksum"] = checkpoint._checksum(m)
+    (folder / MANIFEST).write_text(json.dumps(m))
+  return edit
+
+
+def _flip_byte(name, at=-10):
+  def edit(folder):
+    data = bytearray((folder / name).read_bytes())
+    data[at] ^= 0xFF
+    (folder / name).write_bytes(bytes(data))
+  return edit
+
+
+def _truncate(name):
+  def edit(folder):
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) // 2])
+  return edit
+
+
+def _nan_tensor(folder):
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(str(folder / "model.safetensors"))
+  tensors["norm.scale"] = tensors["norm.scale"].copy()
+  tensors["norm.scale"][3] = np.nan
+  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "catjax-quantized"})
+  _rehash(folder)
+
+
+def _wrong_dtype(folder):
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(str(folder / "model.safetensors"))
+  tensors["layers.attn.q_proj.scale"] = tensors["layers.attn.q_proj.scale"].astype(np.float16)
+  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "catjax-quantized"})
+  _rehash(folder)
+
+
+BAD = {
+    "no manifest": (lambda f: (f / MANIFEST).unlink(), f"{MANIFEST}: no such file"),
+    "manifest not JSON": (lambda f: (f / MANIFEST).write_text("{oops"), "not valid JSON"),
+    "another format": (_edit_manifest(lambda m: m.update(format="gguf")), "not a catjax-quantized"),
+    "newer version": (_edit_manifest(lambda m: m.update(format_version=99)),
+                      "format version 99; this catjax reads version 1"),
+    "manifest edited": (_edit_manifest(lambda m: m["recipe"].update(w_bits=8)),
+                        "checksum does not match"),
+    "flipped byte": (_flip_byte("model.safetensors"), "model.safetensors: sha256 differs"),
+    "truncated tensors": (_truncate("model.safetensors"), "model.safetensors: sha256 differs"),
+    "tokenizer edited": (_flip_byte("tokenizer.json", at=5), "tokenizer.json: sha256 differs"),
+    "file missing": (lambda f: (f / "model.safetensors").unlink(), "model.safetensors: missing"),
+    "bits edited, rehashed": (_edit_manifest(lambda m: m["recipe"].update(w_bits=8), rehash=True),
+                              "tensor 'layers.attn.k_proj.values' is int8\\[2, 32, 32\\], "
+                              "expected int8\\[2, 32, 64\\]"),
+    "unknown recipe key": (_edit_manifest(lambda m: m["recipe"].update(rounding="up"),
+                                          rehash=True), "inconsistent manifest"),
+    "tensor dropped from table": (
+        _edit_manifest(lambda m: m["tensors"].pop("norm.scale"), rehash=True),
+        "tensors do not match the config and recipe \\(unexpected \\[\\], missing \\['norm.scale'\\]"),
+    "NaN weight, rehashed": (_nan_tensor, "tensor 'norm.scale' has non-finite values"),
+    "wrong dtype, rehashed": (_wrong_dtype,
+                              "tensor 'layers.attn.q_proj.scale' is float16\\[2, 64\\], "
+                              "expected float32\\[2, 64\\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_checkpoints_are_refused_naming_file_and_problem(saved, tmp_path, case):
+  _, folder = saved
+  copy = tmp_path / "bad"
+  shutil.copytree(folder, copy)
+  edit, match = BAD[case]
+  edit(copy)
+  with pytest.raises(CheckpointError, match=match) as e:
+    load_quantized(copy)
+  assert str(copy) in str(e.value)
+
+
+def test_save_refuses_an_existing_folder_and_leaves_nothing_when_interrupted(saved, tmp_path,
+                                                                           monkeypatch):
+  real, folder = saved
+  with pytest.raises(FileExistsError, match="exists"):
+    save_quantized(real, folder)
+  with pytest.raises(ValueError, match="needs a real quantized model"):
+    save_quantized(quantize_model(random_model(tiny.config(), seed=1), None,
+                                  Recipe(method="none"), progress=False), tmp_path / "x")
+
+  def interrupted(*args, **kw):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(checkpoint, "write_tensors", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    save_quantized(real, tmp_path / "never")
+  assert list(tmp_path.iterdir()) == []  # neither the folder nor a partial one
+
+
+@pytest.fixture(scope="module")
+def cli_folder(tmp_path_factory):
+  return tiny.folder_and_text(tmp_path_factory, "cli")
+
+
+def test_cli_quantize_save_then_eval_and_generate_the_folder(cli_folder, tmp_path, capsys):
+  path, text = cli_folder
+  out = tmp_path / "w4a4"
+  common = ["--calib-text", str(text), "--eval-text", str(text), "--seqlen", "16",
+            "--no-progress"]
+  assert cli.main(["quantize", "--model", str(path), *common, "--calib-windows", "4",
+                   "--report-windows", "1", "--eval-max-tokens", "64", "--block-size", "16",
+                   "--method", "cat", "--kv-bits", "8", "--json", str(tmp_path / "q.json"),
+                   "--save", str(out)]) == 0
+  report = json.loads((tmp_path / "q.json").read_text())
+  assert report["methods"][0]["saved"] == str(out)
+  capsys.readouterr()
+  assert cli.main(["eval", "--model", str(out), "--eval-text", str(text), "--seqlen", "16",
+                   "--max-tokens", "64", "--no-progress", "--json", str(tmp_path / "e.json")]) == 0
+  evaluated = json.loads((tmp_path / "e.json").read_text())
+  # The same windows, the same quantized model: the perplexity the pipeline reported.
+  assert evaluated["perplexity"] == pytest.approx(report["perplexity"], rel=1e-5)
+  capsys.readouterr()
+  assert cli.main(["generate", "--model", str(out), "--prompt", "The quick", "--max-new-tokens",
+                   "5", "--temperature", "0.8", "--seed", "1",
+                   "--json", str(tmp_path / "g.json")]) == 0
+  gen = json.loads((tmp_path / "g.json").read_text())
+  assert len(gen["tokens"]) == 5 and capsys.readouterr().out.startswith("The quick")
+  # Saving again to the same folder fails before any work.
+  assert cli.main(["quantize", "--model", str(path), *common, "--save", str(out)]) == 2
+  assert "exists" in capsys.readouterr().err
+  assert cli.main(["quantize", "--model", str(path), *common, "--a-bits", "16",
+                   "--save", str(tmp_path / "w4")]) == 2
+  assert "needs weight and activation bits" in capsys.readouterr().err
