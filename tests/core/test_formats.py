@@ -133,7 +133,7 @@ def test_mxfp4_matches_the_reference(granularity, shape):
   assert (np.frexp(block)[0] == 0.5).all()
   np.testing.assert_array_equal(block.astype(ml_dtypes.float8_e8m0fnu).astype(F32), block)
   # every element is an E2M1 value times its block's scale, and the largest lands in [4, 6]
-  g, axes = quant._grouped(jnp.asarray(got), cfg)
+  g, axes = quant.grouped(jnp.asarray(got), cfg)
   levels = np.abs(np.asarray(g)) / block
   assert set(np.unique(levels)) <= set(E2M1)
   top = levels.max(axis=axes, keepdims=True)

@@ -19,7 +19,7 @@ def test_round_trip_error_is_within_half_a_step(key, bits, symmetric, granularit
   assert q.values.shape == v.shape
   lo, hi = (-cfg.qmax, cfg.qmax) if symmetric else (0, cfg.qmax)
   assert int(q.values.min()) >= lo and int(q.values.max()) <= hi
-  g, _ = quant._grouped(v, cfg)
+  g, _ = quant.grouped(v, cfg)
   step = jnp.broadcast_to(q.scale, g.shape).reshape(v.shape)
   err = jnp.abs(quant.dequantize(q) - v)
   assert bool(jnp.all(err <= 0.5 * step + 1e-6))
