@@ -19,9 +19,7 @@ from catjax.models.spec import spec_for
 from catjax.ptq.quantized import QuantizedModel
 from catjax.ptq.blocks import site_kernel
 from catjax.core.quant import activation_config, fake_quantize, weight_config
-
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from catjax.core.linalg import HIGHEST
 
 
 SITE_FIELDS = ("measured_sqnr_db", "measured_sqnr_excl_pos0_db", "predicted_sqnr_db",

@@ -19,6 +19,15 @@ from pathlib import Path
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def quiet_backend_probe() -> None:
+  """Silence jax's "Unable to initialize backend 'tpu'" warning, which every
+  command printed on a machine without a TPU, unless a TPU was asked for
+  (`JAX_PLATFORMS`); a failure to start an asked-for backend still raises."""
+  import os
+  if "tpu" not in os.environ.get("JAX_PLATFORMS", "").lower():
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+
+
 def _model_args(p: argparse.ArgumentParser):
   p.add_argument("--model", default="smollm2-135m",
                  help="model name (smollm2-135m), .gguf file, Hugging Face folder or (eval, "
@@ -90,6 +99,8 @@ PLAN_SETS = ("method", "block_size", "w_bits", "a_bits", "w_format", "a_format")
 
 
 def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
+  from catjax.ptq.planner import DEFAULT_BITS, DEFAULT_BLOCK_SIZES, OBJECTIVES
+  from catjax.ptq.recipe import PROPAGATE, SPEC_OPTIONS, WEIGHT_METHODS, Recipe, spec_grammar
   _model_args(p)
   if plan:
     b = p.add_argument_group("budget and candidates")
@@ -101,29 +112,29 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
     b.add_argument("--max-transform-flops", type=float, default=None, metavar="R",
                    help="online transforms' multiply-adds at most R times the linears' "
                         "(default: no limit; the plan reports its ratio)")
-    b.add_argument("--bits", type=_csv(int), default=(4, 6, 8),
-                   help="integer bit widths a site may take (default: 4,6,8)")
+    b.add_argument("--bits", type=_csv(int), default=DEFAULT_BITS,
+                   help="integer bit widths a site may take (default: "
+                        f"{','.join(map(str, DEFAULT_BITS))})")
     b.add_argument("--formats", type=_csv(str), default=("int",),
                    help="number formats a site may take: int, mxfp4, nvfp4 (default: int)")
-    b.add_argument("--objective", default="noise", choices=("noise", "db"),
+    b.add_argument("--objective", default="noise", choices=tuple(OBJECTIVES),
                    help="minimise the sum of 1/SQNR over sites (noise) or maximise the sum "
                         "of SQNR in dB (db) (default: %(default)s)")
-    b.add_argument("--block-sizes", type=_csv(int), default=(32, 64, 128, 192),
+    b.add_argument("--block-sizes", type=_csv(int), default=DEFAULT_BLOCK_SIZES,
                    help="CAT block sizes to consider; each site takes those dividing its "
                         "width (default: 32,64,128,192)")
   elif several:
     p.add_argument("--methods", default="fp,none,smoothquant,hadamard,cat,cat_full",
-                   help="comma-separated method specs METHOD[@wNaM][@kN][@kvN][@gptq|@clip]"
-                        "[@tN][@bh][@pfp|@pq][@mxfp4|@nvfp4|@int], e.g. none@w6a6, "
-                        "hadamard@gptq, cat@gptq@t200 or cat@mxfp4; options override the "
-                        "flags below "
-                        "(default: %(default)s)")
+                   help=f"comma-separated method specs {spec_grammar()} ("
+                        + "; ".join(f"{o}: {m}" for o, m in SPEC_OPTIONS)
+                        + "), e.g. none@w6a6, hadamard@gptq, cat@gptq@t200 or cat@mxfp4; "
+                          "options override the flags below (default: %(default)s)")
   q = p.add_argument_group("recipe" if not plan else "base recipe (what the plan leaves)")
   if not several and not plan:
     from catjax.ptq.recipe import PTQ_METHODS
     q.add_argument("--method", default="cat", choices=PTQ_METHODS, help="(default: %(default)s)")
   if not plan:
-    q.add_argument("--block-size", type=_positive, default=64,
+    q.add_argument("--block-size", type=_positive, default=Recipe.block_size,
                    help="block size k of 'cat'; must divide every site width "
                         "(default: %(default)s)")
     q.add_argument("--w-bits", type=_bits, default=4, help="weight bits, 2..8 or 16 (default: 4)")
@@ -139,7 +150,7 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
                  help="KV-cache bits, 2..8 (default: 16, not quantized)")
   q.add_argument("--a-clip", type=_ratio, default=1.0,
                  help="activation clip ratio (default: %(default)s)")
-  q.add_argument("--weights", default="rtn", choices=("rtn", "clip", "gptq"),
+  q.add_argument("--weights", default=Recipe.weights, choices=WEIGHT_METHODS,
                  help="weight rounding: round to nearest, per-channel clip search, or GPTQ "
                       "with the transformed Hessian (default: %(default)s)")
   q.add_argument("--train-steps", type=_nonnegative, default=0,
@@ -147,7 +158,7 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
                       "(default: 0, closed form)")
   q.add_argument("--train-lr", type=_positive_float, default=1e-3,
                  help="trained CAT peak learning rate, cosine decay (default: %(default)s)")
-  q.add_argument("--propagate", default="auto", choices=("auto", "fp", "quantized"),
+  q.add_argument("--propagate", default=Recipe.propagate, choices=PROPAGATE,
                  help="what each block's successor sees during quantization: the quantized or "
                       "the full-precision outputs; auto = quantized for GPTQ and trained "
                       "recipes (default: %(default)s)")
@@ -174,8 +185,8 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
                  help="windows per step (default: %(default)s)")
   o = p.add_argument_group("statistics and output")
   o.add_argument("--save-stats", type=Path,
-                 help="save the calibration statistics (.npz; d×d per site and layer: about "
-                      "400 MB for SmolLM2-135M, 8 GB for an 8B model)")
+                 help="save the calibration statistics (.npz; the upper triangle of d×d per "
+                      "site and layer: about 190 MiB for SmolLM2-135M, 15 GiB for an 8B model)")
   o.add_argument("--load-stats", type=Path,
                  help="reuse statistics saved from this same model instead of calibrating")
   if plan:
@@ -269,9 +280,9 @@ def _run_config(args, specs: list[str], recipes=None):
 
 def _print_tables(report) -> None:
   from catjax.app.tables import comparison_markdown
-  from catjax.app.pipeline import comparisons_markdown
+  from catjax.app.pipeline import comparisons_markdown, has_gains
   print(comparison_markdown(report.summary))
-  if report.comparisons:
+  if has_gains(report.comparisons):
     print()
     print(comparisons_markdown(report.comparisons))
 
@@ -416,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
   keep their traceback."""
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+  quiet_backend_probe()
   from catjax.base.errors import check_writable, write_text
   try:
     if getattr(args, "json", None) and args.command in ("eval", "generate"):

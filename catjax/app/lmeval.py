@@ -188,6 +188,9 @@ class CatjaxLM(TemplateLM):
 def main(argv: list[str] | None = None) -> None:
   """lm-eval's command line with the "catjax" model type and catjax's tasks."""
   from lm_eval.__main__ import cli_evaluate
+
+  from catjax.app.cli import quiet_backend_probe
+  quiet_backend_probe()
   args = sys.argv[1:] if argv is None else list(argv)
   if not any(a.startswith("--include_path") for a in args):
     args += ["--include_path", str(TASKS_DIR)]

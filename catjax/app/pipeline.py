@@ -351,8 +351,15 @@ def make_plan(cfg: RunConfig, budget, *, bits=None, formats=("int",), block_size
   return plan, info
 
 
+def has_gains(comps: list[Comparison]) -> bool:
+  """Whether any method has a gain to show (its baselines ran too)."""
+  return any(c.sqnr_gain_over_hadamard or c.ppl_gap_fraction_of_hadamard is not None
+             or c.vs_none_w6a6 for c in comps)
+
+
 def comparisons_markdown(comps: list[Comparison]) -> str:
-  """The gains table; a column no method has a value for is left out, with a note."""
+  """The gains table; a column no method has a value for is left out, with a note.
+  Callers print it only when `has_gains`: without baselines it has nothing to show."""
   head = ["method", "SQNR gain over hadamard: mean / median / max dB",
           "ppl gap / hadamard's gap", "sites ≥ none W6A6"]
   rows = []
@@ -377,7 +384,7 @@ def markdown(report: RunReport) -> str:
       f"({c['seconds']:.1f} s); per-site SQNR on {c['report_windows']} further held-out windows. "
       f"Evaluation: {e['windows']} × {e['seqlen']} tokens of `{e['data']}`.",
       "", comparison_markdown(report.summary)]
-  if report.comparisons:
+  if has_gains(report.comparisons):
     parts += ["", comparisons_markdown(report.comparisons)]
   for r in report.methods:
     parts += ["", f"### {r.recipe.label} (fit {r.fit_seconds:.1f} s)", "",

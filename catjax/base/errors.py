@@ -16,8 +16,8 @@ later run would read.
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -84,9 +84,17 @@ def atomic_write(path: str | Path, *, suffix: str | None = None) -> Iterator[Pat
   try:
     yield tmp
     if is_writer():
+      if tmp.is_file():  # mkstemp made it 0600: give it the mode open() would
+        os.chmod(tmp, 0o666 & ~_umask())
       os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def is_writer() -> bool:

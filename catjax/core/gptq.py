@@ -39,8 +39,7 @@ import numpy as np
 from catjax.base.checks import is_ratio
 from catjax.core import linalg
 from catjax.core import quant
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from catjax.core.linalg import HIGHEST
 
 
 def _is_int(v) -> bool:

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from catjax.core.linalg import HIGHEST
+
 MAX_BASE_ORDER = 256   # largest non-power-of-two base factor
 MAX_POW2_FACTOR = 128  # powers of two are split into factors of at most this size
 DENSE_OUTER_MAX = 128  # `apply_outer` contracts at most this order in one dense pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The matmul precision of every numerics-critical contraction in catjax.
 HIGHEST = jax.lax.Precision.HIGHEST
 # Smallest ridge of an activation second moment before its Cholesky, relative
 # to its trace, for float32 statistics (~8 ulps: their rounding noise); other

@@ -38,8 +38,7 @@ import numpy as np
 
 from catjax.core import linalg
 from catjax.core.quant import QuantConfig, grouped, activation_config, fake_quantize, weight_config
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from catjax.core.linalg import HIGHEST
 
 
 def db(ratio):

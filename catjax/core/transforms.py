@@ -32,8 +32,8 @@ import numpy as np
 from catjax.base.checks import is_real
 from catjax.core import hadamard as hd
 from catjax.core import linalg
+from catjax.core.linalg import HIGHEST
 
-HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT_EPS = 1e-6
 
 

@@ -23,8 +23,7 @@ import jax.numpy as jnp
 
 from catjax.core import quant
 from catjax.kernels import qweight
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from catjax.core.linalg import HIGHEST
 
 
 def transform_activations(x: jax.Array, transform_blocks: jax.Array | None) -> jax.Array:

@@ -23,9 +23,7 @@ from catjax.core.quant import channel_absmax, safe_scale, fake_quantize, fake_qu
 from catjax.core.stats import SecondMoment
 from catjax.core.transforms import Transform, fit_transform, fold_block_hadamard
 from catjax.ptq.recipe import CLIP_GRID, Recipe
-
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from catjax.core.linalg import HIGHEST
 
 
 def _kernel(block: dict, path) -> jax.Array:

@@ -31,6 +31,22 @@ PROPAGATE = ("auto", "fp", "quantized")
 CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00, 0.95, ..., 0.50
 
 
+# The options of a method spec `METHOD[@OPT...]` (`Recipe.with_spec`), as the
+# CLI's help and the spec errors name them.
+SPEC_OPTIONS = (("wNaM", "weight / activation bits, 16 = not quantized"), ("kN", "CAT block size"),
+                ("kvN", "KV-cache bits"), ("bh", "block Hadamard"),
+                ("rtn|clip|gptq", "weight rounding"), ("dX", "GPTQ damping"),
+                ("act", "GPTQ act-order"), ("tN", "trained CAT, N steps per block"),
+                ("nowc", "trained CAT without learned weight clips"),
+                ("acX", "activation clip ratio"), ("pfp|pq", "propagate fp / quantized outputs"),
+                ("f32", "float32 fits"), ("mxfp4|nvfp4|int", "number format of both operands"))
+
+
+def spec_grammar() -> str:
+  """`METHOD[@wNaM][@kN]...`: the method spec grammar, from `SPEC_OPTIONS`."""
+  return "METHOD" + "".join(f"[@{o.replace('|', '|@')}]" for o, _ in SPEC_OPTIONS)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Recipe:
   """How to quantize a model: one frozen, validated record.
@@ -291,7 +307,6 @@ class Recipe:
       elif m[5]:
         kw["a_clip"] = float(m[5][1])
       else:
-        raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected wNaM, kN, kvN, "
-                         f"tN, dX, acX, act, nowc, bh, rtn, clip, gptq, pfp, pq, f32, mxfp4, "
-                         f"nvfp4 or int")
+        raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected one of "
+                         + ", ".join(o for opt_, _ in SPEC_OPTIONS for o in opt_.split("|")))
     return dataclasses.replace(self, **kw)

@@ -43,11 +43,11 @@ from catjax.ptq.hooks import QuantHook, fake_quantize_ste
 from catjax.ptq.blocks import channel_clipped_quantize, map_kernels
 from catjax.core.quant import QuantConfig
 from catjax.core.transforms import Transform
+from catjax.core.linalg import HIGHEST
 
 MAX_COND = 1e3
 W_CLIP_MIN = 0.5
 W_CLIP_LR_SCALE = 10.0
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 NEWTON_STEPS = 12
