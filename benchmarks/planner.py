@@ -151,7 +151,7 @@ def main() -> None:
   write("planner", {**extra, **results}, md)
   rows = [SiteSQNR(**r) for r in results["plan"]["sites"]]
   print("wrote", plot_predicted_vs_measured(
-      plan_points(mixed, rows), RESULTS / "planner.png",
+      plan_points(mixed.predicted_db(), rows), RESULTS / "planner.png",
       title="Chosen plan, every site: predicted vs measured",
       xlabel="planner's predicted SQNR (dB, held-out calibration windows)",
       ylabel="measured SQNR (dB, other held-out windows)"))

@@ -28,16 +28,16 @@ from catjax.analysis.evaluate import token_nll  # noqa: E402
 from catjax.app.runnable import load_pretrained  # noqa: E402
 from catjax.models.llama import SITES, forward  # noqa: E402
 from catjax.ptq.engine import quantize_model  # noqa: E402
-from catjax.ptq.hooks import QuantHook  # noqa: E402
+from catjax.ptq.hooks import SiteHook  # noqa: E402
 from catjax.ptq.recipe import Recipe  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
-class RecordingHook(QuantHook):
-  """`QuantHook` that also returns each site's input."""
+class RecordingHook(SiteHook):
+  """`SiteHook` that also returns each site's input."""
 
   def __call__(self, site, x, transform):
-    return QuantHook.__call__(self, site, x, transform)[0], x
+    return SiteHook.__call__(self, site, x, transform)[0], x
 
 
 def _run(model, tokens, hook, state):
@@ -65,7 +65,7 @@ def main() -> None:
   qm = quantize_model(model, calib, Recipe().with_spec(args.spec), batch_size=4)
   factor = 1 + 2.0**-21
   runs = {"fp": divergence(model, tokens, RecordingHook(), None, factor),
-          qm.recipe.label: divergence(qm.model, tokens, RecordingHook(qm.recipe.a_config),
+          qm.recipe.label: divergence(qm.model, tokens, RecordingHook(qm.hook.configs),
                                       qm.transforms, factor)}
   layers = len(runs["fp"][0]["attn_in"])
   shown = sorted({0, 1, 2, 3, 5, 10, 20, layers - 1})

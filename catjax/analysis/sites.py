@@ -16,6 +16,7 @@ from flax import nnx
 
 from catjax.models.llama import Llama, capture
 from catjax.models.spec import spec_for
+from catjax.ptq.policy import site_variants
 from catjax.ptq.quantized import QuantizedModel
 from catjax.ptq.blocks import site_kernel
 from catjax.core.quant import activation_config, fake_quantize, weight_config
@@ -114,22 +115,19 @@ def _site_terms(x, kernel, qkernel, transform, *, a_config, w_config):
 
 def _layer_groups(qm: QuantizedModel, site: str, num_layers: int):
   """`(layers, their stacked transforms or None, a_config, w_config)` for the
-  groups of layers that quantize `site` alike: all layers for a recipe; per
-  transform variant and weight quantizer for a plan."""
-  if qm.plan is None:
-    t = None if qm.transforms is None else qm.transforms[site]
-    return [(np.arange(num_layers), t, qm.recipe.a_config, qm.recipe.w_config)]
-  state = qm.transforms[site]
-  choice = np.asarray(state["choice"])
+  groups of layers that quantize `site` alike (the same transform variant and
+  quantizers; one group for a recipe)."""
+  choice, stacks = site_variants(qm.transforms, site, num_layers)
   groups: dict[tuple, list[int]] = {}
   for b in range(num_layers):
-    r = qm.plan.recipe(b, site)
+    r = qm.policy.recipe(b, site)
     groups.setdefault((int(choice[b]), r.a_config, r.w_config), []).append(b)
   out = []
   for (c, a_config, w_config), idx in groups.items():
-    idx = np.asarray(idx)
-    t = state["transforms"][c]
-    out.append((idx, None if t is None else jax.tree.map(lambda a: a[idx], t), a_config, w_config))
+    t = stacks[c]
+    if len(idx) < num_layers:
+      t = None if t is None else jax.tree.map(lambda a: a[np.asarray(idx)], t)
+    out.append((np.asarray(idx), t, a_config, w_config))
   return out
 
 

@@ -100,6 +100,7 @@ PLAN_SETS = ("method", "block_size", "w_bits", "a_bits", "w_format", "a_format")
 
 def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
   from catjax.ptq.planner import DEFAULT_BITS, DEFAULT_BLOCK_SIZES, OBJECTIVES
+  from catjax.ptq import rounding
   from catjax.ptq.recipe import PROPAGATE, SPEC_OPTIONS, WEIGHT_METHODS, Recipe, spec_grammar
   _model_args(p)
   if plan:
@@ -151,8 +152,9 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
   q.add_argument("--a-clip", type=_ratio, default=1.0,
                  help="activation clip ratio (default: %(default)s)")
   q.add_argument("--weights", default=Recipe.weights, choices=WEIGHT_METHODS,
-                 help="weight rounding: round to nearest, per-channel clip search, or GPTQ "
-                      "with the transformed Hessian (default: %(default)s)")
+                 help="weight rounding: " + "; ".join(
+                     f"{m.name}: {m.summary}" for m in rounding.REGISTRY.values())
+                 + " (default: %(default)s)")
   q.add_argument("--train-steps", type=_nonnegative, default=0,
                  help="trained CAT: AdamW steps per block on the block's output error "
                       "(default: 0, closed form)")

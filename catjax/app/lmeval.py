@@ -68,7 +68,7 @@ class CatjaxLM(TemplateLM):
       calib = text_windows(r.tokenizer, "wiki-calib", seqlen=512,
                            max_tokens=int(calib_windows) * 512).tokens
       qm = quantize_model(r.model, calib, Recipe().with_spec(recipe))
-      r = Runnable(qm.model, r.tokenizer, r.path, qm.hook if qm.recipe.method != "fp" else None,
+      r = Runnable(qm.model, r.tokenizer, r.path, qm.hook if qm.policy.quantized else None,
                    qm.transforms, qm)
     self.runnable, self.tokenizer = r, r.tokenizer
     self.batch_size = 8 if batch_size == "auto" else int(batch_size)

@@ -27,6 +27,7 @@ from catjax.artifacts.checkpoint import check_new_folder, save_quantized
 from catjax.ptq.engine import quantize_model
 from catjax.base.errors import check_writable, write_text
 from catjax.ptq.realize import realize
+from catjax.ptq.policy import Policy
 from catjax.ptq.recipe import Recipe
 from catjax.ptq.calibrate import calibrate, model_fingerprint
 from catjax.artifacts.stats_file import load_stats, save_stats
@@ -66,7 +67,7 @@ class RunConfig:
       (`catjax.artifacts.checkpoint.save_quantized`); a new folder, checked before any work.
   """
 
-  recipes: tuple[Recipe, ...]
+  recipes: tuple[Policy, ...]
   model: str = "smollm2-135m"
   dtype: str = "float32"
   calib_text: str | None = None
@@ -86,10 +87,14 @@ class RunConfig:
   def __post_init__(self):
     if not self.recipes:
       raise ValueError("recipes is empty: give at least one method")
+    repeated = sorted({r.label for r in self.recipes if self.recipes.count(r) > 1})
+    if repeated:
+      raise ValueError(f"recipes repeat {repeated}; each method spec must differ")
     labels = [r.label for r in self.recipes]
     dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-      raise ValueError(f"recipes repeat {dup}; each method spec must differ")
+    if dup:  # different recipes, but the reports and plots would show them as one
+      raise ValueError(f"recipes {dup} differ only in settings their labels do not show; "
+                       "compare them in separate runs")
     for name in ("calib_windows", "report_windows", "seqlen", "eval_max_tokens", "batch_size"):
       v = getattr(self, name)
       if v is None and name == "calib_windows":
@@ -102,8 +107,8 @@ class RunConfig:
       if len(self.recipes) != 1:
         raise ValueError(f"save={self.save}: saving needs exactly one recipe, got "
                          f"{len(self.recipes)}")
-      r = self.recipes[0]
-      if r.method == "plan":
+      r = self.recipes[0].uniform
+      if r is None:
         raise ValueError(f"save={self.save}: a per-site plan runs as fake quantization only; "
                          "a real quantized model takes one recipe for every site")
       if r.method == "fp" or r.w_bits is None or r.a_bits is None:
@@ -125,9 +130,9 @@ def _timed(result, t0: float) -> float:
   return time.perf_counter() - t0
 
 
-def _shares_stats(recipe: Recipe) -> bool:
-  """Whether `recipe` can use the full-precision statistics of all blocks."""
-  return recipe.quantized and not recipe.propagates_quantized and not recipe.train_steps
+def _shares_stats(policy: Policy) -> bool:
+  """Whether `policy` can use the full-precision statistics of all blocks."""
+  return policy.quantized and not policy.propagates_quantized and not policy.base.train_steps
 
 
 def _calib_settings(cfg: RunConfig, meta: dict[str, Any] | None) -> tuple[str, int, int]:
@@ -181,9 +186,10 @@ def _calibration(cfg: RunConfig, model, tokenizer, mesh):
 
 @dataclasses.dataclass(frozen=True)
 class MethodResult:
-  """One recipe's result: perplexity, timings, engine info and per-site SQNR."""
+  """One policy's result (`recipe`: a `Recipe` or a `catjax.ptq.plan.Plan`):
+  perplexity, timings, engine info and per-site SQNR."""
 
-  recipe: Recipe
+  recipe: Policy
   perplexity: float
   evaluation: dict[str, Any]
   fit_seconds: float
@@ -232,31 +238,44 @@ class RunReport:
             "comparisons": [c.to_dict() for c in self.comparisons]}
 
 
-def _baseline(results: list[MethodResult], method: str, w_bits, a_bits, w_format="int",
-              a_format="int") -> MethodResult | None:
-  return next((r for r in results if r.recipe.method == method
-               and (r.recipe.w_bits, r.recipe.a_bits) == (w_bits, a_bits)
-               and (r.recipe.w_format, r.recipe.a_format) == (w_format, a_format)), None)
+# The comparisons' default baselines: each transform against `hadamard` at its bits and
+# formats, and every site against `none` at W6A6.
+BASELINE = "hadamard"
+REFERENCE = Recipe(method="none", w_bits=6, a_bits=6)
 
 
-def comparisons(results: list[MethodResult]) -> list[Comparison]:
-  """For every transform recipe other than hadamard: its per-site SQNR gain over
-  hadamard at the same bits and formats, its perplexity gap as a fraction of hadamard's, and
-  the fraction of sites where it is at least `none` at W6A6."""
-  fp = next((r for r in results if r.recipe.method == "fp"), None)
+def _find(results: list[MethodResult], method: str, like: Recipe) -> MethodResult | None:
+  """The result of the recipe `method` at `like`'s bits and formats."""
+  want = (method, like.w_bits, like.a_bits, like.w_format, like.a_format)
+  return next((r for r in results if (u := r.recipe.uniform) is not None
+               and (u.method, u.w_bits, u.a_bits, u.w_format, u.a_format) == want), None)
+
+
+def _reference(results: list[MethodResult]) -> MethodResult | None:
+  """The full-precision result (the first policy that quantizes nothing)."""
+  return next((r for r in results if not r.recipe.quantized), None)
+
+
+def comparisons(results: list[MethodResult], *, baseline: str = BASELINE,
+                reference: Recipe = REFERENCE) -> list[Comparison]:
+  """For every other transform policy: its per-site SQNR gain over `baseline` at the
+  same bits and formats, its perplexity gap as a fraction of `baseline`'s, and the
+  fraction of sites where it is at least `reference`. The JSON keys name the
+  defaults (`sqnr_gain_over_hadamard`, `vs_none_w6a6`)."""
+  fp = _reference(results)
+  ref = _find(results, reference.method, reference)
   out = []
   for r in results:
-    rc = r.recipe
-    if rc.method in ("fp", "none", "hadamard"):
+    u = r.recipe.uniform
+    if not r.recipe.quantized or (u is not None and u.method in ("none", baseline)):
       continue
-    had = _baseline(results, "hadamard", rc.w_bits, rc.a_bits, rc.w_format, rc.a_format)
-    w6 = _baseline(results, "none", 6, 6)
+    had = None if u is None else _find(results, baseline, u)
     frac = None
     if had is not None and fp is not None and had.perplexity > fp.perplexity:
       frac = (r.perplexity - fp.perplexity) / (had.perplexity - fp.perplexity)
     out.append(Comparison(
-        rc.label, None if had is None else sqnr_gain(r.sites, had.sites), frac,
-        None if w6 is None else sqnr_gain(r.sites, w6.sites)))
+        r.recipe.label, None if had is None else sqnr_gain(r.sites, had.sites), frac,
+        None if ref is None else sqnr_gain(r.sites, ref.sites)))
   return out
 
 
@@ -299,7 +318,7 @@ def run(cfg: RunConfig) -> RunReport:
                         batch_size=cfg.batch_size, progress=cfg.progress, mesh=mesh)
     fit_seconds = _timed(qm.model, t0)
     sites = site_report(model, qm, held, acts=held_acts)
-    quantized = recipe.method != "fp"
+    quantized = recipe.quantized
     if mesh is not None:
       shard_model(qm.model, mesh)
     ppl = perplexity(qm.model, eval_windows.tokens, batch_size=cfg.batch_size, mesh=mesh,
@@ -314,7 +333,7 @@ def run(cfg: RunConfig) -> RunReport:
                                 qm.info or {}, sites, saved))
     log.info("%28s: perplexity %.3f  (fit %.1f s, eval %.0f s)", recipe.label, ppl.perplexity,
              fit_seconds, ppl.seconds)
-  fp = next((r.perplexity for r in results if r.recipe.method == "fp"), None)
+  fp = getattr(_reference(results), "perplexity", None)
   return RunReport(
       config={k: (str(v) if isinstance(v, Path) else v)
               for k, v in dataclasses.asdict(cfg).items() if k != "recipes"},
@@ -408,17 +427,22 @@ def check_outputs(json_path: str | Path) -> None:
     check_writable(path, what="report file")
 
 
+# The methods the decomposition plot draws by default (others are named in a footnote).
+FOCUS = ("none", "smoothquant", "hadamard", "cat", "cat_full")
+
+
 def write_outputs(report: RunReport, json_path: str | Path, *,
-                  extra: dict[str, Any] | None = None) -> list[Path]:
+                  extra: dict[str, Any] | None = None, focus: tuple[str, ...] = FOCUS
+                  ) -> list[Path]:
   """Write `X.json` (`report.to_dict()`, after `extra`'s keys), `X.md`, `X.sqnr.png`
-  and `X.decomposition.png` for `json_path=X.json`, each atomically; for a run of
-  a per-site plan also `X.predicted.png` (the planner's prediction vs the
-  measured SQNR of every site)."""
+  and `X.decomposition.png` (the methods or labels `focus`) for `json_path=X.json`,
+  each atomically; for a policy with planner predictions (a per-site plan) also
+  `X.predicted.png` (the prediction vs the measured SQNR of every site)."""
   out = output_paths(json_path)
   json_path, md = out["json"], out["md"]
   write_text(json_path, json.dumps({**(extra or {}), **report.to_dict()}, indent=2) + "\n")
   write_text(md, markdown(report) + "\n")
-  by_method = {r.recipe.label: r.sites for r in report.methods if r.recipe.method != "fp"}
+  by_method = {r.recipe.label: r.sites for r in report.methods if r.recipe.quantized}
   paths = [json_path, md]
   if by_method:
     c = report.calibration
@@ -426,11 +450,12 @@ def write_outputs(report: RunReport, json_path: str | Path, *,
     paths.append(plot_sqnr(by_method, out["sqnr"], **kw))
     paths.append(plot_decomposition(
         by_method, out["decomposition"],
-        focus=("none", "smoothquant", "hadamard", "cat", "cat_full"), **kw))
+        focus=focus, **kw))
   for r in report.methods:
-    if r.recipe.method == "plan":
+    predicted = r.recipe.predicted_db()
+    if predicted:
       paths.append(plot_predicted_vs_measured(
-          plan_points(r.recipe, r.sites), out["predicted"],
+          plan_points(predicted, r.sites), out["predicted"],
           title=f"{r.recipe.label}: every site, planner vs measured",
           xlabel="planner's predicted SQNR (dB)", ylabel="measured SQNR (dB, held-out windows)"))
   return paths

@@ -249,10 +249,11 @@ def plot_sqnr(rows_by_method: dict[str, list[SiteSQNR]], path: str | Path,
                            title=title, focus=focus), path)
 
 
-def plan_points(plan, rows: list[SiteSQNR]) -> dict[str, list[tuple[float, float]]]:
-  """`{site: [(planner's predicted dB, measured dB), ...]}` of a `catjax.ptq.plan.Plan`
-  and the site report of the model quantized with it."""
-  pred = {(s.layer, s.site): s.predicted_sqnr_db for s in plan.sites}
+def plan_points(predicted: dict[tuple[int, str], float], rows: list[SiteSQNR]
+                ) -> dict[str, list[tuple[float, float]]]:
+  """`{site: [(planner's predicted dB, measured dB), ...]}` from a plan's predictions
+  (`Plan.predicted_db()`) and the site report of the model quantized with it."""
+  pred = predicted
   out: dict[str, list[tuple[float, float]]] = {}
   for r in rows:
     p = pred.get((r.layer, r.site))

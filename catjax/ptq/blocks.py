@@ -17,12 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import jax.numpy as jnp
 
-from catjax.core.gptq import gptq_quantize
 from catjax.models.spec import ArchSpec, get_path
-from catjax.core.quant import channel_absmax, safe_scale, fake_quantize, fake_quantize_clip_search, quantize
 from catjax.core.stats import SecondMoment
 from catjax.core.transforms import Transform, fit_transform, fold_block_hadamard
-from catjax.ptq.recipe import CLIP_GRID, Recipe
+from catjax.ptq import rounding
+from catjax.ptq.recipe import Recipe
 from catjax.core.linalg import HIGHEST
 
 
@@ -111,7 +110,7 @@ def _merge(transform: Transform, kernel: jax.Array) -> jax.Array:
 def merge_block(block: dict, transforms: dict[str, Transform] | None, *, spec: ArchSpec) -> dict:
   """Kernels carrying the inverse transforms: `kernel' = T⁻ᵀ kernel`.
 
-  Together with the online `x' = x Tᵀ` of `QuantHook` the function is unchanged.
+  Together with the online `x' = x Tᵀ` of `catjax.ptq.hooks.SiteHook` the function is unchanged.
   """
   if transforms is None:
     return block
@@ -124,45 +123,6 @@ def transformed_sigma(sigma: jax.Array, t: Transform | None) -> jax.Array:
   return sigma if t is None else t.apply(t.apply(sigma).T)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _rtn(kernel, *, config):
-  q = quantize(kernel, config)
-  return (q.values.astype(jnp.float32) * q.scale).astype(kernel.dtype), q.scale[0]
-
-
-_fake_rtn = jax.jit(fake_quantize, static_argnames=("config",))
-
-
-def channel_clipped_quantize(kernel: jax.Array, ratio: jax.Array, qmax: int
-                             ) -> tuple[jax.Array, jax.Array]:
-  """Symmetric per-output-channel fake quantization of a `(d_in, d_out)` kernel
-  with a clip ratio per channel: scales `ratio · absmax / qmax`.
-
-  Differentiable in both arguments with straight-through rounding (the LSQ
-  gradient): `∂q/∂scale = round(u) − u` inside the range and `±qmax` where a
-  weight is clipped, so a learned ratio trades clipping against rounding error.
-  With `ratio = 1` the values equal `fake_quantize` on `weight_config`'s grid.
-
-  Returns:
-    `(fake-quantized kernel in float32, scales (d_out,))`; a channel holding a
-    NaN or ±Inf (or with a NaN ratio) is all NaN, with a NaN scale.
-  """
-  k = kernel.astype(jnp.float32)
-  scale = safe_scale(ratio.astype(jnp.float32) * channel_absmax(jnp.abs(k), -2)[..., 0, :] / qmax)
-  u = jnp.clip(k / scale, -qmax, qmax)
-  levels = u + jax.lax.stop_gradient(jnp.round(u) - u)
-  return levels * scale, scale
-
-
-_clipped_rtn = jax.jit(channel_clipped_quantize, static_argnames=("qmax",))
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _clip(kernel, importance, *, config):
-  return fake_quantize_clip_search(kernel, config, importance=importance, ratios=CLIP_GRID,
-                                   return_scale=True)
-
-
 def quantize_block(block: dict, recipe: "Recipe | dict[str, Recipe]", *, spec: ArchSpec,
                    transforms: dict[str, Transform] | None = None,
                    stats: dict[str, SecondMoment] | None = None,
@@ -172,10 +132,10 @@ def quantize_block(block: dict, recipe: "Recipe | dict[str, Recipe]", *, spec: A
   formats: per block of input channels and output channel).
 
   `recipe`: one for every site, or `{site: recipe}` (a plan's block).
-  `recipe.weights`: "rtn"; "clip" (importance `diag(T Σ_x Tᵀ)`) or "gptq"
-  (Hessian `T Σ_x Tᵀ`), both of which need `stats`. `w_clip`: learned
+  `recipe.weights`: a method of `catjax.ptq.rounding.REGISTRY` ("rtn"; "clip" and
+  "gptq" read `T Σ_x Tᵀ` and need `stats`). `w_clip`: learned
   per-output-channel clip ratios `{"/".join(path): (d_out,)}` (trained CAT)
-  that set the grid of those kernels for "rtn" and "gptq".
+  that set the grid of those kernels for the methods that take them.
 
   Returns:
     `(block with fake-quantized kernels, {linear path: per-channel scales (d_out,)})`;
@@ -185,9 +145,9 @@ def quantize_block(block: dict, recipe: "Recipe | dict[str, Recipe]", *, spec: A
   recipes = site_recipes(recipe, spec)
   if all(r.w_config is None for r in recipes.values()):
     return block, {}
-  if any(r.weights != "rtn" for r in recipes.values()) and stats is None:
-    raise ValueError(f"weights={next(r.weights for r in recipes.values())!r} needs the site "
-                     "statistics (stats=...)")
+  needs = [r.weights for r in recipes.values() if rounding.REGISTRY[r.weights].needs_stats]
+  if needs and stats is None:
+    raise ValueError(f"weights={needs[0]!r} needs the site statistics (stats=...)")
   scales = {}
   sigmas = {}
 
@@ -199,26 +159,12 @@ def quantize_block(block: dict, recipe: "Recipe | dict[str, Recipe]", *, spec: A
 
   def one(site, path, kernel):
     recipe = recipes[site]
-    config = recipe.w_config
-    if config is None:
+    if recipe.w_config is None:
       return kernel
     ratio = None if w_clip is None else w_clip.get("/".join(path))
-    if ratio is not None and recipe.weights == "clip":
-      raise ValueError("learned weight clip ratios replace the clip search: weights='clip' "
-                       "cannot take w_clip")
-    if recipe.weights == "clip":
-      q, scale = _clip(kernel, jnp.diagonal(sigma_t(site)), config=config)
-    elif ratio is not None:
-      q, scale = _clipped_rtn(kernel, ratio, qmax=config.qmax)
-      q = q.astype(kernel.dtype)
-    elif config.is_fp4:
-      q, scale = _fake_rtn(kernel, config=config), None  # no integer export: no scales
-    else:
-      q, scale = _rtn(kernel, config=config)
-    if recipe.weights == "gptq":
-      q = gptq_quantize(kernel, sigma_t(site), bits=config.bits, damping=recipe.gptq_damping,
-                        block_size=recipe.gptq_block, act_order=recipe.act_order,
-                        scale=None if ratio is None else scale, format=config.format)
+    q, scale = rounding.REGISTRY[recipe.weights].quantize(
+        kernel, recipe.w_config, hessian=functools.partial(sigma_t, site), ratio=ratio,
+        recipe=recipe)
     if scale is not None:
       scales[path] = scale
     return q

@@ -29,11 +29,10 @@ from tqdm.auto import tqdm
 
 from catjax.models.llama import Llama, block_forward, layer_rope, rope_tables
 from catjax.models.spec import spec_for
-from catjax.ptq.plan import Plan, hook_state
 from catjax.models.sharding import shard_batch
-from catjax.ptq.hooks import QuantHook
+from catjax.ptq import rounding
+from catjax.ptq.policy import Policy, layer_recipes, site_hook, site_state
 from catjax.ptq.quantized import QuantizedModel
-from catjax.ptq.recipe import Recipe
 from catjax.ptq.blocks import fit_block, merge_block, quantize_block
 from catjax.ptq.calibrate import stats_hook
 from catjax.core.stats import SecondMoment
@@ -104,7 +103,12 @@ def _stack(items: list):
   return jax.tree.map(lambda *a: jnp.stack(a), *items)
 
 
-def quantize_model(model: Llama, windows, recipe: "Recipe | Plan", *,
+def _same_keys(scales: list[dict]) -> bool:
+  """Whether every block has per-channel scales for the same linears (FP4 kernels have none)."""
+  return bool(scales[0]) and all(s.keys() == scales[0].keys() for s in scales)
+
+
+def quantize_model(model: Llama, windows, recipe: Policy, *,
                    stats: dict[str, SecondMoment] | None = None, batch_size: int = 1,
                    progress: bool = True, mesh=None) -> QuantizedModel:
   """Quantize `model` with `recipe`, walking it one decoder block at a time.
@@ -113,10 +117,10 @@ def quantize_model(model: Llama, windows, recipe: "Recipe | Plan", *,
     model: the full-precision model (unchanged).
     windows: calibration token windows `(n, seqlen)`; may be None when
       `stats` is given and the recipe needs no walk (closed form, fp propagation).
-    recipe: what to do (checked against the model's widths before any work):
-      a `Recipe` for every site, or a `catjax.ptq.plan.Plan` (each site its own
-      method, block size, bits and formats over the plan's base recipe; the
-      model's hook is then a `PlanHook`, fake quantization only).
+    recipe: what each site gets, a per-site policy (`catjax.ptq.policy`; checked against the
+      model's widths before any work): a `Recipe` for every site, or a
+      `catjax.ptq.plan.Plan` (each site its own method, block size, bits and
+      formats over the plan's base recipe).
     stats: precomputed statistics of every block (`catjax.ptq.calibrate.calibrate` or
       `load_stats`); only with full-precision propagation.
     batch_size: windows per jitted block call.
@@ -136,25 +140,22 @@ def quantize_model(model: Llama, windows, recipe: "Recipe | Plan", *,
       with quantized propagation.
     FloatingPointError: naming the block and site of non-finite statistics.
   """
-  cfg = model.config
-  plan = recipe if isinstance(recipe, Plan) else None
-  recipe.check_model(cfg)
+  cfg, policy = model.config, recipe
+  policy.check_model(cfg)
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
   spec = spec_for(cfg)
-  if plan is not None:
-    recipe = plan.base
-    per_layer = [plan.recipes(b, spec) for b in range(cfg.num_layers)]
-    every = [r for rs in per_layer for r in rs.values()]
-  else:
-    every = [recipe]
-  if recipe.method == "fp" and plan is None:
-    return QuantizedModel(model, None, recipe)
-  quant_prop, train = recipe.propagates_quantized, recipe.train_steps > 0
+  per_layer = layer_recipes(policy, spec, cfg.num_layers)
+  every = [r for rs in per_layer for r in rs.values()]
+  if all(r.method == "fp" for r in every):
+    return QuantizedModel(model, None, policy)
+  base = policy.base
+  quant_prop, train = base.propagates_quantized, base.train_steps > 0
   if stats is not None and quant_prop:
-    raise ValueError(f"recipe {recipe.label!r} propagates quantized outputs: its statistics "
+    raise ValueError(f"recipe {policy.label!r} propagates quantized outputs: its statistics "
                      "come from the quantized model and cannot be given (stats=...)")
-  needs_stats = any(r.transform_method is not None or r.weights != "rtn" for r in every)
+  needs_stats = any(r.transform_method is not None or rounding.REGISTRY[r.weights].needs_stats
+                    for r in every)
   walk = (needs_stats and stats is None) or quant_prop or train
   t_start = time.perf_counter()
   graphdef_m, state_m = nnx.split(model)
@@ -165,13 +166,11 @@ def quantize_model(model: Llama, windows, recipe: "Recipe | Plan", *,
     runner = BlockRunner(model, windows.shape[1], batch_size, mesh)
     x = model.embed_tokens(jnp.asarray(windows))
     x_fp = x if (train and quant_prop) else None  # the full-precision twin (training targets)
-  hook = QuantHook(recipe.a_config, recipe.kv_config, spec.kv_sites)
   blocks, transforms, scales, losses = [], [], [], []
-  label = recipe.label if plan is None else plan.label
-  for b in tqdm(range(cfg.num_layers), desc=f"quantize {label}", unit="block",
+  for b in tqdm(range(cfg.num_layers), desc=f"quantize {policy.label}", unit="block",
                 disable=not progress, leave=False):
     block = jax.tree.map(lambda a: a[b], layers)
-    recipe_b = recipe if plan is None else per_layer[b]
+    recipe_b = per_layer[b]
     if walk:
       runner.at(b)
     if not walk and stats is None:  # RTN without a transform: nothing to measure
@@ -195,17 +194,18 @@ def quantize_model(model: Llama, windows, recipe: "Recipe | Plan", *,
     w_clip = None
     if train:
       target = y if x_fp is None else runner(block, x_fp)[0]
-      t_b, w_clip, info = train_block(runner, block, t_b, x, target, recipe, spec=spec, layer=b)
+      t_b, w_clip, info = train_block(runner, block, t_b, x, target, base, spec=spec, layer=b)
       losses.append(info)
       x_fp = None if x_fp is None else target
     qblock, s_b = quantize_block(merge_block(block, t_b, spec=spec), recipe_b, spec=spec,
                                  transforms=t_b, stats=stats_b, w_clip=w_clip)
-    if walk and quant_prop and plan is not None:
-      t_full = t_b or {site: None for site in spec.site_names}
-      hook_b, state_b = hook_state([t_full], [recipe_b], spec=spec, kv_config=recipe.kv_config)
-      x = runner(qblock, x, hook=hook_b, hook_state=jax.tree.map(lambda a: a[0], state_b))[0]
+    if walk and quant_prop:
+      hook_b = site_hook([recipe_b], spec, kv_config=base.kv_config)
+      state_b = site_state([t_b], [recipe_b], spec)
+      state_b = None if state_b is None else jax.tree.map(lambda a: a[0], state_b)
+      x = runner(qblock, x, hook=hook_b, hook_state=state_b)[0]
     elif walk:
-      x = runner(qblock, x, hook=hook, hook_state=t_b)[0] if quant_prop else y
+      x = y
     blocks.append(qblock)
     transforms.append(t_b)
     scales.append(s_b)
@@ -216,11 +216,5 @@ def quantize_model(model: Llama, windows, recipe: "Recipe | Plan", *,
           "propagate": "quantized" if quant_prop else "fp"}
   if losses:
     info["train"] = losses
-  if plan is not None:
-    full = [t or {site: None for site in spec.site_names} for t in transforms]
-    p_hook, p_state = hook_state(full, per_layer, spec=spec, kv_config=recipe.kv_config)
-    return QuantizedModel(nnx.merge(graphdef_m, state), p_state, recipe, info=info, plan=plan,
-                          plan_hook=p_hook)
-  return QuantizedModel(nnx.merge(graphdef_m, state), None if transforms[0] is None
-                        else _stack(transforms), recipe,
-                        w_scales=_stack(scales) if scales[0] else None, info=info)
+  return QuantizedModel(nnx.merge(graphdef_m, state), site_state(transforms, per_layer, spec),
+                        policy, w_scales=_stack(scales) if _same_keys(scales) else None, info=info)

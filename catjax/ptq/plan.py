@@ -10,13 +10,8 @@ plan=)`) fits, merges and rounds each site exactly as a whole-model run of that
 recipe would. `catjax.ptq.planner` chooses plans; the JSON form is the CLI's
 `plan --json` / `quantize --plan` file.
 
-The model's forward scans over its blocks with one static hook, so per-layer
-differences live in the hook state: each site has the distinct
-`(transform, activation quantizer)` variants it uses, each variant's
-transforms stacked over all layers (layers that do not use it hold a copy of
-one that does), and a per-layer index `choice`; `PlanHook` runs the chosen
-variant with `lax.switch`, so every layer computes what its own recipe's hook
-would.
+A plan is a per-site policy (`catjax.ptq.policy`), as a recipe is: the engine,
+the hook and the reports treat both alike.
 """
 
 from __future__ import annotations
@@ -27,16 +22,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
+from catjax.base.errors import InputError, read_json, write_text
 from catjax.core import hadamard as hd
-from catjax.base.errors import InputError, read_json
+from catjax.core.quant import FORMATS, FP4_BLOCK
 from catjax.models.config import ModelConfig
-from catjax.models.spec import ArchSpec, spec_for
+from catjax.models.spec import spec_for
 from catjax.ptq.recipe import Recipe
-from catjax.ptq.hooks import fake_quantize_ste
-from catjax.core.quant import FORMATS, FP4_BLOCK, QuantConfig
 
 PLAN_METHODS = ("none", "hadamard", "cat")
 SITE_KEYS = ("method", "block_size", "w_bits", "a_bits", "w_format", "a_format")
@@ -128,10 +119,6 @@ class Plan:
   def _table(self) -> dict[tuple[int, str], SitePlan]:
     return {(s.layer, s.site): s for s in self.sites}
 
-  def recipes(self, layer: int, spec: ArchSpec) -> dict[str, Recipe]:
-    """`{site: recipe}` of block `layer`."""
-    return {name: self.recipe(layer, name) for name in spec.site_names}
-
   def check_model(self, cfg: ModelConfig) -> None:
     """Raise ValueError, before any work, unless the plan covers exactly `cfg`'s
     blocks and sites with recipes its widths take."""
@@ -177,7 +164,6 @@ class Plan:
             "base_recipe": self.base.to_dict()}
 
   def save(self, path: str | Path) -> None:
-    from catjax.base.errors import write_text
     write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
   @classmethod
@@ -221,16 +207,26 @@ class Plan:
   def label(self) -> str:
     return "plan " + self.info.get("name", f"{len(self.sites)} sites")
 
-  # What `catjax.app.pipeline` asks of a recipe: a plan is one quantized method.
-  method = "plan"
-  quantized = True
-  train_steps = 0
-  w_bits = a_bits = None
-  w_format = a_format = "int"
+  # -- the per-site policy interface (`catjax.ptq.policy`) ----------------------
+
+  @functools.cached_property
+  def uniform(self) -> Recipe | None:
+    """The recipe of every site if they all share one, else None."""
+    recipes = {self.recipe(s.layer, s.site) for s in self.sites}
+    return recipes.pop() if len(recipes) == 1 else None
+
+  @property
+  def quantized(self) -> bool:
+    return any(self.recipe(s.layer, s.site).quantized for s in self.sites)
 
   @property
   def propagates_quantized(self) -> bool:
     return self.base.propagates_quantized
+
+  def predicted_db(self) -> dict[tuple[int, str], float]:
+    """`{(layer, site): the planner's predicted SQNR in dB}` of the sites it predicted."""
+    return {(s.layer, s.site): s.predicted_sqnr_db for s in self.sites
+            if s.predicted_sqnr_db is not None}
 
 
 def uniform_plan(recipe: Recipe, cfg: ModelConfig) -> Plan:
@@ -240,76 +236,3 @@ def uniform_plan(recipe: Recipe, cfg: ModelConfig) -> Plan:
                          recipe.w_bits, recipe.a_bits, recipe.w_format, recipe.a_format)
                 for b in range(cfg.num_layers) for s in spec.site_names)
   return Plan(sites, recipe, {"name": recipe.label})
-
-
-# ---------------------------------------------------------------------------
-# The hook
-
-
-def _variant_key(r: Recipe):
-  return (r.method, r.block_size if r.method == "cat" else None, r.a_config)
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanHook:
-  """The site hook of a planned model: at each linear-input site the variant
-  `state["choice"]` of that layer (its transform, then its activation
-  quantizer); KV sites as `QuantHook`. Frozen and hashable (static in jit).
-
-  Attributes:
-    configs: `((site, (activation config or None per variant)), ...)`.
-  """
-
-  configs: tuple[tuple[str, tuple[QuantConfig | None, ...]], ...]
-  kv_config: QuantConfig | None = None
-  kv_sites: tuple[str, ...] = ("keys", "values")
-  ste: bool = False
-
-  def __call__(self, site: str, x: jax.Array, state):
-    if site in self.kv_sites:
-      return (x if self.kv_config is None else fake_quantize_ste(x, self.kv_config, ste=self.ste)), None
-    configs = dict(self.configs)[site]
-
-    def branch(i):
-      def run(x, transforms):
-        t = transforms[i]
-        v = x if t is None else t.apply(x)
-        return v if configs[i] is None else fake_quantize_ste(v, configs[i], ste=self.ste)
-      return run
-
-    if len(configs) == 1:
-      return branch(0)(x, state["transforms"]), None
-    return jax.lax.switch(state["choice"], [branch(i) for i in range(len(configs))], x,
-                          state["transforms"]), None
-
-
-def _stack(items):
-  return jax.tree.map(lambda *a: jnp.stack(a), *items)
-
-
-def hook_state(transforms: list[dict[str, Any]], recipes: list[dict[str, Recipe]], *,
-               spec: ArchSpec, kv_config: QuantConfig | None):
-  """`(PlanHook, state)` for blocks whose sites have `transforms[b][site]`
-  (a `Transform` or None) from `recipes[b][site]`; the state's arrays are
-  stacked over the blocks (index `[0]` for a single block run on its own)."""
-  configs, state = [], {}
-  for site in spec.site_names:
-    keys = [_variant_key(r[site]) for r in recipes]
-    variants = list(dict.fromkeys(keys))
-    stacks = []
-    for v in variants:
-      first = keys.index(v)
-      per_layer = [t[site] if k == v else transforms[first][site] for t, k in zip(transforms, keys)]
-      stacks.append(None if per_layer[0] is None else _stack(per_layer))
-    state[site] = {"choice": jnp.asarray([variants.index(k) for k in keys], jnp.int32),
-                   "transforms": tuple(stacks)}
-    configs.append((site, tuple(v[2] for v in variants)))
-  return PlanHook(tuple(configs), kv_config, spec.kv_sites), state
-
-
-def layer_transforms(state, site: str, layer: int):
-  """The transform (or None) block `layer` applies at `site` under a plan's hook state."""
-  s = state[site]
-  t = s["transforms"][int(s["choice"][layer])]
-  return None if t is None else jax.tree.map(lambda a: a[layer], t)
-

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 
 from catjax.models.llama import Llama
 from catjax.models.spec import spec_for
-from catjax.core.transforms import Transform
-from catjax.ptq.hooks import QuantHook
+from catjax.ptq.hooks import SiteHook
+from catjax.ptq.policy import Policy, layer_recipes, site_hook
 from catjax.ptq.recipe import Recipe
 
 
@@ -26,33 +27,39 @@ class QuantizedModel:
 
   Attributes:
     model: the model with merged, fake-quantized kernels.
-    transforms: `{site: Transform}` stacked over layers, or None.
-    recipe: the recipe.
+    transforms: the hook state (`catjax.ptq.policy.site_state`): for a recipe
+      `{site: Transform}` stacked over layers, or None.
+    policy: what each site was quantized with: a `Recipe` or a
+      `catjax.ptq.plan.Plan` (`catjax.ptq.policy`).
     real: see above.
     w_scales: `{linear path: (num_layers, d_out)}` per-channel scales of the
       grid every fake-quantized kernel lies on (for integer export).
     info: what the engine measured (seconds, training losses per block, ...).
-    plan / plan_hook: a `catjax.ptq.plan.Plan` model: `transforms` is then the
-      `PlanHook`'s state (`catjax.ptq.plan.hook_state`) and `hook` the plan hook;
-      `recipe` the plan's base recipe.
   """
 
   model: Llama
-  transforms: dict[str, Transform] | None
-  recipe: Recipe
+  transforms: Any
+  policy: Policy
   real: bool = False
   w_scales: dict[tuple[str, ...], jax.Array] | None = None
   info: dict[str, Any] | None = None
-  plan: Any = None
-  plan_hook: Any = None
 
   @property
   def label(self) -> str:
-    return self.recipe.label if self.plan is None else self.plan.label
+    return self.policy.label
 
   @property
-  def hook(self):
-    if self.plan_hook is not None:
-      return self.plan_hook
-    return QuantHook(None if self.real else self.recipe.a_config, self.recipe.kv_config,
-                     spec_for(self.model.config).kv_sites)
+  def recipe(self) -> Recipe:
+    """The recipe of every site (ValueError for a plan whose sites differ)."""
+    r = self.policy.uniform
+    if r is None:
+      raise ValueError(f"{self.label!r} is a per-site plan whose sites differ: it has no single "
+                       "recipe (see .policy)")
+    return r
+
+  @functools.cached_property
+  def hook(self) -> SiteHook:
+    cfg = self.model.config
+    spec = spec_for(cfg)
+    return site_hook(layer_recipes(self.policy, spec, cfg.num_layers), spec,
+                     kv_config=self.policy.base.kv_config, real=self.real)

@@ -60,10 +60,10 @@ def realize(model: Llama, qm: QuantizedModel, *, implementation: str | None = No
     ValueError: a recipe without both weight and activation quantization
       (the integer matmul needs both), or with an FP4 format.
   """
-  r = qm.recipe
-  if qm.plan is not None:
-    raise ValueError(f"{qm.label!r} is a per-site plan: real integer inference takes one recipe "
-                     "for the whole model; run the plan as fake quantization")
+  r = qm.policy.uniform
+  if r is None:
+    raise ValueError(f"{qm.label!r} is a per-site plan whose sites differ: real integer inference "
+                     "takes one recipe for the whole model; run the plan as fake quantization")
   if r.method == "fp" or r.w_bits is None or r.a_bits is None:
     raise ValueError(f"real quantized inference needs w_bits and a_bits; recipe {r.label!r} "
                      f"has w_bits={r.w_bits} a_bits={r.a_bits}")

@@ -11,6 +11,7 @@ import numpy as np
 from catjax.base.checks import check_bits, check_bool, check_int, is_real
 from catjax.core import hadamard as hd
 from catjax.core import transforms as tf
+from catjax.ptq import rounding
 from catjax.models.config import ModelConfig
 from catjax.models.spec import spec_for
 from catjax.core.quant import FORMATS, FP4_BLOCK, QuantConfig, activation_config, weight_config
@@ -22,13 +23,10 @@ from catjax.core.transforms import DEFAULT_EPS
 PTQ_METHODS = ("fp", "none") + tuple(m for m in tf.METHODS if m != "identity")
 
 
-WEIGHT_METHODS = ("rtn", "clip", "gptq")
+WEIGHT_METHODS = rounding.NAMES  # the registry `catjax.ptq.rounding.REGISTRY`
 
 
 PROPAGATE = ("auto", "fp", "quantized")
-
-
-CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.00, 0.95, ..., 0.50
 
 
 # The options of a method spec `METHOD[@OPT...]` (`Recipe.with_spec`), as the
@@ -66,10 +64,10 @@ class Recipe:
       no integer export.
     kv_bits: KV-cache bits (asymmetric, per token and head), or None (16-bit).
     a_clip: activation clip ratio in (0, 1].
-    weights: how kernels are rounded: "rtn" (round to nearest), "clip" (per
-      output channel, the clip ratio of `CLIP_GRID` with the least
-      activation-weighted squared error) or "gptq" (`catjax.gptq_quantize`
-      with the site's Hessian `T Σ_x Tᵀ`).
+    weights: how kernels are rounded, a method of `catjax.ptq.rounding.REGISTRY`:
+      "rtn" (round to nearest), "clip" (per output channel, the clip ratio of
+      `catjax.ptq.rounding.clip.GRID` with the least activation-weighted squared
+      error) or "gptq" (`catjax.gptq_quantize` with the site's Hessian `T Σ_x Tᵀ`).
     gptq_damping / gptq_block / act_order: GPTQ's relative damping, lazy
       batch size and descending-diag(H) order. The damping defaults to 10% of
       the mean diagonal, not `gptq_quantize`'s 1%: on SmolLM2 W4A4 with
@@ -105,7 +103,7 @@ class Recipe:
   kv_bits: int | None = None
   a_clip: float = 1.0
   weights: str = "rtn"
-  gptq_damping: float = 0.1
+  gptq_damping: float = rounding.gptq.DEFAULT_DAMPING
   gptq_block: int = 128
   act_order: bool = False
   train_steps: int = 0
@@ -166,9 +164,11 @@ class Recipe:
                          f"(or None for 16-bit), got {side}_bits={bits!r}")
     if self.w_format == "int" or self.w_bits is None or self.method == "fp":
       return
-    if self.weights == "clip":
-      raise ValueError(f"weights='clip' searches clip ratios of an integer grid; with "
-                       f"w_format={self.w_format!r} use weights='rtn' or 'gptq'")
+    why = rounding.REGISTRY[self.weights].integer_only
+    if why:
+      fits = " or ".join(repr(m.name) for m in rounding.REGISTRY.values() if not m.integer_only)
+      raise ValueError(f"weights={self.weights!r} {why}; with w_format={self.w_format!r} use "
+                       f"weights={fits}")
     if self.train_steps and self.train_w_clip:
       raise ValueError(f"trained CAT's learned weight clip ratios (train_w_clip=True) scale an "
                        f"integer per-channel grid; with w_format={self.w_format!r} set "
@@ -187,7 +187,8 @@ class Recipe:
   def propagates_quantized(self) -> bool:
     """Whether the next block sees the quantized block's outputs (resolves "auto")."""
     if self.propagate == "auto":
-      return self.quantized and (self.weights == "gptq" or self.train_steps > 0)
+      return self.quantized and (rounding.REGISTRY[self.weights].propagates_quantized
+                                 or self.train_steps > 0)
     return self.propagate == "quantized" and self.quantized
 
   @property
@@ -216,10 +217,7 @@ class Recipe:
       return "fp"
     name = f"{self.method} k={self.block_size}" if self.method == "cat" else self.method
     name += " blockH" if self.hadamard == "block" else ""
-    name += "" if self.weights == "rtn" else f" {self.weights}"
-    if self.weights == "gptq" and self.gptq_damping != Recipe.gptq_damping:
-      name += f" d={self.gptq_damping:g}"
-    name += " act-order" if self.weights == "gptq" and self.act_order else ""
+    name += rounding.REGISTRY[self.weights].label(self)
     name += f" aclip={self.a_clip:g}" if self.a_clip != 1.0 else ""
     name += f" t{self.train_steps}" if self.train_steps else ""
     name += " nowc" if self.train_steps and not self.train_w_clip else ""
@@ -238,6 +236,24 @@ class Recipe:
 
   def to_dict(self) -> dict[str, Any]:
     return {**dataclasses.asdict(self), "label": self.label}
+
+  # -- the per-site policy interface (`catjax.ptq.policy`): the uniform case -----
+
+  def recipe(self, layer: int, site: str) -> "Recipe":
+    """The recipe of block `layer`'s `site`: this one, for every site."""
+    return self
+
+  @property
+  def base(self) -> "Recipe":
+    return self
+
+  @property
+  def uniform(self) -> "Recipe":
+    return self
+
+  def predicted_db(self) -> dict[tuple[int, str], float]:
+    """A recipe carries no planner predictions."""
+    return {}
 
   def check_model(self, cfg: ModelConfig, *, sites: tuple[str, ...] | None = None) -> None:
     """Raise ValueError, before any work, if this recipe cannot quantize `cfg`'s

@@ -17,7 +17,7 @@ With `Recipe.train_w_clip` (the default for RTN and GPTQ weights) every
 kernel also learns a clip ratio per output channel, `r = 1 + c·θ` with `θ`
 from zero (so step 0 is still the closed form), projected back into
 `[W_CLIP_MIN, 1]` after every step; the weights' grid is then
-`r · absmax / qmax` (`ptq.channel_clipped_quantize`, LSQ gradients), and the
+`r · absmax / qmax` (`catjax.ptq.rounding.channel_clipped_quantize`, LSQ gradients), and the
 kept ratios set the grid of the final RTN or GPTQ quantization. `c =
 W_CLIP_LR_SCALE` gives the ratios a 10× larger step than the block entries:
 Adam's steps are about the learning rate in parameter units, and a useful
@@ -39,8 +39,10 @@ import optax
 
 from catjax.models.llama import block_forward
 from catjax.models.spec import ArchSpec, get_path
-from catjax.ptq.hooks import QuantHook, fake_quantize_ste
-from catjax.ptq.blocks import channel_clipped_quantize, map_kernels
+from catjax.ptq.hooks import SiteHook, fake_quantize_ste
+from catjax.ptq import rounding
+from catjax.ptq.blocks import map_kernels
+from catjax.ptq.rounding import channel_clipped_quantize
 from catjax.core.quant import QuantConfig
 from catjax.core.transforms import Transform
 from catjax.core.linalg import HIGHEST
@@ -164,12 +166,14 @@ def block_loss(runner, block, transforms, x, y, recipe, *, spec: ArchSpec,
 
 
 def _hook(recipe, spec):
-  return QuantHook(recipe.a_config, recipe.kv_config, spec.kv_sites, ste=True)
+  return SiteHook.uniform(spec.site_names, recipe.a_config, recipe.kv_config, spec.kv_sites,
+                          ste=True)
 
 
 def learns_w_clip(recipe) -> bool:
   """Whether trained CAT of `recipe` learns weight clip ratios."""
-  return recipe.train_w_clip and recipe.w_config is not None and recipe.weights in ("rtn", "gptq")
+  return (recipe.train_w_clip and recipe.w_config is not None
+          and rounding.REGISTRY[recipe.weights].learned_clips)
 
 
 def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Array,

@@ -11,9 +11,9 @@ from catjax.core import linalg
 from catjax.core import stats
 from catjax.core.gptq import gptq_quantize
 from catjax.kernels import quantize_weight, quantized_matmul
-from catjax.ptq.hooks import QuantHook, fake_quantize_ste
+from catjax.ptq.hooks import SiteHook, fake_quantize_ste
 from catjax.ptq.recipe import Recipe
-from catjax.ptq.blocks import channel_clipped_quantize
+from catjax.ptq.rounding import channel_clipped_quantize
 from catjax.core.quant import QuantConfig, activation_config, dequantize, fake_quantize, fake_quantize_clip_search, quantize, weight_config
 from catjax.core.transforms import fit_transform
 
@@ -41,7 +41,7 @@ ROW_CASES = {  # f(x) for x (tokens, d_in) with token 1 bad: token 1 all NaN, th
     "fake_quantize grouped": lambda x: fake_quantize(x, activation_config(4, group_size=16)),
     "quantize+dequantize": lambda x: dequantize(quantize(x, activation_config(8))),
     "fake_quantize_ste": lambda x: fake_quantize_ste(x, activation_config(4), ste=True),
-    "QuantHook": lambda x: QuantHook(activation_config(4))("attn_in", x, None)[0],
+    "SiteHook": lambda x: SiteHook.uniform(("attn_in",), activation_config(4))("attn_in", x, None)[0],
     "jit fake_quantize": lambda x: jax.jit(fake_quantize, static_argnums=1)(x, activation_config(4)),
     "quantized_matmul": lambda x: quantized_matmul(x, None, quantize_weight(K, bits=4), a_bits=4),
 }

@@ -12,7 +12,7 @@ import tiny
 from catjax.ptq.engine import BlockRunner, quantize_model
 from catjax.models import forward, random_model, spec_for
 from catjax.models.spec import get_path
-from catjax.ptq.hooks import QuantHook
+from catjax.ptq.hooks import SiteHook
 from catjax.ptq.recipe import Recipe
 from catjax.ptq.calibrate import calibrate
 from catjax.ptq.blocks import merge_block, quantize_block
@@ -123,9 +123,9 @@ def test_trained_cat_step0_is_the_closed_form_and_training_helps(setup):
   from catjax.ptq.blocks import fit_block
   closed = fit_block(block, stats, recipe, spec=spec, layer=0)
   # Step 0: the training loss is the closed form's quantized block error, computed here
-  # through the engine's own path (merged, fake-quantized kernels + QuantHook).
+  # through the engine's own path (merged, fake-quantized kernels + SiteHook).
   qblock, _ = quantize_block(merge_block(block, closed, spec=spec), recipe, spec=spec)
-  out, _ = runner(qblock, x, hook=QuantHook(recipe.a_config, None), hook_state=closed)
+  out, _ = runner(qblock, x, hook=SiteHook.uniform(spec.site_names, recipe.a_config), hook_state=closed)
   want = float(jnp.sum((out - y) ** 2) / jnp.sum(y ** 2))
   assert block_loss(runner, block, closed, x, y, recipe, spec=spec) == pytest.approx(want, rel=1e-5)
   trained, w_clip, info = train_block(runner, block, closed, x, y, recipe, spec=spec, layer=0)
@@ -145,7 +145,7 @@ def test_trained_cat_step0_is_the_closed_form_and_training_helps(setup):
   assert ratios.min() >= W_CLIP_MIN and ratios.max() <= 1.0 and ratios.min() < 0.99
   qblock, scales = quantize_block(merge_block(block, trained, spec=spec), recipe, spec=spec,
                                   w_clip=w_clip)
-  out, _ = runner(qblock, x, hook=QuantHook(recipe.a_config, None), hook_state=trained)
+  out, _ = runner(qblock, x, hook=SiteHook.uniform(spec.site_names, recipe.a_config), hook_state=trained)
   got = float(jnp.sum((out - y) ** 2) / jnp.sum(y ** 2))
   assert got == pytest.approx(info["trained_loss"], rel=1e-4)
   path = spec.linears[0][1]
@@ -158,7 +158,7 @@ def test_trained_cat_step0_is_the_closed_form_and_training_helps(setup):
   # Exactly function-preserving without quantization.
   fp_out, _ = runner(block, x)
   merged = merge_block(block, trained, spec=spec)
-  got, _ = runner(merged, x, hook=QuantHook(None, None), hook_state=trained)
+  got, _ = runner(merged, x, hook=SiteHook.uniform(spec.site_names, None), hook_state=trained)
   np.testing.assert_allclose(np.asarray(got), np.asarray(fp_out), rtol=1e-4,
                              atol=1e-4 * float(jnp.abs(fp_out).max()))
 
@@ -215,7 +215,7 @@ def test_engine_method_specs():
 
 
 def test_channel_clipped_quantize_grid_and_lsq_gradient():
-  from catjax.ptq.blocks import channel_clipped_quantize
+  from catjax.ptq.rounding import channel_clipped_quantize
   from catjax.core.quant import fake_quantize, weight_config
   k = jax.random.normal(jax.random.PRNGKey(0), (32, 6))
   q, scale = channel_clipped_quantize(k, jnp.ones(6), 7)

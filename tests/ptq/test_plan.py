@@ -3,6 +3,7 @@
 import json
 
 import jax
+from flax import nnx
 import numpy as np
 import pytest
 
@@ -11,7 +12,8 @@ from catjax.ptq.engine import quantize_model
 from catjax.analysis.evaluate import perplexity
 from catjax.models import forward, random_model
 from catjax.models.spec import spec_for
-from catjax.ptq.plan import Plan, SitePlan, layer_transforms, uniform_plan
+from catjax.ptq.plan import Plan, SitePlan, uniform_plan
+from catjax.ptq.policy import layer_transform
 from catjax.ptq.recipe import Recipe
 
 
@@ -30,12 +32,18 @@ def test_a_uniform_plan_is_its_recipe(setup, spec):
   model, windows = setup
   recipe = Recipe(block_size=32).with_spec(spec)
   want = quantize_model(model, windows[:8], recipe, batch_size=4, progress=False)
-  got = quantize_model(model, windows[:8], uniform_plan(recipe, model.config), batch_size=4,
-                       progress=False)
-  for a, b in zip(jax.tree.leaves(want.model.layers), jax.tree.leaves(got.model.layers)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  np.testing.assert_allclose(_logits(got, windows[8:]), _logits(want, windows[8:]),
-                             rtol=1e-6, atol=1e-6)
+  plan = uniform_plan(recipe, model.config)
+  assert plan.uniform == recipe and plan.label != recipe.label
+  got = quantize_model(model, windows[:8], plan, batch_size=4, progress=False)
+  # one policy: the same kernels, the same hook state (layout and bits), the same hook
+  for part in ("model", "transforms", "w_scales"):
+    a, b = (jax.tree_util.tree_flatten_with_path(getattr(qm, part) if part != "model" else
+                                                 nnx.state(qm.model))[0] for qm in (want, got))
+    assert [k for k, _ in a] == [k for k, _ in b], part
+    for (_, x), (_, y) in zip(a, b):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=part)
+  assert got.hook == want.hook and got.recipe == recipe
+  np.testing.assert_array_equal(_logits(got, windows[8:]), _logits(want, windows[8:]))
 
 
 def test_a_mixed_plan_gives_each_site_its_recipe(setup):
@@ -66,7 +74,7 @@ def test_a_mixed_plan_gives_each_site_its_recipe(setup):
         k_got = _get(got.model.layers, path)[b]
         k_ref = _get(ref.model.layers, path)[b]
         np.testing.assert_array_equal(k_got, k_ref, err_msg=f"{b} {path}")
-      t_got = layer_transforms(got.transforms, s, b)
+      t_got = layer_transform(got.transforms, s, b, cfg.num_layers)
       t_ref = None if ref.transforms is None else jax.tree.map(lambda a: a[b], ref.transforms[s])
       assert (t_got is None) == (t_ref is None)
       if t_got is not None:
@@ -81,6 +89,9 @@ def test_a_mixed_plan_gives_each_site_its_recipe(setup):
                    progress=False).perplexity
   assert np.isfinite(ppl)
   assert plan.recipe(1, "down_in").a_config.format == "mxfp4"
+  assert plan.uniform is None
+  with pytest.raises(ValueError, match="per-site plan whose sites differ"):
+    got.recipe
 
 
 def _get(layers, path):
