@@ -30,6 +30,7 @@ from catjax.analysis.evaluate import window_nll  # noqa: E402
 from catjax.app.runnable import load_pretrained  # noqa: E402
 from catjax.ptq.engine import quantize_model  # noqa: E402
 from catjax.ptq.recipe import Recipe  # noqa: E402
+from catjax.app.specs import parse_spec  # noqa: E402
 
 
 def torch_nll_fn(path):
@@ -94,7 +95,7 @@ def main():
   theirs, versions = torch_nll_fn(path)
   ours = window_nll(model)
   calib = text_windows(tokenizer, "wiki-calib", seqlen=512, max_tokens=4 * 512).tokens
-  qm = quantize_model(model, calib, Recipe().with_spec("cat@k64"), progress=False)
+  qm = quantize_model(model, calib, parse_spec("cat@k64"), progress=False)
   quantized = window_nll(qm.model, hook=qm.hook, hook_state=qm.transforms)
   rows = [run(s, args.max_tokens, tokenizer, ours, theirs, quantized) for s in args.seqlens]
   header = ("| seqlen | windows | tokens | ppl catjax | ppl PyTorch | rel. diff | tok/s catjax "

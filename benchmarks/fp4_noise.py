@@ -31,6 +31,7 @@ from catjax.app.pipeline import RunConfig, run  # noqa: E402
 from catjax.ptq.recipe import Recipe  # noqa: E402
 from catjax.app.tables import markdown_table  # noqa: E402
 from catjax.core.stats import _as_int, predicted_sqnr  # noqa: E402
+from catjax.app.specs import parse_spec  # noqa: E402
 
 METHODS = ("fp,none,hadamard,cat,none@mxfp4,hadamard@mxfp4,cat@mxfp4,none@nvfp4,"
            "hadamard@nvfp4,cat@nvfp4")
@@ -51,7 +52,7 @@ def main() -> None:
   p = smollm2_parser(__doc__.split("\n")[0])
   p.add_argument("--methods", default=METHODS)
   args = p.parse_args()
-  recipes = tuple(Recipe().with_spec(s) for s in args.methods.split(","))
+  recipes = tuple(parse_spec(s) for s in args.methods.split(","))
   t0 = time.perf_counter()
   report = run(RunConfig(recipes=recipes, model=args.model, calib_windows=args.calib_windows,
                          seqlen=args.seqlen, eval_max_tokens=args.eval_max_tokens,

@@ -38,6 +38,7 @@ from catjax.analysis.evaluate import perplexity  # noqa: E402
 from catjax.models import generate, save_hf  # noqa: E402
 from catjax.ptq.recipe import Recipe  # noqa: E402
 from catjax.ptq.realize import linear_bytes, realize  # noqa: E402
+from catjax.app.specs import parse_spec  # noqa: E402
 
 
 def _folder_bytes(folder: Path, pattern: str) -> int:
@@ -71,7 +72,7 @@ def main() -> None:
   bf16, _, _ = load_pretrained("smollm2-135m", dtype="bfloat16")
   calib = text_windows(tok, "wiki-calib", seqlen=512, max_tokens=args.calib_windows * 512).tokens
   evalw = text_windows(tok, "wiki-eval", seqlen=512, max_tokens=args.eval_windows * 512).tokens
-  qm = quantize_model(model, calib, Recipe().with_spec("cat@k64"))
+  qm = quantize_model(model, calib, parse_spec("cat@k64"))
   real = realize(model, qm)
   with tempfile.TemporaryDirectory() as tmp:
     folder = save_quantized(real, Path(tmp) / "w4a4", tokenizer=tok)

@@ -41,6 +41,7 @@ from catjax.ptq.calibrate import calibrate  # noqa: E402
 from catjax.analysis.sites import SiteSQNR, site_report
 from catjax.app.tables import markdown_table
 from catjax.app.plots import plan_points, plot_predicted_vs_measured
+from catjax.app.specs import parse_spec
 
 
 def main() -> None:
@@ -96,7 +97,7 @@ def main() -> None:
   uniform = {}
   out_dims = planner.site_out_dims(model)
   for spec in ("hadamard", "cat@k64", "none@w6a6", "cat@k64@w6a6"):
-    r = Recipe(block_size=64).with_spec(spec)
+    r = parse_spec(spec, Recipe(block_size=64))
     uniform[spec] = {**run(r.label, r), **uniform_plan(r, cfg).summary(cfg, out_dims)}
   results["uniform"] = uniform
   # (b) block sizes at the cost of uniform CAT k=64, W4A4.

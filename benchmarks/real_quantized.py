@@ -40,6 +40,7 @@ from catjax.models import LLAMA, get_path  # noqa: E402
 from catjax.ptq.recipe import Recipe  # noqa: E402
 from catjax.ptq.calibrate import calibrate  # noqa: E402
 from catjax.analysis.sites import site_report  # noqa: E402
+from catjax.app.specs import parse_spec  # noqa: E402
 
 
 def _layer(tree, l):
@@ -95,7 +96,7 @@ def main() -> None:
   acts = {site: a[:, 0] for site, a in capture(model, calib[args.calib_windows:][:1]).items()}
   rows = []
   for spec in args.specs.split(","):
-    qm = quantize_model(model, None, Recipe().with_spec(spec), stats=stats)
+    qm = quantize_model(model, None, parse_spec(spec), stats=stats)
     sites = site_report(model, qm, calib[args.calib_windows:])
     real = realize(model, qm)
     runs = {}

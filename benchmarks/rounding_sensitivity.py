@@ -30,6 +30,7 @@ from catjax.models.llama import SITES, forward  # noqa: E402
 from catjax.ptq.engine import quantize_model  # noqa: E402
 from catjax.ptq.hooks import SiteHook  # noqa: E402
 from catjax.ptq.recipe import Recipe  # noqa: E402
+from catjax.app.specs import parse_spec  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ def main() -> None:
   model, tok, _ = load_pretrained("smollm2-135m")
   calib = text_windows(tok, "wiki-calib", seqlen=512, max_tokens=args.calib_windows * 512).tokens
   tokens = jnp.asarray(text_windows(tok, "wiki-eval", seqlen=512, max_tokens=512).tokens[:1])
-  qm = quantize_model(model, calib, Recipe().with_spec(args.spec), batch_size=4)
+  qm = quantize_model(model, calib, parse_spec(args.spec), batch_size=4)
   factor = 1 + 2.0**-21
   runs = {"fp": divergence(model, tokens, RecordingHook(), None, factor),
           qm.recipe.label: divergence(qm.model, tokens, RecordingHook(qm.hook.configs),

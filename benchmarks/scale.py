@@ -104,11 +104,11 @@ def step_quant(name, args):
   import jax
 
   from catjax.ptq.engine import quantize_model
-  from catjax.ptq.recipe import Recipe
+  from catjax.app.specs import parse_spec
   model, tok, _ = _load(name)
   calib = _windows(tok, "wiki-calib", args.calib_windows)
   rss_before = _rss()
-  recipe = Recipe().with_spec(args.method)
+  recipe = parse_spec(args.method)
   t0 = time.perf_counter()
   qm = quantize_model(model, calib, recipe, batch_size=1, progress=False)
   jax.block_until_ready(jax.tree.leaves(qm.model))
@@ -124,10 +124,10 @@ def step_shard(name, args):
   import numpy as np
 
   from catjax.ptq.engine import quantize_model
-  from catjax.ptq.recipe import Recipe
+  from catjax.app.specs import parse_spec
   from catjax.ptq.calibrate import calibrate
   from catjax.models.sharding import make_mesh, shard_model
-  recipe = Recipe().with_spec(args.method)
+  recipe = parse_spec(args.method)
   out = {"devices": len(jax.devices())}
   for spec in (None, *MESHES):
     model, tok, _ = _load(name)

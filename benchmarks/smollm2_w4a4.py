@@ -23,6 +23,7 @@ from _common import RESULTS, machine  # noqa: E402
 from catjax.app.pipeline import RunConfig, comparisons_markdown, run, write_outputs  # noqa: E402
 from catjax.ptq.recipe import Recipe  # noqa: E402
 from catjax.app.tables import comparison_markdown  # noqa: E402
+from catjax.app.specs import parse_spec  # noqa: E402
 
 METHODS = ("fp,none,smoothquant,smoothquant_hadamard,hadamard,cat@k64,cat@k192,cat_full,"
            "cat_full@f32,none@w6a6,none@w8a8,hadamard@gptq,smoothquant_hadamard@gptq,"
@@ -50,7 +51,7 @@ def main() -> None:
   args = p.parse_args()
   base = Recipe(w_bits=4, a_bits=4, train_lr=args.train_lr, train_batch=args.train_batch)
   specs = args.methods.replace("{T}", str(args.train_steps)).split(",")
-  cfg = RunConfig(recipes=tuple(base.with_spec(s) for s in specs),
+  cfg = RunConfig(recipes=tuple(parse_spec(s, base) for s in specs),
                   calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
                   seqlen=args.seqlen, eval_max_tokens=args.eval_max_tokens,
                   batch_size=args.batch_size)

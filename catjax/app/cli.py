@@ -101,7 +101,8 @@ PLAN_SETS = ("method", "block_size", "w_bits", "a_bits", "w_format", "a_format")
 def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
   from catjax.ptq.planner import DEFAULT_BITS, DEFAULT_BLOCK_SIZES, OBJECTIVES
   from catjax.ptq import rounding
-  from catjax.ptq.recipe import PROPAGATE, SPEC_OPTIONS, WEIGHT_METHODS, Recipe, spec_grammar
+  from catjax.app.specs import SPEC_OPTIONS, spec_grammar
+  from catjax.ptq.recipe import PROPAGATE, Recipe
   _model_args(p)
   if plan:
     b = p.add_argument_group("budget and candidates")
@@ -151,7 +152,7 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
                  help="KV-cache bits, 2..8 (default: 16, not quantized)")
   q.add_argument("--a-clip", type=_ratio, default=1.0,
                  help="activation clip ratio (default: %(default)s)")
-  q.add_argument("--weights", default=Recipe.weights, choices=WEIGHT_METHODS,
+  q.add_argument("--weights", default=Recipe.weights, choices=tuple(rounding.REGISTRY),
                  help="weight rounding: " + "; ".join(
                      f"{m.name}: {m.summary}" for m in rounding.REGISTRY.values())
                  + " (default: %(default)s)")
@@ -266,9 +267,10 @@ def _base_recipe(args):
 
 def _run_config(args, specs: list[str], recipes=None):
   from catjax.app.pipeline import RunConfig
+  from catjax.app.specs import parse_spec
   if recipes is None:
     base = _base_recipe(args)
-    recipes = tuple(base.with_spec(s) for s in specs)
+    recipes = tuple(parse_spec(s, base) for s in specs)
   return RunConfig(recipes=recipes, model=args.model, dtype=args.dtype,
                    save=getattr(args, "save", None),
                    calib_text=args.calib_text, calib_windows=args.calib_windows,

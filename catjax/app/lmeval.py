@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from catjax.app.runnable import Runnable, load_runnable
 from catjax.models import forward, generate_batch
+from catjax.app.specs import parse_spec
 
 TASKS_DIR = Path(__file__).with_name("lmeval_tasks")
 _LENGTH_BUCKET = 64  # padded lengths are multiples of this (few compiled shapes)
@@ -67,7 +68,7 @@ class CatjaxLM(TemplateLM):
       from catjax.ptq.recipe import Recipe
       calib = text_windows(r.tokenizer, "wiki-calib", seqlen=512,
                            max_tokens=int(calib_windows) * 512).tokens
-      qm = quantize_model(r.model, calib, Recipe().with_spec(recipe))
+      qm = quantize_model(r.model, calib, parse_spec(recipe))
       r = Runnable(qm.model, r.tokenizer, r.path, qm.hook if qm.policy.quantized else None,
                    qm.transforms, qm)
     self.runnable, self.tokenizer = r, r.tokenizer

@@ -35,6 +35,7 @@ from catjax.core import linalg
 from catjax.core.linalg import HIGHEST
 
 DEFAULT_EPS = 1e-6
+DEFAULT_BLOCK_SIZE = 64  # `k` of block CAT (`Recipe.block_size`, the CLI's --block-size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +206,8 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
     sigma_x: `(d, d)` activation second moment `E[x xᵀ]`.
     gram_w: `(d, d)` weight Gram `kernel @ kernel.T` (summed over the linears
       that share this input).
-    block_size: `k` for "cat" (must divide `d`; default 128 if it divides `d`,
-      else 64); ignored by other methods ("cat_full" uses `k = d`).
+    block_size: `k` for "cat" (must divide `d`; default `DEFAULT_BLOCK_SIZE`);
+      ignored by other methods ("cat_full" uses `k = d`).
     key: PRNG key for the Hadamard signs (default `PRNGKey(0)`).
     act_absmax: `(d,)` per-channel `max |x_j|` for SmoothQuant (default: RMS).
     alpha: SmoothQuant migration strength.
@@ -264,7 +265,7 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
                        ("weight", weight, {})):
     linalg.check_array(label, v, context=name, **kw)
   if kind == "block":
-    block_size = block_size or (128 if d % 128 == 0 else 64)
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
         or block_size < 1 or d % block_size:
       raise ValueError(f"block_size must be a positive divisor of d: {d=} {block_size=}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import numpy as np
@@ -27,22 +26,6 @@ WEIGHT_METHODS = rounding.NAMES  # the registry `catjax.ptq.rounding.REGISTRY`
 
 
 PROPAGATE = ("auto", "fp", "quantized")
-
-
-# The options of a method spec `METHOD[@OPT...]` (`Recipe.with_spec`), as the
-# CLI's help and the spec errors name them.
-SPEC_OPTIONS = (("wNaM", "weight / activation bits, 16 = not quantized"), ("kN", "CAT block size"),
-                ("kvN", "KV-cache bits"), ("bh", "block Hadamard"),
-                ("rtn|clip|gptq", "weight rounding"), ("dX", "GPTQ damping"),
-                ("act", "GPTQ act-order"), ("tN", "trained CAT, N steps per block"),
-                ("nowc", "trained CAT without learned weight clips"),
-                ("acX", "activation clip ratio"), ("pfp|pq", "propagate fp / quantized outputs"),
-                ("f32", "float32 fits"), ("mxfp4|nvfp4|int", "number format of both operands"))
-
-
-def spec_grammar() -> str:
-  """`METHOD[@wNaM][@kN]...`: the method spec grammar, from `SPEC_OPTIONS`."""
-  return "METHOD" + "".join(f"[@{o.replace('|', '|@')}]" for o, _ in SPEC_OPTIONS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,7 +78,7 @@ class Recipe:
   """
 
   method: str = "cat"
-  block_size: int = 64
+  block_size: int = tf.DEFAULT_BLOCK_SIZE
   w_bits: int | None = 4
   a_bits: int | None = 4
   w_format: str = "int"
@@ -126,8 +109,8 @@ class Recipe:
     check_bits("kv_bits", self.kv_bits)
     if not (is_real(self.a_clip) and 0.0 < self.a_clip <= 1.0):
       raise ValueError(f"a_clip={self.a_clip!r}: expected a ratio in (0, 1]")
-    if self.weights not in WEIGHT_METHODS:
-      raise ValueError(f"weights={self.weights!r}: expected one of {WEIGHT_METHODS}")
+    if self.weights not in rounding.REGISTRY:
+      raise ValueError(f"weights={self.weights!r}: expected one of {tuple(rounding.REGISTRY)}")
     if not (is_real(self.gptq_damping) and self.gptq_damping >= 0):
       raise ValueError(f"gptq_damping={self.gptq_damping!r}: expected a finite value >= 0")
     check_int("gptq_block", self.gptq_block, 1)
@@ -283,46 +266,3 @@ class Recipe:
       if bad:
         raise ValueError(f"method {self.method!r} needs a Hadamard matrix of every site width; "
                          f"widths {bad} of this model have none (see catjax.core.hadamard)")
-
-  def with_spec(self, spec: str) -> "Recipe":
-    """This recipe with a method spec applied: `METHOD[@OPT...]`, options `wNaM`
-    (bits; 16 = not quantized), `kN` (block size), `kvN` (KV bits), `bh` (block Hadamard), `rtn` /
-    `clip` / `gptq` (weight rounding), `tN` (trained CAT, N steps per block),
-    `pfp` / `pq` (propagate fp / quantized outputs), `f32` (float32 fits), `dX` (GPTQ damping),
-    `act` (GPTQ act-order), `nowc` (trained CAT without learned weight clips),
-    `acX` (activation clip ratio), `mxfp4` / `nvfp4` (both formats, and 4 bits), `int`
-    (both formats integer), e.g. "none@w6a6", "cat@k192", "cat@bh", "hadamard@gptq",
-    "cat@gptq@d0.1@t200", "hadamard@ac0.9", "cat@mxfp4", "hadamard@nvfp4"."""
-    method, *opts = spec.strip().split("@")
-    kw: dict[str, Any] = {"method": method}
-    flags = {"bh": ("hadamard", "block"), "pfp": ("propagate", "fp"),
-             "pq": ("propagate", "quantized"), "f32": ("fit_x64", False), "act": ("act_order", True),
-             "nowc": ("train_w_clip", False),
-             **{w: ("weights", w) for w in WEIGHT_METHODS}}
-    for opt in opts:
-      o = opt.lower()
-      m = (re.fullmatch(r"w(\d+)a(\d+)", o), re.fullmatch(r"kv(\d+)", o), re.fullmatch(r"k(\d+)", o),
-           re.fullmatch(r"t(\d+)", o), re.fullmatch(r"d(\d*\.?\d+)", o),
-           re.fullmatch(r"ac(\d*\.?\d+)", o))
-      if o in flags:
-        kw[flags[o][0]] = flags[o][1]
-      elif o in FORMATS:
-        kw["w_format"] = kw["a_format"] = o
-        if o != "int":
-          kw["w_bits"] = kw["a_bits"] = 4
-      elif m[0]:  # 16 bits: not quantized
-        kw["w_bits"], kw["a_bits"] = (None if int(v) == 16 else int(v) for v in m[0].groups())
-      elif m[1]:
-        kw["kv_bits"] = None if int(m[1][1]) == 16 else int(m[1][1])
-      elif m[2]:
-        kw["block_size"] = int(m[2][1])
-      elif m[3]:
-        kw["train_steps"] = int(m[3][1])
-      elif m[4]:
-        kw["gptq_damping"] = float(m[4][1])
-      elif m[5]:
-        kw["a_clip"] = float(m[5][1])
-      else:
-        raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected one of "
-                         + ", ".join(o for opt_, _ in SPEC_OPTIONS for o in opt_.split("|")))
-    return dataclasses.replace(self, **kw)

@@ -9,6 +9,7 @@ from catjax.app.cli import build_parser, quiet_backend_probe
 from catjax.core.quant import FORMATS
 from catjax.ptq.planner import DEFAULT_BITS, DEFAULT_BLOCK_SIZES, OBJECTIVES
 from catjax.ptq.recipe import PROPAGATE, PTQ_METHODS, WEIGHT_METHODS, Recipe
+from catjax.app.specs import parse_spec
 
 
 def _actions(command):
@@ -62,11 +63,11 @@ EXAMPLES = {"wNaM": "w6a8", "kN": "k32", "kvN": "kv4", "dX": "d0.05", "tN": "t2"
 
 
 def test_every_spec_option_is_parsed_and_in_the_help():
-  from catjax.ptq.recipe import SPEC_OPTIONS
+  from catjax.app.specs import SPEC_OPTIONS
   (methods,) = [a for a in _actions("compare").values() if a.dest == "methods"]
   for syntax, meaning in SPEC_OPTIONS:
     assert f"{syntax}: {meaning}" in methods.help
     for opt in syntax.split("|"):
-      Recipe(method="cat", block_size=32).with_spec(f"cat@{EXAMPLES.get(opt, opt)}")
+      parse_spec(f"cat@{EXAMPLES.get(opt, opt)}", Recipe(method="cat", block_size=32))
   with pytest.raises(ValueError, match="unknown option 'x3'; expected one of wNaM, kN"):
-    Recipe().with_spec("cat@x3")
+    parse_spec("cat@x3")

@@ -10,6 +10,7 @@ from catjax.ptq.realize import QLinear, linear_bytes, realize
 from catjax.ptq.engine import quantize_model
 from catjax.ptq.recipe import Recipe
 from catjax.ptq.calibrate import calibrate
+from catjax.app.specs import parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def setup():
                                          ("cat@bh@gptq@t2", 1.0)])
 def test_real_model_equals_fake_quantized(setup, spec, a_clip):
   model, windows, stats = setup
-  recipe = Recipe(block_size=16, a_clip=a_clip).with_spec(spec)
+  recipe = parse_spec(spec, Recipe(block_size=16, a_clip=a_clip))
   qm = quantize_model(model, windows[:4], recipe, progress=False)
   real = realize(model, qm)
   assert isinstance(real.model.layers.mlp.down_proj, QLinear)

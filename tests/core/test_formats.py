@@ -19,6 +19,7 @@ from catjax.core.gptq import gptq_error, gptq_quantize
 from catjax.models import random_model
 from catjax.ptq.recipe import Recipe
 from catjax.core.quant import QuantConfig, fake_quantize, fp4_scales, weight_config
+from catjax.app.specs import parse_spec
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
 F32 = np.float32
@@ -315,23 +316,23 @@ def test_gptq_on_fp4_grids(fmt):
 def test_recipe_formats_specs_and_labels():
   base = Recipe(block_size=32)
   assert base.label == "cat k=32 W4A4" and base.w_config == weight_config(4)
-  mx = base.with_spec("cat@mxfp4")
+  mx = parse_spec("cat@mxfp4", base)
   assert (mx.w_format, mx.a_format, mx.w_bits, mx.a_bits) == ("mxfp4", "mxfp4", 4, 4)
   assert mx.label == "cat k=32 MXFP4"
   assert mx.w_config == weight_config(4, format="mxfp4") and mx.w_config.group_size == 32
   assert mx.a_config == quant.activation_config(4, format="mxfp4")
-  nv = base.with_spec("hadamard@nvfp4@ac0.9@gptq")
+  nv = parse_spec("hadamard@nvfp4@ac0.9@gptq", base)
   assert nv.label == "hadamard gptq aclip=0.9 NVFP4"
   assert nv.a_config.clip_ratio == 0.9 and nv.a_config.format == "nvfp4"
-  assert base.with_spec("none@w8a8@mxfp4").label == "none MXFP4"  # the format sets 4 bits
-  assert base.with_spec("none@mxfp4@w16a4").label == "none W16A4 a:mxfp4"
-  assert base.with_spec("cat@nvfp4@int").label == "cat k=32 W4A4"
+  assert parse_spec("none@w8a8@mxfp4", base).label == "none MXFP4"  # the format sets 4 bits
+  assert parse_spec("none@mxfp4@w16a4", base).label == "none W16A4 a:mxfp4"
+  assert parse_spec("cat@nvfp4@int", base).label == "cat k=32 W4A4"
   mixed = Recipe(method="hadamard", w_format="nvfp4", a_bits=8)
   assert mixed.label == "hadamard W4A8 w:nvfp4" and mixed.a_config == quant.activation_config(8)
   assert Recipe(method="none", a_format="mxfp4", kv_bits=8).label == "none W4A4 a:mxfp4 KV8"
   assert mx.to_dict()["w_format"] == "mxfp4"
   assert Recipe(**{k: v for k, v in mx.to_dict().items() if k != "label"}) == mx
-  trained = base.with_spec("cat@mxfp4@t5@nowc")
+  trained = parse_spec("cat@mxfp4@t5@nowc", base)
   assert trained.train_steps == 5 and not trained.train_w_clip
 
 
@@ -421,7 +422,7 @@ def engine_setup():
 
 def _run(model, windows, spec):
   from catjax.analysis.sites import site_report
-  qm = quantize_model(model, windows[:8], Recipe(block_size=32).with_spec(spec), batch_size=4,
+  qm = quantize_model(model, windows[:8], parse_spec(spec, Recipe(block_size=32)), batch_size=4,
                       progress=False)
   ppl = perplexity(qm.model, windows[8:], hook=qm.hook, hook_state=qm.transforms,
                    progress=False).perplexity

@@ -17,6 +17,7 @@ from catjax.ptq.recipe import Recipe
 from catjax.ptq.calibrate import calibrate
 from catjax.ptq.blocks import merge_block, quantize_block
 from catjax.ptq.train import block_loss, train_block
+from catjax.app.specs import parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_block_walk_equals_all_at_once_statistics(setup, spec):
   """Per-block statistics from the walk (fp propagation) give the transforms and kernels of
   the old path: statistics of all blocks from one full forward."""
   model, windows = setup
-  recipe = Recipe().with_spec(spec)
+  recipe = parse_spec(spec)
   walked = quantize_model(model, windows[:6], recipe, batch_size=4, progress=False)
   stats = calibrate(model, windows[:6], progress=False)
   given = quantize_model(model, None, recipe, stats=stats, progress=False)
@@ -173,7 +174,7 @@ def test_trained_recipe_end_to_end_and_with_gptq(setup):
   base = Recipe(method="cat", block_size=16, train_lr=2e-3)
   err = {}
   for spec in ("cat@pq", "cat@t25", "cat@gptq@t25"):  # all propagate quantized outputs
-    qm = quantize_model(model, windows[:8], base.with_spec(spec), batch_size=4, progress=False)
+    qm = quantize_model(model, windows[:8], parse_spec(spec, base), batch_size=4, progress=False)
     err[spec] = np.mean((_logits(qm, windows[:8]) - fp) ** 2)
     if "t25" in spec:
       info = qm.info["train"]
@@ -205,11 +206,11 @@ def test_engine_errors(setup):
 
 def test_engine_method_specs():
   r = Recipe(block_size=64)
-  assert r.with_spec("cat@gptq@t200").label == "cat k=64 gptq t200 W4A4"
-  assert r.with_spec("cat@gptq@t200").propagates_quantized
-  assert not r.with_spec("cat@gptq@pfp").propagates_quantized
-  assert r.with_spec("hadamard@clip").weights == "clip"
-  w4 = r.with_spec("hadamard@gptq@w4a16")
+  assert parse_spec("cat@gptq@t200", r).label == "cat k=64 gptq t200 W4A4"
+  assert parse_spec("cat@gptq@t200", r).propagates_quantized
+  assert not parse_spec("cat@gptq@pfp", r).propagates_quantized
+  assert parse_spec("hadamard@clip", r).weights == "clip"
+  w4 = parse_spec("hadamard@gptq@w4a16", r)
   assert (w4.w_bits, w4.a_bits, w4.label) == (4, None, "hadamard gptq W4A16")
   assert dataclasses.replace(r, method="fp", weights="gptq").propagates_quantized is False
 

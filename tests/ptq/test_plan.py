@@ -15,6 +15,7 @@ from catjax.models.spec import spec_for
 from catjax.ptq.plan import Plan, SitePlan, uniform_plan
 from catjax.ptq.policy import layer_transform
 from catjax.ptq.recipe import Recipe
+from catjax.app.specs import parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def _logits(qm, tokens):
 @pytest.mark.parametrize("spec", ["cat@k32", "hadamard@w6a8", "none@mxfp4", "cat@k16@gptq"])
 def test_a_uniform_plan_is_its_recipe(setup, spec):
   model, windows = setup
-  recipe = Recipe(block_size=32).with_spec(spec)
+  recipe = parse_spec(spec, Recipe(block_size=32))
   want = quantize_model(model, windows[:8], recipe, batch_size=4, progress=False)
   plan = uniform_plan(recipe, model.config)
   assert plan.uniform == recipe and plan.label != recipe.label

@@ -10,6 +10,7 @@ from catjax.models import forward, random_model
 from catjax.ptq.engine import quantize_model
 from catjax.ptq.recipe import PTQ_METHODS, Recipe
 from catjax.ptq.calibrate import calibrate
+from catjax.app.specs import parse_spec
 
 TRANSFORM_METHODS = [m for m in PTQ_METHODS if m not in ("fp", "none")]
 
@@ -30,8 +31,8 @@ def _run(qm, tokens):
 @pytest.mark.parametrize("spec", PTQ_METHODS + ("cat@bh", "cat_full@bh"))
 def test_quantization_off_preserves_the_function(setup, spec):
   model, windows, stats = setup
-  qm = quantize_model(model, None, stats=stats, recipe=Recipe(block_size=16, w_bits=None, a_bits=None
-                                           ).with_spec(spec), progress=False)
+  base = Recipe(block_size=16, w_bits=None, a_bits=None)
+  qm = quantize_model(model, None, stats=stats, recipe=parse_spec(spec, base), progress=False)
   method = qm.recipe.method
   base = np.asarray(forward(model, windows[4:]))
   got = _run(qm, windows[4:])
@@ -200,18 +201,18 @@ def test_bad_recipes_are_rejected(kw, match):
 
 def test_method_specs():
   base = Recipe(block_size=64)
-  assert base.with_spec("none@w6a6").label == "none W6A6"
-  assert base.with_spec("cat@k192@kv8").label == "cat k=192 W4A4 KV8"
-  assert base.with_spec("fp").label == "fp" and not base.with_spec("fp").quantized
-  assert base.with_spec("cat@bh").label == "cat k=64 blockH W4A4"
-  r = base.with_spec("hadamard@gptq@d0.5@ac0.9")
+  assert parse_spec("none@w6a6", base).label == "none W6A6"
+  assert parse_spec("cat@k192@kv8", base).label == "cat k=192 W4A4 KV8"
+  assert parse_spec("fp", base).label == "fp" and not parse_spec("fp", base).quantized
+  assert parse_spec("cat@bh", base).label == "cat k=64 blockH W4A4"
+  r = parse_spec("hadamard@gptq@d0.5@ac0.9", base)
   assert (r.weights, r.gptq_damping, r.a_clip) == ("gptq", 0.5, 0.9)
   assert r.label == "hadamard gptq d=0.5 aclip=0.9 W4A4"
-  assert base.with_spec("cat@gptq@act").act_order
-  assert base.with_spec("cat@gptq@act").label == "cat k=64 gptq act-order W4A4"
+  assert parse_spec("cat@gptq@act", base).act_order
+  assert parse_spec("cat@gptq@act", base).label == "cat k=64 gptq act-order W4A4"
   with pytest.raises(ValueError, match="a_clip"):
-    base.with_spec("cat@ac1.5")
+    parse_spec("cat@ac1.5", base)
   with pytest.raises(ValueError, match="hadamard='block' applies to 'cat' and 'cat_full'"):
-    base.with_spec("hadamard@bh")
+    parse_spec("hadamard@bh", base)
   with pytest.raises(ValueError, match="unknown option 'x3'"):
-    base.with_spec("cat@x3")
+    parse_spec("cat@x3", base)
