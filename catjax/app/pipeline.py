@@ -449,8 +449,8 @@ def write_outputs(report: RunReport, json_path: str | Path, *,
     kw = {"model": report.model["name"], "tokens": c["report_windows"] * c["seqlen"]}
     paths.append(plot_sqnr(by_method, out["sqnr"], **kw))
     paths.append(plot_decomposition(
-        by_method, out["decomposition"],
-        focus=focus, **kw))
+        by_method, out["decomposition"], focus=focus,
+        perplexity={r.recipe.label: r.perplexity for r in report.methods}, **kw))
   for r in report.methods:
     predicted = r.recipe.predicted_db()
     if predicted:

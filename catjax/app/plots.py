@@ -179,16 +179,21 @@ def sqnr_figure(rows_by_method: dict[str, list[SiteSQNR]], field: str = "measure
   return fig
 
 
+def _with_perplexity(label: str, perplexity: dict[str, float] | None) -> str:
+  ppl = None if perplexity is None else perplexity.get(label)
+  return label if ppl is None else f"{label}  (perplexity {ppl:.2f})"
+
+
 def decomposition_figure(rows_by_method: dict[str, list[SiteSQNR]], *,
                          model: str | None = None, bits: str | None = None,
                          tokens: int | None = None, title: str | None = None,
-                         focus: Sequence[str] | None = None):
-  """`C(x)`, `C(W)`, alignment gain and measured SQNR along the sites of the model
-  (layer-major), one line per method: where each method's SQNR comes from (the Figure)."""
+                         focus: Sequence[str] | None = None,
+                         perplexity: dict[str, float] | None = None):
+  """`C(x)`, `C(W)`, alignment gain and measured SQNR by layer, one column of
+  panels per site and one line per method: where each method's SQNR comes from
+  (the Figure). `perplexity`: `{label: perplexity}`, shown in the legend."""
   drawn, omitted = _split_focus(rows_by_method, focus)
   sites = _site_order(drawn)
-  pos = {s: j for j, s in enumerate(sites)}
-  layers = 1 + max((r.layer for rows in drawn.values() for r in rows), default=0)
   missing: dict[str, list[str]] = {}
   for label, rows in drawn.items():
     for f in DECOMPOSITION_FIELDS:
@@ -196,33 +201,36 @@ def decomposition_figure(rows_by_method: dict[str, list[SiteSQNR]], *,
         missing.setdefault(label, []).append(FIELD_LABELS[f].replace(" (dB)", ""))
   notes = _missing_note(missing) + _omitted_note(omitted)
   legend_h = _legend_height(len(drawn), notes)
-  panel_h = 3.0
-  fig = _figure((15, panel_h * len(DECOMPOSITION_FIELDS) + legend_h))
-  gs = fig.add_gridspec(len(DECOMPOSITION_FIELDS) + 1, 1,
-                        height_ratios=[panel_h] * len(DECOMPOSITION_FIELDS) + [legend_h])
-  offsets = _offsets(len(drawn), 0.5)
-  handles, axes = [], []
+  panel_h, nf = 2.8, len(DECOMPOSITION_FIELDS)
+  fig = _figure((max(8.0, 4.4 * len(sites)), panel_h * nf + legend_h))
+  gs = fig.add_gridspec(nf + 1, len(sites), height_ratios=[panel_h] * nf + [legend_h])
+  offsets = _offsets(len(drawn), 0.4)
+  handles, first = [], None
   for k, field in enumerate(DECOMPOSITION_FIELDS):
-    ax = fig.add_subplot(gs[k, 0], sharex=axes[0] if axes else None)
-    axes.append(ax)
-    for i, (label, rows) in enumerate(drawn.items()):
-      rows = sorted(rows, key=lambda r: (r.layer, pos[r.site]))
-      x = np.array([r.layer * len(sites) + pos[r.site] for r in rows], float) + offsets[i]
-      line, = ax.plot(x, _values(rows, field), label=label,
-                      **_style(i, len(drawn), max(1, len(rows) // 12)))
+    row_ax = None
+    for j, site in enumerate(sites):
+      ax = fig.add_subplot(gs[k, j], sharex=first, sharey=row_ax)
+      first, row_ax = first or ax, row_ax or ax
+      for i, (label, rows) in enumerate(drawn.items()):
+        rows = sorted((r for r in rows if r.site == site), key=lambda r: r.layer)
+        x = np.array([r.layer for r in rows], float) + offsets[i]
+        line, = ax.plot(x, _values(rows, field), label=_with_perplexity(label, perplexity),
+                        **_style(i, len(drawn), max(1, len(rows) // 10)))
+        if k == 0 and j == 0:
+          handles.append(line)
       if k == 0:
-        handles.append(line)
-    ax.set_ylabel(FIELD_LABELS[field], fontsize=_FONT["label"])
-    ax.tick_params(labelsize=_FONT["tick"])
-    ax.grid(alpha=0.3)
-    if k < len(DECOMPOSITION_FIELDS) - 1:
-      ax.tick_params(labelbottom=False)
-  step = max(1, math.ceil(layers / 12))
-  axes[-1].set_xticks([l * len(sites) for l in range(0, layers, step)])
-  axes[-1].set_xticklabels([str(l) for l in range(0, layers, step)])
-  axes[-1].set_xlabel(f"layer (each has {len(sites)} sites: {', '.join(sites)})",
-                      fontsize=_FONT["label"])
-  _legend_and_notes(fig, gs[len(DECOMPOSITION_FIELDS), 0], handles, notes)
+        ax.set_title(site, fontsize=_FONT["panel"])
+      if j == 0:
+        ax.set_ylabel(FIELD_LABELS[field], fontsize=_FONT["label"])
+      else:
+        ax.tick_params(labelleft=False)
+      if k == nf - 1:
+        ax.set_xlabel("layer", fontsize=_FONT["label"])
+      else:
+        ax.tick_params(labelbottom=False)
+      ax.tick_params(labelsize=_FONT["tick"])
+      ax.grid(alpha=0.3)
+  _legend_and_notes(fig, gs[nf, :], handles, notes)
   fig.suptitle(_title("Where the SQNR comes from: C(x), C(W), alignment, SQNR per site",
                       drawn, title=title, model=model, bits=bits, tokens=tokens),
                fontsize=_FONT["title"])
@@ -287,8 +295,9 @@ def plot_predicted_vs_measured(points: dict[str, list[tuple[float, float]]], pat
 def plot_decomposition(rows_by_method: dict[str, list[SiteSQNR]], path: str | Path, *,
                        model: str | None = None, bits: str | None = None,
                        tokens: int | None = None, title: str | None = None,
-                       focus: Sequence[str] | None = None) -> Path:
-  """`C(x)`, `C(W)`, alignment gain and measured SQNR along the sites of the model
-  (layer-major), one line per method, as a PNG at `path`; keywords as `plot_sqnr`."""
+                       focus: Sequence[str] | None = None,
+                       perplexity: dict[str, float] | None = None) -> Path:
+  """`decomposition_figure` (a column of panels per site; `perplexity` in the
+  legend) as a PNG at `path`; keywords as `plot_sqnr`."""
   return _save(decomposition_figure(rows_by_method, model=model, bits=bits, tokens=tokens,
-                                    title=title, focus=focus), path)
+                                    title=title, focus=focus, perplexity=perplexity), path)

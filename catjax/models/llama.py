@@ -410,8 +410,12 @@ def _capture_hook(sites: tuple[str, ...]) -> Hook:
   return lambda site, x, _: (x, x if site in sites else None)
 
 
+# `generate`'s default end of sequence: the model config's `eos_token_id`.
+FROM_CONFIG = "config"
+
+
 def generate(model: Llama, prompt, *, max_new_tokens: int = 32,
-             eos_token_id: int | list[int] | None = None, hook: Hook | None = None,
+             eos_token_id: int | list[int] | str | None = FROM_CONFIG, hook: Hook | None = None,
              hook_state=None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              on_token=None) -> list[int]:
   """Continuation of one prompt with a KV cache; returns the new token ids.
@@ -423,7 +427,8 @@ def generate(model: Llama, prompt, *, max_new_tokens: int = 32,
   `.transforms`); a KV-quantizing hook quantizes the cached keys and values.
   `on_token(id)` is called as each token is chosen (streaming); a true return
   value stops generation there. Stops after `max_new_tokens` or at an
-  end-of-sequence id (included in the result).
+  end-of-sequence id (included in the result): `eos_token_id`, by default the
+  model config's (as the checkpoint declares it); None never stops early.
 
   Raises:
     ValueError: an empty prompt, `max_new_tokens < 1`, a negative temperature
@@ -436,7 +441,8 @@ def generate(model: Llama, prompt, *, max_new_tokens: int = 32,
 
 
 def generate_batch(model: Llama, prompts, *, max_new_tokens: int = 32,
-                   eos_token_id: int | list[int] | None = None, hook: Hook | None = None,
+                   eos_token_id: int | list[int] | str | None = FROM_CONFIG,
+                   hook: Hook | None = None,
                    hook_state=None, temperature: float = 0.0, top_p: float = 1.0,
                    seed: int = 0, on_token=None) -> list[list[int]]:
   """`generate` for several prompts at once, one forward per step for all.
@@ -462,6 +468,11 @@ def generate_batch(model: Llama, prompts, *, max_new_tokens: int = 32,
     raise ValueError(f"temperature={temperature!r}: expected a finite value >= 0")
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p!r}: expected a value in (0, 1]")
+  if isinstance(eos_token_id, str):
+    if eos_token_id != FROM_CONFIG:
+      raise ValueError(f"eos_token_id={eos_token_id!r}: expected token ids, None or "
+                       f"{FROM_CONFIG!r} (the model config's)")
+    eos_token_id = model.config.eos_token_id
   eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
   b, t = len(prompts), max(p.size for p in prompts)
   tokens = np.zeros((b, t), np.int32)

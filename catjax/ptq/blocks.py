@@ -126,7 +126,7 @@ def transformed_sigma(sigma: jax.Array, t: Transform | None) -> jax.Array:
 def quantize_block(block: dict, recipe: "Recipe | dict[str, Recipe]", *, spec: ArchSpec,
                    transforms: dict[str, Transform] | None = None,
                    stats: dict[str, SecondMoment] | None = None,
-                   w_clip: dict[str, jax.Array] | None = None
+                   w_clip: dict[tuple[str, ...], jax.Array] | None = None
                    ) -> tuple[dict, dict[tuple[str, ...], jax.Array]]:
   """Fake-quantize every kernel of a (merged) block per output channel (FP4
   formats: per block of input channels and output channel).
@@ -134,7 +134,7 @@ def quantize_block(block: dict, recipe: "Recipe | dict[str, Recipe]", *, spec: A
   `recipe`: one for every site, or `{site: recipe}` (a plan's block).
   `recipe.weights`: a method of `catjax.ptq.rounding.REGISTRY` ("rtn"; "clip" and
   "gptq" read `T Σ_x Tᵀ` and need `stats`). `w_clip`: learned
-  per-output-channel clip ratios `{"/".join(path): (d_out,)}` (trained CAT)
+  per-output-channel clip ratios `{linear path: (d_out,)}` (trained CAT)
   that set the grid of those kernels for the methods that take them.
 
   Returns:
@@ -161,7 +161,7 @@ def quantize_block(block: dict, recipe: "Recipe | dict[str, Recipe]", *, spec: A
     recipe = recipes[site]
     if recipe.w_config is None:
       return kernel
-    ratio = None if w_clip is None else w_clip.get("/".join(path))
+    ratio = None if w_clip is None else w_clip.get(path)
     q, scale = rounding.REGISTRY[recipe.weights].quantize(
         kernel, recipe.w_config, hessian=functools.partial(sigma_t, site), ratio=ratio,
         recipe=recipe)

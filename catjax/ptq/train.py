@@ -107,7 +107,7 @@ def _quantized_block(block, transforms, spec: ArchSpec, w_config: QuantConfig | 
 
   def one(site, path, k):
     k = transforms[site].merge(k)
-    ratio = w_clip.get("/".join(path))
+    ratio = w_clip.get(path)
     if w_config is None:
       return k
     if ratio is None:
@@ -150,9 +150,9 @@ def _step(params, opt_state, block, base, x, y, rope, *, graphdef, hook, spec, w
 
 
 def block_loss(runner, block, transforms, x, y, recipe, *, spec: ArchSpec,
-               w_clip: dict[str, jax.Array] | None = None) -> float:
+               w_clip: dict[tuple[str, ...], jax.Array] | None = None) -> float:
   """The training loss of `transforms` (and learned weight clip ratios
-  `w_clip`, `{"/".join(path): (d_out,)}`) on all windows (in batches);
+  `w_clip`, `{linear path: (d_out,)}`) on all windows (in batches);
   straight-through estimation changes gradients only, so these are the
   quantized block's true errors."""
   hook = _hook(recipe, spec)
@@ -193,7 +193,7 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
 
   Returns:
     `(transforms, w_clip, info)`: the kept transforms; the kept weight clip
-    ratios `{"/".join(path): (d_out,)}` for `quantize_block`, or None (not
+    ratios `{linear path: (d_out,)}` for `quantize_block`, or None (not
     learned, or the closed form kept); the losses (closed form, first and last
     training step, trained on all windows), max condition number of `I + Δ`,
     the mean learned clip ratio, and whether the trained result was kept.
@@ -202,8 +202,7 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
   params = {"deltas": {s: jnp.zeros_like(t.blocks) for s, t in trainable.items()},
             "w_clip": {}}
   if learns_w_clip(recipe):
-    params["w_clip"] = {"/".join(path): jnp.zeros(get_path(block, path)["kernel"].shape[-1],
-                                                  jnp.float32)
+    params["w_clip"] = {path: jnp.zeros(get_path(block, path)["kernel"].shape[-1], jnp.float32)
                         for _, path in spec.linears}
   steps, n = recipe.train_steps, x.shape[0]
   batch = min(recipe.train_batch, n)

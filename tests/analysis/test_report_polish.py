@@ -128,12 +128,12 @@ def test_plots_draw_every_method_distinguishably(plot, by_method, saved, tmp_pat
   a, b = lines["none W4A4"][0], lines["none W6A6"][0]
   shifted = not np.array_equal(a.get_xdata(), b.get_xdata())
   assert shifted or a.get_linestyle() != b.get_linestyle()
-  # Every drawn value is the method's own, in layer order per site (plot_sqnr) or
-  # layer-major (plot_decomposition).
-  if plot == "plot_sqnr":
-    want = [r.measured_sqnr_db for r in by_method["cat k=64 W4A4"] if r.site == SITES[0]]
-  else:
-    want = [r.concentration_x_db for r in by_method["cat k=64 W4A4"]]
+  # Every drawn value is the method's own, in layer order, one panel per site.
+  field = "measured_sqnr_db" if plot == "plot_sqnr" else "concentration_x_db"
+  rows = sorted((r for r in by_method["cat k=64 W4A4"] if r.site == SITES[0]),
+                key=lambda r: r.layer)
+  want = [getattr(r, field) for r in rows]
+  assert {ax.get_title() for ax in fig.axes if ax.get_lines()} - {""} == set(SITES)
   np.testing.assert_allclose(lines["cat k=64 W4A4"][0].get_ydata(), want)
   # The unquantized method has no finite SQNR; the figure says so rather than
   # dropping it silently.
@@ -141,7 +141,7 @@ def test_plots_draw_every_method_distinguishably(plot, by_method, saved, tmp_pat
   fig.canvas.draw()
   panels = [ax for ax in fig.axes if ax.get_lines()]
   assert all(t.get_fontsize() >= 11 for ax in panels for t in ax.get_yticklabels())
-  assert all(ax.yaxis.label.get_fontsize() >= 12 for ax in panels)
+  assert all(ax.yaxis.label.get_fontsize() >= 12 for ax in panels if ax.get_ylabel())
 
 
 @pytest.mark.parametrize("plot", ["plot_sqnr", "plot_decomposition"])
@@ -156,6 +156,13 @@ def test_plot_titles_name_model_bits_and_tokens(plot, by_method, saved, tmp_path
   assert "site SQNR (dB)" in labels
   if plot == "plot_decomposition":
     assert "concentration C(x) (dB)" in labels
+
+
+def test_the_decomposition_plot_shows_perplexity_in_its_legend(by_method, saved, tmp_path):
+  ppl = {label: 20.0 + i for i, label in enumerate(by_method)}
+  plots.plot_decomposition(by_method, tmp_path / "p.png", perplexity=ppl)
+  labels = _legend_labels(saved[0])
+  assert sorted(labels) == sorted(f"{k}  (perplexity {v:.2f})" for k, v in ppl.items())
 
 
 def test_plot_titles_default_to_the_bits_of_the_labels(by_method, saved, tmp_path):

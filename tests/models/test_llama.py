@@ -57,7 +57,7 @@ def test_greedy_generation_with_cache_matches_transformers(pair):
   prompt = tiny.tokens((1, 6), ref.config.vocab_size, seed=1)
   expected = ref.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=10,
                           do_sample=False, eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
-  assert generate(ours, prompt[0], max_new_tokens=10) == expected
+  assert generate(ours, prompt[0], max_new_tokens=10, eos_token_id=None) == expected
 
 
 def test_batched_generation_of_prompts_of_different_lengths_equals_one_at_a_time(pair):
@@ -66,8 +66,8 @@ def test_batched_generation_of_prompts_of_different_lengths_equals_one_at_a_time
   _, ours = pair
   vocab = ours.config.vocab_size
   prompts = [tiny.tokens((n,), vocab, seed=n) for n in (20, 7, 13)]
-  batched = generate_batch(ours, prompts, max_new_tokens=10)
-  assert batched == [generate(ours, p, max_new_tokens=10) for p in prompts]
+  batched = generate_batch(ours, prompts, max_new_tokens=10, eos_token_id=None)
+  assert batched == [generate(ours, p, max_new_tokens=10, eos_token_id=None) for p in prompts]
 
 
 def test_saved_folder_loads_in_transformers(pair, tmp_path):
@@ -96,9 +96,17 @@ def test_kv_cache_decoding_equals_full_forward():
 
 def test_generation_stops_at_eos():
   model = random_model(tiny.config(), seed=4)
-  first = generate(model, [1, 2, 3], max_new_tokens=5)
+  first = generate(model, [1, 2, 3], max_new_tokens=5, eos_token_id=None)
   assert len(first) == 5
   assert generate(model, [1, 2, 3], max_new_tokens=5, eos_token_id=first[1]) == first[:2]
+  # by default the config's end of sequence stops it, as the CLI does
+  import dataclasses
+  eos_model = random_model(dataclasses.replace(tiny.config(), eos_token_id=first[2]), seed=4)
+  stop = first[:first.index(first[2]) + 1]
+  assert generate(eos_model, [1, 2, 3], max_new_tokens=5) == stop
+  assert generate_batch(eos_model, [[1, 2, 3]], max_new_tokens=5) == [stop]
+  with pytest.raises(ValueError, match="eos_token_id='tokenizer'"):
+    generate(model, [1, 2, 3], eos_token_id="tokenizer")
   with pytest.raises(ValueError, match="prompt 0 is empty"):
     generate(model, [], max_new_tokens=3)
   with pytest.raises(ValueError, match="prompt 1 is empty"):
