@@ -44,6 +44,13 @@ for v in $pythons; do
   t0=$SECONDS
   if py=$(scripts/setup.sh "$v" test | tail -n 1); then
     echo "--- setup of Python $v: $(elapsed "$t0")"
+    if [ -z "${fetched:-}" ]; then  # the models and texts the tests read, once, before any test
+      t0=$SECONDS
+      "$py" -c "from catjax.app import assets; [assets.fetch(n) for n in assets.ASSETS]" ||
+        echo "fetching the assets failed; the tests that need them will say which"
+      echo "--- assets (~1.4 GB on a first run, cached in \${CATJAX_CACHE:-~/.cache/catjax}): $(elapsed "$t0")"
+      fetched=1
+    fi
     if [ "$v" = 3.11 ] && [ -z "$args" ]; then
       stage "Python $v, part 1" "\"$py\" -m pytest -q $split"
       stage "Python $v, part 2" "\"$py\" -m pytest -q $(printf -- '--ignore=%s ' $split)"
