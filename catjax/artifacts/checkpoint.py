@@ -305,7 +305,7 @@ def load_quantized(folder: str | Path, *, implementation: str | None = None
       raise CheckpointError(f"{f}: sha256 differs from {where} (corrupt or modified)")
   try:
     cfg = ModelConfig.from_hf(manifest["config"])
-    recipe = Recipe(**manifest["recipe"])
+    recipe = Recipe.from_dict(manifest["recipe"])
     dtype = jnp.dtype(manifest["dtype"])
     sites = manifest["sites"]
     model, online = _expected(cfg, dtype, recipe, sites, implementation)

@@ -16,8 +16,8 @@ triangular, the Cholesky form of the paper, Alg. 1):
     e_i  = (w_i - q_i) / U_ii
     w_j -= U_ij · e_i            for all j > i
 
-Updates are applied lazily: inside a block of `block_size` channels row by
-row, to all later channels once per block with one matmul (paper §4, "Lazy
+Updates are applied lazily: inside a batch of `lazy_batch` channels row by
+row, to all later channels once per batch with one matmul (paper §4, "Lazy
 Batch-Updates"). The grid is the repository's RTN weight quantizer
 (`catjax.core.quant.weight_config`): symmetric, per output channel (or per group of
 input channels and output channel), scales fixed up front from the original
@@ -70,8 +70,8 @@ def _upper_inverse_factor(h: jax.Array) -> jax.Array:
   return jnp.triu(inv[::-1, ::-1])
 
 
-@functools.partial(jax.jit, static_argnames=("qmax", "block_size", "act_order", "dtype"))
-def _gptq(kernel, hessian, scales, damping, *, qmax, block_size, act_order, dtype):
+@functools.partial(jax.jit, static_argnames=("qmax", "lazy_batch", "act_order", "dtype"))
+def _gptq(kernel, hessian, scales, damping, *, qmax, lazy_batch, act_order, dtype):
   """GPTQ on the grid of `scales`: integer levels `-qmax..qmax`, or E2M1 when
   `qmax` is None (a scale of 0 then rounds to 0)."""
   d_in = kernel.shape[0]
@@ -91,7 +91,7 @@ def _gptq(kernel, hessian, scales, damping, *, qmax, block_size, act_order, dtyp
 
   # Pad to whole blocks: padded channels have weight 0, scale 1 and U = I, so
   # they quantize exactly and never touch the real channels.
-  b = min(block_size, d_in)
+  b = min(lazy_batch, d_in)
   n_blocks = -(-d_in // b)
   pad = n_blocks * b - d_in
   w = jnp.pad(w, ((0, pad), (0, 0)))
@@ -134,7 +134,7 @@ def _gptq(kernel, hessian, scales, damping, *, qmax, block_size, act_order, dtyp
   return q.astype(jnp.float32).astype(kernel.dtype), ok
 
 
-def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_order=False,
+def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, lazy_batch=128, act_order=False,
                   group_size=None, clip_ratio=1.0, scale=None, dtype=None,
                   format="int") -> jax.Array:
   """Quantize a kernel with GPTQ (Frantar et al., 2022, arXiv:2210.17323).
@@ -153,7 +153,7 @@ def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_
     bits: bit width, an integer in 2..8; levels `-qmax..qmax`,
       `qmax = 2^(bits-1) - 1`.
     damping: relative diagonal damping, finite and >= 0.
-    block_size: input channels per lazy-update block (need not divide d_in).
+    lazy_batch: input channels per lazy batch update (need not divide d_in).
     act_order: quantize input channels in order of decreasing `H_ii`.
     group_size: if set, one scale per group of `group_size` consecutive input
       channels (in the original order) and output channel; must divide d_in.
@@ -182,8 +182,8 @@ def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_
     raise ValueError(f"bits must be an integer in 2..8, got {bits=!r}")
   if isinstance(damping, bool) or not (math.isfinite(float(damping)) and float(damping) >= 0):
     raise ValueError(f"damping must be finite and >= 0, got {damping=!r}")
-  if not _is_int(block_size) or block_size < 1:
-    raise ValueError(f"block_size must be a positive integer, got {block_size=!r}")
+  if not _is_int(lazy_batch) or lazy_batch < 1:
+    raise ValueError(f"lazy_batch must be a positive integer, got {lazy_batch=!r}")
   if group_size is not None and (
       not _is_int(group_size) or group_size < 1 or kernel.shape[0] % group_size):
     raise ValueError(f"group_size must be None or a positive divisor of d_in, got "
@@ -215,7 +215,7 @@ def gptq_quantize(kernel, hessian, *, bits=4, damping=0.01, block_size=128, act_
   scales = jnp.where(jnp.all(jnp.isfinite(kernel), axis=0), scales, jnp.nan)
   q, ok = _gptq(kernel, hessian, scales, float(damping),
                 qmax=None if config.is_fp4 else config.qmax,
-                block_size=int(block_size), act_order=bool(act_order), dtype=dtype)
+                lazy_batch=int(lazy_batch), act_order=bool(act_order), dtype=dtype)
   if not isinstance(ok, jax.core.Tracer) and not bool(ok):
     raise FloatingPointError(
         f"GPTQ: Cholesky of the damped hessian failed ({hessian.shape=}, {damping=}); the "

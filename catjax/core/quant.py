@@ -35,7 +35,7 @@ from catjax.base.checks import is_ratio
 
 GRANULARITIES = ("tensor", "token", "channel")
 FORMATS = ("int", "mxfp4", "nvfp4")
-FP4_BLOCK = {"mxfp4": 32, "nvfp4": 16}  # elements per block scale
+FP4_GROUP = {"mxfp4": 32, "nvfp4": 16}  # elements per shared scale (the OCP spec calls it a block)
 E2M1_MAX = 6.0  # largest E2M1 magnitude
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -86,7 +86,7 @@ class QuantConfig:
     if not isinstance(self.format, str) or self.format not in FORMATS:
       raise ValueError(f"format must be one of {FORMATS}, got {self.format=!r}")
     if self.format != "int":
-      block = FP4_BLOCK[self.format]
+      block = FP4_GROUP[self.format]
       if self.bits != 4:
         raise ValueError(f"format={self.format!r} has 4-bit E2M1 elements: bits must be 4, "
                          f"got {self.bits=!r}")

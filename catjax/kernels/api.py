@@ -56,7 +56,7 @@ def _run(x2, transform_blocks, qweight, *, a_bits, a_clip, kind, config, out_dty
 def quantized_matmul(x: jax.Array, transform_blocks: jax.Array | None, qweight: QuantizedWeight, *,
                      a_bits: int, a_clip: float = 1.0, implementation: str | None = None,
                      out_dtype=jnp.float32,
-                     config: pallas_gpu.BlockConfig | None = None) -> jax.Array:
+                     config: pallas_gpu.TileConfig | None = None) -> jax.Array:
   """Transformed, dynamically quantized activations times quantized weights.
 
   Computes `Q_a(x Bᵀ) · Q_w(W)` with int32 accumulation and both scales

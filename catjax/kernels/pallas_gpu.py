@@ -4,15 +4,15 @@ Design: **pre-pass + integer matmul kernel.** The block transform and the
 per-token quantization run first (`reference.quantize_activations`, one
 XLA-fused pass over `x`), because a per-token scale needs the whole
 transformed row; doing the transform inside the matmul would recompute it
-for every N tile, i.e. `k / block_n` extra (float) work per integer MAC
-(100 % at k = block_n = 128). The kernel then reads int8 activations and
+for every N tile, i.e. `k / tile_n` extra (float) work per integer MAC
+(100 % at k = tile_n = 128). The kernel then reads int8 activations and
 int8 or packed int4 weights, unpacks int4 to int8 (Hopper has no int4 MMA),
 accumulates in int32 and applies `(acc · s_x) · s_w` in the epilogue.
 
 Two bodies compute the same thing, tile for tile:
 
 - `mosaic`: Pallas **Mosaic GPU** (`plgpu.kernel`, warpgroup semantics) for
-  Hopper: a grid of `(m/block_m, d_out/block_n)` CTAs, each running a
+  Hopper: a grid of `(m/tile_m, d_out/tile_n)` CTAs, each running a
   TMA-fed `plgpu.emit_pipeline` over K tiles with int8 `plgpu.wgmma` (both
   operands K-major: activations `(m, d_in)`, weights stored `(d_out, d_in)`
   and passed transposed), int4 unpacked in registers (via int16, since Mosaic
@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - depends on the jax build
 
 MOSAIC_MIN_JAX = (0, 11)
 SMEM_BUDGET = 200 * 1024  # bytes of SMEM a CTA may use (H100: 227 KiB).
-_BLOCK_K = (128, 64)  # bytes of int8 per row per K step: 128B or 64B swizzle.
+_TILE_K = (128, 64)  # bytes of int8 per row per K step: 128B or 64B swizzle.
 _BLOCK_N = (128, 64, 32, 16, 8)
 OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -67,29 +67,29 @@ def has_gpu_interpret() -> bool:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BlockConfig:
+class TileConfig:
   """Tile sizes of the integer matmul kernel.
 
   Attributes:
-    block_m: tokens per CTA, 64 or 128 (wgmma works on 64-row slabs).
-    block_n: output channels per CTA, a multiple of 8 up to 256.
-    block_k: bytes of a stored weight row per K step (= K channels for 8-bit
+    tile_m: tokens per CTA, 64 or 128 (wgmma works on 64-row slabs).
+    tile_n: output channels per CTA, a multiple of 8 up to 256.
+    tile_k: bytes of a stored weight row per K step (= K channels for 8-bit
       weights, channel pairs for packed 4-bit), 64 or 128 (the SMEM swizzle).
     max_concurrent_steps: depth of the TMA pipeline over K.
   """
 
-  block_m: int = 128
-  block_n: int = 128
-  block_k: int = 128
+  tile_m: int = 128
+  tile_n: int = 128
+  tile_k: int = 128
   max_concurrent_steps: int = 2
 
   def __post_init__(self):
-    if self.block_m not in (64, 128):
-      raise ValueError(f"block_m must be 64 or 128, got {self.block_m=}")
-    if not (8 <= self.block_n <= 256 and self.block_n % 8 == 0):
-      raise ValueError(f"block_n must be a multiple of 8 in [8, 256], got {self.block_n=}")
-    if self.block_k not in _BLOCK_K:
-      raise ValueError(f"block_k must be one of {_BLOCK_K}, got {self.block_k=}")
+    if self.tile_m not in (64, 128):
+      raise ValueError(f"tile_m must be 64 or 128, got {self.tile_m=}")
+    if not (8 <= self.tile_n <= 256 and self.tile_n % 8 == 0):
+      raise ValueError(f"tile_n must be a multiple of 8 in [8, 256], got {self.tile_n=}")
+    if self.tile_k not in _TILE_K:
+      raise ValueError(f"tile_k must be one of {_TILE_K}, got {self.tile_k=}")
     if self.max_concurrent_steps < 1:
       raise ValueError(f"max_concurrent_steps must be >= 1, got {self.max_concurrent_steps=}")
 
@@ -98,44 +98,44 @@ def _halves(bits: int) -> int:
   return 2 if bits <= 4 else 1
 
 
-def smem_bytes(config: BlockConfig, *, bits: int, out_dtype=jnp.float32) -> int:
+def smem_bytes(config: TileConfig, *, bits: int, out_dtype=jnp.float32) -> int:
   """Shared memory the Mosaic GPU body allocates for `config`."""
   h = _halves(bits)
-  stage = h * config.block_m * config.block_k + config.block_n * config.block_k
-  unpacked = (2 * config.block_n * config.block_k) if h == 2 else 0
-  out = config.block_m * config.block_n * jnp.dtype(out_dtype).itemsize
+  stage = h * config.tile_m * config.tile_k + config.tile_n * config.tile_k
+  unpacked = (2 * config.tile_n * config.tile_k) if h == 2 else 0
+  out = config.tile_m * config.tile_n * jnp.dtype(out_dtype).itemsize
   return config.max_concurrent_steps * stage + unpacked + out
 
 
 def choose_block_config(m: int, d_in: int, d_out: int, *, bits: int = 4,
-                        out_dtype=jnp.float32) -> BlockConfig:
+                        out_dtype=jnp.float32) -> TileConfig:
   """Heuristic tiles: small `m` (decode) gets 64x64 tiles for more CTAs.
 
-  `block_k` is 128 bytes (128B swizzle) when it divides the stored row, else
+  `tile_k` is 128 bytes (128B swizzle) when it divides the stored row, else
   64; the pipeline is as deep as SMEM allows, up to 4 stages. Shapes the
   kernel cannot take still get a config; `unsupported_reason` says why.
   """
-  block_m = 64 if m <= 64 else 128
+  tile_m = 64 if m <= 64 else 128
   prefer = (64, 128, 32, 16, 8) if m <= 64 else _BLOCK_N
-  block_n = next((b for b in prefer if d_out % b == 0), 8)
+  tile_n = next((b for b in prefer if d_out % b == 0), 8)
   row = d_in // _halves(bits)
-  block_k = next((b for b in _BLOCK_K if row % b == 0), 64)
-  k_steps = max(1, row // block_k)
+  tile_k = next((b for b in _TILE_K if row % b == 0), 64)
+  k_steps = max(1, row // tile_k)
   steps = 1
   for s in range(min(4, k_steps), 0, -1):
-    cfg = BlockConfig(block_m=block_m, block_n=block_n, block_k=block_k, max_concurrent_steps=s)
+    cfg = TileConfig(tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, max_concurrent_steps=s)
     if smem_bytes(cfg, bits=bits, out_dtype=out_dtype) <= SMEM_BUDGET:
       steps = s
       break
-  return BlockConfig(block_m=block_m, block_n=block_n, block_k=block_k, max_concurrent_steps=steps)
+  return TileConfig(tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, max_concurrent_steps=steps)
 
 
 def unsupported_reason(m: int, d_in: int, d_out: int, *, bits: int, out_dtype=jnp.float32,
-                       config: BlockConfig | None = None, interpret: bool = False) -> str | None:
+                       config: TileConfig | None = None, interpret: bool = False) -> str | None:
   """Why the Pallas kernel cannot take this problem, or None if it can.
 
   Args:
-    m: tokens (any m works: rows are padded to `block_m`).
+    m: tokens (any m works: rows are padded to `tile_m`).
     d_in, d_out: layer shape.
     bits: weight bits.
     out_dtype: float32 or bfloat16.
@@ -148,11 +148,11 @@ def unsupported_reason(m: int, d_in: int, d_out: int, *, bits: int, out_dtype=jn
   row = d_in // _halves(bits)
   if jnp.dtype(out_dtype) not in OUT_DTYPES:
     return f"out_dtype must be float32 or bfloat16, got {out_dtype=}"
-  if row % cfg.block_k:
+  if row % cfg.tile_k:
     return (f"stored weight row ({row} bytes for {d_in=} at {bits=}) is not a multiple of "
-            f"block_k={cfg.block_k} (int8 wgmma needs 64- or 128-byte K tiles)")
-  if d_out % cfg.block_n:
-    return f"{d_out=} is not a multiple of block_n={cfg.block_n}"
+            f"tile_k={cfg.tile_k} (int8 wgmma needs 64- or 128-byte K tiles)")
+  if d_out % cfg.tile_n:
+    return f"{d_out=} is not a multiple of tile_n={cfg.tile_n}"
   if (nbytes := smem_bytes(cfg, bits=bits, out_dtype=out_dtype)) > SMEM_BUDGET:
     return f"{cfg} needs {nbytes} bytes of shared memory (> {SMEM_BUDGET})"
   if interpret:
@@ -177,9 +177,9 @@ def _unpack_halves(w: jax.Array) -> tuple[jax.Array, jax.Array]:
   return lo.astype(jnp.int8), hi.astype(jnp.int8)
 
 
-def _pad_rows(x_q, s_x, block_m):
+def _pad_rows(x_q, s_x, tile_m):
   m = x_q.shape[0]
-  mp = -(-m // block_m) * block_m
+  mp = -(-m // tile_m) * tile_m
   if mp != m:
     x_q = jnp.pad(x_q, ((0, mp - m), (0, 0)))
     s_x = jnp.pad(s_x, ((0, mp - m), (0, 0)), constant_values=1.0)
@@ -190,15 +190,15 @@ def _pad_rows(x_q, s_x, block_m):
 # Portable Pallas body (interpret mode on CPU, every jax version).
 
 
-def _portable_body(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, halves, block_k, k_steps):
-  row = k_steps * block_k
+def _portable_body(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, halves, tile_k, k_steps):
+  row = k_steps * tile_k
   bm, bn = o_ref.shape
 
   def step(k, acc):
-    w = w_ref[:, pl.ds(k * block_k, block_k)]
+    w = w_ref[:, pl.ds(k * tile_k, tile_k)]
     ws = _unpack_halves(w) if halves == 2 else (w,)
     for h, wh in enumerate(ws):
-      xh = x_ref[:, pl.ds(h * row + k * block_k, block_k)]
+      xh = x_ref[:, pl.ds(h * row + k * tile_k, tile_k)]
       acc = acc + lax.dot_general(xh, wh, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
     return acc
 
@@ -210,9 +210,9 @@ def _portable_body(x_ref, sx_ref, w_ref, sw_ref, o_ref, *, halves, block_k, k_st
 def _matmul_portable(x_q, s_x, values, scale, *, bits, config, out_dtype):
   m, d_in = x_q.shape
   d_out, row = values.shape
-  bm, bn, bk = config.block_m, config.block_n, config.block_k
+  bm, bn, bk = config.tile_m, config.tile_n, config.tile_k
   x_q, s_x = _pad_rows(x_q, s_x, bm)
-  body = functools.partial(_portable_body, halves=_halves(bits), block_k=bk, k_steps=row // bk)
+  body = functools.partial(_portable_body, halves=_halves(bits), tile_k=bk, k_steps=row // bk)
   out = pl.pallas_call(
       body,
       out_shape=jax.ShapeDtypeStruct((x_q.shape[0], d_out), out_dtype),
@@ -243,7 +243,7 @@ def _load_vector(ref, layout):
 
   `optimized=False`: jax 0.11 has no optimized (vectorized) GMEM load into a
   WGMMA row/column layout ("Only optimized transfers to SMEM supported");
-  the vectors are `block_m` / `block_n` floats per tile, so a plain load is
+  the vectors are `tile_m` / `tile_n` floats per tile, so a plain load is
   cheap.
   """
   if "idx" in inspect.signature(plgpu.load).parameters:  # jax < 0.12
@@ -258,8 +258,8 @@ def _transposed(ref):
 
 def _mosaic_body(x_gmem, sx_gmem, w_gmem, sw_gmem, o_gmem, o_smem, wu_smem=None, *,
                  halves, config, k_steps, out_dtype):
-  """One `(block_m, block_n)` output tile per CTA; a TMA pipeline over K tiles."""
-  bm, bn, bk = config.block_m, config.block_n, config.block_k
+  """One `(tile_m, tile_n)` output tile per CTA; a TMA pipeline over K tiles."""
+  bm, bn, bk = config.tile_m, config.tile_n, config.tile_k
   m_slice = pl.ds(lax.axis_index("m") * bm, bm)
   n_slice = pl.ds(lax.axis_index("n") * bn, bn)
   tiles = _smem_transforms(bk)
@@ -305,7 +305,7 @@ def _matmul_mosaic(x_q, s_x, values, scale, *, bits, config, out_dtype, interpre
     raise ValueError(f"jax {jax.__version__} has no Mosaic GPU interpret mode")
   m = x_q.shape[0]
   d_out, row = values.shape
-  bm, bn, bk = config.block_m, config.block_n, config.block_k
+  bm, bn, bk = config.tile_m, config.tile_n, config.tile_k
   halves = _halves(bits)
   x_q, s_x = _pad_rows(x_q, s_x, bm)
   out_bytes = bn * jnp.dtype(out_dtype).itemsize
@@ -328,7 +328,7 @@ def _matmul_mosaic(x_q, s_x, values, scale, *, bits, config, out_dtype, interpre
 
 
 def int_matmul(x_q: jax.Array, s_x: jax.Array, values: jax.Array, scale: jax.Array, *,
-               bits: int, config: BlockConfig, out_dtype=jnp.float32, body: str = "mosaic",
+               bits: int, config: TileConfig, out_dtype=jnp.float32, body: str = "mosaic",
                interpret: bool = False) -> jax.Array:
   """`(x_q · w_qᵀ) · s_x · s_w` by a Pallas kernel (the kernel part of the op).
 

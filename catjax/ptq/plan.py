@@ -24,10 +24,10 @@ from typing import Any
 
 from catjax.base.errors import InputError, read_json, write_text
 from catjax.core import hadamard as hd
-from catjax.core.quant import FORMATS, FP4_BLOCK
+from catjax.core.quant import FORMATS, FP4_GROUP
 from catjax.models.config import ModelConfig
 from catjax.models.spec import spec_for
-from catjax.ptq.recipe import Recipe
+from catjax.ptq.recipe import RENAMED, Recipe
 
 PLAN_METHODS = ("none", "hadamard", "cat")
 SITE_KEYS = ("method", "block_size", "w_bits", "a_bits", "w_format", "a_format")
@@ -38,7 +38,7 @@ def format_bits(bits: int | None, fmt: str) -> float:
   scale's 8 bits shared by its block (MXFP4 4.25, NVFP4 4.5); 16 unquantized."""
   if bits is None:
     return 16.0
-  return float(bits) if fmt == "int" else 4.0 + 8.0 / FP4_BLOCK[fmt]
+  return float(bits) if fmt == "int" else 4.0 + 8.0 / FP4_GROUP[fmt]
 
 
 def transform_flops(method: str, block_size: int | None, dim: int) -> int:
@@ -190,7 +190,8 @@ class Plan:
       if isinstance(d.get("base_recipe"), dict):
         fields = {f.name for f in dataclasses.fields(Recipe)}
         try:
-          base = Recipe(**{k: v for k, v in d["base_recipe"].items() if k in fields})
+          base = Recipe.from_dict({k: v for k, v in d["base_recipe"].items()
+                                   if RENAMED.get(k, k) in fields})
         except (TypeError, ValueError) as e:
           raise InputError(where, f"base_recipe: {e}") from None
     info = {k: v for k, v in d.items() if k not in ("sites", "base_recipe")}

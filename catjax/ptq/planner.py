@@ -46,7 +46,7 @@ from catjax.models.spec import spec_for
 from catjax.ptq.plan import Plan, SitePlan, format_bits, transform_flops
 from catjax.ptq.recipe import Recipe
 from catjax.ptq.blocks import fit_block, site_kernel
-from catjax.core.quant import FP4_BLOCK, FORMATS, activation_config, weight_config
+from catjax.core.quant import FP4_GROUP, FORMATS, activation_config, weight_config
 from catjax.core.stats import SecondMoment
 
 DEFAULT_BLOCK_SIZES = (32, 64, 128, 192)
@@ -87,7 +87,7 @@ def number_candidates(dim: int, bits, formats) -> list[tuple[int, str]]:
   """`(bits, format)` options of one operand at width `dim`: the integer
   `bits`, and each FP4 format of `formats` whose block divides `dim`."""
   out = [(int(b), "int") for b in sorted(set(bits))] if "int" in formats else []
-  out += [(4, f) for f in formats if f != "int" and dim % FP4_BLOCK[f] == 0]
+  out += [(4, f) for f in formats if f != "int" and dim % FP4_GROUP[f] == 0]
   if not out:
     raise ValueError(f"no number format fits width {dim}: bits={bits}, formats={formats}")
   return out

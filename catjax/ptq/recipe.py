@@ -13,7 +13,7 @@ from catjax.core import transforms as tf
 from catjax.ptq import rounding
 from catjax.models.config import ModelConfig
 from catjax.models.spec import spec_for
-from catjax.core.quant import FORMATS, FP4_BLOCK, QuantConfig, activation_config, weight_config
+from catjax.core.quant import FORMATS, FP4_GROUP, QuantConfig, activation_config, weight_config
 from catjax.core.transforms import DEFAULT_EPS
 
 
@@ -26,6 +26,10 @@ WEIGHT_METHODS = rounding.NAMES  # the registry `catjax.ptq.rounding.REGISTRY`
 
 
 PROPAGATE = ("auto", "fp", "quantized")
+
+
+# Fields that were renamed, old name -> new (files written before keep loading).
+RENAMED = {"gptq_block": "gptq_lazy_batch"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,7 +55,7 @@ class Recipe:
       "rtn" (round to nearest), "clip" (per output channel, the clip ratio of
       `catjax.ptq.rounding.clip.GRID` with the least activation-weighted squared
       error) or "gptq" (`catjax.gptq_quantize` with the site's Hessian `T Σ_x Tᵀ`).
-    gptq_damping / gptq_block / act_order: GPTQ's relative damping, lazy
+    gptq_damping / gptq_lazy_batch / act_order: GPTQ's relative damping, lazy
       batch size and descending-diag(H) order. The damping defaults to 10% of
       the mean diagonal, not `gptq_quantize`'s 1%: on SmolLM2 W4A4 with
       32 × 512 calibration tokens it is the better of the two for CAT
@@ -87,7 +91,7 @@ class Recipe:
   a_clip: float = 1.0
   weights: str = "rtn"
   gptq_damping: float = rounding.gptq.DEFAULT_DAMPING
-  gptq_block: int = 128
+  gptq_lazy_batch: int = 128
   act_order: bool = False
   train_steps: int = 0
   train_lr: float = 1e-3
@@ -113,7 +117,7 @@ class Recipe:
       raise ValueError(f"weights={self.weights!r}: expected one of {tuple(rounding.REGISTRY)}")
     if not (is_real(self.gptq_damping) and self.gptq_damping >= 0):
       raise ValueError(f"gptq_damping={self.gptq_damping!r}: expected a finite value >= 0")
-    check_int("gptq_block", self.gptq_block, 1)
+    check_int("gptq_lazy_batch", self.gptq_lazy_batch, 1)
     check_int("train_steps", self.train_steps, 0)
     check_int("train_batch", self.train_batch, 1)
     if not (is_real(self.train_lr) and self.train_lr > 0):
@@ -220,6 +224,14 @@ class Recipe:
   def to_dict(self) -> dict[str, Any]:
     return {**dataclasses.asdict(self), "label": self.label}
 
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+    """The recipe of `to_dict()` (or of a checkpoint manifest / plan file): the
+    display-only "label" is dropped and fields of earlier versions take their
+    current names (`RENAMED`); an unknown field is a TypeError naming it."""
+    d = {RENAMED.get(k, k): v for k, v in d.items() if k != "label"}
+    return cls(**d)
+
   # -- the per-site policy interface (`catjax.ptq.policy`): the uniform case -----
 
   def recipe(self, layer: int, site: str) -> "Recipe":
@@ -246,11 +258,11 @@ class Recipe:
     for side, fmt, bits in (("w", self.w_format, self.w_bits), ("a", self.a_format, self.a_bits)):
       if fmt == "int" or bits is None or self.method == "fp":
         continue
-      bad = {s: d for s, d in dims.items() if d % FP4_BLOCK[fmt]}
+      bad = {s: d for s, d in dims.items() if d % FP4_GROUP[fmt]}
       if bad:
-        raise ValueError(f"{side}_format={fmt!r} scales blocks of {FP4_BLOCK[fmt]} input channels: "
+        raise ValueError(f"{side}_format={fmt!r} scales blocks of {FP4_GROUP[fmt]} input channels: "
                          f"the site widths {bad} of this model are not multiples of "
-                         f"{FP4_BLOCK[fmt]}")
+                         f"{FP4_GROUP[fmt]}")
     if self.method == "cat":
       bad = {s: d for s, d in dims.items() if d % self.block_size}
       if bad:

@@ -167,7 +167,7 @@ def test_nvfp4_matches_the_reference(granularity, shape):
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 def test_group_boundaries_are_respected(fmt):
-  n = quant.FP4_BLOCK[fmt]
+  n = quant.FP4_GROUP[fmt]
   rng = np.random.default_rng(3)
   v = rng.standard_normal((4, 4 * n)).astype(F32)
   v[:, n:2 * n] *= 1000.0  # one loud block per row
@@ -196,7 +196,7 @@ def test_group_boundaries_are_respected(fmt):
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_blocks_come_out_nan_and_others_unchanged(fmt, bad):
-  n = quant.FP4_BLOCK[fmt]
+  n = quant.FP4_GROUP[fmt]
   v = _sample(4, (3, 4 * n))
   v[1] *= 1e-2 / np.abs(v[1]).max()  # the finite maximum of row 1 is in its first block
   v[1, 0] = 1e-2
@@ -218,7 +218,7 @@ def test_non_finite_blocks_come_out_nan_and_others_unchanged(fmt, bad):
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 def test_zeros_dtypes_and_clip(fmt):
-  n = quant.FP4_BLOCK[fmt]
+  n = quant.FP4_GROUP[fmt]
   cfg = QuantConfig(format=fmt)
   for granularity in ("token", "channel"):
     z = fake_quantize(jnp.zeros((2 * n, 2 * n)), QuantConfig(format=fmt, granularity=granularity))
@@ -304,7 +304,7 @@ def test_gptq_on_fp4_grids(fmt):
   q = gptq_quantize(kernel, h, format=fmt)
   assert float(gptq_error(kernel, q, h)) < 0.8 * float(gptq_error(kernel, rtn, h))
   block, second = fp4_scales(kernel, cfg)
-  scale = np.repeat(np.asarray(block * second)[:, 0, :], quant.FP4_BLOCK[fmt], axis=0)
+  scale = np.repeat(np.asarray(block * second)[:, 0, :], quant.FP4_GROUP[fmt], axis=0)
   levels = np.asarray(q) / scale  # E2M1 values, up to the rounding of level · scale
   np.testing.assert_allclose(levels, np.asarray(quant.round_e2m1(levels)), rtol=1e-6, atol=0)
 
@@ -331,7 +331,9 @@ def test_recipe_formats_specs_and_labels():
   assert mixed.label == "hadamard W4A8 w:nvfp4" and mixed.a_config == quant.activation_config(8)
   assert Recipe(method="none", a_format="mxfp4", kv_bits=8).label == "none W4A4 a:mxfp4 KV8"
   assert mx.to_dict()["w_format"] == "mxfp4"
-  assert Recipe(**{k: v for k, v in mx.to_dict().items() if k != "label"}) == mx
+  assert Recipe.from_dict(mx.to_dict()) == mx
+  old = {("gptq_block" if k == "gptq_lazy_batch" else k): v for k, v in mx.to_dict().items()}
+  assert Recipe.from_dict(old) == mx  # files that name the field as it was called before
   trained = parse_spec("cat@mxfp4@t5@nowc", base)
   assert trained.train_steps == 5 and not trained.train_w_clip
 

@@ -68,7 +68,7 @@ def test_matches_float64_reference(d_in, d_out, block, act_order, group, bits):
   kernel = rng.standard_normal((d_in, d_out)).astype(np.float32)
   h = _hessian(rng, d_in)
   ref, s = _reference_gptq(kernel, h, bits=bits, act_order=act_order, group_size=group)
-  out = np.asarray(gptq_quantize(kernel, h, bits=bits, block_size=block, act_order=act_order,
+  out = np.asarray(gptq_quantize(kernel, h, bits=bits, lazy_batch=block, act_order=act_order,
                                  group_size=group), np.float64)
   steps = np.abs(out - ref) / s
   assert np.mean(steps < 1e-3) >= 0.99, np.mean(steps < 1e-3)
@@ -80,7 +80,7 @@ def test_matches_reference_exactly_in_float64(x64):
   kernel = rng.standard_normal((72, 16)).astype(np.float32)
   h = _hessian(rng, 72)
   ref, _ = _reference_gptq(kernel, h, bits=4, act_order=True, group_size=24)
-  out = gptq_quantize(kernel, h, bits=4, block_size=32, act_order=True, group_size=24)
+  out = gptq_quantize(kernel, h, bits=4, lazy_batch=32, act_order=True, group_size=24)
   np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=1e-6, atol=1e-7)
 
 
@@ -91,7 +91,7 @@ def test_beats_rtn_on_correlated_hessians(bits):
     rng = np.random.default_rng(seed)
     kernel = rng.standard_normal((64, 32)).astype(np.float32)
     h = _hessian(rng, 64)
-    e_gptq = float(gptq_error(kernel, gptq_quantize(kernel, h, bits=bits, block_size=16), h))
+    e_gptq = float(gptq_error(kernel, gptq_quantize(kernel, h, bits=bits, lazy_batch=16), h))
     e_rtn = float(gptq_error(kernel, _rtn(kernel, bits), h))
     assert e_gptq <= e_rtn
     total_gptq, total_rtn = total_gptq + e_gptq, total_rtn + e_rtn
@@ -103,7 +103,7 @@ def test_diagonal_hessian_equals_rtn(group, act_order):
   rng = np.random.default_rng(3)
   kernel = rng.standard_normal((40, 12)).astype(np.float32) * np.linspace(0.1, 2, 12)
   h = np.diag(rng.uniform(0.1, 5.0, 40)).astype(np.float32)
-  out = gptq_quantize(kernel, h, bits=4, block_size=16, act_order=act_order, group_size=group,
+  out = gptq_quantize(kernel, h, bits=4, lazy_batch=16, act_order=act_order, group_size=group,
                       clip_ratio=0.9)
   np.testing.assert_array_equal(out, _rtn(kernel, 4, group, clip_ratio=0.9))
 
@@ -127,7 +127,7 @@ def test_shape_dtype_and_grid(dtype, group):
   rng = np.random.default_rng(5)
   kernel = jnp.asarray(rng.standard_normal((48, 20)), dtype)
   h = _hessian(rng, 48)
-  out = gptq_quantize(kernel, h, bits=3, block_size=32, act_order=True, group_size=group)
+  out = gptq_quantize(kernel, h, bits=3, lazy_batch=32, act_order=True, group_size=group)
   assert out.shape == kernel.shape and out.dtype == kernel.dtype
   levels = np.asarray(out, np.float64) / _scales(np.asarray(kernel, np.float32), 3, group)
   tol = 1e-4 if dtype == jnp.float32 else 2e-2  # bfloat16 rounds q·scale
@@ -142,7 +142,7 @@ def test_rank_deficient_hessian_with_dead_inputs():
   x[[3, 17, 30]] = 0.0             # dead input channels
   h = (x @ x.T / 8).astype(np.float32)
   kernel = rng.standard_normal((d, 10)).astype(np.float32)
-  out = np.asarray(gptq_quantize(kernel, h, bits=4, block_size=12, act_order=True))
+  out = np.asarray(gptq_quantize(kernel, h, bits=4, lazy_batch=12, act_order=True))
   assert np.all(np.isfinite(out))
   np.testing.assert_array_equal(out[[3, 17, 30]], 0.0)
   assert float(gptq_error(kernel, out, h)) <= float(gptq_error(kernel, _rtn(kernel, 4), h))
@@ -159,7 +159,7 @@ def test_bad_inputs_raise():
       (k, h, {"bits": 4.0}),
       (k, h, {"damping": -0.1}),
       (k, h, {"damping": float("nan")}),
-      (k, h, {"block_size": 0}),
+      (k, h, {"lazy_batch": 0}),
       (k, h, {"group_size": 5}),
       (k, h, {"group_size": 0}),
       (k, h, {"clip_ratio": 0.0}),
@@ -187,5 +187,5 @@ def test_works_under_jit():
   rng = np.random.default_rng(2)
   kernel = rng.standard_normal((24, 8)).astype(np.float32)
   h = _hessian(rng, 24)
-  f = jax.jit(lambda k, h: gptq_quantize(k, h, bits=4, block_size=10))
-  np.testing.assert_array_equal(f(kernel, h), gptq_quantize(kernel, h, bits=4, block_size=10))
+  f = jax.jit(lambda k, h: gptq_quantize(k, h, bits=4, lazy_batch=10))
+  np.testing.assert_array_equal(f(kernel, h), gptq_quantize(kernel, h, bits=4, lazy_batch=10))

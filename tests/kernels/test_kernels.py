@@ -93,8 +93,8 @@ def _bodies():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("block_n,block_k,steps", [(32, 64, 1), (64, 128, 3)])
-def test_integer_accumulator_is_exact(bits, block_n, block_k, steps):
+@pytest.mark.parametrize("tile_n,tile_k,steps", [(32, 64, 1), (64, 128, 3)])
+def test_integer_accumulator_is_exact(bits, tile_n, tile_k, steps):
   """Unit scales turn the kernel output into its int32 accumulator (exact in float32)."""
   m, d_in, d_out = 70, 512, 128
   rng = np.random.default_rng(bits)
@@ -106,7 +106,8 @@ def test_integer_accumulator_is_exact(bits, block_n, block_k, steps):
   _, acc = reference.int_matmul(x_q, ones_x, values, ones_w, bits=bits)
   np.testing.assert_array_equal(
       np.asarray(acc), np.asarray(x_q, np.int64) @ np.asarray(w_q, np.int64).T)
-  cfg = pallas_gpu.BlockConfig(block_m=64, block_n=block_n, block_k=block_k, max_concurrent_steps=steps)
+  cfg = pallas_gpu.TileConfig(tile_m=64, tile_n=tile_n, tile_k=tile_k,
+                              max_concurrent_steps=steps)
   for body in _bodies():
     out = pallas_gpu.int_matmul(x_q, ones_x, values, ones_w, bits=bits, config=cfg, body=body,
                                 interpret=True)
@@ -186,11 +187,11 @@ def test_bad_inputs_raise_value_errors():
     kernels.quantized_matmul(x, None, qw, a_bits=4, out_dtype=jnp.int32)
   with pytest.raises(ValueError, match="slice stacked layers"):
     kernels.quantized_matmul(x, None, kernels.quantize_weight(jnp.ones((2, 128, 32)), bits=4), a_bits=4)
-  with pytest.raises(ValueError, match="block_k"):
-    pallas_gpu.BlockConfig(block_k=32)
+  with pytest.raises(ValueError, match="tile_k"):
+    pallas_gpu.TileConfig(tile_k=32)
   # 96 input channels at 4 bits: 48-byte rows, no 64-byte K tile.
   qw96 = kernels.quantize_weight(jnp.ones((96, 32)), bits=4)
-  with pytest.raises(ValueError, match=r"d_in=96.*block_k"):
+  with pytest.raises(ValueError, match=r"d_in=96.*tile_k"):
     kernels.quantized_matmul(jnp.ones((2, 96)), None, qw96, a_bits=4, implementation="pallas_interpret")
   if jax.devices()[0].platform != "gpu":
     with pytest.raises(ValueError, match="implementation='pallas' cannot run"):

@@ -10,7 +10,7 @@ def _quantize(kernel, config, *, hessian, ratio, recipe):
   # the grid (and the scales exported with it) is round to nearest's
   _, scale = round_to_grid(kernel, config, ratio)
   q = gptq_quantize(kernel, hessian(), bits=config.bits, damping=recipe.gptq_damping,
-                    block_size=recipe.gptq_block, act_order=recipe.act_order,
+                    lazy_batch=recipe.gptq_lazy_batch, act_order=recipe.act_order,
                     scale=None if ratio is None else scale, format=config.format)
   return q, scale
 
