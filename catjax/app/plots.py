@@ -261,10 +261,9 @@ def plan_points(predicted: dict[tuple[int, str], float], rows: list[SiteSQNR]
                 ) -> dict[str, list[tuple[float, float]]]:
   """`{site: [(planner's predicted dB, measured dB), ...]}` from a plan's predictions
   (`Plan.predicted_db()`) and the site report of the model quantized with it."""
-  pred = predicted
   out: dict[str, list[tuple[float, float]]] = {}
   for r in rows:
-    p = pred.get((r.layer, r.site))
+    p = predicted.get((r.layer, r.site))
     if p is not None and r.measured_sqnr_db is not None:
       out.setdefault(r.site, []).append((p, r.measured_sqnr_db))
   return out

@@ -31,7 +31,7 @@ from catjax.models.llama import Llama, block_forward, layer_rope, rope_tables
 from catjax.models.spec import spec_for
 from catjax.models.sharding import shard_batch
 from catjax.ptq import rounding
-from catjax.ptq.policy import Policy, layer_recipes, site_hook, site_state
+from catjax.ptq.policy import Policy, layer_recipes, site_hook, site_state, stack_layers
 from catjax.ptq.quantized import QuantizedModel
 from catjax.ptq.blocks import fit_block, merge_block, quantize_block
 from catjax.ptq.calibrate import stats_hook
@@ -97,10 +97,6 @@ def _check_windows(windows, cfg) -> np.ndarray:
     raise ValueError(f"token ids in [{windows.min()}, {windows.max()}] outside the vocabulary "
                      f"[0, {cfg.vocab_size})")
   return windows.astype(np.int32)
-
-
-def _stack(items: list):
-  return jax.tree.map(lambda *a: jnp.stack(a), *items)
 
 
 def _same_keys(scales: list[dict]) -> bool:
@@ -209,12 +205,13 @@ def quantize_model(model: Llama, windows, recipe: Policy, *,
     blocks.append(qblock)
     transforms.append(t_b)
     scales.append(s_b)
-  pure["layers"] = _stack(blocks)
+  pure["layers"] = stack_layers(blocks)
   state = jax.tree.map(lambda a: a, state_m)
   nnx.replace_by_pure_dict(state, pure)
   info = {"seconds": time.perf_counter() - t_start, "walked": walk,
           "propagate": "quantized" if quant_prop else "fp"}
   if losses:
     info["train"] = losses
+  w_scales = stack_layers(scales) if _same_keys(scales) else None
   return QuantizedModel(nnx.merge(graphdef_m, state), site_state(transforms, per_layer, spec),
-                        policy, w_scales=_stack(scales) if _same_keys(scales) else None, info=info)
+                        policy, w_scales=w_scales, info=info)

@@ -61,7 +61,8 @@ def site_hook(recipes: list[dict[str, Recipe]], spec: ArchSpec, *, kv_config, re
   return SiteHook(configs, kv_config, spec.kv_sites, ste)
 
 
-def _stack(items):
+def stack_layers(items: list):
+  """Per-layer pytrees stacked on a new leading layer axis."""
   return jax.tree.map(lambda *a: jnp.stack(a), *items)
 
 
@@ -78,7 +79,7 @@ def site_state(transforms: list[dict[str, Transform | None] | None],
     for v in variants:
       rep = transforms[keys.index(v)][site]
       per_layer = [t[site] if k == v else rep for t, k in zip(transforms, keys)]
-      stacks.append(None if rep is None else _stack(per_layer))
+      stacks.append(None if rep is None else stack_layers(per_layer))
     if len(variants) == 1:
       state[site] = stacks[0]
     else:
