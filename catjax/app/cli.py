@@ -102,6 +102,7 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
   from catjax.ptq.planner import DEFAULT_BITS, DEFAULT_BLOCK_SIZES, OBJECTIVES
   from catjax.ptq import rounding
   from catjax.app.specs import SPEC_OPTIONS, spec_grammar
+  from catjax.ptq.configs import TrainConfig
   from catjax.ptq.recipe import PROPAGATE, Recipe
   _model_args(p)
   if plan:
@@ -133,8 +134,9 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
                           "options override the flags below (default: %(default)s)")
   q = p.add_argument_group("recipe" if not plan else "base recipe (what the plan leaves)")
   if not several and not plan:
-    from catjax.ptq.recipe import PTQ_METHODS
-    q.add_argument("--method", default="cat", choices=PTQ_METHODS, help="(default: %(default)s)")
+    from catjax.ptq.recipe import ptq_methods
+    q.add_argument("--method", default=Recipe.method, choices=ptq_methods(),
+                   help="(default: %(default)s)")
   if not plan:
     q.add_argument("--block-size", type=_positive, default=Recipe.block_size,
                    help="block size k of 'cat'; must divide every site width "
@@ -156,10 +158,10 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
                  help="weight rounding: " + "; ".join(
                      f"{m.name}: {m.summary}" for m in rounding.REGISTRY.values())
                  + " (default: %(default)s)")
-  q.add_argument("--train-steps", type=_nonnegative, default=0,
+  q.add_argument("--train-steps", type=_nonnegative, default=TrainConfig.steps,
                  help="trained CAT: AdamW steps per block on the block's output error "
                       "(default: 0, closed form)")
-  q.add_argument("--train-lr", type=_positive_float, default=1e-3,
+  q.add_argument("--train-lr", type=_positive_float, default=TrainConfig.lr,
                  help="trained CAT peak learning rate, cosine decay (default: %(default)s)")
   q.add_argument("--propagate", default=Recipe.propagate, choices=PROPAGATE,
                  help="what each block's successor sees during quantization: the quantized or "
@@ -258,10 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _base_recipe(args):
+  from catjax.ptq.configs import TrainConfig
   from catjax.ptq.recipe import Recipe
   kw = {k: getattr(args, k) for k in PLAN_SETS[1:] if hasattr(args, k)}
   return Recipe(method="fp", **kw, kv_bits=args.kv_bits, a_clip=args.a_clip,
-                weights=args.weights, train_steps=args.train_steps, train_lr=args.train_lr,
+                weights=args.weights, train=TrainConfig(steps=args.train_steps, lr=args.train_lr),
                 propagate=args.propagate, seed=args.seed)
 
 

@@ -132,7 +132,7 @@ def _timed(result, t0: float) -> float:
 
 def _shares_stats(policy: Policy) -> bool:
   """Whether `policy` can use the full-precision statistics of all blocks."""
-  return policy.quantized and not policy.propagates_quantized and not policy.base.train_steps
+  return policy.quantized and not policy.propagates_quantized and not policy.base.train.steps
 
 
 def _calib_settings(cfg: RunConfig, meta: dict[str, Any] | None) -> tuple[str, int, int]:

@@ -8,7 +8,6 @@ are `SPEC_OPTIONS`.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any
 
@@ -28,8 +27,8 @@ SPEC_OPTIONS = (("wNaM", "weight / activation bits, 16 = not quantized"), ("kN",
 
 # Options that set one field to one value (and every weight method of the registry).
 _FLAGS = {"bh": ("hadamard", "block"), "pfp": ("propagate", "fp"),
-          "pq": ("propagate", "quantized"), "f32": ("fit_x64", False), "act": ("act_order", True),
-          "nowc": ("train_w_clip", False)}
+          "pq": ("propagate", "quantized"), "f32": ("fit_x64", False), "act": ("gptq.act_order", True),
+          "nowc": ("train.w_clip", False)}
 
 # Options with a number: (pattern, how its groups set the fields).
 _bits = lambda v: None if int(v) == 16 else int(v)  # 16 bits: not quantized
@@ -37,8 +36,8 @@ _NUMBERED = (
     (r"w(\d+)a(\d+)", lambda w, a: {"w_bits": _bits(w), "a_bits": _bits(a)}),
     (r"kv(\d+)", lambda v: {"kv_bits": _bits(v)}),
     (r"k(\d+)", lambda v: {"block_size": int(v)}),
-    (r"t(\d+)", lambda v: {"train_steps": int(v)}),
-    (r"d(\d*\.?\d+)", lambda v: {"gptq_damping": float(v)}),
+    (r"t(\d+)", lambda v: {"train.steps": int(v)}),
+    (r"d(\d*\.?\d+)", lambda v: {"gptq.damping": float(v)}),
     (r"ac(\d*\.?\d+)", lambda v: {"a_clip": float(v)}),
 )
 
@@ -88,4 +87,4 @@ def parse_spec(spec: str, base: Recipe | None = None) -> Recipe:
       names += [w for w in rounding.REGISTRY if w not in names]
       raise ValueError(f"method spec {spec!r}: unknown option {opt!r}; expected one of "
                        + ", ".join(names))
-  return dataclasses.replace(Recipe() if base is None else base, **kw)
+  return (Recipe() if base is None else base).with_fields(kw)

@@ -76,7 +76,7 @@ def fit_block(block: dict, stats: dict[str, SecondMoment], recipe: "Recipe | dic
     t = fit_transform(
         recipe.transform_method, stats[s.name].sigma, grams[s.name], block_size=recipe.block_size,
         key=jax.random.fold_in(key, layer * len(spec.sites) + i),
-        act_absmax=stats[s.name].absmax, alpha=recipe.alpha, weight_absmax=weight_absmax,
+        act_absmax=stats[s.name].absmax, alpha=recipe.smoothquant.alpha, weight_absmax=weight_absmax,
         eps=recipe.eps, x64=recipe.fit_x64, name=f"layer {layer} {s.name}",
         weight=site_kernel(block, s.name, spec=spec))
     return fold_block_hadamard(t) if recipe.hadamard == "block" else t

@@ -146,7 +146,7 @@ def quantize_model(model: Llama, windows, recipe: Policy, *,
   if all(r.method == "fp" for r in every):
     return QuantizedModel(model, None, policy)
   base = policy.base
-  quant_prop, train = base.propagates_quantized, base.train_steps > 0
+  quant_prop, train = base.propagates_quantized, base.train.steps > 0
   if stats is not None and quant_prop:
     raise ValueError(f"recipe {policy.label!r} propagates quantized outputs: its statistics "
                      "come from the quantized model and cannot be given (stats=...)")

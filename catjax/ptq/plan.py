@@ -24,10 +24,11 @@ from typing import Any
 
 from catjax.base.errors import InputError, read_json, write_text
 from catjax.core import hadamard as hd
+from catjax.core import transforms as tf
 from catjax.core.quant import FORMATS, FP4_GROUP
 from catjax.models.config import ModelConfig
 from catjax.models.spec import spec_for
-from catjax.ptq.recipe import RENAMED, Recipe
+from catjax.ptq.recipe import Recipe
 
 PLAN_METHODS = ("none", "hadamard", "cat")
 SITE_KEYS = ("method", "block_size", "w_bits", "a_bits", "w_format", "a_format")
@@ -47,7 +48,7 @@ def transform_flops(method: str, block_size: int | None, dim: int) -> int:
   if method == "none":
     return 0
   had = dim * sum(hd.hadamard_factors(dim))
-  return had + (dim * block_size if method == "cat" else 0)
+  return had + (dim * block_size if tf.REGISTRY[method].takes_block_size else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +86,9 @@ class Plan:
   info: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
   def __post_init__(self):
-    if self.base.train_steps:
+    if self.base.train.steps:
       raise ValueError(f"a plan takes closed-form recipes; the base recipe {self.base.label!r} "
-                       f"trains (train_steps={self.base.train_steps})")
+                       f"trains (train.steps={self.base.train.steps})")
     seen = set()
     for s in self.sites:
       if (s.layer, s.site) in seen:
@@ -104,14 +105,15 @@ class Plan:
     if s.method not in PLAN_METHODS:
       raise ValueError(f"layer {s.layer} site {s.site!r}: method={s.method!r}, expected one of "
                        f"{PLAN_METHODS}")
-    if s.method == "cat" and (isinstance(s.block_size, bool) or not isinstance(s.block_size, int)):
-      raise ValueError(f"layer {s.layer} site {s.site!r}: cat needs an integer block_size, got "
-                       f"{s.block_size!r}")
+    takes_k = s.method in tf.REGISTRY and tf.REGISTRY[s.method].takes_block_size
+    if takes_k and (isinstance(s.block_size, bool) or not isinstance(s.block_size, int)):
+      raise ValueError(f"layer {s.layer} site {s.site!r}: {s.method} needs an integer "
+                       f"block_size, got {s.block_size!r}")
     try:
       return dataclasses.replace(
-          self.base, method=s.method, block_size=s.block_size if s.method == "cat" else
+          self.base, method=s.method, block_size=s.block_size if takes_k else
           self.base.block_size, w_bits=s.w_bits, a_bits=s.a_bits, w_format=s.w_format,
-          a_format=s.a_format, hadamard=self.base.hadamard if s.method == "cat" else "full")
+          a_format=s.a_format, hadamard=self.base.hadamard if takes_k else "full")
     except (TypeError, ValueError) as e:
       raise ValueError(f"layer {s.layer} site {s.site!r}: {e}") from None
 
@@ -188,10 +190,8 @@ class Plan:
     if base is None:
       base = Recipe()
       if isinstance(d.get("base_recipe"), dict):
-        fields = {f.name for f in dataclasses.fields(Recipe)}
         try:
-          base = Recipe.from_dict({k: v for k, v in d["base_recipe"].items()
-                                   if RENAMED.get(k, k) in fields})
+          base = Recipe.from_dict(d["base_recipe"])
         except (TypeError, ValueError) as e:
           raise InputError(where, f"base_recipe: {e}") from None
     info = {k: v for k, v in d.items() if k not in ("sites", "base_recipe")}
@@ -233,7 +233,7 @@ class Plan:
 def uniform_plan(recipe: Recipe, cfg: ModelConfig) -> Plan:
   """The plan that gives every site `recipe` (a method of `PLAN_METHODS`)."""
   spec = spec_for(cfg)
-  sites = tuple(SitePlan(b, s, recipe.method, recipe.block_size if recipe.method == "cat" else None,
+  sites = tuple(SitePlan(b, s, recipe.method, recipe.site_block_size,
                          recipe.w_bits, recipe.a_bits, recipe.w_format, recipe.a_format)
                 for b in range(cfg.num_layers) for s in spec.site_names)
   return Plan(sites, recipe, {"name": recipe.label})

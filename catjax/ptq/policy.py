@@ -43,7 +43,7 @@ def layer_recipes(policy: Policy, spec: ArchSpec, num_layers: int) -> list[dict[
 
 def _variant(r: Recipe):
   """What the hook of a site does (besides the layer's transform arrays)."""
-  return (r.transform_method, r.block_size if r.method == "cat" else None, r.hadamard, r.a_config)
+  return (r.transform_method, r.site_block_size, r.hadamard, r.a_config)
 
 
 def _variants(recipes: list[dict[str, Recipe]], site: str):

@@ -15,11 +15,17 @@ from catjax.models.config import ModelConfig
 from catjax.models.spec import spec_for
 from catjax.core.quant import FORMATS, FP4_GROUP, QuantConfig, activation_config, weight_config
 from catjax.core.transforms import DEFAULT_EPS
+from catjax.ptq.configs import CONFIGS, GPTQConfig, SmoothQuantConfig, TrainConfig
 
 
-# "fp" switches quantization off; "none" quantizes without a transform; every other
-# method is a transform of the registry `catjax.core.transforms.REGISTRY`.
-PTQ_METHODS = ("fp", "none") + tuple(m for m in tf.METHODS if m != "identity")
+def ptq_methods() -> tuple[str, ...]:
+  """The recipe methods: "fp" switches quantization off, "none" quantizes without a
+  transform, every other is a transform of `catjax.core.transforms.REGISTRY` (read
+  at call time, so a registered transform is a method)."""
+  return ("fp", "none") + tuple(m for m in tf.REGISTRY if m != "identity")
+
+
+PTQ_METHODS = ptq_methods()  # those registered in catjax itself
 
 
 WEIGHT_METHODS = rounding.NAMES  # the registry `catjax.ptq.rounding.REGISTRY`
@@ -28,8 +34,12 @@ WEIGHT_METHODS = rounding.NAMES  # the registry `catjax.ptq.rounding.REGISTRY`
 PROPAGATE = ("auto", "fp", "quantized")
 
 
-# Fields that were renamed, old name -> new (files written before keep loading).
-RENAMED = {"gptq_block": "gptq_lazy_batch"}
+# Fields of earlier versions, old name -> where it lives now (files written before
+# keep loading): the flat GPTQ, training and SmoothQuant fields went into configs.
+RENAMED = {"gptq_block": "gptq.lazy_batch", "gptq_lazy_batch": "gptq.lazy_batch",
+           "gptq_damping": "gptq.damping", "act_order": "gptq.act_order",
+           "train_steps": "train.steps", "train_lr": "train.lr", "train_batch": "train.batch",
+           "train_w_clip": "train.w_clip", "alpha": "smoothquant.alpha"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,8 +47,9 @@ class Recipe:
   """How to quantize a model: one frozen, validated record.
 
   Attributes:
-    method: one of `PTQ_METHODS`; "fp" switches quantization off.
-    block_size: `k` of block CAT ("cat" only); must divide every site width.
+    method: one of `ptq_methods()`; "fp" switches quantization off.
+    block_size: `k` of block CAT (methods whose `B` has `k × k` blocks, "cat");
+      must divide every site width.
     w_bits: weight bits (symmetric, per output channel), 2..8; None keeps
       weights in floating point.
     a_bits: activation bits (symmetric, per token), 2..8; None keeps them.
@@ -47,7 +58,7 @@ class Recipe:
       "mxfp4" or "nvfp4" (E2M1 elements with a scale per block of 32 / 16
       input channels, `catjax.core.quant.fake_quantize`; bits must be 4). FP4
       weights take weights="rtn" or "gptq", not the clip search nor, with
-      `train_steps`, learned weight clips (`train_w_clip=False`); they have
+      `train.steps`, learned weight clips (`train.w_clip=False`); they have
       no integer export.
     kv_bits: KV-cache bits (asymmetric, per token and head), or None (16-bit).
     a_clip: activation clip ratio in (0, 1].
@@ -55,27 +66,21 @@ class Recipe:
       "rtn" (round to nearest), "clip" (per output channel, the clip ratio of
       `catjax.ptq.rounding.clip.GRID` with the least activation-weighted squared
       error) or "gptq" (`catjax.gptq_quantize` with the site's Hessian `T Σ_x Tᵀ`).
-    gptq_damping / gptq_lazy_batch / act_order: GPTQ's relative damping, lazy
-      batch size and descending-diag(H) order. The damping defaults to 10% of
-      the mean diagonal, not `gptq_quantize`'s 1%: on SmolLM2 W4A4 with
-      32 × 512 calibration tokens it is the better of the two for CAT
-      (benchmarks/results/smollm2_gptq_damping.md).
-    train_steps: optimizer steps of trained CAT per block (0: closed form);
-      methods with a block-diagonal part only.
-    train_lr: peak AdamW learning rate (cosine decay) of trained CAT.
-    train_batch: calibration windows per training step.
-    train_w_clip: trained CAT also learns a weight clip ratio per output
-      channel (in [`catjax.ptq.train.W_CLIP_MIN`, 1], from 1), which then sets the
-      grid of RTN and GPTQ; not with weights="clip" (its search replaces it).
+    gptq: GPTQ's settings, a `catjax.ptq.configs.GPTQConfig` (damping, lazy
+      batch, act-order).
+    train: trained CAT's settings, a `catjax.ptq.configs.TrainConfig`
+      (`steps` > 0 trains, methods with a block-diagonal part only; lr, batch,
+      learned weight clips).
+    smoothquant: SmoothQuant's settings, a `catjax.ptq.configs.SmoothQuantConfig`.
     propagate: what the next block sees: "fp" (outputs of the
       full-precision block) or "quantized" (of the quantized block); "auto"
       is "quantized" for GPTQ or trained recipes, else "fp".
     seed: seed of the randomized Hadamard signs and of the training batches.
-    hadamard: where the Hadamard of "cat" / "cat_full" acts: "full" (one
-      randomized Hadamard of the whole width after the blocks, as fitted) or
-      "block" (a Hadamard of the block size folded into each block, so the
-      transform is one block-diagonal matrix, as a fused kernel wants).
-    alpha: SmoothQuant migration strength.
+    hadamard: where the Hadamard of a method with `k × k` blocks and a Hadamard
+      ("cat", "cat_full") acts: "full" (one randomized Hadamard of the whole
+      width after the blocks, as fitted) or "block" (a Hadamard of the block
+      size folded into each block, so the transform is one block-diagonal
+      matrix, as a fused kernel wants).
     eps: relative damping of the second moments in the fits, finite and >= 0.
     fit_x64: fit in float64 (default); False fits in float32 with the
       eigenvalue floors, ~3x faster for wide sites, at some accuracy cost.
@@ -90,23 +95,18 @@ class Recipe:
   kv_bits: int | None = None
   a_clip: float = 1.0
   weights: str = "rtn"
-  gptq_damping: float = rounding.gptq.DEFAULT_DAMPING
-  gptq_lazy_batch: int = 128
-  act_order: bool = False
-  train_steps: int = 0
-  train_lr: float = 1e-3
-  train_batch: int = 4
-  train_w_clip: bool = True
+  gptq: GPTQConfig = GPTQConfig()
+  train: TrainConfig = TrainConfig()
+  smoothquant: SmoothQuantConfig = SmoothQuantConfig()
   propagate: str = "auto"
   seed: int = 0
   hadamard: str = "full"
-  alpha: float = 0.5
   eps: float = DEFAULT_EPS
   fit_x64: bool = True
 
   def __post_init__(self):
-    if self.method not in PTQ_METHODS:
-      raise ValueError(f"method={self.method!r}: expected one of {PTQ_METHODS}")
+    if self.method not in ptq_methods():
+      raise ValueError(f"method={self.method!r}: expected one of {ptq_methods()}")
     check_int("block_size", self.block_size, 1)
     check_bits("w_bits", self.w_bits)
     check_bits("a_bits", self.a_bits)
@@ -115,31 +115,27 @@ class Recipe:
       raise ValueError(f"a_clip={self.a_clip!r}: expected a ratio in (0, 1]")
     if self.weights not in rounding.REGISTRY:
       raise ValueError(f"weights={self.weights!r}: expected one of {tuple(rounding.REGISTRY)}")
-    if not (is_real(self.gptq_damping) and self.gptq_damping >= 0):
-      raise ValueError(f"gptq_damping={self.gptq_damping!r}: expected a finite value >= 0")
-    check_int("gptq_lazy_batch", self.gptq_lazy_batch, 1)
-    check_int("train_steps", self.train_steps, 0)
-    check_int("train_batch", self.train_batch, 1)
-    if not (is_real(self.train_lr) and self.train_lr > 0):
-      raise ValueError(f"train_lr={self.train_lr!r}: expected a finite value > 0")
+    for name, kind in CONFIGS.items():
+      if not isinstance(getattr(self, name), kind):
+        raise ValueError(f"{name}={getattr(self, name)!r}: expected a {kind.__name__}")
     if not (is_real(self.eps) and self.eps >= 0):
       raise ValueError(f"eps={self.eps!r}: expected a finite value >= 0")
     if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
       raise ValueError(f"seed={self.seed!r}: expected an integer")
-    for name in ("act_order", "train_w_clip", "fit_x64"):
-      check_bool(name, getattr(self, name))
+    check_bool("fit_x64", self.fit_x64)
     if self.propagate not in PROPAGATE:
       raise ValueError(f"propagate={self.propagate!r}: expected one of {PROPAGATE}")
-    if self.train_steps and (self.method == "fp" or self.transform_method is None
-                             or tf.REGISTRY[self.transform_method].blocks is None):
-      raise ValueError(f"train_steps={self.train_steps} needs a method with trainable blocks "
-                       f"(cat, cat_full, smoothquant...), not {self.method!r}")
+    transform = self.transform
+    if self.train.steps and (transform is None or transform.blocks is None):
+      trainable = ", ".join(m.name for m in tf.REGISTRY.values() if m.blocks)
+      raise ValueError(f"train.steps={self.train.steps} needs a method with trainable blocks "
+                       f"({trainable}), not {self.method!r}")
     if self.hadamard not in ("full", "block"):
       raise ValueError(f"hadamard={self.hadamard!r}: expected 'full' or 'block'")
-    if self.hadamard == "block" and self.method not in ("cat", "cat_full"):
-      raise ValueError(f"hadamard='block' applies to 'cat' and 'cat_full', not {self.method!r}")
-    if not (is_real(self.alpha) and 0.0 <= self.alpha <= 1.0):
-      raise ValueError(f"alpha={self.alpha!r}: expected a value in [0, 1]")
+    if self.hadamard == "block" and not (transform and transform.eigen_fit and transform.hadamard):
+      foldable = " and ".join(repr(m.name) for m in tf.REGISTRY.values()
+                              if m.eigen_fit and m.hadamard)
+      raise ValueError(f"hadamard='block' applies to {foldable}, not {self.method!r}")
     self._check_formats()
 
   def _check_formats(self) -> None:
@@ -156,15 +152,26 @@ class Recipe:
       fits = " or ".join(repr(m.name) for m in rounding.REGISTRY.values() if not m.integer_only)
       raise ValueError(f"weights={self.weights!r} {why}; with w_format={self.w_format!r} use "
                        f"weights={fits}")
-    if self.train_steps and self.train_w_clip:
-      raise ValueError(f"trained CAT's learned weight clip ratios (train_w_clip=True) scale an "
+    if self.train.steps and self.train.w_clip:
+      raise ValueError(f"trained CAT's learned weight clip ratios (train.w_clip=True) scale an "
                        f"integer per-channel grid; with w_format={self.w_format!r} set "
-                       f"train_w_clip=False (method spec option @nowc)")
+                       f"train.w_clip=False (method spec option @nowc)")
 
   @property
   def transform_method(self) -> str | None:
     """The transform of `catjax.core.transforms` this recipe fits (None: no transform)."""
     return None if self.method in ("fp", "none") else self.method
+
+  @property
+  def transform(self) -> tf.Method | None:
+    """The registry entry of `transform_method` (None: no transform)."""
+    return None if self.transform_method is None else tf.REGISTRY[self.transform_method]
+
+  @property
+  def site_block_size(self) -> int | None:
+    """`block_size` where the method takes one (`Method.takes_block_size`), else None."""
+    t = self.transform
+    return self.block_size if t is not None and t.takes_block_size else None
 
   @property
   def quantized(self) -> bool:
@@ -175,7 +182,7 @@ class Recipe:
     """Whether the next block sees the quantized block's outputs (resolves "auto")."""
     if self.propagate == "auto":
       return self.quantized and (rounding.REGISTRY[self.weights].propagates_quantized
-                                 or self.train_steps > 0)
+                                 or self.train.steps > 0)
     return self.propagate == "quantized" and self.quantized
 
   @property
@@ -202,12 +209,13 @@ class Recipe:
     formats: "cat k=64 MXFP4" (both operands), "none W4A8 w:nvfp4" (one)."""
     if self.method == "fp":
       return "fp"
-    name = f"{self.method} k={self.block_size}" if self.method == "cat" else self.method
+    k = self.site_block_size
+    name = self.method if k is None else f"{self.method} k={k}"
     name += " blockH" if self.hadamard == "block" else ""
     name += rounding.REGISTRY[self.weights].label(self)
     name += f" aclip={self.a_clip:g}" if self.a_clip != 1.0 else ""
-    name += f" t{self.train_steps}" if self.train_steps else ""
-    name += " nowc" if self.train_steps and not self.train_w_clip else ""
+    name += f" t{self.train.steps}" if self.train.steps else ""
+    name += " nowc" if self.train.steps and not self.train.w_clip else ""
     name += "" if self.fit_x64 else " f32"
     if self.propagate != "auto":
       name += f" prop={self.propagate}"
@@ -227,10 +235,42 @@ class Recipe:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "Recipe":
     """The recipe of `to_dict()` (or of a checkpoint manifest / plan file): the
-    display-only "label" is dropped and fields of earlier versions take their
-    current names (`RENAMED`); an unknown field is a TypeError naming it."""
-    d = {RENAMED.get(k, k): v for k, v in d.items() if k != "label"}
-    return cls(**d)
+    display-only "label" is dropped, the configs are rebuilt from their dicts
+    and fields of earlier versions take their current places (`RENAMED`).
+
+    Raises:
+      TypeError: an unknown field, naming it.
+    """
+    flat, nested = {}, {name: {} for name in CONFIGS}
+    for k, v in d.items():
+      if k == "label":
+        continue
+      if k in CONFIGS and isinstance(v, dict):
+        nested[k].update(v)
+        continue
+      where = RENAMED.get(k, k)
+      if "." in where:
+        name, field = where.split(".")
+        nested[name][field] = v
+      else:
+        flat[where] = v
+    return cls(**flat, **{name: CONFIGS[name](**kw) for name, kw in nested.items()})
+
+  def with_fields(self, changes: dict[str, Any]) -> "Recipe":
+    """A copy with `changes` applied: recipe fields by name, config fields by a
+    dotted path ("train.steps", "gptq.damping"); validated as a new recipe."""
+    flat, nested = {}, {}
+    for k, v in changes.items():
+      if "." in k:
+        name, field = k.split(".", 1)
+        nested.setdefault(name, {})[field] = v
+      else:
+        flat[k] = v
+    for name, kw in nested.items():
+      if name not in CONFIGS:
+        raise ValueError(f"{name!r} in {name}.{next(iter(kw))}: expected one of {tuple(CONFIGS)}")
+      flat[name] = dataclasses.replace(getattr(self, name), **kw)
+    return dataclasses.replace(self, **flat)
 
   # -- the per-site policy interface (`catjax.ptq.policy`): the uniform case -----
 
@@ -263,7 +303,7 @@ class Recipe:
         raise ValueError(f"{side}_format={fmt!r} scales blocks of {FP4_GROUP[fmt]} input channels: "
                          f"the site widths {bad} of this model are not multiples of "
                          f"{FP4_GROUP[fmt]}")
-    if self.method == "cat":
+    if self.site_block_size is not None:
       bad = {s: d for s, d in dims.items() if d % self.block_size}
       if bad:
         common = np.gcd.reduce(list(dims.values()))
@@ -273,7 +313,7 @@ class Recipe:
     if self.hadamard == "block" and not hd.is_supported(self.block_size):
       raise ValueError(f"hadamard='block' needs a Hadamard matrix of block_size="
                        f"{self.block_size}; it has none (see catjax.core.hadamard)")
-    if self.transform_method and tf.REGISTRY[self.transform_method].hadamard:
+    if self.transform is not None and self.transform.hadamard:
       bad = sorted({d for d in dims.values() if not hd.is_supported(d)})
       if bad:
         raise ValueError(f"method {self.method!r} needs a Hadamard matrix of every site width; "

@@ -13,7 +13,7 @@ with straight-through rounding of activations, weights and the KV cache, and
 AdamW with a cosine learning-rate decay (optax), on random batches of the
 calibration windows (deterministic under `Recipe.seed`).
 
-With `Recipe.train_w_clip` (the default for RTN and GPTQ weights) every
+With `Recipe.train.w_clip` (the default for RTN and GPTQ weights) every
 kernel also learns a clip ratio per output channel, `r = 1 + c·θ` with `θ`
 from zero (so step 0 is still the closed form), projected back into
 `[W_CLIP_MIN, 1]` after every step; the weights' grid is then
@@ -172,7 +172,7 @@ def _hook(recipe, spec):
 
 def learns_w_clip(recipe) -> bool:
   """Whether trained CAT of `recipe` learns weight clip ratios."""
-  return (recipe.train_w_clip and recipe.w_config is not None
+  return (recipe.train.w_clip and recipe.w_config is not None
           and rounding.REGISTRY[recipe.weights].learned_clips)
 
 
@@ -187,7 +187,7 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
     transforms: the closed-form `{site: Transform}` of the block.
     x: the block's calibration inputs `(n, T, d)`.
     y: the targets, the full-precision block's outputs `(n, T, d)`.
-    recipe: `train_steps`, `train_lr`, `train_batch`, `train_w_clip`, `seed`
+    recipe: `train` (steps, lr, batch, w_clip), `seed`
       and the quantizers.
     layer: the block index (seeds the batch order).
 
@@ -204,17 +204,17 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
   if learns_w_clip(recipe):
     params["w_clip"] = {path: jnp.zeros(get_path(block, path)["kernel"].shape[-1], jnp.float32)
                         for _, path in spec.linears}
-  steps, n = recipe.train_steps, x.shape[0]
-  batch = min(recipe.train_batch, n)
+  steps, n = recipe.train.steps, x.shape[0]
+  batch = min(recipe.train.batch, n)
   static = dict(graphdef=runner.graphdef, hook=_hook(recipe, spec), spec=spec,
                 w_config=recipe.w_config)
-  opt_state = _optimizer(recipe.train_lr, steps).init(params)
+  opt_state = _optimizer(recipe.train.lr, steps).init(params)
   key = jax.random.fold_in(jax.random.PRNGKey(recipe.seed), layer)
   curve = []
   for step in range(steps):
     idx = jax.random.choice(jax.random.fold_in(key, step), n, (batch,), replace=False)
     params, opt_state, loss = _step(params, opt_state, block, transforms, x[idx], y[idx],
-                                    runner.rope, lr=float(recipe.train_lr), steps=steps, **static)
+                                    runner.rope, lr=float(recipe.train.lr), steps=steps, **static)
     curve.append(float(loss))
 
   def _cond(d):

@@ -12,6 +12,7 @@ from catjax.core import stats
 from catjax.core.gptq import gptq_quantize
 from catjax.kernels import quantize_weight, quantized_matmul
 from catjax.ptq.hooks import SiteHook, fake_quantize_ste
+from catjax.ptq.configs import GPTQConfig, SmoothQuantConfig, TrainConfig
 from catjax.ptq.recipe import Recipe
 from catjax.ptq.rounding import channel_clipped_quantize
 from catjax.core.quant import QuantConfig, activation_config, dequantize, fake_quantize, fake_quantize_clip_search, quantize, weight_config
@@ -198,14 +199,19 @@ CONFIG_CASES = [
     (Recipe, {"eps": float("nan")}, "eps=nan"),
     (Recipe, {"a_clip": True}, "a_clip=True"),
     (Recipe, {"a_clip": "0.5"}, "a_clip='0.5'"),
-    (Recipe, {"gptq_damping": True}, "gptq_damping=True"),
-    (Recipe, {"train_lr": True}, "train_lr=True"),
-    (Recipe, {"alpha": True}, "alpha=True"),
+    (GPTQConfig, {"damping": True}, "gptq.damping=True"),
+    (GPTQConfig, {"damping": -1.0}, "gptq.damping=-1.0"),
+    (GPTQConfig, {"lazy_batch": 0}, "gptq.lazy_batch=0"),
+    (TrainConfig, {"lr": True}, "train.lr=True"),
+    (TrainConfig, {"lr": 0.0}, "train.lr=0.0"),
+    (TrainConfig, {"steps": -1}, "train.steps=-1"),
+    (TrainConfig, {"batch": 0}, "train.batch=0"),
+    (SmoothQuantConfig, {"alpha": True}, "smoothquant.alpha=True"),
     (Recipe, {"seed": "0"}, "seed='0'"),
     (Recipe, {"seed": 1.5}, "seed=1.5"),
-    (Recipe, {"act_order": "yes"}, "act_order='yes'"),
+    (GPTQConfig, {"act_order": "yes"}, "gptq.act_order='yes'"),
     (Recipe, {"fit_x64": 1}, "fit_x64=1"),
-    (Recipe, {"train_w_clip": None}, "train_w_clip=None"),
+    (TrainConfig, {"w_clip": None}, "train.w_clip=None"),
 ]
 
 

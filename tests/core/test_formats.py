@@ -17,6 +17,7 @@ from catjax.ptq.engine import quantize_model
 from catjax.analysis.evaluate import perplexity
 from catjax.core.gptq import gptq_error, gptq_quantize
 from catjax.models import random_model
+from catjax.ptq.configs import TrainConfig
 from catjax.ptq.recipe import Recipe
 from catjax.core.quant import QuantConfig, fake_quantize, fp4_scales, weight_config
 from catjax.app.specs import parse_spec
@@ -332,10 +333,8 @@ def test_recipe_formats_specs_and_labels():
   assert Recipe(method="none", a_format="mxfp4", kv_bits=8).label == "none W4A4 a:mxfp4 KV8"
   assert mx.to_dict()["w_format"] == "mxfp4"
   assert Recipe.from_dict(mx.to_dict()) == mx
-  old = {("gptq_block" if k == "gptq_lazy_batch" else k): v for k, v in mx.to_dict().items()}
-  assert Recipe.from_dict(old) == mx  # files that name the field as it was called before
   trained = parse_spec("cat@mxfp4@t5@nowc", base)
-  assert trained.train_steps == 5 and not trained.train_w_clip
+  assert trained.train == TrainConfig(steps=5, w_clip=False)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -343,7 +342,8 @@ def test_recipe_formats_specs_and_labels():
     (dict(a_format="mxfp4", a_bits=8), "a_bits must be 4"),
     (dict(w_format="nvfp4", w_bits=3), "w_bits must be 4"),
     (dict(w_format="mxfp4", weights="clip"), "weights='clip' searches clip ratios"),
-    (dict(w_format="mxfp4", train_steps=5), r"set train_w_clip=False \(method spec option @nowc\)"),
+    (dict(w_format="mxfp4", train=TrainConfig(steps=5)),
+     r"set train.w_clip=False \(method spec option @nowc\)"),
 ])
 def test_recipe_refuses_what_does_not_work(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -112,13 +112,13 @@ def test_wide_input_fits_from_the_weight_factor(method, kw):
 
 def test_fitting_many_layers_of_one_shape_compiles_once(key):
   d = 64
-  before = transforms._fit._cache_size()
+  before = transforms.base._fit._cache_size()
   for i in range(4):
     x = jax.random.normal(jax.random.fold_in(key, i), (256, d))
     w = jax.random.normal(jax.random.fold_in(key, 100 + i), (d, 32))
     cj.fit_transform("cat", cj.second_moment(x), cj.weight_gram(w), block_size=16,
                      key=jax.random.fold_in(key, i))
-  assert transforms._fit._cache_size() == before + 1
+  assert transforms.base._fit._cache_size() == before + 1
 
 
 def test_transform_is_a_pytree_usable_under_jit(layer):
@@ -135,7 +135,7 @@ def test_whole_fit_can_be_jitted_and_vmapped(key):
   ws = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 16))
   sxs = jax.vmap(cj.second_moment)(xs)
   gs = jax.vmap(cj.weight_gram)(ws)
-  fit = lambda sx, g: transforms._fit(sx, g, None, None, None, None, method="cat", block_size=8,
+  fit = lambda sx, g: transforms.base._fit(sx, g, None, None, None, None, method="cat", block_size=8,
                                       alpha=0.5, eps=1e-6)
   batched = jax.vmap(fit)(sxs, gs)
   one = cj.fit_transform("cat", sxs[2], gs[2], block_size=8)

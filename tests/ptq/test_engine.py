@@ -13,6 +13,7 @@ from catjax.ptq.engine import BlockRunner, quantize_model
 from catjax.models import forward, random_model, spec_for
 from catjax.models.spec import get_path
 from catjax.ptq.hooks import SiteHook
+from catjax.ptq.configs import TrainConfig
 from catjax.ptq.recipe import Recipe
 from catjax.ptq.calibrate import calibrate
 from catjax.ptq.blocks import merge_block, quantize_block
@@ -114,7 +115,7 @@ def _block0(model):
 def test_trained_cat_step0_is_the_closed_form_and_training_helps(setup):
   model, windows = setup
   spec = spec_for(model.config)
-  recipe = Recipe(method="cat", block_size=16, train_steps=30, train_lr=2e-3, train_batch=4)
+  recipe = Recipe(method="cat", block_size=16, train=TrainConfig(steps=30, lr=2e-3, batch=4))
   runner = BlockRunner(model, windows.shape[1], batch_size=4)
   x = model.embed_tokens(jnp.asarray(windows[:8]))
   block = _block0(model)
@@ -154,7 +155,7 @@ def test_trained_cat_step0_is_the_closed_form_and_training_helps(setup):
   np.testing.assert_allclose(np.round(np.asarray(k / scales[path])), np.asarray(k / scales[path]),
                              atol=1e-3)
   # Without weight clip learning only the blocks train.
-  no_clip = dataclasses.replace(recipe, train_w_clip=False)
+  no_clip = recipe.with_fields({"train.w_clip": False})
   assert train_block(runner, block, closed, x, y, no_clip, spec=spec, layer=0)[1] is None
   # Exactly function-preserving without quantization.
   fp_out, _ = runner(block, x)
@@ -171,7 +172,7 @@ def test_trained_recipe_end_to_end_and_with_gptq(setup):
   # (which minimizes each layer's in-sample error) must help.
   model, windows = setup
   fp = np.asarray(forward(model, windows[:8]), np.float64)
-  base = Recipe(method="cat", block_size=16, train_lr=2e-3)
+  base = Recipe(method="cat", block_size=16, train=TrainConfig(lr=2e-3))
   err = {}
   for spec in ("cat@pq", "cat@t25", "cat@gptq@t25"):  # all propagate quantized outputs
     qm = quantize_model(model, windows[:8], parse_spec(spec, base), batch_size=4, progress=False)

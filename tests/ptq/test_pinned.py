@@ -31,6 +31,7 @@ from catjax.ptq.engine import quantize_model
 from catjax.models import forward, random_model
 from catjax.models.spec import spec_for
 from catjax.ptq.plan import Plan, SitePlan
+from catjax.ptq.configs import TrainConfig
 from catjax.ptq.recipe import Recipe
 from catjax.app.specs import parse_spec
 
@@ -103,7 +104,7 @@ def pinned():
 @pytest.mark.parametrize("case", SPECS + ("plan",))
 def test_pinned_behaviour(setup, pinned, case):
   model, windows = setup
-  policy = _plan(model.config) if case == "plan" else parse_spec(case, Recipe(train_batch=2))
+  policy = _plan(model.config) if case == "plan" else parse_spec(case, Recipe(train=TrainConfig(batch=2)))
   qm = quantize_model(model, windows[:8], policy, batch_size=4, progress=False)
   logits = forward(qm.model, windows[8:], hook=qm.hook, hook_state=qm.transforms)[0]
   got = {"kernels": _record(nnx.to_pure_dict(nnx.state(qm.model))), "transforms": _record(qm.transforms),

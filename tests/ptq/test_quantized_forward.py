@@ -8,6 +8,7 @@ import jax
 import tiny
 from catjax.models import forward, random_model
 from catjax.ptq.engine import quantize_model
+from catjax.ptq.configs import GPTQConfig, TrainConfig
 from catjax.ptq.recipe import PTQ_METHODS, Recipe
 from catjax.ptq.calibrate import calibrate
 from catjax.app.specs import parse_spec
@@ -188,11 +189,9 @@ def test_bad_recipe_for_the_model_fails_before_any_work(kw, match):
     (dict(block_size=0), "block_size=0"),
     (dict(a_clip=1.5), "a_clip=1.5"),
     (dict(weights="awq"), "weights='awq'"),
-    (dict(train_steps=-1), "train_steps=-1"),
-    (dict(method="hadamard", train_steps=5), "needs a method with trainable blocks"),
+    (dict(train=TrainConfig(steps=5), method="hadamard"), "needs a method with trainable blocks"),
+    (dict(train={"steps": 5}), "train=.*expected a TrainConfig"),
     (dict(propagate="q"), "propagate='q'"),
-    (dict(train_lr=0.0), "train_lr=0.0"),
-    (dict(gptq_damping=-1.0), "gptq_damping=-1.0"),
 ])
 def test_bad_recipes_are_rejected(kw, match):
   with pytest.raises(ValueError, match=match):
@@ -206,9 +205,9 @@ def test_method_specs():
   assert parse_spec("fp", base).label == "fp" and not parse_spec("fp", base).quantized
   assert parse_spec("cat@bh", base).label == "cat k=64 blockH W4A4"
   r = parse_spec("hadamard@gptq@d0.5@ac0.9", base)
-  assert (r.weights, r.gptq_damping, r.a_clip) == ("gptq", 0.5, 0.9)
+  assert (r.weights, r.gptq, r.a_clip) == ("gptq", GPTQConfig(damping=0.5), 0.9)
   assert r.label == "hadamard gptq d=0.5 aclip=0.9 W4A4"
-  assert parse_spec("cat@gptq@act", base).act_order
+  assert parse_spec("cat@gptq@act", base).gptq.act_order
   assert parse_spec("cat@gptq@act", base).label == "cat k=64 gptq act-order W4A4"
   with pytest.raises(ValueError, match="a_clip"):
     parse_spec("cat@ac1.5", base)

@@ -27,7 +27,7 @@ class WeightMethod:
       channel or None; `recipe` carries the method's settings.
     needs_stats: the method reads the site statistics (`hessian`).
     integer_only: None, or why the method takes integer grids only (FP4 formats are refused).
-    learned_clips: takes trained CAT's learned clip ratios (`Recipe.train_w_clip`).
+    learned_clips: takes trained CAT's learned clip ratios (`Recipe.train.w_clip`).
     propagates_quantized: `propagate="auto"` sends the quantized block's outputs on.
     label: the method's part of `Recipe.label`, from the recipe.
   """

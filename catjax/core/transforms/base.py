@@ -1,21 +1,6 @@
-"""Function-preserving transforms of a linear layer's input (docs/design.md §1.3).
-
-Every transform is `T = H · D · B`: a block-diagonal `B` (`d/k` blocks of
-`k × k`; absent for pure rotations), then an optional randomized orthonormal
-Hadamard `H · D` (`D` a ±1 diagonal). Activations become `x' = x Tᵀ` and the
-kernel `kernel' = T⁻ᵀ kernel`, so `x' @ kernel' == x @ kernel`. `B⁻¹` is
-computed once, at fit time, from the same eigendecomposition as `B`.
-
-Methods (all fitted from `Σ_x = E[x xᵀ]` and `Σ_W = Wᵀ W = kernel @ kernel.T`):
-
-| method | B | H·D |
-|---|---|---|
-| identity | -- | -- |
-| smoothquant | `diag(1/s)`, `s_j = a_j^α / w_j^(1-α)` | -- |
-| smoothquant_hadamard | as smoothquant | yes |
-| hadamard | -- | yes |
-| cat | blockdiag of `(Σ_x,i⁻¹ # Σ_W,i)^½` over `k × k` diagonal blocks | yes |
-| cat_full | `(Σ_x⁻¹ # Σ_W)^½` (k = d, the optimum) | yes |
+"""What every transform shares: the `Transform` pytree `T = H · D · B`, the
+`Method` entry of the registry, and `fit_transform`, which checks the
+statistics, draws the Hadamard signs and calls the method's fit of `B`.
 """
 
 from __future__ import annotations
@@ -24,6 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,31 +25,73 @@ DEFAULT_BLOCK_SIZE = 64  # `k` of block CAT (`Recipe.block_size`, the CLI's --bl
 
 
 @dataclasses.dataclass(frozen=True)
-class Method:
-  """One entry of the method registry.
+class FitInputs:
+  """What a method's fit of `B` reads (inside `jit`; float64 when fitting in x64).
 
   Attributes:
-    name: the method's name.
+    sigma_x: `(d, d)` activation second moment `E[x xᵀ]`.
+    gram_w: `(d, d)` weight Gram `kernel @ kernel.T`.
+    act_absmax / weight_absmax: `(d,)` per-channel maxima, or None (RMS fallbacks).
+    weight: `(d, r)` factor of `gram_w` when `r` is below the block size, else None.
+    block_size: `k` (`d` for "full" methods; None for methods without blocks).
+    alpha: SmoothQuant's migration strength.
+    eps: relative damping of the moments and eigenvalue floor.
+    dtype: the dtype the fit computes in.
+  """
+
+  sigma_x: jax.Array
+  gram_w: jax.Array
+  act_absmax: jax.Array | None
+  weight_absmax: jax.Array | None
+  weight: jax.Array | None
+  block_size: int | None
+  alpha: float
+  eps: float
+  dtype: jnp.dtype | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One entry of `catjax.core.transforms.REGISTRY`.
+
+  Attributes:
+    name: the method's name (`Recipe.method`, the CLI's method specs).
     blocks: what `B` is: None (no `B`), "diagonal" (`1 × 1` blocks), "block"
-      (`k × k` blocks) or "full" (`k = d`).
+      (`k × k` blocks, `k` = `Recipe.block_size`) or "full" (`k = d`).
     hadamard: whether a randomized Hadamard follows `B`.
+    fit: `fit(FitInputs) -> (blocks, inv_blocks)`, the `(d/k, k, k)` blocks of
+      `B` and `B⁻¹`; None when `blocks` is None.
+    summary: one line for the docs and the help.
   """
 
   name: str
   blocks: str | None
   hadamard: bool
+  fit: Callable[[FitInputs], tuple[jax.Array, jax.Array]] | None = None
+  summary: str = ""
+
+  def __post_init__(self):
+    if self.blocks not in (None, "diagonal", "block", "full"):
+      raise ValueError(f"Method {self.name!r}: blocks={self.blocks!r}, expected None, "
+                       f"'diagonal', 'block' or 'full'")
+    if (self.fit is None) != (self.blocks is None):
+      raise ValueError(f"Method {self.name!r}: a fit is needed exactly when there are blocks")
+
+  @property
+  def takes_block_size(self) -> bool:
+    """Whether `Recipe.block_size` sets this method's `k`."""
+    return self.blocks == "block"
+
+  @property
+  def eigen_fit(self) -> bool:
+    """Whether the fit factors the (blocks of the) moments (Cholesky, eigh): they
+    must not be all zero, and a low-rank weight factor may replace the Gram."""
+    return self.blocks in ("block", "full")
 
 
-# The one registry of transform methods; `catjax.ptq.recipe` adds "fp" and "none" on top.
-REGISTRY: dict[str, Method] = {m.name: m for m in (
-    Method("identity", None, False),
-    Method("smoothquant", "diagonal", False),
-    Method("smoothquant_hadamard", "diagonal", True),
-    Method("hadamard", None, True),
-    Method("cat", "block", True),
-    Method("cat_full", "full", True),
-)}
-METHODS = tuple(REGISTRY)
+# The registry of transform methods, filled in `catjax.core.transforms` (one line per
+# method); `catjax.ptq.recipe` adds "fp" and "none" on top.
+REGISTRY: dict[str, Method] = {}
 
 
 @functools.partial(
@@ -156,38 +184,14 @@ class Transform:
     return self.apply(jnp.eye(self.dim, dtype=jnp.float32)).T
 
 
-def _diagonal_blocks(s: jax.Array, k: int) -> jax.Array:
-  nb = s.shape[-1] // k
-  s = s.reshape(nb, k, nb, k).transpose(0, 2, 1, 3)
-  idx = jnp.arange(nb)
-  return s[idx, idx]
-
-
-def _smooth_scales(sigma_x, gram_w, act_absmax, weight_absmax, alpha, eps):
-  """SmoothQuant `s_j = a_j^α / w_j^(1-α)` with RMS fallbacks for the maxima."""
-  a = jnp.sqrt(jnp.maximum(jnp.diagonal(sigma_x), 0.0)) if act_absmax is None else act_absmax
-  w = jnp.sqrt(jnp.maximum(jnp.diagonal(gram_w), 0.0)) if weight_absmax is None else weight_absmax
-  a = jnp.maximum(a.astype(jnp.float32), eps * jnp.max(a) + 1e-30)
-  w = jnp.maximum(w.astype(jnp.float32), eps * jnp.max(w) + 1e-30)
-  return a**alpha / w ** (1.0 - alpha)
-
-
 @functools.partial(jax.jit, static_argnames=("method", "block_size", "alpha", "eps", "dtype"))
 def _fit(sigma_x, gram_w, signs, act_absmax, weight_absmax, weight, *, method, block_size, alpha,
          eps, dtype=None):
   blocks = inv = None
-  kind = REGISTRY[method].blocks
-  if kind == "diagonal":
-    s = _smooth_scales(sigma_x, gram_w, act_absmax, weight_absmax, alpha, eps)
-    blocks, inv = (1.0 / s)[:, None, None], s[:, None, None]
-  elif kind is not None:
-    sx = _diagonal_blocks(sigma_x, block_size)
-    if weight is not None:  # Σ_W blocks of rank < k (fit_transform passes it only then)
-      wb = weight.reshape(-1, block_size, weight.shape[-1])
-      blocks, inv = linalg.alignment_transform_low_rank(sx, wb, eps=eps, dtype=dtype)
-    else:
-      blocks, inv = linalg.alignment_transform(sx, _diagonal_blocks(gram_w, block_size), eps=eps,
-                                               dtype=dtype)
+  m = REGISTRY[method]
+  if m.fit is not None:
+    blocks, inv = m.fit(FitInputs(sigma_x, gram_w, act_absmax, weight_absmax, weight, block_size,
+                                  alpha, eps, dtype))
   d = sigma_x.shape[-1]
   as32 = lambda a: None if a is None else a.astype(jnp.float32)
   return Transform(blocks=as32(blocks), inv_blocks=as32(inv), signs=signs, method=method, dim=d)
@@ -202,7 +206,7 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
   """Fit a function-preserving transform for one linear input.
 
   Args:
-    method: one of `METHODS`.
+    method: a method of `REGISTRY`.
     sigma_x: `(d, d)` activation second moment `E[x xᵀ]`.
     gram_w: `(d, d)` weight Gram `kernel @ kernel.T` (summed over the linears
       that share this input).
@@ -238,8 +242,8 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
       "cat_full", all zero. The message starts with `name`.
     FloatingPointError: the fit produced non-finite values.
   """
-  if not isinstance(method, str) or method not in METHODS:
-    raise ValueError(f"{name}: unknown method {method!r}; expected one of {METHODS}")
+  if not isinstance(method, str) or method not in REGISTRY:
+    raise ValueError(f"{name}: unknown method {method!r}; expected one of {tuple(REGISTRY)}")
   sigma_x, gram_w = jnp.asarray(sigma_x), jnp.asarray(gram_w)
   if sigma_x.ndim != 2 or sigma_x.shape[0] != sigma_x.shape[1] or sigma_x.shape != gram_w.shape:
     raise ValueError(f"sigma_x and gram_w must be equal square (d, d) matrices, got "
@@ -256,8 +260,7 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
     raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps=!r}")
   if x64 is not None and not isinstance(x64, (bool, np.bool_)):
     raise ValueError(f"{name}: x64 must be True, False or None, got {x64=!r}")
-  kind = REGISTRY[method].blocks
-  fits = kind in ("block", "full")  # Cholesky and eigh of the (blocks of the) moments
+  kind, fits = REGISTRY[method].blocks, REGISTRY[method].eigen_fit
   for label, v, kw in (("sigma_x", sigma_x, {"psd": True, "nonzero": fits}),
                        ("gram_w", gram_w, {"psd": True, "nonzero": fits}),
                        ("act_absmax", act_absmax, {"nonnegative": True}),
@@ -278,7 +281,7 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
   if REGISTRY[method].hadamard:
     hd.hadamard_factors(d)  # raises with the nearest supported sizes
     signs = hd.random_signs(jax.random.PRNGKey(0) if key is None else key, d)
-  if kind not in ("block", "full") or weight is None or jnp.shape(weight)[1] >= block_size:
+  if not fits or weight is None or jnp.shape(weight)[1] >= block_size:
     weight = None  # the Gram's blocks are full rank: the dense fit
   if x64 is None:
     x64 = jax.default_backend() != "tpu"
