@@ -30,11 +30,11 @@ GiB = 2**30
 
 
 def child(mode: str, windows: int, seqlen: int) -> None:
-  from catjax.app.runnable import load_pretrained
-  from catjax.app.data import text_windows
-  from catjax.ptq.engine import quantize_model
-  from catjax.ptq.recipe import Recipe
-  from catjax.ptq.calibrate import calibrate
+  from catjax.app import load_pretrained
+  from catjax.app import text_windows
+  from catjax.ptq import quantize_model
+  from catjax.ptq import Recipe
+  from catjax.ptq import calibrate
   model, tok, _ = load_pretrained("smollm2-135m")
   calib = text_windows(tok, "wiki-calib", seqlen=seqlen, max_tokens=windows * seqlen).tokens
   t0 = time.perf_counter()

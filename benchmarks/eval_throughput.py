@@ -25,12 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 
-from catjax.app.data import text_windows  # noqa: E402
-from catjax.analysis.evaluate import window_nll  # noqa: E402
-from catjax.app.runnable import load_pretrained  # noqa: E402
-from catjax.ptq.engine import quantize_model  # noqa: E402
-from catjax.ptq.recipe import Recipe  # noqa: E402
-from catjax.app.specs import parse_spec  # noqa: E402
+from catjax.app import load_pretrained, parse_spec, text_windows  # noqa: E402
+from catjax.analysis import window_nll  # noqa: E402
+from catjax.ptq import Recipe, quantize_model  # noqa: E402
 
 
 def torch_nll_fn(path):

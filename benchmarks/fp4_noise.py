@@ -24,14 +24,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, smollm2_parser, write  # noqa: E402
 
-from catjax.app import assets  # noqa: E402
-from catjax.models import load_config  # noqa: E402
-from catjax.models.spec import spec_for  # noqa: E402
-from catjax.app.pipeline import RunConfig, run  # noqa: E402
-from catjax.ptq.recipe import Recipe  # noqa: E402
-from catjax.app.tables import markdown_table  # noqa: E402
-from catjax.core.stats import _as_int, predicted_sqnr  # noqa: E402
-from catjax.app.specs import parse_spec  # noqa: E402
+from catjax.app import RunConfig, assets, markdown_table, parse_spec, run  # noqa: E402
+from catjax.models import load_config, spec_for  # noqa: E402
+from catjax.ptq import Recipe  # noqa: E402
+from catjax import predicted_sqnr  # noqa: E402
+from catjax.core import stats  # noqa: E402
 
 METHODS = ("fp,none,hadamard,cat,none@mxfp4,hadamard@mxfp4,cat@mxfp4,none@nvfp4,"
            "hadamard@nvfp4,cat@nvfp4")
@@ -44,7 +41,8 @@ def _uniform_db(row, recipe, dim):
   c_x, c_w = 10 ** (row["concentration_x_db"] / 10), 10 ** (row["concentration_w_db"] / 10)
   align = 10 ** (row["alignment_gain_db"] / 10) / dim
   a, w = recipe.a_config, recipe.w_config
-  p = predicted_sqnr(c_x, c_w, align, a_config=a and _as_int(a), w_config=w and _as_int(w))
+  p = predicted_sqnr(c_x, c_w, align, a_config=a and stats.integer_counterpart(a),
+                     w_config=w and stats.integer_counterpart(w))
   return 10 * np.log10(float(p))
 
 

@@ -30,15 +30,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 
-from catjax.app.runnable import load_pretrained  # noqa: E402
-from catjax.artifacts.checkpoint import load_quantized, save_quantized  # noqa: E402
-from catjax.app.data import text_windows  # noqa: E402
-from catjax.ptq.engine import quantize_model  # noqa: E402
-from catjax.analysis.evaluate import perplexity  # noqa: E402
+from catjax.app import load_pretrained, parse_spec, text_windows  # noqa: E402
+from catjax.artifacts import load_quantized, save_quantized  # noqa: E402
+from catjax.ptq import Recipe, linear_bytes, quantize_model, realize  # noqa: E402
+from catjax.analysis import perplexity  # noqa: E402
 from catjax.models import generate, save_hf  # noqa: E402
-from catjax.ptq.recipe import Recipe  # noqa: E402
-from catjax.ptq.realize import linear_bytes, realize  # noqa: E402
-from catjax.app.specs import parse_spec  # noqa: E402
 
 
 def _folder_bytes(folder: Path, pattern: str) -> int:

@@ -38,8 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median_time, write  # noqa: E402
 
-from catjax import kernels  # noqa: E402
-from catjax.core.hadamard import apply_hadamard  # noqa: E402
+from catjax import apply_hadamard, kernels  # noqa: E402
 from catjax.kernels import pallas_gpu  # noqa: E402
 
 LLAMA_7B = ((4096, 4096), (4096, 11008), (11008, 4096))

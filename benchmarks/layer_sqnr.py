@@ -20,14 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median_time, write  # noqa: E402
 
 import catjax as cj  # noqa: E402
-from catjax.core import hadamard  # noqa: E402
-from catjax.analysis.layers import compare_methods, markdown_table  # noqa: E402
-from catjax.core.synthetic import synthetic_layer  # noqa: E402
+from catjax.core import hadamard, synthetic  # noqa: E402
+from catjax.analysis import compare_methods, markdown_table  # noqa: E402
 
 
 def layer_table(tokens: int):
   key = jax.random.PRNGKey(0)
-  x, kernel = synthetic_layer(key, tokens=2 * tokens, d_in=768, d_out=2048)
+  x, kernel = synthetic.synthetic_layer(key, tokens=2 * tokens, d_in=768, d_out=2048)
   results = compare_methods(x[:tokens], x[tokens:], kernel, key=key)
   return results, markdown_table(results)
 

@@ -29,19 +29,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, smollm2_parser, write  # noqa: E402
 
-from catjax.app.runnable import load_pretrained  # noqa: E402
-from catjax.ptq import planner  # noqa: E402
-from catjax.app.data import text_windows  # noqa: E402
-from catjax.ptq.engine import quantize_model  # noqa: E402
-from catjax.analysis.evaluate import perplexity  # noqa: E402
+from catjax.app import (load_pretrained, markdown_table, parse_spec, plan_points,  # noqa: E402
+                        plot_predicted_vs_measured, text_windows)
+from catjax.ptq import Recipe, calibrate, planner, quantize_model, uniform_plan  # noqa: E402
+from catjax.analysis import SiteSQNR, perplexity, site_report  # noqa: E402
 from catjax.models import capture  # noqa: E402
-from catjax.ptq.plan import uniform_plan  # noqa: E402
-from catjax.ptq.recipe import Recipe  # noqa: E402
-from catjax.ptq.calibrate import calibrate  # noqa: E402
-from catjax.analysis.sites import SiteSQNR, site_report
-from catjax.app.tables import markdown_table
-from catjax.app.plots import plan_points, plot_predicted_vs_measured
-from catjax.app.specs import parse_spec
 
 
 def main() -> None:

@@ -29,18 +29,11 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 
-from catjax.app.data import text_windows  # noqa: E402
-from catjax.analysis.evaluate import perplexity  # noqa: E402
+from catjax.app import load_pretrained, parse_spec, text_windows  # noqa: E402
+from catjax.analysis import perplexity, site_report  # noqa: E402
 from catjax.kernels import QuantizedWeight, quantized_matmul  # noqa: E402
-from catjax.app.runnable import load_pretrained  # noqa: E402
-from catjax.models.llama import capture  # noqa: E402
-from catjax.ptq.realize import linear_bytes, realize  # noqa: E402
-from catjax.ptq.engine import quantize_model  # noqa: E402
-from catjax.models import LLAMA, get_path  # noqa: E402
-from catjax.ptq.recipe import Recipe  # noqa: E402
-from catjax.ptq.calibrate import calibrate  # noqa: E402
-from catjax.analysis.sites import site_report  # noqa: E402
-from catjax.app.specs import parse_spec  # noqa: E402
+from catjax.models import LLAMA, capture, get_path  # noqa: E402
+from catjax.ptq import Recipe, calibrate, linear_bytes, quantize_model, realize  # noqa: E402
 
 
 def _layer(tree, l):

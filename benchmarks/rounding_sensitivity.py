@@ -23,14 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write  # noqa: E402
 from real_quantized import embed_scaled  # noqa: E402
 
-from catjax.app.data import text_windows  # noqa: E402
-from catjax.analysis.evaluate import token_nll  # noqa: E402
-from catjax.app.runnable import load_pretrained  # noqa: E402
-from catjax.models.llama import SITES, forward  # noqa: E402
-from catjax.ptq.engine import quantize_model  # noqa: E402
-from catjax.ptq.hooks import SiteHook  # noqa: E402
-from catjax.ptq.recipe import Recipe  # noqa: E402
-from catjax.app.specs import parse_spec  # noqa: E402
+from catjax.app import load_pretrained, parse_spec, text_windows  # noqa: E402
+from catjax.analysis import token_nll  # noqa: E402
+from catjax.models import SITES, forward  # noqa: E402
+from catjax.ptq import Recipe, SiteHook, quantize_model  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,14 +47,14 @@ def _rss() -> float:
 
 
 def _windows(tok, split, n):
-  from catjax.app.data import text_windows
+  from catjax.app import text_windows
   return text_windows(tok, split, seqlen=SEQLEN, max_tokens=n * SEQLEN).tokens
 
 
 def _load(name, dtype="float32"):
   import jax
 
-  from catjax.app.runnable import load_pretrained
+  from catjax.app import load_pretrained
   t0 = time.perf_counter()
   model, tok, path = load_pretrained(name, dtype=dtype)
   jax.block_until_ready(jax.tree.leaves(model))
@@ -62,7 +62,7 @@ def _load(name, dtype="float32"):
 
 
 def _ppl(model, windows, qm=None, mesh=None):
-  from catjax.analysis.evaluate import perplexity
+  from catjax.analysis import perplexity
   kw = {} if qm is None else {"hook": qm.hook, "hook_state": qm.transforms}
   return perplexity(model, windows, batch_size=8 if mesh else 1, progress=False, mesh=mesh,
                     **kw).perplexity
@@ -72,7 +72,7 @@ def step_load(name, args, dtype):
   import jax
   import jax.numpy as jnp
 
-  from catjax.models import gguf, loading  # noqa: F401  (imported before the baseline)
+  import catjax.models  # noqa: F401  (the loaders imported before the baseline)
   jnp.zeros(1).block_until_ready()
   before = _rss()
   model, _, secs = _load(name, dtype)
@@ -103,8 +103,8 @@ def step_eval(name, args):
 def step_quant(name, args):
   import jax
 
-  from catjax.ptq.engine import quantize_model
-  from catjax.app.specs import parse_spec
+  from catjax.ptq import quantize_model
+  from catjax.app import parse_spec
   model, tok, _ = _load(name)
   calib = _windows(tok, "wiki-calib", args.calib_windows)
   rss_before = _rss()
@@ -123,10 +123,10 @@ def step_shard(name, args):
   import jax
   import numpy as np
 
-  from catjax.ptq.engine import quantize_model
-  from catjax.app.specs import parse_spec
-  from catjax.ptq.calibrate import calibrate
-  from catjax.models.sharding import make_mesh, shard_model
+  from catjax.ptq import quantize_model
+  from catjax.app import parse_spec
+  from catjax.ptq import calibrate
+  from catjax.models import make_mesh, shard_model
   recipe = parse_spec(args.method)
   out = {"devices": len(jax.devices())}
   for spec in (None, *MESHES):

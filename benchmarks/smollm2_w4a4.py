@@ -20,10 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine  # noqa: E402
 
-from catjax.app.pipeline import RunConfig, comparisons_markdown, run, write_outputs  # noqa: E402
-from catjax.ptq.recipe import Recipe  # noqa: E402
-from catjax.app.tables import comparison_markdown  # noqa: E402
-from catjax.app.specs import parse_spec  # noqa: E402
+from catjax.app import (RunConfig, comparison_markdown, comparisons_markdown,  # noqa: E402
+                        parse_spec, run, write_outputs)
+from catjax.ptq import Recipe, TrainConfig  # noqa: E402
 
 METHODS = ("fp,none,smoothquant,smoothquant_hadamard,hadamard,cat@k64,cat@k192,cat_full,"
            "cat_full@f32,none@w6a6,none@w8a8,hadamard@gptq,smoothquant_hadamard@gptq,"
@@ -49,7 +48,7 @@ def main() -> None:
   p.add_argument("--batch-size", type=int, default=4, help="windows per engine step")
   p.add_argument("--name", default=None, help="results file stem")
   args = p.parse_args()
-  base = Recipe(w_bits=4, a_bits=4, train_lr=args.train_lr, train_batch=args.train_batch)
+  base = Recipe(w_bits=4, a_bits=4, train=TrainConfig(lr=args.train_lr, batch=args.train_batch))
   specs = args.methods.replace("{T}", str(args.train_steps)).split(",")
   cfg = RunConfig(recipes=tuple(parse_spec(s, base) for s in specs),
                   calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,

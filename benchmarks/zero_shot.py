@@ -25,8 +25,7 @@ from _common import machine, write  # noqa: E402
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from catjax.app.runnable import load_runnable  # noqa: E402
-from catjax.app.lmeval import TASKS_DIR, CatjaxLM  # noqa: E402
+from catjax.app import lmeval, load_runnable  # noqa: E402
 
 TASKS = ("catjax_wiki_lastword", "catjax_wiki_cloze")
 METRICS = (("catjax_wiki_lastword", "acc"), ("catjax_wiki_lastword", "perplexity"),
@@ -40,12 +39,12 @@ def main() -> None:
   p.add_argument("--methods", default="fp,none,hadamard,cat@k64,cat_full")
   p.add_argument("--batch-size", type=int, default=8)
   args = p.parse_args()
-  manager = TaskManager(include_path=str(TASKS_DIR))
+  manager = TaskManager(include_path=str(lmeval.TASKS_DIR))
   base = load_runnable("smollm2-135m")
   rows = []
   for spec in args.methods.split(","):
     t0 = time.perf_counter()
-    lm = CatjaxLM(model=base, recipe=None if spec == "fp" else spec,
+    lm = lmeval.CatjaxLM(model=base, recipe=None if spec == "fp" else spec,
                   calib_windows=args.calib_windows, batch_size=args.batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), limit=args.limit,
                                   task_manager=manager)

@@ -12,6 +12,7 @@ surface: the math core directly, the model-level API on first use (so the
 math core imports without Flax).
 """
 
+from catjax.base.lazy import lazy_names
 from catjax.core.gptq import gptq_error, gptq_quantize
 from catjax.core.hadamard import apply_hadamard, hadamard_matrix, is_supported as hadamard_supported
 from catjax.core.linalg import geometric_mean, spd_inv_sqrt, spd_sqrt
@@ -24,28 +25,16 @@ from catjax.core.transforms import METHODS, Transform, fit_transform
 
 __version__ = "0.1.0"
 
-# The model-level API: name -> module, imported on first use.
-_LAZY = {
-    "Recipe": "catjax.ptq.recipe", "Plan": "catjax.ptq.plan", "SitePlan": "catjax.ptq.plan",
-    "calibrate": "catjax.ptq.calibrate", "quantize_model": "catjax.ptq.engine",
-    "QuantizedModel": "catjax.ptq.quantized", "realize": "catjax.ptq.realize",
-    "save_stats": "catjax.artifacts.stats_file", "load_stats": "catjax.artifacts.stats_file",
-    "save_quantized": "catjax.artifacts.checkpoint", "load_quantized": "catjax.artifacts.checkpoint",
-    "CheckpointError": "catjax.artifacts.checkpoint", "perplexity": "catjax.analysis.evaluate",
-    "site_report": "catjax.analysis.sites", "InputError": "catjax.base.errors",
-}
-
-
-def __getattr__(name):
-  if name in _LAZY:
-    import importlib
-    return getattr(importlib.import_module(_LAZY[name]), name)
-  raise AttributeError(f"module 'catjax' has no attribute {name!r}")
-
-
-def __dir__():
-  return sorted(__all__)
-
+# The model-level API, imported on first use.
+__getattr__, __dir__, _lazy = lazy_names(__name__, {
+    "Recipe": ".ptq.recipe", "Plan": ".ptq.plan", "SitePlan": ".ptq.plan",
+    "calibrate": ".ptq.calibrate", "quantize_model": ".ptq.engine",
+    "QuantizedModel": ".ptq.quantized", "realize": ".ptq.realize",
+    "save_stats": ".artifacts.stats_file", "load_stats": ".artifacts.stats_file",
+    "save_quantized": ".artifacts.checkpoint", "load_quantized": ".artifacts.checkpoint",
+    "CheckpointError": ".artifacts.checkpoint", "perplexity": ".analysis.evaluate",
+    "site_report": ".analysis.sites", "InputError": ".base.errors",
+})
 
 __all__ = sorted([
     "METHODS", "QArray", "QuantConfig", "SQNRDecomposition", "SecondMoment", "Transform",
@@ -54,5 +43,9 @@ __all__ = sorted([
     "gptq_error", "gptq_quantize", "hadamard_matrix", "hadamard_supported", "measured_sqnr",
     "optimal_alignment", "pack_int4", "predicted_sqnr", "quantize", "second_moment",
     "spd_inv_sqrt", "spd_sqrt", "sqnr_decomposition", "unpack_int4", "weight_config",
-    "weight_gram", *_LAZY,
+    "weight_gram", *_lazy,
 ])
+
+
+def __dir__():
+  return __all__

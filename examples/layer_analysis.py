@@ -13,8 +13,8 @@ import argparse
 import jax
 
 import catjax as cj
-from catjax.analysis.layers import compare_methods, markdown_table
-from catjax.core.synthetic import synthetic_layer
+from catjax.analysis import compare_methods, markdown_table
+from catjax.core import synthetic
 
 
 def main():
@@ -26,7 +26,7 @@ def main():
   args = p.parse_args()
 
   key = jax.random.PRNGKey(args.seed)
-  x, kernel = synthetic_layer(key, tokens=2 * args.tokens, d_in=args.d_in, d_out=args.d_out)
+  x, kernel = synthetic.synthetic_layer(key, tokens=2 * args.tokens, d_in=args.d_in, d_out=args.d_out)
   x_calib, x_eval = x[: args.tokens], x[args.tokens:]
 
   plain = cj.sqnr_decomposition(x_eval, kernel)

@@ -21,7 +21,7 @@ import random
 import re
 from pathlib import Path
 
-from catjax.app.data import wiki_documents
+from catjax.app import wiki_documents
 
 OUT = Path(__file__).resolve().parents[1] / "catjax" / "app" / "lmeval_tasks"
 SENTENCE = re.compile(r"(?<=[.!?])\s+")

@@ -85,3 +85,54 @@ def test_the_rule_sees_an_upward_import(tmp_path):
   src.write_text("def f():\n  from catjax.app.cli import main\n  from ..ptq import recipe\n")
   got = [(n, _floor(n)) for _, n, _ in _imports(src, "catjax.core.m")]
   assert got == [("catjax.app.cli", "app"), ("catjax.ptq", "ptq")]
+
+
+# -- benchmarks, examples and scripts use the public API only ------------------------
+
+ROOT = PKG.parent
+PUBLIC_PACKAGES = ("catjax", *(f"catjax.{f}" for f in FLOORS))
+
+
+def _public_uses(path: Path):
+  """`(line, what)` of every use of catjax outside the public names: `from X import n`
+  with X not `catjax` or a floor package or `n` not in X's `__all__`, `import
+  catjax.X.Y`, and `alias.n` on `import catjax as alias` with `n` not public."""
+  import importlib
+  tree = ast.parse(path.read_text(), str(path))
+  aliases = {}
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "catjax":
+      if node.module not in PUBLIC_PACKAGES:
+        yield node.lineno, f"from {node.module} import ..."
+        continue
+      public = importlib.import_module(node.module).__all__
+      for a in node.names:
+        if a.name not in public and not (node.module == "catjax" and a.name in FLOORS):
+          yield node.lineno, f"from {node.module} import {a.name}"
+    elif isinstance(node, ast.Import):
+      for a in node.names:
+        if a.name.split(".")[0] == "catjax":
+          if a.name not in PUBLIC_PACKAGES:
+            yield node.lineno, f"import {a.name}"
+          aliases[a.asname or "catjax"] = a.name
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+        and aliases.get(node.value.id) == "catjax" and node.attr not in catjax.__all__:
+      yield node.lineno, f"{node.value.id}.{node.attr}"
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "examples", "scripts"])
+def test_outside_code_uses_only_public_names(folder):
+  bad = [f"{p.relative_to(ROOT)}:{line}: {what}" for p in sorted((ROOT / folder).rglob("*.py"))
+         for line, what in _public_uses(p)]
+  assert not bad, "use the public API (catjax.__all__ or a floor package's __all__):\n" + \
+      "\n".join(bad)
+
+
+def test_floor_packages_export_what_they_list():
+  import importlib
+  for name in PUBLIC_PACKAGES:
+    package = importlib.import_module(name)
+    for n in package.__all__:
+      if n != "lmeval":  # needs the optional extra
+        assert getattr(package, n) is not None, f"{name}.{n}"

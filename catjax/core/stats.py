@@ -354,13 +354,13 @@ def sqnr_factors(x: jax.Array, kernel: jax.Array, *, a_config: QuantConfig,
   _check_operands(x, kernel)
   x = jnp.asarray(x)
   x2 = x.reshape(-1, x.shape[-1])
-  return {"concentration_x": concentration_x(x2, _as_int(a_config)),
-          "concentration_w": concentration_w(kernel, _as_int(w_config)),
+  return {"concentration_x": concentration_x(x2, integer_counterpart(a_config)),
+          "concentration_w": concentration_w(kernel, integer_counterpart(w_config)),
           "alignment": operand_alignment(x2, kernel),
           "diagonal_alignment": operand_diagonal_alignment(x2, kernel)}
 
 
-def _as_int(config: QuantConfig) -> QuantConfig:
+def integer_counterpart(config: QuantConfig) -> QuantConfig:
   """An FP4 config's integer counterpart (same bits, blocks and clip); integers as they are."""
   return dataclasses.replace(config, format="int") if config.is_fp4 else config
 

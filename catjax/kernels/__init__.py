@@ -9,4 +9,5 @@ on CPU.
 from catjax.kernels.api import quantized_matmul
 from catjax.kernels.qweight import QuantizedWeight, quantize_weight
 
-__all__ = ["QuantizedWeight", "quantize_weight", "quantized_matmul"]
+# pallas_gpu (the Mosaic GPU kernel, `TileConfig`) and reference are public modules.
+__all__ = ["QuantizedWeight", "pallas_gpu", "quantize_weight", "quantized_matmul", "reference"]

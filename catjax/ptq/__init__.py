@@ -1,0 +1,13 @@
+"""Post-training quantization: recipes and plans (one per-site policy), their typed
+configs, calibration, the per-block algorithms, the site hook, the block engine,
+trained CAT, realization and the planner. Names load on first use."""
+
+from catjax.base.lazy import lazy_names
+
+__getattr__, __dir__, __all__ = lazy_names(__name__, {
+    "Recipe": ".recipe", "ptq_methods": ".recipe",
+    "GPTQConfig": ".configs", "TrainConfig": ".configs", "SmoothQuantConfig": ".configs",
+    "Plan": ".plan", "SitePlan": ".plan", "uniform_plan": ".plan",
+    "calibrate": ".calibrate", "quantize_model": ".engine", "QuantizedModel": ".quantized",
+    "realize": ".realize", "linear_bytes": ".realize", "SiteHook": ".hooks",
+}, modules=("planner", "rounding"))

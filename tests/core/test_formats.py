@@ -531,5 +531,5 @@ def test_fp4_sqnr_prediction_after_a_rotation(fmt, operands):
     assert abs(pred - measured) < 0.5, (seed, pred, measured)
     uniform = 10 * np.log10(float(stats.predicted_sqnr(  # 4-bit integers on the same blocks
         f["concentration_x"], f["concentration_w"], f["alignment"],
-        a_config=a_cfg and stats._as_int(a_cfg), w_config=w_cfg and stats._as_int(w_cfg))))
+        a_config=a_cfg and stats.integer_counterpart(a_cfg), w_config=w_cfg and stats.integer_counterpart(w_cfg))))
     assert abs(uniform - measured) > abs(pred - measured) + 0.3, (seed, uniform, pred, measured)
