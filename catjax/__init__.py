@@ -28,8 +28,8 @@ __version__ = "0.1.0"
 # The model-level API, imported on first use.
 __getattr__, __dir__, _lazy = lazy_names(__name__, {
     "Recipe": ".ptq.recipe", "Plan": ".ptq.plan", "SitePlan": ".ptq.plan",
-    "calibrate": ".ptq.calibrate", "quantize_model": ".ptq.engine",
-    "QuantizedModel": ".ptq.quantized", "realize": ".ptq.realize",
+    "calibrate": ".ptq.calibration", "quantize_model": ".ptq.engine",
+    "QuantizedModel": ".ptq.quantized", "realize": ".ptq.realization",
     "save_stats": ".artifacts.stats_file", "load_stats": ".artifacts.stats_file",
     "save_quantized": ".artifacts.checkpoint", "load_quantized": ".artifacts.checkpoint",
     "CheckpointError": ".artifacts.checkpoint", "perplexity": ".analysis.evaluate",

@@ -134,5 +134,10 @@ def test_floor_packages_export_what_they_list():
   for name in PUBLIC_PACKAGES:
     package = importlib.import_module(name)
     for n in package.__all__:
-      if n != "lmeval":  # needs the optional extra
-        assert getattr(package, n) is not None, f"{name}.{n}"
+      if n == "lmeval":  # needs the optional extra
+        continue
+      value = getattr(package, n)
+      # a submodule of the same name would shadow the name once it is imported
+      folder = Path(package.__file__).parent
+      assert isinstance(value, type(catjax)) or not (
+          (folder / f"{n}.py").exists() or (folder / n).is_dir()), f"{name}.{n} is also a module"

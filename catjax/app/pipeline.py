@@ -26,10 +26,10 @@ from catjax.app.tables import comparison_markdown, markdown_table, sites_markdow
 from catjax.artifacts.checkpoint import check_new_folder, save_quantized
 from catjax.ptq.engine import quantize_model
 from catjax.base.errors import check_writable, write_text
-from catjax.ptq.realize import realize
+from catjax.ptq.realization import realize
 from catjax.ptq.policy import Policy
 from catjax.ptq.recipe import Recipe
-from catjax.ptq.calibrate import calibrate, model_fingerprint
+from catjax.ptq.calibration import calibrate, model_fingerprint
 from catjax.artifacts.stats_file import load_stats, save_stats
 
 log = logging.getLogger("catjax")

@@ -48,7 +48,7 @@ from catjax.models.loading import MAX_SHARD_BYTES, write_tensors
 from catjax.models.spec import get_path, set_path, spec_for
 from catjax.ptq.quantized import QuantizedModel
 from catjax.ptq.recipe import Recipe
-from catjax.ptq.realize import QLinear
+from catjax.ptq.realization import QLinear
 from catjax.models.sharding import barrier
 from catjax.core.transforms import Transform
 
@@ -115,7 +115,7 @@ def check_new_folder(folder: str | Path) -> Path:
 
 def save_quantized(qm: QuantizedModel, folder: str | Path, *, tokenizer=None,
                    max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-  """Write the real quantized model `qm` (`catjax.ptq.realize.realize`) to `folder`.
+  """Write the real quantized model `qm` (`catjax.ptq.realization.realize`) to `folder`.
 
   The folder must not exist. Everything is written into a temporary sibling
   and renamed into place at the end (atomic on one filesystem). Multi-process
@@ -127,7 +127,7 @@ def save_quantized(qm: QuantizedModel, folder: str | Path, *, tokenizer=None,
     FileExistsError: `folder` exists.
   """
   if not qm.real:
-    raise ValueError("save_quantized needs a real quantized model: catjax.ptq.realize.realize(...)")
+    raise ValueError("save_quantized needs a real quantized model: catjax.ptq.realization.realize(...)")
   folder = check_new_folder(folder)
   tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
   tensors = _tensors(qm)

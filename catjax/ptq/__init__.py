@@ -8,6 +8,6 @@ __getattr__, __dir__, __all__ = lazy_names(__name__, {
     "Recipe": ".recipe", "ptq_methods": ".recipe",
     "GPTQConfig": ".configs", "TrainConfig": ".configs", "SmoothQuantConfig": ".configs",
     "Plan": ".plan", "SitePlan": ".plan", "uniform_plan": ".plan",
-    "calibrate": ".calibrate", "quantize_model": ".engine", "QuantizedModel": ".quantized",
-    "realize": ".realize", "linear_bytes": ".realize", "SiteHook": ".hooks",
+    "calibrate": ".calibration", "quantize_model": ".engine", "QuantizedModel": ".quantized",
+    "realize": ".realization", "linear_bytes": ".realization", "SiteHook": ".hooks",
 }, modules=("planner", "rounding"))

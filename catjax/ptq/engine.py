@@ -11,7 +11,7 @@ Peak memory beyond the parameters: one block's statistics and the calibration
 activations (`n · T · d` floats; twice that when training with quantized
 propagation, which keeps the full-precision twin for the targets), never the
 statistics of all blocks. With statistics given (`stats=`, e.g. from
-`catjax.ptq.calibrate.calibrate` or a saved file) and full-precision propagation, a
+`catjax.ptq.calibration.calibrate` or a saved file) and full-precision propagation, a
 closed-form recipe needs no forward at all: the old all-at-once path is this
 engine's special case.
 """
@@ -34,7 +34,7 @@ from catjax.ptq import rounding
 from catjax.ptq.policy import Policy, layer_recipes, site_hook, site_state, stack_layers
 from catjax.ptq.quantized import QuantizedModel
 from catjax.ptq.blocks import fit_block, merge_block, quantize_block
-from catjax.ptq.calibrate import stats_hook
+from catjax.ptq.calibration import stats_hook
 from catjax.core.stats import SecondMoment
 from catjax.ptq.train import train_block
 
@@ -117,7 +117,7 @@ def quantize_model(model: Llama, windows, recipe: Policy, *,
       model's widths before any work): a `Recipe` for every site, or a
       `catjax.ptq.plan.Plan` (each site its own method, block size, bits and
       formats over the plan's base recipe).
-    stats: precomputed statistics of every block (`catjax.ptq.calibrate.calibrate` or
+    stats: precomputed statistics of every block (`catjax.ptq.calibration.calibrate` or
       `load_stats`); only with full-precision propagation.
     batch_size: windows per jitted block call.
     progress: a progress bar over the blocks.

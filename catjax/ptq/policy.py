@@ -54,7 +54,7 @@ def _variants(recipes: list[dict[str, Recipe]], site: str):
 def site_hook(recipes: list[dict[str, Recipe]], spec: ArchSpec, *, kv_config, real: bool = False,
               ste: bool = False) -> SiteHook:
   """The hook of blocks quantized with `recipes[b][site]` (`layer_recipes`).
-  `real`: the linears quantize their inputs themselves (`catjax.ptq.realize`),
+  `real`: the linears quantize their inputs themselves (`catjax.ptq.realization`),
   so the hook only transforms (and quantizes the KV cache)."""
   configs = tuple((s, tuple(None if real else v[3] for v in _variants(recipes, s)[1]))
                   for s in spec.site_names)

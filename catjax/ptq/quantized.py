@@ -21,7 +21,7 @@ class QuantizedModel:
 
   Run it with `forward(qm.model, tokens, hook=qm.hook, hook_state=qm.transforms)`
   or `perplexity(qm.model, windows, hook=qm.hook, hook_state=qm.transforms)`.
-  `real`: the linears are integer (`catjax.ptq.realize.realize`) and
+  `real`: the linears are integer (`catjax.ptq.realization.realize`) and
   quantize their inputs themselves, so the hook only transforms (and
   quantizes the KV cache).
 

@@ -113,7 +113,7 @@ def test_quantized_models(models, tmp_path):
   from catjax.ptq.engine import quantize_model
   from catjax.models import load_hf
   from catjax.ptq.recipe import Recipe
-  from catjax.ptq.realize import realize
+  from catjax.ptq.realization import realize
   folder, ours, _ = models
   model = load_hf(folder)
   qm = quantize_model(model, tiny.tokens((4, 32), 128, seed=2),

@@ -13,7 +13,7 @@ from catjax.app import cli
 from catjax.models import LLAMA, SITES, capture, random_model
 from catjax.ptq.engine import quantize_model
 from catjax.ptq.recipe import Recipe
-from catjax.ptq.calibrate import calibrate
+from catjax.ptq.calibration import calibrate
 from catjax.ptq.blocks import site_kernel
 from catjax.analysis.sites import SITE_FIELDS, site_report, sqnr_gain
 from catjax.core.stats import sqnr_decomposition

@@ -359,7 +359,7 @@ def saved(tmp_path_factory):
   from catjax.ptq.engine import quantize_model
   from catjax.models import random_model
   from catjax.ptq.recipe import Recipe
-  from catjax.ptq.realize import realize
+  from catjax.ptq.realization import realize
   model = random_model(tiny.config(), seed=4)
   qm = quantize_model(model, None, Recipe(method="none"), progress=False)
   root = tmp_path_factory.mktemp("ckpt")

@@ -19,7 +19,7 @@ from catjax.ptq.engine import quantize_model
 from catjax.analysis.evaluate import perplexity
 from catjax.models import forward, generate, random_model
 from catjax.ptq.recipe import Recipe
-from catjax.ptq.realize import realize
+from catjax.ptq.realization import realize
 
 WINDOWS = tiny.tokens((4, 32), 128, seed=5)
 

@@ -6,10 +6,10 @@ import pytest
 import tiny
 from catjax.analysis.evaluate import perplexity
 from catjax.models import forward, random_model
-from catjax.ptq.realize import QLinear, linear_bytes, realize
+from catjax.ptq.realization import QLinear, linear_bytes, realize
 from catjax.ptq.engine import quantize_model
 from catjax.ptq.recipe import Recipe
-from catjax.ptq.calibrate import calibrate
+from catjax.ptq.calibration import calibrate
 from catjax.app.specs import parse_spec
 
 

@@ -360,7 +360,7 @@ def test_recipe_checks_block_widths_and_refuses_integer_export(tmp_path):
     RunConfig(recipes=(Recipe(method="cat", w_format="mxfp4", a_format="mxfp4"),),
               save=tmp_path / "out")
   from catjax.ptq.quantized import QuantizedModel
-  from catjax.ptq.realize import realize
+  from catjax.ptq.realization import realize
   model = random_model(tiny.config(num_layers=1), seed=0)
   with pytest.raises(ValueError, match="no integer storage for nvfp4"):
     realize(model, QuantizedModel(model, None, Recipe(method="none", w_format="nvfp4")))

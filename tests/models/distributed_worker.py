@@ -26,7 +26,7 @@ def main():
   initialize_distributed(f"127.0.0.1:{port}", num_processes=n, process_id=pid)
   import tiny
   from catjax.models import random_model
-  from catjax.ptq.calibrate import calibrate
+  from catjax.ptq.calibration import calibrate
   from catjax.models.sharding import make_mesh, shard_model
   assert jax.process_count() == n and len(jax.devices()) == n, jax.devices()
   model = random_model(tiny.config(), seed=2)
@@ -44,7 +44,7 @@ def main():
   from catjax.base.errors import write_text
   from catjax.ptq.recipe import Recipe
   from catjax.artifacts.stats_file import save_stats
-  from catjax.ptq.realize import realize
+  from catjax.ptq.realization import realize
   tp = shard_model(random_model(tiny.config(), seed=2), make_mesh(f"data=1,model={n}"))
   assert not all(a.is_fully_addressable for a in jax.tree.leaves(nnx.state(tp)))
   qm = quantize_model(tp, None, Recipe(method="cat", block_size=16), stats=stats, progress=False)

@@ -23,7 +23,7 @@ from catjax.models.spec import spec_for  # noqa: E402
 from catjax.ptq.recipe import Recipe  # noqa: E402
 from catjax.ptq import blocks  # noqa: E402
 from catjax.ptq.blocks import fit_block  # noqa: E402
-from catjax.ptq.calibrate import calibrate  # noqa: E402
+from catjax.ptq.calibration import calibrate  # noqa: E402
 from catjax.core.transforms import fit_transform  # noqa: E402
 from catjax.models.sharding import make_mesh, placement, shard_model  # noqa: E402
 

@@ -91,7 +91,7 @@ def test_two_processes_compute_the_single_process_statistics_and_perplexity(tmp_
   # gloo all-reduces: the same second moments as one process alone.
   import tiny
   from catjax.models import random_model
-  from catjax.ptq.calibrate import calibrate
+  from catjax.ptq.calibration import calibrate
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   worker = str(Path(__file__).with_name("distributed_worker.py"))
   port = str(_free_port())
@@ -122,7 +122,7 @@ def test_two_processes_compute_the_single_process_statistics_and_perplexity(tmp_
   from catjax.ptq.engine import quantize_model
   from catjax.ptq.recipe import Recipe
   from catjax.artifacts.stats_file import load_stats
-  from catjax.ptq.realize import realize
+  from catjax.ptq.realization import realize
   stats, _ = load_stats(tmp_path / "stats.npz", model.config)
   qm = quantize_model(model, None, Recipe(method="cat", block_size=16), stats=stats, progress=False)
   want = {k: np.asarray(v) for k, v in _tensors(realize(model, qm)).items()}

@@ -15,7 +15,7 @@ from catjax.models.spec import get_path
 from catjax.ptq.hooks import SiteHook
 from catjax.ptq.configs import TrainConfig
 from catjax.ptq.recipe import Recipe
-from catjax.ptq.calibrate import calibrate
+from catjax.ptq.calibration import calibrate
 from catjax.ptq.blocks import merge_block, quantize_block
 from catjax.ptq.train import block_loss, train_block
 from catjax.app.specs import parse_spec

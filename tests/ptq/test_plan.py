@@ -114,7 +114,7 @@ def cfg_dim(cfg, site):
 def planned(setup):
   from catjax.models import capture
   from catjax.ptq.planner import site_factors
-  from catjax.ptq.calibrate import calibrate
+  from catjax.ptq.calibration import calibrate
   model, windows = setup
   stats = calibrate(model, windows[:8], batch_size=4, progress=False)
   acts = capture(model, windows[8:])

@@ -10,7 +10,7 @@ import tiny
 from catjax.models import SITES, capture, random_model
 from catjax.models import LLAMA, get_path, spec_for
 from catjax.models.loading import hf_tensors
-from catjax.ptq.calibrate import calibrate
+from catjax.ptq.calibration import calibrate
 
 
 def test_spec_matches_the_model_and_the_checkpoint_names():

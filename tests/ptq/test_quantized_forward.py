@@ -10,7 +10,7 @@ from catjax.models import forward, random_model
 from catjax.ptq.engine import quantize_model
 from catjax.ptq.configs import GPTQConfig, TrainConfig
 from catjax.ptq.recipe import PTQ_METHODS, Recipe
-from catjax.ptq.calibrate import calibrate
+from catjax.ptq.calibration import calibrate
 from catjax.app.specs import parse_spec
 
 TRANSFORM_METHODS = [m for m in PTQ_METHODS if m not in ("fp", "none")]
