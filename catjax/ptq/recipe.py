@@ -241,20 +241,15 @@ class Recipe:
     Raises:
       TypeError: an unknown field, naming it.
     """
-    flat, nested = {}, {name: {} for name in CONFIGS}
+    changes = {}
     for k, v in d.items():
       if k == "label":
         continue
       if k in CONFIGS and isinstance(v, dict):
-        nested[k].update(v)
-        continue
-      where = RENAMED.get(k, k)
-      if "." in where:
-        name, field = where.split(".")
-        nested[name][field] = v
+        changes.update({f"{k}.{field}": x for field, x in v.items()})
       else:
-        flat[where] = v
-    return cls(**flat, **{name: CONFIGS[name](**kw) for name, kw in nested.items()})
+        changes[RENAMED.get(k, k)] = v
+    return cls().with_fields(changes)
 
   def with_fields(self, changes: dict[str, Any]) -> "Recipe":
     """A copy with `changes` applied: recipe fields by name, config fields by a
