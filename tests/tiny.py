@@ -68,3 +68,24 @@ def torch_model(cls_name: str, seed: int = 0, **kw):
 
 def tokens(shape, vocab, seed=0):
   return np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32)
+
+
+def raises(exc, words, fn, *args, path=None, **kw):
+  """`fn(*args, **kw)` raises `exc` whose message holds every word (and `path`); an
+  `InputError` also carries `path`."""
+  import pytest
+
+  from catjax.base.errors import InputError
+  with pytest.raises(exc) as e:
+    fn(*args, **kw)
+  msg = str(e.value)
+  for w in [*words, *([str(path)] if path is not None else [])]:
+    assert w in msg, f"{w!r} not in {msg!r}"
+  if path is not None and isinstance(e.value, InputError):
+    assert e.value.path == str(path)
+  return e.value
+
+
+def write_edit(name, data):
+  """An edit of a folder: replace its file `name` by `data` (bytes or text)."""
+  return lambda folder: (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode())

@@ -1,11 +1,16 @@
 import dataclasses
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 
 import pytest
 
+import tiny
 from catjax.app import assets
 
 CONTENT = b"tiny model bytes\n" * 100
@@ -166,3 +171,57 @@ def test_split_asset_is_joined_in_order_and_verified(tmp_path):
   with pytest.raises(assets.AssetError, match="joined.bin \\(joined\\)"):
     assets.fetch("split", cache=cache, download=download, assets={"split": bad})
   assert not cache.joinpath("joined.bin").exists() and not list(cache.glob(".fetch-*"))
+
+
+# --- a cache damaged in place ---------------------------------------------------------
+
+def _flip_in_place(path):
+  """Flip one byte, keeping the size and the mtime."""
+  st = path.stat()
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  path.write_bytes(bytes(data))
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+  assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_flipped_cached_asset_is_fetched_again(setup):
+  table, download, calls, cache = setup
+  path = assets.fetch("tiny", cache=cache, download=download, assets=table)
+  _flip_in_place(path)
+  assert assets.fetch("tiny", cache=cache, download=download, assets=table).read_bytes() == CONTENT
+  assert calls == ["tiny", "tiny"]
+
+
+def test_flipped_cached_asset_offline_names_the_file_and_the_fix(setup):
+  table, download, _, cache = setup
+  path = assets.fetch("tiny", cache=cache, download=download, assets=table)
+  _flip_in_place(path)
+
+  def offline(a, dest):
+    raise assets.AssetError("registry unreachable")
+
+  err = tiny.raises(OSError, [str(path), "corrupt", "delete it", "registry unreachable"],
+                assets.fetch, "tiny", cache=cache, download=offline, assets=table)
+  assert isinstance(err, assets.AssetError)
+
+
+def test_stale_fetch_temporaries_are_cleaned(setup):
+  table, download, _, cache = setup
+  assets.fetch("tiny", cache=cache, download=download, assets=table)
+  done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  dead_pid = int(done.stdout)
+  host = assets._temp_prefix().split("-")[1]
+  old = cache / ".fetch-old1234"  # an older version's name: stale by age only
+  dead = cache / f".fetch-{host}-{dead_pid}-abcd"
+  live = cache / f".fetch-{host}-{os.getpid()}-efgh"
+  fresh = cache / ".fetch-new5678"
+  for d in (old, dead, live, fresh):
+    d.mkdir()
+    (d / "model.bin").write_bytes(b"partial")
+  stamp = time.time() - 2 * assets.STALE_SECONDS
+  for p in (old, old / "model.bin"):
+    os.utime(p, (stamp, stamp))
+  assets.fetch("tiny", cache=cache, download=download, assets=table)
+  assert not old.exists() and not dead.exists() and live.exists() and fresh.exists()

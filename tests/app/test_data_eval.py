@@ -1,7 +1,10 @@
-"""Text split, windows, perplexity (against transformers' loss) and the CLI."""
+"""Text split, windows, perplexity (against transformers' loss) and the CLI; bad text files
+are refused naming the file."""
 
 import json
+import logging
 import math
+import os
 import subprocess
 import sys
 
@@ -11,6 +14,7 @@ import pytest
 import tiny
 from catjax.app import cli
 from catjax.app.data import make_windows, split_articles, text_windows
+from catjax.base.errors import InputError
 from catjax.analysis.evaluate import perplexity, token_nll
 from catjax.models import forward, load_hf, random_model
 
@@ -123,3 +127,61 @@ def test_python_m_catjax_generate(model_dir):
   ids = tiny.tokenizer()("Paris is", add_special_tokens=False)["input_ids"]
   assert run.stdout.rstrip("\n") == "Paris is" + tiny.tokenizer().decode(
       generate(model, ids, max_new_tokens=4), skip_special_tokens=True)
+
+
+# --- bad text files ----------------------------------------------------------------------
+
+def test_edited_text_file_is_tokenized_again(tmp_path):
+  f = tmp_path / "t.txt"
+  f.write_text(tiny.TEXT)
+  first = text_windows(tiny.tokenizer(), str(f), seqlen=8).tokens
+  st = f.stat()
+  f.write_text(tiny.TEXT.upper())  # same size
+  os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+  again = text_windows(tiny.tokenizer(), str(f), seqlen=8).tokens
+  assert not np.array_equal(first[: len(again)], again[: len(first)])
+
+
+TEXT_BAD = {
+    "too short": ("Paris is the capital.", 64, ["too short", "seqlen=64", "tokens available"]),
+    "empty": ("  \n", 8, ["empty"]),
+    "not UTF-8": (b"caf\xe9 au lait " * 20, 8, ["not UTF-8", "byte 3"]),
+}
+
+
+@pytest.mark.parametrize("case", list(TEXT_BAD))
+def test_bad_text_files(tmp_path, case):
+  text, seqlen, words = TEXT_BAD[case]
+  f = tmp_path / "t.txt"
+  f.write_bytes(text if isinstance(text, bytes) else text.encode())
+  tiny.raises(InputError, words, text_windows, tiny.tokenizer(), str(f), seqlen=seqlen, path=f)
+
+
+def test_seqlen_beyond_the_models_positions_warns(tmp_path, caplog):
+  f = tmp_path / "t.txt"
+  f.write_text(tiny.TEXT)
+  with caplog.at_level(logging.WARNING, logger="catjax"):
+    text_windows(tiny.tokenizer(), str(f), seqlen=32, max_positions=16)
+  warned = [r for r in caplog.records if r.name == "catjax"]
+  assert len(warned) == 1 and "seqlen=32" in warned[0].getMessage()
+  assert "max_position_embeddings=16" in warned[0].getMessage()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="catjax"):
+    text_windows(tiny.tokenizer(), str(f), seqlen=16, max_positions=16)
+  assert not [r for r in caplog.records if r.name == "catjax"]
+
+
+def test_no_pytorch_notice_when_loading_a_tokenizer(model_dir):
+  """Without torch, transformers' "PyTorch was not found" notice is dropped; its other
+  messages are kept."""
+  code = ("import sys; sys.modules['torch'] = None\n"
+          "from catjax.app.data import load_tokenizer\n"
+          f"load_tokenizer({str(model_dir[0])!r})\n"
+          "import transformers\n"
+          "transformers.logging.get_logger('transformers').warning('another notice')\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        check=False, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert "PyTorch was not found" not in done.stderr
+  assert "another notice" in done.stderr

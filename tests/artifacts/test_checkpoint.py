@@ -10,6 +10,7 @@ import stat
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 import tiny
 from catjax.artifacts import checkpoint
@@ -22,6 +23,7 @@ from catjax.ptq.recipe import Recipe
 from catjax.ptq.realization import realize
 
 WINDOWS = tiny.tokens((4, 32), 128, seed=5)
+IDX = "model.safetensors.index.json"
 
 
 @pytest.fixture(scope="module")
@@ -105,22 +107,31 @@ def test_generation_errors(kw, match):
     generate(random_model(tiny.config(), seed=0), [1, 2], max_new_tokens=2, **kw)
 
 
-def _rehash(folder):
-  """Recompute every file's sha256 and the manifest checksum (a careful hand edit)."""
-  m = json.loads((folder / MANIFEST).read_text())
-  m["files"] = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in m["files"]}
-  m["checksum"] = checkpoint._checksum(m)
-  (folder / MANIFEST).write_text(json.dumps(m))
-
-
 def _edit_manifest(fn, rehash=False):
+  """Edit the manifest; with `rehash`, then recompute every listed file's sha256 and the
+  checksum (a careful hand edit)."""
   def edit(folder):
     m = json.loads((folder / MANIFEST).read_text())
     fn(m)
     if rehash:
+      if isinstance(m.get("files"), dict):
+        m["files"] = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest()
+                      if (folder / n).is_file() else d for n, d in m["files"].items()}
       m["checksum"] = checkpoint._checksum(m)
     (folder / MANIFEST).write_text(json.dumps(m))
   return edit
+
+
+def _rehashed(fn):
+  return _edit_manifest(fn, rehash=True)
+
+
+def _rehash(folder):
+  _rehashed(lambda m: None)(folder)
+
+
+def _then_rehash(first):
+  return lambda folder: (first(folder), _rehash(folder))
 
 
 def _flip_byte(name, at=-10):
@@ -139,7 +150,6 @@ def _truncate(name):
 
 
 def _nan_tensor(folder):
-  from safetensors.numpy import load_file, save_file
   tensors = load_file(str(folder / "model.safetensors"))
   tensors["norm.scale"] = tensors["norm.scale"].copy()
   tensors["norm.scale"][3] = np.nan
@@ -148,7 +158,6 @@ def _nan_tensor(folder):
 
 
 def _wrong_dtype(folder):
-  from safetensors.numpy import load_file, save_file
   tensors = load_file(str(folder / "model.safetensors"))
   tensors["layers.attn.q_proj.scale"] = tensors["layers.attn.q_proj.scale"].astype(np.float16)
   save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "catjax-quantized"})
@@ -192,6 +201,63 @@ def test_bad_checkpoints_are_refused_naming_file_and_problem(saved, tmp_path, ca
   with pytest.raises(CheckpointError, match=match) as e:
     load_quantized(copy)
   assert str(copy) in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def sharded(saved, tmp_path_factory):
+  """`saved`'s checkpoint with its tensors in two shards and an index, rehashed."""
+  folder = tmp_path_factory.mktemp("sharded") / "q"
+  shutil.copytree(saved[1], folder)
+  tensors = load_file(str(folder / "model.safetensors"))
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[::2],
+            "model-00002-of-00002.safetensors": names[1::2]}
+  for f, part in shards.items():
+    save_file({n: tensors[n] for n in part}, str(folder / f))
+  (folder / "model.safetensors").unlink()
+  (folder / IDX).write_text(
+      json.dumps({"weight_map": {n: f for f, part in shards.items() for n in part}}))
+  _rehashed(lambda m: (m["files"].pop("model.safetensors"),
+                       m["files"].update(dict.fromkeys([*shards, IDX]))))(folder)
+  load_quantized(folder)
+  return folder
+
+
+CKPT_BAD = {
+    "no files key": ("single", _rehashed(lambda m: m.pop("files")), MANIFEST, ["'files'"]),
+    "files a list": ("single", _rehashed(lambda m: m.update(files=["model.safetensors"])),
+                     MANIFEST, ['"files"']),
+    "no tensors key": ("single", _rehashed(lambda m: m.pop("tensors")), MANIFEST, ["'tensors'"]),
+    "weights not checksummed": ("single", _rehashed(lambda m: m["files"].pop("model.safetensors")),
+                                MANIFEST, ["neither model.safetensors"]),
+    "file outside the folder": ("single",
+                                _rehashed(lambda m: m["files"].update({"../x.bin": "0" * 64})),
+                                MANIFEST, ["'../x.bin'", "not in the checkpoint folder"]),
+    "tokenizer.json not JSON": ("single", _then_rehash(tiny.write_edit("tokenizer.json", "{oops")),
+                                "tokenizer.json", ["not valid JSON"]),
+    "tokenizer_config.json not JSON": ("single",
+                                       _then_rehash(tiny.write_edit("tokenizer_config.json", "[1,")),
+                                       "tokenizer_config.json", ["not valid JSON"]),
+    "tokenizer.json not a tokenizer": ("single", _then_rehash(tiny.write_edit("tokenizer.json", "{}")),
+                                       "tokenizer.json", ["tokenizer cannot be loaded"]),
+    "index not JSON": ("sharded", _then_rehash(tiny.write_edit(IDX, "{oops")), IDX, ["not valid JSON"]),
+    "index without weight_map": ("sharded", _then_rehash(tiny.write_edit(IDX, "{}")), IDX,
+                                 ['"weight_map"']),
+    "shard not checksummed": (
+        "sharded", _rehashed(lambda m: m["files"].pop("model-00002-of-00002.safetensors")), IDX,
+        ["'model-00002-of-00002.safetensors'", "does not list"]),
+    "config rms_norm_eps 0": ("single", _rehashed(lambda m: m["config"].update(rms_norm_eps=0)),
+                              MANIFEST, ["rms_norm_eps=0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CKPT_BAD))
+def test_bad_manifests_tokenizers_and_indexes(saved, sharded, tmp_path, case):
+  which, edit, file, words = CKPT_BAD[case]
+  folder = tmp_path / "q"
+  shutil.copytree(saved[1] if which == "single" else sharded, folder)
+  edit(folder)
+  tiny.raises(CheckpointError, words, load_quantized, folder, path=folder / file)
 
 
 def test_save_refuses_an_existing_folder_and_leaves_nothing_when_interrupted(saved, tmp_path,

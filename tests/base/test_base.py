@@ -53,3 +53,16 @@ def test_written_files_take_the_umask(tmp_path, mask):
     os.umask(old)
   for p in (path, tmp_path / "data.bin"):
     assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, (p, oct(p.stat().st_mode))
+
+
+def test_interrupted_write_leaves_no_file(tmp_path):
+  """`atomic_write`: an interrupt while writing leaves neither the target nor a temp file."""
+  target = tmp_path / "stats.npz"
+  with pytest.raises(KeyboardInterrupt):
+    with atomic_write(target) as tmp:
+      tmp.write_bytes(b"partial")
+      raise KeyboardInterrupt
+  assert list(tmp_path.iterdir()) == []
+  with atomic_write(target) as tmp:
+    tmp.write_bytes(b"whole")
+  assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]

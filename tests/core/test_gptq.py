@@ -5,6 +5,7 @@ import pytest
 
 from catjax.core import quant
 from catjax.core.gptq import gptq_error, gptq_quantize
+from operands import SX, K, check_nan_case, nan_cases
 
 
 def _hessian(rng, d, n=None, outliers=True):
@@ -175,6 +176,17 @@ def test_bad_inputs_raise():
       gptq_quantize(kernel, hessian, **kw)
   with pytest.raises(ValueError, match="shape"):
     gptq_error(k, k[:, :2], h)
+  with pytest.raises(ValueError, match="clip_ratio"):
+    gptq_quantize(K, SX, clip_ratio=True)
+
+
+@nan_cases(cols={
+    "gptq under jit": lambda k: jax.jit(lambda k: gptq_quantize(k, SX, bits=4))(k),
+    "gptq scale= under jit": lambda k: jax.jit(
+        lambda k: gptq_quantize(k, SX, bits=4, scale=jnp.full((8,), 0.5)))(k),
+}, inf_cols=("gptq scale= under jit",))
+def test_a_nan_channel_quantizes_to_nan(f, bad, token):
+  check_nan_case(f, bad, token)
 
 
 def test_indefinite_hessian_suggests_damping():

@@ -6,6 +6,7 @@ import scipy.linalg
 
 import catjax as cj
 from catjax.core import linalg
+from operands import SX
 
 
 def _spd(seed, d, cond=1e3):
@@ -105,6 +106,8 @@ def test_errors():
     cj.geometric_mean(jnp.eye(3), jnp.eye(4))
   with pytest.raises(FloatingPointError, match="layer 7"):
     linalg.ensure_finite("layer 7", jnp.array([1.0, jnp.nan]))
+  with pytest.raises(ValueError, match="float32 or float64"):
+    linalg.spd_eigh(SX, dtype=jnp.int32)
 
 
 @pytest.mark.parametrize("r", [1, 5, 12])

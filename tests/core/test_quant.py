@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from catjax.core import quant
-from catjax.core.quant import QuantConfig
+from catjax.core.quant import (QuantConfig, activation_config, dequantize, fake_quantize,
+                               fake_quantize_clip_search, quantize, weight_config)
+from operands import K, check_nan_case, nan_cases
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
@@ -105,6 +107,8 @@ def test_int4_pack_round_trips_quantized_weights(key):
     (dict(bits=1), "bits"), (dict(bits=9), "bits"), (dict(bits=4.0), "bits"),
     (dict(granularity="row"), "granularity"), (dict(group_size=0), "group_size"),
     (dict(granularity="tensor", group_size=4), "group_size"), (dict(clip_ratio=1.5), "clip_ratio"),
+    (dict(clip_ratio=True), "clip_ratio"), (dict(clip_ratio="0.5"), "clip_ratio"),
+    (dict(symmetric=1), "symmetric"), (dict(symmetric="no"), "symmetric"),
 ])
 def test_config_errors_name_the_value(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -142,3 +146,36 @@ def test_clip_search_never_worse_than_full_range_and_helps_outliers():
     fake_quantize_clip_search(k, cfg, importance=imp[0])
   with pytest.raises(ValueError, match="symmetric per-channel"):
     fake_quantize_clip_search(k, activation_config(4))
+
+
+# --- bad operands: NaN propagates, bad arguments raise naming the value -------------------
+
+
+@nan_cases(rows={
+    "fake_quantize token": lambda x: fake_quantize(x, activation_config(4)),
+    "fake_quantize token asym": lambda x: dequantize(quantize(x, QuantConfig(bits=4, symmetric=False))),
+    "fake_quantize grouped": lambda x: fake_quantize(x, activation_config(4, group_size=16)),
+    "quantize+dequantize": lambda x: dequantize(quantize(x, activation_config(8))),
+    "jit fake_quantize": lambda x: jax.jit(fake_quantize, static_argnums=1)(x, activation_config(4)),
+}, cols={
+    "fake_quantize channel": lambda k: fake_quantize(k, weight_config(4)),
+    "quantize+dequantize channel": lambda k: dequantize(quantize(k, weight_config(4))),
+    "clip search": lambda k: fake_quantize_clip_search(k, weight_config(4)),
+})
+def test_a_nan_token_or_channel_quantizes_to_nan(f, bad, token):
+  check_nan_case(f, bad, token)
+
+
+def test_a_nan_importance_makes_its_channels_nan():
+  imp = jnp.ones((16,)).at[3].set(jnp.nan)
+  q = fake_quantize_clip_search(K, weight_config(4), importance=imp)
+  out = jax.jit(lambda k, i: fake_quantize_clip_search(k, weight_config(4), importance=i))(K, imp)
+  assert np.isnan(np.asarray(q)).all() and np.isnan(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"ratios": ()}, "ratios"), ({"ratios": (True,)}, "ratios"),
+    ({"importance": -jnp.ones(16)}, "importance must be >= 0")])
+def test_clip_search_checks_its_arguments(kw, words):
+  with pytest.raises(ValueError, match=words):
+    fake_quantize_clip_search(K, weight_config(4), **kw)

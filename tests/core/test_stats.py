@@ -7,7 +7,11 @@ import catjax as cj
 from catjax.core import hadamard
 from catjax.core import stats
 from catjax.core.quant import QuantConfig
+from catjax.core.gptq import gptq_quantize
+from catjax.core import linalg
+from catjax.core.quant import activation_config, weight_config
 from catjax.core.synthetic import _random_orthogonal, synthetic_layer
+from operands import GW, SX, K, X, bad_k, bad_x
 
 
 def test_streaming_second_moment_matches_batch(key):
@@ -130,3 +134,71 @@ def test_layer_terms_vmap_over_layers(key):
   out = jax.vmap(f)(xs, ws)
   one = f(xs[1], ws[1])
   np.testing.assert_allclose(out["measured_sqnr_db"][1], one["measured_sqnr_db"], rtol=1e-5)
+
+
+# --- eager entry points: ValueError naming the argument -----------------------------------
+
+STATS_CASES = [
+    ("sqnr_decomposition zero x", lambda: cj.sqnr_decomposition(jnp.zeros((4, 16)), K), "x is all zero"),
+    ("sqnr_decomposition nan x", lambda: cj.sqnr_decomposition(bad_x(), K), "x has 1 non-finite"),
+    ("sqnr_decomposition inf kernel", lambda: cj.sqnr_decomposition(X, bad_k(np.inf)),
+     "kernel has 1 non-finite"),
+    ("sqnr_decomposition zero kernel", lambda: cj.sqnr_decomposition(X, jnp.zeros((16, 8))),
+     "kernel is all zero"),
+    ("sqnr_decomposition empty x", lambda: cj.sqnr_decomposition(jnp.zeros((0, 16)), K), "x is empty"),
+    ("sqnr_decomposition bool bits", lambda: cj.sqnr_decomposition(X, K, a_bits=True), "a_bits=True"),
+    ("sqnr_decomposition w_bits", lambda: cj.sqnr_decomposition(X, K, w_bits=9), "w_bits=9"),
+    ("measured_sqnr zero x", lambda: cj.measured_sqnr(jnp.zeros((4, 16)), K, a_config=activation_config(4),
+                                                      w_config=weight_config(4)), "x is all zero"),
+    ("measured_sqnr nan kernel", lambda: cj.measured_sqnr(X, bad_k(), a_config=activation_config(4),
+                                                          w_config=weight_config(4)), "kernel has 1"),
+    ("measured_sqnr shapes", lambda: cj.measured_sqnr(X, K[:8], a_config=activation_config(4),
+                                                      w_config=weight_config(4)), "need x"),
+    ("concentration_x zero", lambda: cj.concentration_x(jnp.zeros((4, 16))), "x is all zero"),
+    ("concentration_x nan", lambda: cj.concentration_x(bad_x()), "x has 1 non-finite"),
+    ("concentration_w zero", lambda: cj.concentration_w(jnp.zeros((16, 8))), "kernel is all zero"),
+    ("concentration_w inf", lambda: cj.concentration_w(bad_k(-np.inf)), "kernel has 1 non-finite"),
+    ("alignment zero sigma", lambda: cj.alignment(jnp.zeros((16, 16)), GW), "sigma_x is all zero"),
+    ("alignment nan gram", lambda: cj.alignment(SX, GW.at[0, 1].set(jnp.nan)), "gram_w has 1 non-finite"),
+    ("alignment negated sigma", lambda: cj.alignment(-SX, GW), "sigma_x has 16 negative diagonal"),
+    ("alignment shapes", lambda: cj.alignment(SX, GW[:8, :8]), "equal shapes"),
+    ("alignment_gain zero gram", lambda: cj.alignment_gain(SX, jnp.zeros((16, 16))), "gram_w is all zero"),
+    ("optimal_alignment nan", lambda: cj.optimal_alignment(SX.at[2, 2].set(jnp.nan), GW), "sigma_x has 1"),
+    ("predicted_sqnr nan c_x", lambda: cj.predicted_sqnr(float("nan"), 1.0, 0.1, a_config=activation_config(4),
+                                                         w_config=weight_config(4)), "c_x=nan"),
+    ("predicted_sqnr zero c_w", lambda: cj.predicted_sqnr(1.0, 0.0, 0.1, a_config=None,
+                                                          w_config=weight_config(4)), "c_w=0.0"),
+    ("predicted_sqnr negative align", lambda: cj.predicted_sqnr(1.0, 1.0, -0.1, a_config=activation_config(4),
+                                                                w_config=None), "align=-0.1"),
+    ("sqnr_factors zero x", lambda: stats.sqnr_factors(jnp.zeros((4, 16)), K, a_config=activation_config(4),
+                                                       w_config=weight_config(4)), "x is all zero"),
+    ("operand_alignment nan", lambda: stats.operand_alignment(bad_x(), K), "x has 1 non-finite"),
+]
+
+
+@pytest.mark.parametrize("name,call,words", STATS_CASES, ids=[c[0] for c in STATS_CASES])
+def test_entry_points_reject_bad_operands(name, call, words):
+  with pytest.raises(ValueError, match=words):
+    call()
+
+
+def test_float64_needs_x64():
+  with pytest.raises(ValueError, match="needs x64"):
+    cj.SecondMoment.zeros(8, dtype=jnp.float64)
+
+
+# Dtypes come from arguments, never from the x64 flag.
+def test_dtypes_are_explicit_under_x64(x64):
+  x32 = jnp.asarray(np.random.default_rng(1).standard_normal((64, 16)), jnp.float32)
+  assert cj.SecondMoment.zeros(8).xx.dtype == jnp.float32
+  assert cj.SecondMoment.zeros(8, dtype=jnp.float64).xx.dtype == jnp.float64
+  assert cj.second_moment(x32).dtype == jnp.float32
+  assert cj.second_moment(x32, dtype=jnp.float64).dtype == jnp.float64
+  assert cj.weight_gram(x32, dtype=jnp.float64).dtype == jnp.float64
+  s32 = cj.second_moment(x32)
+  assert linalg.spd_eigh(s32)[0].dtype == jnp.float32
+  assert linalg.spd_eigh(s32, dtype=jnp.float64)[0].dtype == jnp.float64
+  assert cj.geometric_mean(s32, s32).dtype == jnp.float32
+  k32 = x32[:16, :8]
+  assert gptq_quantize(k32, s32, dtype=jnp.float64).dtype == jnp.float32  # the kernel's dtype
+

@@ -7,7 +7,9 @@ import pytest
 
 import catjax as cj
 from catjax.core import transforms
+from catjax.core import linalg
 from catjax.core.synthetic import synthetic_layer
+from operands import GW, K, SX
 
 CASES = [("identity", {}), ("smoothquant", {}), ("smoothquant_hadamard", {}), ("hadamard", {}),
          ("cat", {"block_size": 1}), ("cat", {"block_size": 16}), ("cat", {}), ("cat_full", {})]
@@ -208,3 +210,53 @@ def test_apply_folds_the_inner_hadamard_into_the_blocks(d, k, dense_outer_max, m
   scale = np.abs(want).max()
   np.testing.assert_allclose(t.apply(x), want, atol=2e-6 * scale)
   np.testing.assert_allclose(t.apply(x[0, :k - 1]), want[0, :k - 1], atol=2e-6 * scale)
+
+
+# --- bad arguments and operands: ValueError naming the value (and the layer) ----------------
+
+def _fit_layer2(**kw):
+  args = {"method": "cat", "sigma_x": SX, "gram_w": GW, "block_size": 8, "name": "layer 2 mlp_in", **kw}
+  return transforms.fit_transform(args.pop("method"), args.pop("sigma_x"), args.pop("gram_w"), **args)
+
+
+FIT_CASES = [
+    ("eps negative", {"eps": -1.0}, "eps must be a finite number >= 0, got eps=-1.0"),
+    ("eps nan", {"eps": float("nan")}, "eps must be"),
+    ("eps inf", {"eps": float("inf")}, "eps must be"),
+    ("eps bool", {"eps": True}, "eps must be"),
+    ("eps string", {"eps": "1e-6"}, "eps must be"),
+    ("alpha bool", {"method": "smoothquant", "alpha": True}, "alpha must be in"),
+    ("alpha none", {"method": "smoothquant", "alpha": None}, "alpha must be in"),
+    ("x64 string", {"x64": "yes"}, "x64 must be"),
+    ("sigma nan", {"sigma_x": SX.at[3, 4].set(jnp.nan)}, "layer 2 mlp_in: sigma_x has 1 non-finite"),
+    ("sigma nan hadamard", {"method": "hadamard", "sigma_x": SX.at[3, 4].set(jnp.inf)}, "sigma_x has 1"),
+    ("sigma negated", {"sigma_x": -SX}, "sigma_x has 16 negative diagonal"),
+    ("sigma negated smoothquant", {"method": "smoothquant", "sigma_x": -SX}, "sigma_x has 16 negative"),
+    ("gram negated", {"method": "cat_full", "gram_w": -GW}, "gram_w has 16 negative diagonal"),
+    ("sigma zero", {"sigma_x": jnp.zeros((16, 16))}, "sigma_x is all zero"),
+    ("gram zero", {"method": "cat_full", "gram_w": jnp.zeros((16, 16))}, "gram_w is all zero"),
+    ("act_absmax negative", {"method": "smoothquant", "act_absmax": -jnp.ones(16)}, "act_absmax has 16 negative"),
+    ("act_absmax nan", {"method": "smoothquant", "act_absmax": jnp.ones(16).at[0].set(jnp.nan)},
+     "act_absmax has 1 non-finite"),
+    ("weight_absmax inf", {"method": "smoothquant", "weight_absmax": jnp.full(16, jnp.inf)},
+     "weight_absmax has 16 non-finite"),
+    ("weight nan", {"weight": K.at[0, 0].set(jnp.nan)}, "weight has 1 non-finite"),
+]
+
+
+@pytest.mark.parametrize("name,kw,words", FIT_CASES, ids=[c[0] for c in FIT_CASES])
+def test_fit_transform_rejects_bad_arguments(name, kw, words):
+  with pytest.raises(ValueError, match=words):
+    _fit_layer2(**kw)
+
+
+def test_x64_fit_equals_the_float64_linalg():
+  """`transforms.fit_transform(x64=True)` is `alignment_transform` in float64 on the diagonal blocks."""
+  sx32, gw32 = SX.astype(jnp.float32), GW.astype(jnp.float32)
+  t = transforms.fit_transform("cat", sx32, gw32, block_size=8, x64=True)
+  with jax.enable_x64(True):
+    blocks = lambda a: jnp.stack([a[i:i + 8, i:i + 8] for i in (0, 8)])
+    m, m_inv = linalg.alignment_transform(blocks(sx32), blocks(gw32), eps=1e-6, dtype=jnp.float64)
+    assert m.dtype == jnp.float64
+  np.testing.assert_array_equal(np.asarray(t.blocks), np.asarray(m, np.float32))
+  np.testing.assert_array_equal(np.asarray(t.inv_blocks), np.asarray(m_inv, np.float32))

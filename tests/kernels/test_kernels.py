@@ -8,6 +8,7 @@ import pytest
 
 from catjax import kernels
 from catjax.kernels import pallas_gpu, qweight, reference
+from operands import K, X, check_nan_case, nan_cases
 
 needs_mosaic = pytest.mark.skipif(
     not pallas_gpu.has_mosaic_gpu(),
@@ -196,6 +197,23 @@ def test_bad_inputs_raise_value_errors():
   if jax.devices()[0].platform != "gpu":
     with pytest.raises(ValueError, match="implementation='pallas' cannot run"):
       kernels.quantized_matmul(x, None, qw, a_bits=4, implementation="pallas")
+  with pytest.raises(ValueError, match="scale must be > 0"):
+    kernels.quantize_weight(K, bits=4, scale=jnp.zeros(8))
+
+
+@nan_cases(rows={
+    "quantized_matmul": lambda x: kernels.quantized_matmul(x, None, kernels.quantize_weight(K, bits=4),
+                                                           a_bits=4),
+}, cols={
+    "quantize_weight": lambda k: kernels.quantize_weight(k, bits=4).dequantize(),
+    "quantize_weight scale=": lambda k: kernels.quantize_weight(k, bits=4,
+                                                                scale=jnp.full((8,), 0.5)).dequantize(),
+    "quantized_matmul weight": lambda k: kernels.quantized_matmul(X, None, kernels.quantize_weight(k, bits=4),
+                                                                  a_bits=4),
+}, inf_cols=("quantize_weight scale=",))
+def test_a_nan_token_or_channel_gives_nan(f, bad, token):
+  """A NaN (or, with a given scale, ±Inf) weight or activation is not rounded into range."""
+  check_nan_case(f, bad, token)
 
 
 def test_block_config_heuristic_covers_llama_shapes():

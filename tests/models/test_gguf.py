@@ -1,10 +1,16 @@
-"""catjax.models.gguf: tiny llama GGUF files written with gguf.GGUFWriter, read back."""
+"""catjax.models.gguf: tiny llama GGUF files written with gguf.GGUFWriter, read back; every
+bad file, metadata value and tokenizer is refused naming the file and the problem."""
 
 import math
+import shutil
 
 import gguf
 import numpy as np
 import pytest
+
+import tiny
+from catjax.base.errors import InputError
+from catjax.models import load_gguf
 
 from catjax.models.gguf import permute_qk, read_gguf, tokenizer_from_gguf, unpermute_qk
 
@@ -285,3 +291,173 @@ def test_sentencepiece_tokenizer(tmp_path, arch, pieces):
 def test_unsupported_tokenizer_is_named(tmp_path, model, pre, match):
   with pytest.raises(ValueError, match=match):
     tokenizer_from_gguf(write_tokenizer(tmp_path / "tok.gguf", pre=pre, model=model))
+
+
+# --- bad files ---------------------------------------------------------------------------
+
+# One llama block of float, BF16, Q8_0, Q4_1 and Q4_K tensors, for the bad-file cases.
+B_HIDDEN, B_HEADS, B_KV, B_HEAD_DIM, B_INTER, B_VOCAB = 256, 4, 2, 64, 256, 32
+B_TYPES = {"token_embd.weight": Q.F16, "blk.0.attn_q.weight": Q.Q4_1, "blk.0.attn_k.weight": Q.Q8_0,
+         "blk.0.attn_v.weight": Q.BF16, "blk.0.ffn_up.weight": Q.Q4_K}
+B_SHAPES = {"token_embd.weight": (B_VOCAB, B_HIDDEN), "output_norm.weight": (B_HIDDEN,),
+          "blk.0.attn_q.weight": (B_HEADS * B_HEAD_DIM, B_HIDDEN),
+          "blk.0.attn_k.weight": (B_KV * B_HEAD_DIM, B_HIDDEN), "blk.0.attn_v.weight": (B_KV * B_HEAD_DIM, B_HIDDEN),
+          "blk.0.attn_output.weight": (B_HIDDEN, B_HEADS * B_HEAD_DIM),
+          "blk.0.ffn_gate.weight": (B_INTER, B_HIDDEN), "blk.0.ffn_up.weight": (B_INTER, B_HIDDEN),
+          "blk.0.ffn_down.weight": (B_HIDDEN, B_INTER), "blk.0.attn_norm.weight": (B_HIDDEN,),
+          "blk.0.ffn_norm.weight": (B_HIDDEN,)}
+B_META = {"llama.block_count": 1, "llama.context_length": 64, "llama.embedding_length": B_HIDDEN,
+        "llama.feed_forward_length": B_INTER, "llama.attention.head_count": B_HEADS,
+        "llama.attention.head_count_kv": B_KV, "llama.rope.dimension_count": B_HEAD_DIM,
+        "llama.rope.freq_base": 10000.0, "llama.attention.layer_norm_rms_epsilon": 1e-5}
+
+
+def _q4_k(shape, rng):
+  """Random Q4_K blocks (144 bytes per 256 weights) with finite f16 scales."""
+  rows, cols = shape
+  blocks = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
+  blocks[..., :4] = np.array([0.01, 0.001], np.float16).view(np.uint8)  # d, dmin
+  return blocks.reshape(rows, -1)
+
+
+def write_one_block(path, meta=None):
+  """A one-block llama GGUF of float, BF16, Q8_0, Q4_1 and Q4_K tensors (`meta` overrides)."""
+  rng = np.random.default_rng(0)
+  writer = gguf.GGUFWriter(str(path), "llama")
+  for key, v in {**B_META, **(meta or {})}.items():
+    (writer.add_string if isinstance(v, str) else writer.add_float32 if isinstance(v, float)
+     else writer.add_uint32)(key, v)
+  for name, shape in B_SHAPES.items():
+    qtype = B_TYPES.get(name, Q.F32)
+    w = rng.standard_normal(shape).astype(np.float32) * 0.1
+    if qtype == Q.Q4_K:
+      writer.add_tensor(name, _q4_k(shape, rng), raw_dtype=qtype)
+    elif qtype in (Q.F32, Q.F16):
+      writer.add_tensor(name, w.astype(np.float16 if qtype == Q.F16 else np.float32))
+    else:
+      writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+  return _save(writer, path)
+
+
+@pytest.fixture(scope="module")
+def gguf_base(tmp_path_factory):
+  path = write_one_block(tmp_path_factory.mktemp("gguf") / "base.gguf")
+  load_gguf(path)  # the unedited file loads
+  return path
+
+
+def _patch(tensor, at, data):
+  """Overwrite bytes of `tensor`'s data, `at` bytes into it (offsets from gguf-py's reader)."""
+  def apply(path):
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == tensor)
+    raw = bytearray(path.read_bytes())
+    raw[t.data_offset + at:t.data_offset + at + len(data)] = data
+    path.write_bytes(bytes(raw))
+  return apply
+
+
+def _retype(tensor, code):
+  """Rewrite the GGML type id of `tensor` in the header."""
+  def apply(path):
+    raw = bytearray(path.read_bytes())
+    i = raw.index(tensor.encode()) + len(tensor)
+    n_dims = int.from_bytes(raw[i:i + 4], "little")
+    j = i + 4 + 8 * n_dims
+    raw[j:j + 4] = int(code).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+  return apply
+
+
+def _f16(v):
+  return np.float16(v).tobytes()
+
+
+GGUF_BAD = {
+    "F32 NaN": (_patch("blk.0.attn_output.weight", 20, np.float32(np.nan).tobytes()),
+                ["'blk.0.attn_output.weight' (F32)", "1 non-finite"]),
+    "F16 Inf": (_patch("token_embd.weight", 14, _f16(np.inf)), ["'token_embd.weight' (F16)"]),
+    "BF16 NaN": (_patch("blk.0.attn_v.weight", 2, b"\xc0\x7f"), ["'blk.0.attn_v.weight' (BF16)"]),
+    "Q4_1 scale NaN": (_patch("blk.0.attn_q.weight", 0, _f16(np.nan)),
+                       ["'blk.0.attn_q.weight' (Q4_1)", "32 non-finite"]),
+    "Q4_1 min Inf": (_patch("blk.0.attn_q.weight", 3 * 20 + 2, _f16(np.inf)),
+                     ["'blk.0.attn_q.weight' (Q4_1)", "32 non-finite"]),
+    "Q8_0 scale Inf": (_patch("blk.0.attn_k.weight", 2 * 34, _f16(-np.inf)),
+                       ["'blk.0.attn_k.weight' (Q8_0)"]),
+    "Q8_0 block of 0xFF bytes": (_patch("blk.0.attn_k.weight", 0, b"\xff" * 34),
+                                 ["'blk.0.attn_k.weight' (Q8_0)", "non-finite"]),
+    "Q4_K scale NaN": (_patch("blk.0.ffn_up.weight", 0, _f16(np.nan)),
+                       ["'blk.0.ffn_up.weight' (Q4_K)", "non-finite"]),
+    "Q4_K min Inf": (_patch("blk.0.ffn_up.weight", 144 + 2, _f16(np.inf)),
+                     ["'blk.0.ffn_up.weight' (Q4_K)", "non-finite"]),
+    "empty file": (lambda p: p.write_bytes(b""), ["empty file"]),
+    "header cut short": (lambda p: p.write_bytes(p.read_bytes()[:120]),
+                         ["truncated or corrupt GGUF header"]),
+    "data cut short": (lambda p: p.write_bytes(p.read_bytes()[:-1000]),
+                       ["'blk.0.ffn_norm.weight' ends past the end of the file"]),
+    "unknown tensor type": (_retype("blk.0.ffn_norm.weight", 99),
+                            ["'blk.0.ffn_norm.weight'", "unknown GGML type 99"]),
+    "integer tensor type": (_retype("blk.0.ffn_norm.weight", Q.I32),
+                            ["'blk.0.ffn_norm.weight'", "type I32"]),
+    "tensor of many dimensions": (
+        lambda p: p.write_bytes(p.read_bytes().replace(
+            b"blk.0.ffn_norm.weight\x01\x00\x00\x00", b"blk.0.ffn_norm.weight\x09\x00\x00\x00")),
+        ["'blk.0.ffn_norm.weight' has 9 dimensions"]),
+}
+GGUF_META = {
+    "block_count a string": ({"llama.block_count": "one"}, ["llama.block_count='one'"]),
+    "head_count 0": ({"llama.attention.head_count": 0}, ["llama.attention.head_count=0"]),
+    "context_length 0": ({"llama.context_length": 0}, ["llama.context_length=0"]),
+    "rms epsilon 0": ({"llama.attention.layer_norm_rms_epsilon": 0.0},
+                      ["llama.attention.layer_norm_rms_epsilon=0.0", "positive"]),
+    "rope base NaN": ({"llama.rope.freq_base": float("nan")}, ["llama.rope.freq_base=nan"]),
+    "alignment 0": ({"general.alignment": 0}, ["general.alignment=0", "power of two"]),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_BAD))
+def test_bad_gguf_files(gguf_base, tmp_path, case):
+  edit, words = GGUF_BAD[case]
+  path = tmp_path / "bad.gguf"
+  shutil.copy(gguf_base, path)
+  edit(path)
+  tiny.raises(InputError, words, load_gguf, path, path=path)
+
+
+@pytest.mark.parametrize("case", list(GGUF_META))
+def test_bad_gguf_metadata(tmp_path, case):
+  meta, words = GGUF_META[case]
+  path = write_one_block(tmp_path / "meta.gguf", meta)
+  tiny.raises(InputError, words, load_gguf, path, path=path)
+
+
+def _tokenizer_gguf(path, **meta):
+  writer = gguf.GGUFWriter(str(path), "llama")
+  fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab", "<s>"],
+            "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": [1, 1, 1, 3], **meta}
+  for key, v in fields.items():
+    if isinstance(v, list):
+      writer.add_array(key, v)
+    elif isinstance(v, str):
+      writer.add_string(key, v)
+    else:
+      writer.add_uint32(key, v)
+  return _save(writer, path)
+
+
+TOKENIZER_BAD = {
+    "bos id past the vocabulary": ({"tokenizer.ggml.bos_token_id": 7},
+                                   ["tokenizer.ggml.bos_token_id=7", "vocabulary has 4"]),
+    "unk id past the vocabulary": ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores":
+                                    [0.0, 0.0, 0.0, 0.0], "tokenizer.ggml.unknown_token_id": 9},
+                                   ["tokenizer.ggml.unknown_token_id=9"]),
+    "fewer scores than tokens": ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0]},
+                                 ["tokenizer.ggml.scores", "expected 4"]),
+    "malformed merge": ({"tokenizer.ggml.merges": ["ab"]}, ["tokenizer.ggml.merges", "'ab'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_BAD))
+def test_bad_gguf_tokenizers(tmp_path, case):
+  meta, words = TOKENIZER_BAD[case]
+  path = _tokenizer_gguf(tmp_path / "tok.gguf", **meta)
+  tiny.raises(InputError, words, tokenizer_from_gguf, path, path=path)

@@ -243,3 +243,19 @@ def test_learned_weight_clip_is_refused_with_the_clip_search(setup):
   w_clip = {spec.linears[0][1]: jnp.ones(4)}
   with pytest.raises(ValueError, match="cannot take w_clip"):
     quantize_block(block, Recipe(method="none", weights="clip"), spec=spec, stats={}, w_clip=w_clip)
+
+
+def test_a_nan_weight_gives_a_nan_quantized_block():
+  """`quantize_block` (RTN via the integer `quantize`): a NaN weight's channel and its
+  export scale are NaN, not finite numbers."""
+  from flax import nnx
+
+  from catjax.models import LLAMA
+  model = random_model(tiny.config(num_layers=1), seed=3)
+  block = jax.tree.map(lambda a: a[0], nnx.to_pure_dict(nnx.state(model.layers)))
+  block["attn"]["q_proj"]["kernel"] = block["attn"]["q_proj"]["kernel"].at[5, 2].set(jnp.nan)
+  q, scales = quantize_block(block, Recipe(method="none"), spec=LLAMA)
+  qk = np.asarray(q["attn"]["q_proj"]["kernel"])
+  assert np.isnan(qk[:, 2]).all() and np.isfinite(np.delete(qk, 2, axis=1)).all()
+  assert np.isnan(np.asarray(scales[("attn", "q_proj")])[2])
+

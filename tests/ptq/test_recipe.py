@@ -1,4 +1,5 @@
-"""`Recipe`'s dict form: nested configs round trip, files of earlier versions load."""
+"""`Recipe`'s dict form: nested configs round trip, files of earlier versions load; every
+field is checked, the error naming the field and its value."""
 
 import pytest
 
@@ -40,3 +41,31 @@ def test_with_fields_reaches_into_the_configs():
     r.with_fields({"train.lr": 0})
   with pytest.raises(ValueError, match="'gptqq'"):
     r.with_fields({"gptqq.damping": 0.1})
+
+
+CONFIG_CASES = [
+    (Recipe, {"eps": -1.0}, "eps=-1.0"),
+    (Recipe, {"eps": float("nan")}, "eps=nan"),
+    (Recipe, {"a_clip": True}, "a_clip=True"),
+    (Recipe, {"a_clip": "0.5"}, "a_clip='0.5'"),
+    (Recipe, {"seed": "0"}, "seed='0'"),
+    (Recipe, {"seed": 1.5}, "seed=1.5"),
+    (Recipe, {"fit_x64": 1}, "fit_x64=1"),
+    (GPTQConfig, {"damping": True}, "gptq.damping=True"),
+    (GPTQConfig, {"damping": -1.0}, "gptq.damping=-1.0"),
+    (GPTQConfig, {"lazy_batch": 0}, "gptq.lazy_batch=0"),
+    (GPTQConfig, {"act_order": "yes"}, "gptq.act_order='yes'"),
+    (TrainConfig, {"lr": True}, "train.lr=True"),
+    (TrainConfig, {"lr": 0.0}, "train.lr=0.0"),
+    (TrainConfig, {"steps": -1}, "train.steps=-1"),
+    (TrainConfig, {"batch": 0}, "train.batch=0"),
+    (TrainConfig, {"w_clip": None}, "train.w_clip=None"),
+    (SmoothQuantConfig, {"alpha": True}, "smoothquant.alpha=True"),
+]
+
+
+@pytest.mark.parametrize("cls,kw,words", CONFIG_CASES,
+                         ids=[f"{c.__name__}-{next(iter(k))}={k[next(iter(k))]!r}" for c, k, _ in CONFIG_CASES])
+def test_bad_values_are_named(cls, kw, words):
+  with pytest.raises(ValueError, match=words):
+    cls(**kw)

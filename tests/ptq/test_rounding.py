@@ -16,6 +16,8 @@ from catjax.models.spec import get_path
 from catjax.ptq import rounding
 from catjax.ptq.engine import quantize_model
 from catjax.ptq.recipe import Recipe
+from catjax.ptq.rounding import channel_clipped_quantize
+from operands import check_nan_case, nan_cases
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +75,9 @@ def test_a_method_is_one_entry_in_the_registry(setup, monkeypatch):
     assert np.all(np.abs(k) <= np.abs(layers) * (1 + 1e-6) + 1e-9)
     assert np.all(np.abs(layers - k) < scale * (1 + 1e-5))
     assert not np.array_equal(k, rtn[path])  # the engine ran the new method, not RTN
+
+
+@nan_cases(cols={"channel_clipped_quantize":
+                 lambda k: channel_clipped_quantize(k, jnp.full((8,), 0.9), 7)[0]})
+def test_a_nan_channel_quantizes_to_nan(f, bad, token):
+  check_nan_case(f, bad, token)

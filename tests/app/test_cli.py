@@ -2,7 +2,7 @@
 line on stderr naming the file or flag and the problem, no traceback, and no
 work (or output file) lost to a problem that could have been seen first.
 
-Loader and math cases live in `test_bad_files.py` and `test_bad_math.py`."""
+The loaders' and the math's own cases live beside the tests of those modules."""
 
 import re
 
@@ -13,7 +13,6 @@ import tiny
 
 from catjax.app import runnable
 from catjax.app import cli
-from catjax.base.errors import atomic_write
 
 
 @pytest.fixture(scope="module")
@@ -156,36 +155,6 @@ def test_debug_shows_the_traceback(setup, tmp_path):
               "--load-stats", str(_variant(setup[3], tmp_path, "text"))])
 
 
-def test_interrupted_write_leaves_no_file(tmp_path):
-  """`atomic_write`: an interrupt while writing leaves neither the target nor a temp file."""
-  target = tmp_path / "stats.npz"
-  with pytest.raises(KeyboardInterrupt):
-    with atomic_write(target) as tmp:
-      tmp.write_bytes(b"partial")
-      raise KeyboardInterrupt
-  assert list(tmp_path.iterdir()) == []
-  with atomic_write(target) as tmp:
-    tmp.write_bytes(b"whole")
-  assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
-
-
-def test_interrupted_save_stats_keeps_the_old_file(setup, tmp_path, monkeypatch):
-  from catjax.artifacts.stats_file import load_stats, save_stats
-  _, _, _, stats_path = setup
-  stats, meta = load_stats(stats_path)
-  target = tmp_path / "s.npz"
-  target.write_bytes(stats_path.read_bytes())
-
-  def interrupted(fh, **arrays):
-    fh.write(b"PK partial")
-    raise KeyboardInterrupt
-  monkeypatch.setattr(np, "savez", interrupted)
-  with pytest.raises(KeyboardInterrupt):
-    save_stats(target, stats, **meta)
-  assert target.read_bytes() == stats_path.read_bytes()
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
-
-
 def test_recipe_checked_against_the_config_before_the_weights_load(setup, monkeypatch, capsys):
   path, text, _, _ = setup
   _no_model_load(monkeypatch)
@@ -209,10 +178,10 @@ def test_seqlen_past_the_model_warns(setup, tmp_path, caplog):
                                   "index names a missing shard", "config not JSON",
                                   "config missing vocab_size", "rope_theta 0", "rms_norm_eps NaN"])
 def test_bad_model_files_through_the_cli(setup, tmp_path, capsys, case):
-  """The loader cases of `test_bad_files.py`, as `catjax eval` reports them."""
+  """The loader cases of `tests/models/test_loading.py`, as `catjax eval` reports them."""
   import shutil
 
-  from artifacts.test_bad_files import HF_BAD
+  from models.test_loading import HF_BAD
   edit, file, words, _ = HF_BAD[case]
   folder = tmp_path / "m"
   shutil.copytree(setup[0], folder)
