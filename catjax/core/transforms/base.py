@@ -94,6 +94,18 @@ class Method:
 REGISTRY: dict[str, Method] = {}
 
 
+def _check_in_ndim(v: jax.Array, n: int, d: int, *, leading: bool = False) -> tuple[int, ...]:
+  """The shape of `v`, checking that its `n` trailing (`leading`: leading) axes hold `d` values."""
+  what = "leading" if leading else "trailing"
+  if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= v.ndim):
+    raise ValueError(f"in_ndim={n!r} must be an integer in 1..{v.ndim} for shape {v.shape}")
+  part = v.shape[:n] if leading else v.shape[v.ndim - n:]
+  if math.prod(part) != d:
+    raise ValueError(f"the {n} {what} axes {part} of shape {v.shape} hold {math.prod(part)} "
+                     f"values; the transform has size {d}")
+  return v.shape
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["blocks", "inv_blocks", "signs"], meta_fields=["method", "dim"])
@@ -124,9 +136,17 @@ class Transform:
     if v.ndim < 1 or v.shape[axis] != self.dim:
       raise ValueError(f"{what} must have size {self.dim} on axis {axis}, got shape {v.shape}")
 
-  def apply(self, x: jax.Array) -> jax.Array:
-    """`x' = x Tᵀ` for activations `x: (..., d)`; returns the dtype of `x`."""
+  def apply(self, x: jax.Array, *, in_ndim: int = 1) -> jax.Array:
+    """`x' = x Tᵀ` for activations `x: (..., d)`; returns the dtype of `x`.
+
+    `in_ndim`: how many trailing axes of `x` are the input (flattened in order to `d`,
+    e.g. `(..., heads, head_dim)` before an `NH,NHD->D` einsum); the result has the
+    shape of `x`.
+    """
     x = jnp.asarray(x)
+    if in_ndim != 1:
+      shape = _check_in_ndim(x, in_ndim, self.dim)
+      return self.apply(x.reshape(*shape[:-in_ndim], self.dim)).reshape(shape)
     self._check(x, -1, "x")
     v = x.astype(jnp.float32)
     if self._fuses(x):
@@ -164,11 +184,27 @@ class Transform:
     v = jnp.swapaxes(v, 0, 1).reshape(-1, self.dim // inner, inner)
     return hd.apply_outer(v, outer).reshape(-1, self.dim)
 
-  def merge(self, kernel: jax.Array) -> jax.Array:
-    """`kernel' = T⁻ᵀ kernel` for `kernel: (d, d_out)`; returns its dtype."""
+  def merge(self, kernel: jax.Array, *, in_axes: int | tuple[int, ...] = 0) -> jax.Array:
+    """`kernel' = T⁻ᵀ kernel` for `kernel: (d, d_out)`; returns its dtype.
+
+    `in_axes`: the kernel's input axes when it is N-D, flattened in that order to `d`
+    (e.g. `(0, 1)` for an `(heads, head_dim, d_out)` einsum kernel); its other axes
+    are the output. The result has the kernel's shape.
+    """
     kernel = jnp.asarray(kernel)
-    if kernel.ndim != 2:
-      raise ValueError(f"kernel must be (d_in, d_out), got {kernel.shape=}")
+    axes = (in_axes,) if isinstance(in_axes, int) else tuple(in_axes)
+    if axes != (0,) or kernel.ndim != 2:
+      nd = kernel.ndim
+      if (not axes or len(set(a % nd for a in axes if isinstance(a, int) and -nd <= a < nd)) != len(axes)
+          or len(axes) >= nd):
+        raise ValueError(f"in_axes={in_axes!r} must name distinct axes of the kernel, leaving at "
+                         f"least one output axis; got {kernel.shape=}")
+      axes = tuple(a % nd for a in axes)
+      order = axes + tuple(a for a in range(nd) if a not in axes)
+      moved = jnp.transpose(kernel, order)
+      _check_in_ndim(moved, len(axes), self.dim, leading=True)
+      merged = self.merge(moved.reshape(self.dim, -1)).reshape(moved.shape)
+      return jnp.transpose(merged, tuple(order.index(a) for a in range(nd)))
     self._check(kernel, 0, "kernel")
     k = kernel.astype(jnp.float32)
     if self.inv_blocks is not None:

@@ -1,0 +1,429 @@
+"""CAT on any NNX model: rules over module paths, sites found from the model.
+
+`quantize(model, rules, calibration)` works on a Flax NNX model it knows nothing
+about (tunix's `Llama3`, your own):
+
+1. **Linears** are the modules that multiply their first argument by one weight
+   parameter: `nnx.Linear` (`kernel (in, out)`) and any module holding one
+   einsum equation `"lhs,rhs->out"` (a string attribute) and one parameter of
+   `len(rhs)` dimensions, the weight (tunix's `Einsum`: `w (D, N, H)` for
+   `BTD,DNH->BTNH`, `(N, H, D)` for `BTNH,NHD->BTD`). The flattening rule: the
+   weight's *input axes* are the letters it contracts with the input (in the
+   input's order), which must be the input's trailing axes; they flatten, in
+   that order, to `d_in`, and the weight's other axes, in order, to `d_out`.
+   A module path is `"/".join` of the attribute names and indices from the
+   root (`layers/3/attn/q_proj`).
+2. **Rules** (`catjax.ptq.rules.Rule`) decide what each linear gets; the
+   first match wins; linears no rule matches stay in float.
+3. **Sites** are the linears that read the same input: during the first
+   calibration batch every quantized linear records the array it was called
+   with, and linears called with the very same array object (q/k/v after one
+   norm, gate/up) form one site, in the order of their first call. A site
+   shares one transform, fitted from the input's second moment and the summed
+   weight Gram of its linears; its Hadamard signs come from the recipe's seed
+   and the site's position in that order (for catjax's own decoder that is
+   `layer · sites + site`, its own keys).
+4. The model comes back with the merged, fake-quantized weights in place and
+   each quantized linear transforming and fake-quantizing its own input before
+   its original `__call__` (its class is swapped for a subclass that adds just
+   that step). The transform is applied once per linear, not once per site.
+
+Calibration runs the model eagerly (the linears' inputs are read on the host);
+the quantized model runs under `nnx.jit` like the original. The
+block-sequential engine (GPTQ on quantized-input Hessians, trained CAT,
+quantized propagation) is catjax's own decoder's for now: here GPTQ and the
+clip search use the float inputs' Hessians, and trained CAT or KV-cache
+quantization are refused.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import math
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from catjax.core.linalg import HIGHEST
+from catjax.core.quant import QuantConfig
+from catjax.core.stats import SecondMoment
+from catjax.core.transforms import Transform, fit_transform, fold_block_hadamard
+from catjax.ptq import rounding
+from catjax.ptq.blocks import transformed_sigma
+from catjax.ptq.hooks import fake_quantize_ste
+from catjax.ptq.recipe import Recipe
+from catjax.ptq.rules import Rule, as_rules, first_match
+
+_EINSUM = re.compile(r"\s*([A-Za-z]+)\s*,\s*([A-Za-z]+)\s*->\s*([A-Za-z]+)\s*")
+_CAPTURE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("catjax_capture",
+                                                                           default=None)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Linear:
+  """One linear of a model: where its weight is and how it flattens.
+
+  Attributes:
+    path: the module path, `layers/3/attn/q_proj`.
+    module: the module.
+    param: the attribute name of its weight parameter.
+    in_axes: the weight's input axes, in the input's order.
+    in_ndim: how many trailing axes of the input it contracts.
+  """
+
+  path: str
+  module: nnx.Module
+  param: str
+  in_axes: tuple[int, ...]
+  in_ndim: int
+
+  @property
+  def weight(self) -> nnx.Param:
+    return getattr(self.module, self.param)
+
+  def _order(self) -> tuple[int, ...]:
+    nd = self.weight[...].ndim
+    return self.in_axes + tuple(a for a in range(nd) if a not in self.in_axes)
+
+  def kernel(self) -> jax.Array:
+    """The weight as a float32 `(d_in, d_out)` kernel."""
+    w = jnp.transpose(self.weight[...], self._order())
+    return w.reshape(math.prod(w.shape[:len(self.in_axes)]), -1).astype(jnp.float32)
+
+  def set_kernel(self, kernel: jax.Array) -> None:
+    """Store a `(d_in, d_out)` kernel back in the weight's own shape and dtype."""
+    w = self.weight[...]
+    order = self._order()
+    moved = kernel.reshape(tuple(w.shape[a] for a in order)).astype(w.dtype)
+    self.weight[...] = jnp.transpose(moved, tuple(order.index(a) for a in range(w.ndim)))
+
+
+def _as_linear(path: str, module: nnx.Module) -> Linear | str | None:
+  """The module as a `Linear`, None when it is not one, or why a module that looks like
+  a linear cannot be read (for the error when a rule names it)."""
+  if isinstance(module, nnx.Linear):
+    return Linear(path, module, "kernel", (0,), 1)
+  attrs = vars(module)
+  equations = [v for v in attrs.values() if isinstance(v, str) and "->" in v]
+  params = [n for n, v in attrs.items() if isinstance(v, nnx.Param) and v[...].ndim >= 2]
+  if len(equations) != 1 or len(params) != 1:
+    return None
+  m = _EINSUM.fullmatch(equations[0])
+  if m is None:
+    return f"its einsum {equations[0]!r} is not of the form 'lhs,rhs->out'"
+  lhs, rhs, out = m.groups()
+  if getattr(module, params[0])[...].ndim != len(rhs):
+    return None
+  shared = [c for c in rhs if c in lhs and c in out]
+  contracted = [c for c in lhs if c in rhs and c not in out]
+  if shared or not contracted or lhs[len(lhs) - len(contracted):] != "".join(contracted):
+    return (f"its einsum {equations[0]!r} does not contract trailing input axes with the weight "
+            "alone")
+  return Linear(path, module, params[0], tuple(rhs.index(c) for c in contracted), len(contracted))
+
+
+def module_path(path: Sequence[Any]) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def find_linears(model: nnx.Module) -> dict[str, Linear]:
+  """`{module path: Linear}` of every linear of `model`, in graph order."""
+  return {lin.path: lin for p, m in nnx.iter_modules(model)
+          if isinstance(lin := _as_linear(module_path(p), m), Linear)}
+
+
+# ---------------------------------------------------------------------------
+# The quantized linear: its input transformed and fake-quantized, then its own call.
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["transform"],
+                   meta_fields=["config", "in_ndim"])
+@dataclasses.dataclass(frozen=True)
+class InputQuantizer:
+  """What a quantized linear does to its input: `x Tᵀ`, then per-token fake quantization."""
+
+  transform: Transform | None
+  config: QuantConfig | None
+  in_ndim: int
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.transform is not None:
+      x = self.transform.apply(x, in_ndim=self.in_ndim)
+    if self.config is None:
+      return x
+    shape = x.shape
+    flat = x.reshape(*shape[:x.ndim - self.in_ndim], -1)
+    return fake_quantize_ste(flat, self.config, ste=False).reshape(shape)
+
+
+nnx.register_data_type(InputQuantizer)
+nnx.register_data_type(Transform)
+
+
+@functools.cache
+def _quantizing_class(cls: type) -> type:
+  """`cls` with a `__call__` that first records its input (during calibration) and runs
+  its `catjax_input` quantizer, if set, on it."""
+
+  def __call__(self, x, *args, **kwargs):
+    capture = _CAPTURE.get()
+    if capture is not None:
+      capture(self, x)
+    quantizer = vars(self).get("catjax_input")
+    if quantizer is not None:
+      x = quantizer(x)
+    return cls.__call__(self, x, *args, **kwargs)
+
+  return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                     "__qualname__": cls.__qualname__, "catjax_base": cls})
+
+
+# ---------------------------------------------------------------------------
+# Rules -> linears -> sites
+
+
+def _assign(model: nnx.Module, rules: tuple[Rule, ...]) -> dict[str, tuple[Linear, int]]:
+  """`{path: (linear, rule index)}` of the linears a rule with a recipe takes first.
+
+  Rules are matched against the linears' paths. A rule that takes no linear is an
+  error, naming a module it matches that is not a linear, if there is one; so is a
+  rule with a recipe on a module that looks like a linear but cannot be read."""
+  taken: dict[int, list[Linear]] = {i: [] for i in range(len(rules))}
+  others: dict[int, tuple[str, nnx.Module, str | None]] = {}
+  for p, m in nnx.iter_modules(model):
+    path = module_path(p)
+    lin = _as_linear(path, m)
+    if isinstance(lin, Linear):
+      i = first_match(rules, path)
+      if i is not None:
+        taken[i].append(lin)
+      continue
+    for i, r in enumerate(rules):
+      if r.matches(path):
+        if isinstance(lin, str) and r.recipe is not None:
+          raise ValueError(f"Rule({r.module_path!r}) matches module {path!r} "
+                           f"({type(m).__name__}), which is not a linear catjax can read: {lin}")
+        others.setdefault(i, (path, m, lin))
+  for i, found in taken.items():
+    if found:
+      continue
+    if i in others:
+      path, m, _ = others[i]
+      raise ValueError(f"Rule({rules[i].module_path!r}) matches module {path or '(the model)'!r} "
+                       f"({type(m).__name__}), which is not a linear, and no linear: a linear is "
+                       "an nnx.Linear or a module with one einsum equation and one weight")
+    paths = list(find_linears(model))
+    sample = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
+    raise ValueError(f"Rule({rules[i].module_path!r}) matches no linear of the model (or an "
+                     f"earlier rule takes them); its linears are: {sample or 'none'}")
+  return {lin.path: (lin, i) for i, found in taken.items() for lin in found
+          if rules[i].recipe is not None}
+
+
+@dataclasses.dataclass
+class Site:
+  """Linears that read one input, in the order of their first call, and its statistics."""
+
+  name: str
+  linears: list[Linear]
+  rule: int
+  stats: SecondMoment | None = None
+
+
+_update = jax.jit(lambda s, x: s.update(x))
+
+
+def _flat(x: jax.Array, lin: Linear) -> jax.Array:
+  return jnp.reshape(x, (-1, math.prod(x.shape[x.ndim - lin.in_ndim:]))).astype(jnp.float32)
+
+
+def calibrate_sites(model: nnx.Module, assigned: dict[str, tuple[Linear, int]],
+                    rules: tuple[Rule, ...], calibration: Iterable, forward: Callable,
+                    *, progress: bool = True) -> list[Site]:
+  """Run `forward(model, batch)` on every calibration batch, group the linears into
+  sites on the first and accumulate each site's input second moment."""
+  by_module = {id(lin.module): lin for lin, _ in assigned.values()}
+  sites: list[Site] | None = None
+  first_of: dict[int, Site] = {}
+  batches = 0
+  for batch in tqdm(calibration, desc="calibrate", unit="batch", disable=not progress,
+                    leave=False):
+    calls: list[tuple[Linear, jax.Array]] = []  # holds the inputs: their ids stay unique
+
+    def capture(module, x):
+      lin = by_module.get(id(module))
+      if lin is None:
+        return
+      if isinstance(x, jax.core.Tracer):
+        raise ValueError(f"linear {lin.path!r} ran under a jax transformation during "
+                         "calibration; calibration runs the model eagerly: pass a forward that "
+                         "does not jit, scan or remat the layers")
+      if sites is None or id(module) in first_of:
+        calls.append((lin, x))
+
+    token = _CAPTURE.set(capture)
+    try:
+      forward(model, batch)
+    finally:
+      _CAPTURE.reset(token)
+    if sites is None:
+      sites = _group(calls, assigned, rules)
+      first_of = {id(s.linears[0].module): s for s in sites}
+    for lin, x in calls:
+      site = first_of.get(id(lin.module))
+      if site is not None:
+        v = _flat(x, lin)
+        site.stats = _update(SecondMoment.zeros(v.shape[-1]) if site.stats is None
+                             else site.stats, v)
+    batches += 1
+  if not batches:
+    raise ValueError("calibration holds no batch")
+  return sites
+
+
+def _group(calls, assigned, rules) -> list[Site]:
+  groups: dict[int, list[Linear]] = {}
+  seen: dict[str, int] = {}
+  for lin, x in calls:
+    if lin.path in seen:
+      raise ValueError(f"linear {lin.path!r} ran more than once in one forward; catjax needs "
+                       "each quantized linear to run once per forward (one input, one site)")
+    seen[lin.path] = id(x)
+    groups.setdefault(id(x), []).append(lin)
+  missing = [p for p in assigned if p not in seen]
+  if missing:
+    raise ValueError(f"linears {missing[:4]} did not run in the forward; their rules match "
+                     "modules the forward does not call")
+  sites = []
+  for linears in groups.values():
+    idx = {assigned[lin.path][1] for lin in linears}
+    if len(idx) > 1:
+      named = ", ".join(f"Rule({rules[i].module_path!r}) on {[l.path for l in linears if assigned[l.path][1] == i]}"
+                        for i in sorted(idx))
+      raise ValueError(f"two rules on one site (linears that read the same input): {named}; "
+                       "a site shares one transform: give its linears one rule")
+    sites.append(Site(_site_name(linears), linears, idx.pop()))
+  return sites
+
+
+def _site_name(linears: list[Linear]) -> str:
+  """`layers/3/attn/{q_proj,k_proj,v_proj}`-style name of a site."""
+  if len(linears) == 1:
+    return linears[0].path
+  heads, tails = zip(*(lin.path.rpartition("/")[::2] for lin in linears))
+  if len(set(heads)) == 1:
+    return f"{heads[0]}/{{{','.join(tails)}}}" if heads[0] else f"{{{','.join(tails)}}}"
+  return "{" + ",".join(lin.path for lin in linears) + "}"
+
+
+# ---------------------------------------------------------------------------
+# Fit, merge, quantize
+
+
+def _check_recipe(recipe: Recipe, rule: Rule) -> None:
+  if recipe.train.steps:
+    raise ValueError(f"Rule({rule.module_path!r}): train.steps={recipe.train.steps}: trained CAT "
+                     "runs in catjax's own block engine only (catjax.quantize_model)")
+  if recipe.kv_bits is not None:
+    raise ValueError(f"Rule({rule.module_path!r}): kv_bits={recipe.kv_bits}: KV-cache "
+                     "quantization needs catjax's own decoder (its key/value hook sites)")
+
+
+def fit_site(site: Site, recipe: Recipe, ordinal: int) -> Transform | None:
+  """The site's transform from its statistics and the summed Gram of its kernels."""
+  method = recipe.transform_method
+  if method is None:
+    return None
+  kernels = [lin.kernel() for lin in site.linears]
+  gram = sum(jnp.einsum("io,jo->ij", k, k, precision=HIGHEST) for k in kernels)
+  weight = jnp.concatenate(kernels, axis=-1)
+  t = fit_transform(
+      method, site.stats.sigma, gram, block_size=recipe.block_size,
+      key=jax.random.fold_in(jax.random.PRNGKey(recipe.seed), ordinal),
+      act_absmax=site.stats.absmax, alpha=recipe.smoothquant.alpha,
+      weight_absmax=jnp.abs(weight).max(-1), eps=recipe.eps, x64=recipe.fit_x64,
+      name=site.name, weight=weight)
+  return fold_block_hadamard(t) if recipe.hadamard == "block" else t
+
+
+_merge = jax.jit(lambda t, k: t.merge(k))
+
+
+def quantize_site(site: Site, recipe: Recipe, transform: Transform | None) -> dict[str, jax.Array]:
+  """Merge `T⁻ᵀ` into each kernel of the site, round it onto its grid, attach the input
+  quantizer. Returns `{linear path: per-output-channel scales}` of integer grids."""
+  scales = {}
+  sigma = []
+
+  def hessian():
+    if not sigma:
+      sigma.append(transformed_sigma(site.stats.sigma.astype(jnp.float32), transform))
+    return sigma[0]
+
+  for lin in site.linears:
+    k = lin.kernel()
+    if transform is not None:
+      k = _merge(transform, k)
+    if recipe.w_config is not None:
+      k, scale = rounding.REGISTRY[recipe.weights].quantize(
+          k, recipe.w_config, hessian=hessian, ratio=None, recipe=recipe)
+      if scale is not None:
+        scales[lin.path] = scale
+    lin.set_kernel(k)
+    lin.module.catjax_input = InputQuantizer(transform, recipe.a_config, lin.in_ndim)
+  return scales
+
+
+def _default_forward(model, batch):
+  return model(batch)
+
+
+def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibration: Iterable,
+             *, forward: Callable | None = None, copy: bool = True,
+             progress: bool = True) -> nnx.Module:
+  """Quantize any NNX model by rules over its module paths (closed-form recipes).
+
+  Args:
+    model: an `nnx.Module`; not changed unless `copy=False`.
+    rules: `Rule`s (first match wins), one `Rule`, or a `Recipe` for every linear.
+    calibration: an iterable of batches, each passed to `forward`.
+    forward: `forward(model, batch)` runs the model (its result is not used);
+      default `model(batch)`.
+    copy: quantize a copy (`nnx.clone`) and leave `model` as it is.
+    progress: show a progress bar.
+
+  Returns:
+    The quantized model: the same classes, each quantized linear's weight merged
+    and fake-quantized and its input transformed and fake-quantized in its call.
+
+  Raises:
+    ValueError: a rule that matches no linear or a module that is not a linear;
+      two rules on the linears of one site; a linear the forward does not run, or
+      runs twice; a recipe this path does not take (trained CAT, KV bits).
+  """
+  rules = as_rules(rules)
+  for r in rules:
+    if r.recipe is not None:
+      _check_recipe(r.recipe, r)
+  if not isinstance(model, nnx.Module):
+    raise ValueError(f"model must be an nnx.Module, got {type(model).__name__}")
+  if copy:
+    model = nnx.clone(model)
+  assigned = _assign(model, rules)
+  for lin, _ in assigned.values():
+    if not hasattr(type(lin.module), "catjax_base"):
+      lin.module.__class__ = _quantizing_class(type(lin.module))
+  sites = calibrate_sites(model, assigned, rules, calibration, forward or _default_forward,
+                          progress=progress)
+  for i, site in enumerate(tqdm(sites, desc="quantize", unit="site", disable=not progress,
+                                leave=False)):
+    recipe = rules[site.rule].recipe
+    quantize_site(site, recipe, fit_site(site, recipe, i))
+  return model
