@@ -9,7 +9,8 @@ realization, planner) · `artifacts` (statistics files, quantized checkpoints)
 · `analysis` (site reports, layer comparisons, perplexity) · `app` (assets,
 data, pipeline, tables, plots, CLI, lm-eval). This module is the public
 surface: the math core directly, the model-level API on first use (so the
-math core imports without Flax).
+math core imports without Flax). `catjax.quantize` is the rule-based entry point
+for any NNX model; the array quantizer is `catjax.core.quant.quantize`.
 """
 
 from catjax.base.lazy import lazy_names
@@ -17,7 +18,7 @@ from catjax.core.gptq import gptq_error, gptq_quantize
 from catjax.core.hadamard import apply_hadamard, hadamard_matrix, is_supported as hadamard_supported
 from catjax.core.linalg import geometric_mean, spd_inv_sqrt, spd_sqrt
 from catjax.core.quant import (QArray, QuantConfig, activation_config, dequantize, fake_quantize,
-                               pack_int4, quantize, unpack_int4, weight_config)
+                               pack_int4, unpack_int4, weight_config)
 from catjax.core.stats import (SecondMoment, SQNRDecomposition, alignment, alignment_gain,
                                concentration_w, concentration_x, measured_sqnr, optimal_alignment,
                                predicted_sqnr, second_moment, sqnr_decomposition, weight_gram)
@@ -34,6 +35,7 @@ __getattr__, __dir__, _lazy = lazy_names(__name__, {
     "save_quantized": ".artifacts.checkpoint", "load_quantized": ".artifacts.checkpoint",
     "CheckpointError": ".artifacts.checkpoint", "perplexity": ".analysis.evaluate",
     "site_report": ".analysis.sites", "InputError": ".base.errors",
+    "Rule": ".ptq.rules", "quantize": ".ptq.foreign",
 })
 
 __all__ = sorted([
@@ -41,7 +43,7 @@ __all__ = sorted([
     "activation_config", "alignment", "alignment_gain", "apply_hadamard", "concentration_w",
     "concentration_x", "dequantize", "fake_quantize", "fit_transform", "geometric_mean",
     "gptq_error", "gptq_quantize", "hadamard_matrix", "hadamard_supported", "measured_sqnr",
-    "optimal_alignment", "pack_int4", "predicted_sqnr", "quantize", "second_moment",
+    "optimal_alignment", "pack_int4", "predicted_sqnr", "second_moment",
     "spd_inv_sqrt", "spd_sqrt", "sqnr_decomposition", "unpack_int4", "weight_config",
     "weight_gram", *_lazy,
 ])

@@ -10,4 +10,5 @@ __getattr__, __dir__, __all__ = lazy_names(__name__, {
     "Plan": ".plan", "SitePlan": ".plan", "uniform_plan": ".plan",
     "calibrate": ".calibration", "quantize_model": ".engine", "QuantizedModel": ".quantized",
     "realize": ".realization", "linear_bytes": ".realization", "SiteHook": ".hooks",
+    "Rule": ".rules", "quantize": ".foreign", "find_linears": ".foreign",
 }, modules=("planner", "rounding"))

@@ -249,23 +249,22 @@ def calibrate_sites(model: nnx.Module, assigned: dict[str, tuple[Linear, int]],
                     *, progress: bool = True) -> list[Site]:
   """Run `forward(model, batch)` on every calibration batch, group the linears into
   sites on the first and accumulate each site's input second moment."""
-  by_module = {id(lin.module): lin for lin, _ in assigned.values()}
   sites: list[Site] | None = None
-  first_of: dict[int, Site] = {}
+  first_of: dict[str, Site] = {}
   batches = 0
   for batch in tqdm(calibration, desc="calibrate", unit="batch", disable=not progress,
                     leave=False):
     calls: list[tuple[Linear, jax.Array]] = []  # holds the inputs: their ids stay unique
 
     def capture(module, x):
-      lin = by_module.get(id(module))
+      lin, _ = assigned.get(vars(module).get("catjax_path"), (None, None))
       if lin is None:
         return
       if isinstance(x, jax.core.Tracer):
         raise ValueError(f"linear {lin.path!r} ran under a jax transformation during "
                          "calibration; calibration runs the model eagerly: pass a forward that "
                          "does not jit, scan or remat the layers")
-      if sites is None or id(module) in first_of:
+      if sites is None or lin.path in first_of:
         calls.append((lin, x))
 
     token = _CAPTURE.set(capture)
@@ -275,9 +274,9 @@ def calibrate_sites(model: nnx.Module, assigned: dict[str, tuple[Linear, int]],
       _CAPTURE.reset(token)
     if sites is None:
       sites = _group(calls, assigned, rules)
-      first_of = {id(s.linears[0].module): s for s in sites}
+      first_of = {s.linears[0].path: s for s in sites}
     for lin, x in calls:
-      site = first_of.get(id(lin.module))
+      site = first_of.get(lin.path)
       if site is not None:
         v = _flat(x, lin)
         site.stats = _update(SecondMoment.zeros(v.shape[-1]) if site.stats is None
@@ -420,6 +419,7 @@ def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibrati
   for lin, _ in assigned.values():
     if not hasattr(type(lin.module), "catjax_base"):
       lin.module.__class__ = _quantizing_class(type(lin.module))
+    lin.module.catjax_path = lin.path
   sites = calibrate_sites(model, assigned, rules, calibration, forward or _default_forward,
                           progress=progress)
   for i, site in enumerate(tqdm(sites, desc="quantize", unit="site", disable=not progress,

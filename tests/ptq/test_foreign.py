@@ -1,0 +1,161 @@
+"""CAT on an NNX model catjax did not write (`catjax.ptq.foreign`): linears found from
+the graph (nnx.Linear and einsum modules with N-D weights), sites by shared input,
+function preservation, rules and their errors. tunix's models: tests/models/test_tunix.py."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from catjax.ptq import foreign
+from catjax.ptq.configs import TrainConfig
+from catjax.ptq.recipe import Recipe
+from catjax.ptq.rules import Rule
+
+D, HEADS, HD, F = 32, 4, 8, 48
+
+
+class Einsum(nnx.Module):
+  def __init__(self, eq, shape, rngs):
+    self.eq = eq
+    self.w = nnx.Param(jax.random.normal(rngs.params(), shape) * 0.3)
+
+  def __call__(self, x):
+    return jnp.einsum(self.eq, x, self.w[...])
+
+
+class Block(nnx.Module):
+  """q/k/v as (D, N, H) einsums reading one normed input, o as NH,NHD->D, an MLP of
+  nnx.Linear (gate/up share an input), with outlier channels in the norm scales."""
+
+  def __init__(self, rngs):
+    self.norm = nnx.RMSNorm(D, rngs=rngs)
+    self.norm.scale[...] = jnp.ones(D).at[jnp.array([3, 17])].set(12.0)
+    self.q = Einsum("btd,dnh->btnh", (D, HEADS, HD), rngs)
+    self.k = Einsum("btd,dnh->btnh", (D, HEADS, HD), rngs)
+    self.v = Einsum("btd,dnh->btnh", (D, HEADS, HD), rngs)
+    self.o = Einsum("btnh,nhd->btd", (HEADS, HD, D), rngs)
+    self.mlp_norm = nnx.RMSNorm(D, rngs=rngs)
+    self.gate = nnx.Linear(D, F, use_bias=False, rngs=rngs)
+    self.up = nnx.Linear(D, F, use_bias=True, rngs=rngs)
+    self.down = nnx.Linear(F, D, use_bias=False, rngs=rngs)
+
+  def __call__(self, h):
+    x = self.norm(h)
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    t = h.shape[1]
+    s = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(HD)
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9)
+    h = h + self.o(jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), v))
+    x = self.mlp_norm(h)
+    return h + self.down(nnx.silu(self.gate(x)) * self.up(x))
+
+
+class Net(nnx.Module):
+  def __init__(self, seed=0, layers=2):
+    rngs = nnx.Rngs(seed)
+    self.embed = nnx.Embed(64, D, rngs=rngs)
+    self.blocks = nnx.List([Block(rngs) for _ in range(layers)])
+    self.head = nnx.Linear(D, 64, rngs=rngs)
+
+  def __call__(self, tokens):
+    h = self.embed(tokens)
+    for b in self.blocks:
+      h = b(h)
+    return self.head(h)
+
+
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 16)), jnp.int32)
+CALIB = [TOKENS[i:i + 1] for i in range(4)]
+LAYERS = Rule(r"blocks/\d+/.*", Recipe(method="cat", block_size=8))
+
+
+def _fp(method, **kw):
+  return Recipe(method=method, w_bits=None, a_bits=None, **kw)
+
+
+def test_linears_and_their_flattening():
+  lins = foreign.find_linears(Net())
+  assert sorted(lins) == sorted([f"blocks/{i}/{n}" for i in (0, 1)
+                                 for n in ("q", "k", "v", "o", "gate", "up", "down")] + ["head"])
+  q, o = lins["blocks/0/q"], lins["blocks/0/o"]
+  assert (q.in_axes, q.in_ndim, q.kernel().shape) == ((0,), 1, (D, HEADS * HD))
+  assert (o.in_axes, o.in_ndim, o.kernel().shape) == ((0, 1), 2, (HEADS * HD, D))
+  np.testing.assert_array_equal(o.kernel(), o.weight[...].reshape(HEADS * HD, D))
+
+
+@pytest.mark.parametrize("recipe", [_fp("hadamard"), _fp("cat", block_size=8), _fp("cat_full"),
+                                    _fp("smoothquant"), _fp("cat", block_size=8, hadamard="block")],
+                         ids=lambda r: r.label)
+def test_transforms_without_quantization_keep_the_function(recipe):
+  net = Net()
+  q = foreign.quantize(net, Rule(r"blocks/\d+/.*", recipe), CALIB, progress=False)
+  np.testing.assert_allclose(q(TOKENS), net(TOKENS), rtol=1e-4, atol=2e-4)
+  assert isinstance(q.blocks[0].o.catjax_input.transform, foreign.Transform)
+
+
+def test_sites_share_one_transform_and_the_original_is_untouched():
+  net = Net()
+  before = nnx.to_pure_dict(nnx.state(net))
+  q = foreign.quantize(net, LAYERS, CALIB, progress=False)
+  b = q.blocks[1]
+  assert b.q.catjax_input.transform is b.k.catjax_input.transform is b.v.catjax_input.transform
+  assert b.gate.catjax_input.transform is b.up.catjax_input.transform
+  assert b.o.catjax_input.transform is not b.q.catjax_input.transform
+  assert "catjax_input" not in vars(q.head) and type(net.blocks[0].q) is Einsum
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(net)), before)
+
+
+def test_w4a4_runs_under_jit_and_cat_beats_rtn():
+  net = Net()
+  ref = net(TOKENS)
+  err = {}
+  for method in ("none", "hadamard", "cat"):
+    q = foreign.quantize(net, Rule(r"blocks/\d+/.*", Recipe(method=method, block_size=8)), CALIB,
+                         progress=False)
+    out = nnx.jit(lambda m, t: m(t))(q, TOKENS)
+    np.testing.assert_allclose(out, q(TOKENS), rtol=1e-5, atol=1e-5)
+    err[method] = float(jnp.mean((out - ref) ** 2))
+  assert err["cat"] < err["hadamard"] < err["none"], err
+
+
+def test_gptq_and_clip_take_the_site_hessian():
+  net = Net()
+  for weights in ("gptq", "clip"):
+    q = foreign.quantize(net, Rule(r"blocks/\d+/.*", Recipe(method="cat", block_size=8, weights=weights,
+                                                            a_bits=None)), CALIB, progress=False)
+    assert np.isfinite(np.asarray(q(TOKENS))).all()
+
+
+@pytest.mark.parametrize("rules, words", [
+    ([Rule("head2", Recipe())], "Rule('head2') matches no linear of the model"),
+    ([LAYERS, Rule(r"blocks/0/q", Recipe())], "Rule('blocks/0/q') matches no linear of the model (or an earlier rule takes them)"),
+    ([Rule(r"blocks/\d+", Recipe())], "Rule('blocks/\\\\d+') matches module 'blocks/0' (Block), "
+                                      "which is not a linear"),
+    ([Rule(r"blocks/\d+/(q|k)", Recipe(method="cat", block_size=8)), Rule(r"blocks/\d+/v", Recipe())],
+     "two rules on one site"),
+    ([Rule(".*", Recipe(train=TrainConfig(steps=5)))], "train.steps=5: trained CAT"),
+    ([Rule(".*", Recipe(kv_bits=4))], "kv_bits=4"),
+])
+def test_bad_rules_are_one_clear_error(rules, words):
+  with pytest.raises(ValueError, match=re.escape(words)):
+    foreign.quantize(Net(), rules, CALIB, progress=False)
+
+
+def test_rules_check_their_fields():
+  with pytest.raises(ValueError, match="Rule.module_path='\\(' is not a regular expression"):
+    Rule("(")
+  with pytest.raises(ValueError, match="expected a Recipe or None"):
+    Rule(".*", "cat@k64")
+
+
+def test_a_linear_the_forward_skips_or_a_traced_forward_is_named():
+  with pytest.raises(ValueError, match="did not run in the forward"):
+    foreign.quantize(Net(), Rule(".*", Recipe()), CALIB, forward=lambda m, t: m.blocks[0](m.embed(t)),
+                     progress=False)
+  with pytest.raises(ValueError, match="runs the model eagerly"):
+    foreign.quantize(Net(), Rule(".*", Recipe()), CALIB, forward=nnx.jit(lambda m, t: m(t)),
+                     progress=False)
