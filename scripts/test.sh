@@ -9,10 +9,13 @@ cd "$(dirname "$0")/.."
 status=0
 pythons="${CATJAX_PYTHONS:-3.11 3.12}"
 kjax="${CATJAX_KERNEL_JAX-0.11.2}"
+tunix="${CATJAX_TUNIX-0.1.7}"
 case " $pythons " in *" 3.12 "*) ;; *) kjax="" ;; esac
-[ $# -gt 0 ] && kjax=""
-echo "scripts/test.sh: pytest on Python $pythons${kjax:+, then tests/kernels/test_kernels.py on jax $kjax};" \
-     "a full run takes ~30 min on 2 cores and ~4 GB of virtual environments (.venv-py*, .venv-jax*)."
+case " $pythons " in *" 3.11 "*) ;; *) tunix="" ;; esac
+[ $# -gt 0 ] && kjax="" && tunix=""
+echo "scripts/test.sh: pytest on Python $pythons${kjax:+, then tests/kernels/test_kernels.py on jax $kjax}" \
+     "${tunix:+and the tunix model tests on google-tunix $tunix};" \
+     "a full run takes ~30 min on 2 cores and ~7 GB of virtual environments (.venv-*)."
 elapsed() {  # minutes and seconds since $1 (seconds since the script began)
   echo "$(( (SECONDS - $1) / 60 )) min $(( (SECONDS - $1) % 60 )) s"
 }
@@ -62,6 +65,7 @@ for v in $pythons; do
       stage "Python $v" "\"$py\" -m pytest -q $args"
     fi
     [ "$v" = 3.12 ] && py312="$py"
+    [ "$v" = 3.11 ] && py311="$py"
   else
     echo "setup for Python $v failed"
     status=1
@@ -79,6 +83,24 @@ if [ -n "$kjax" ] && [ -n "${py312:-}" ]; then
       "PYTHONPATH=\"$PWD\" \"$venv/bin/python\" -m pytest -q tests/kernels/test_kernels.py"
   else
     echo "setup of jax $kjax for the kernel tests failed"
+    status=1
+  fi
+fi
+
+# tunix's Llama3 and Qwen2 as foreign models: their own environment (google-tunix
+# brings ~100 packages; torch for the transformers reference), their own stage.
+tunix_tests="tests/models/test_tunix.py tests/ptq/test_foreign_tunix.py"
+if [ -n "$tunix" ] && [ -n "${py311:-}" ]; then
+  t0=$SECONDS
+  venv=".venv-tunix"
+  if { [ -x "$venv/bin/python" ] || "$py311" -m venv "$venv"; } &&
+     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e . \
+       "google-tunix==$tunix" "qwix==0.1.8" "torch==2.13.0" pytest \
+       2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); then
+    echo "--- setup of google-tunix $tunix: $(elapsed "$t0")"
+    stage "tunix $tunix models" "\"$venv/bin/python\" -m pytest -q -W ignore::DeprecationWarning $tunix_tests"
+  else
+    echo "setup of google-tunix $tunix failed"
     status=1
   fi
 fi

@@ -1,0 +1,58 @@
+"""The rule path on tunix's Llama3 and Qwen2 (foreign models): transforms keep the
+logits, and fp / W4A4 perplexities equal catjax's own decoder's on the same windows.
+Runs where google-tunix is installed (scripts/test.sh's tunix stage)."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("tunix")
+
+import tiny  # noqa: E402
+import catjax as cj  # noqa: E402
+from catjax.analysis.evaluate import perplexity, token_nll  # noqa: E402
+from catjax.models import tunix as tx  # noqa: E402
+
+CALIB = tiny.tokens((8, 32), 128, seed=2)
+EVAL = tiny.tokens((8, 32), 128, seed=9)
+
+
+def _rules(recipe):
+  return [cj.Rule("lm_head", None), cj.Rule(r"layers/\d+/.*", recipe)]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def models(request, tmp_path_factory):
+  kw = {"model_type": "qwen2", "qkv_bias": True} if request.param == "qwen2" else {}
+  folder = tmp_path_factory.mktemp(request.param) / "m"
+  own = tiny.hf_folder(folder, seed=3, **kw)
+  return own, tx.load_tunix(folder)
+
+
+def _foreign(model, recipe):
+  return cj.quantize(model, _rules(recipe), [CALIB[i:i + 1] for i in range(len(CALIB))],
+                     forward=tx.forward, progress=False)
+
+
+def test_transforms_keep_the_logits(models):
+  _, model = models
+  q = _foreign(model, cj.Recipe(method="cat", block_size=16, w_bits=None, a_bits=None))
+  np.testing.assert_allclose(tx.forward(q, EVAL), tx.forward(model, EVAL), atol=2e-5, rtol=1e-5)
+  assert q.layers[0].attn.o_proj.catjax_input.in_ndim == 2  # BTNH,NHD->BTD
+
+
+# Measured on the tiny models: relative differences below 2e-5 (float rounding of two
+# implementations, through W4A4 rounding); GPTQ with fp Hessians on both sides.
+@pytest.mark.parametrize("recipe", [
+    cj.Recipe(method="fp"), cj.Recipe(method="cat", block_size=16), cj.Recipe(method="hadamard"),
+    cj.Recipe(method="cat", block_size=16, weights="gptq", propagate="fp"),
+], ids=lambda r: r.label)
+def test_perplexity_equals_catjax_own_model(models, recipe):
+  own, model = models
+  qo = cj.quantize_model(own, CALIB, recipe, progress=False)
+  want = perplexity(qo.model, EVAL, hook=qo.hook, hook_state=qo.transforms, progress=False)
+  q = model if recipe.method == "fp" else _foreign(model, recipe)
+  got = math.exp(float(token_nll(tx.forward(q, EVAL), jnp.asarray(EVAL)).mean()))
+  assert got == pytest.approx(want.perplexity, rel=1e-4)
