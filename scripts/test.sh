@@ -95,7 +95,7 @@ if [ -n "$tunix" ] && [ -n "${py311:-}" ]; then
   venv=".venv-tunix"
   if { [ -x "$venv/bin/python" ] || "$py311" -m venv "$venv"; } &&
      "$venv/bin/python" -m pip install -q --disable-pip-version-check -e . \
-       "google-tunix==$tunix" "qwix==0.1.8" "torch==2.13.0" pytest \
+       "google-tunix==$tunix" "torch==2.13.0" pytest \
        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); then
     echo "--- setup of google-tunix $tunix: $(elapsed "$t0")"
     stage "tunix $tunix models" "\"$venv/bin/python\" -m pytest -q -W ignore::DeprecationWarning $tunix_tests"

@@ -103,7 +103,8 @@ def map_kernels(block: dict, spec: ArchSpec, fn) -> dict:
 
 
 @jax.jit
-def _merge(transform: Transform, kernel: jax.Array) -> jax.Array:
+def merge_kernel(transform: Transform, kernel: jax.Array) -> jax.Array:
+  """`T⁻ᵀ kernel` of a `(d_in, d_out)` kernel, jitted."""
   return transform.merge(kernel)
 
 
@@ -115,7 +116,7 @@ def merge_block(block: dict, transforms: dict[str, Transform] | None, *, spec: A
   if transforms is None:
     return block
   return map_kernels(block, spec, lambda site, _, k: k if transforms[site] is None
-                     else _merge(transforms[site], k))
+                     else merge_kernel(transforms[site], k))
 
 
 def transformed_sigma(sigma: jax.Array, t: Transform | None) -> jax.Array:

@@ -47,16 +47,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from catjax.core.linalg import HIGHEST
 from catjax.core.quant import QuantConfig
-from catjax.core.stats import SecondMoment
+from catjax.core.stats import SecondMoment, weight_gram
 from catjax.core.transforms import Transform, fit_transform, fold_block_hadamard
 from catjax.ptq import rounding
-from catjax.ptq.blocks import transformed_sigma
+from catjax.ptq.blocks import merge_kernel, transformed_sigma
 from catjax.ptq.hooks import fake_quantize_ste
 from catjax.ptq.recipe import Recipe
 from catjax.ptq.rules import Rule, as_rules, first_match
@@ -341,7 +339,7 @@ def fit_site(site: Site, recipe: Recipe, ordinal: int) -> Transform | None:
   if method is None:
     return None
   kernels = [lin.kernel() for lin in site.linears]
-  gram = sum(jnp.einsum("io,jo->ij", k, k, precision=HIGHEST) for k in kernels)
+  gram = sum(weight_gram(k) for k in kernels)
   weight = jnp.concatenate(kernels, axis=-1)
   t = fit_transform(
       method, site.stats.sigma, gram, block_size=recipe.block_size,
@@ -350,9 +348,6 @@ def fit_site(site: Site, recipe: Recipe, ordinal: int) -> Transform | None:
       weight_absmax=jnp.abs(weight).max(-1), eps=recipe.eps, x64=recipe.fit_x64,
       name=site.name, weight=weight)
   return fold_block_hadamard(t) if recipe.hadamard == "block" else t
-
-
-_merge = jax.jit(lambda t, k: t.merge(k))
 
 
 def quantize_site(site: Site, recipe: Recipe, transform: Transform | None) -> dict[str, jax.Array]:
@@ -369,7 +364,7 @@ def quantize_site(site: Site, recipe: Recipe, transform: Transform | None) -> di
   for lin in site.linears:
     k = lin.kernel()
     if transform is not None:
-      k = _merge(transform, k)
+      k = merge_kernel(transform, k)
     if recipe.w_config is not None:
       k, scale = rounding.REGISTRY[recipe.weights].quantize(
           k, recipe.w_config, hessian=hessian, ratio=None, recipe=recipe)

@@ -195,8 +195,8 @@ class Transform:
     axes = (in_axes,) if isinstance(in_axes, int) else tuple(in_axes)
     if axes != (0,) or kernel.ndim != 2:
       nd = kernel.ndim
-      if (not axes or len(set(a % nd for a in axes if isinstance(a, int) and -nd <= a < nd)) != len(axes)
-          or len(axes) >= nd):
+      named = [a % nd for a in axes if isinstance(a, int) and not isinstance(a, bool) and -nd <= a < nd]
+      if not axes or len(set(named)) != len(axes) or len(axes) >= nd:
         raise ValueError(f"in_axes={in_axes!r} must name distinct axes of the kernel, leaving at "
                          f"least one output axis; got {kernel.shape=}")
       axes = tuple(a % nd for a in axes)
