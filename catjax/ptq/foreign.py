@@ -28,12 +28,22 @@ about (tunix's `Llama3`, your own):
    its original `__call__` (its class is swapped for a subclass that adds just
    that step). The transform is applied once per linear, not once per site.
 
+5. **Blocks** (`blocks=`, a module-path regex such as `r"layers/\\d+"`) turn on
+   the block-sequential engine, as catjax's own decoder has it: the inputs of the
+   first block are recorded (the forward stops there), then each block in turn is
+   calibrated on its inputs, fitted, merged and rounded, and run again to give the
+   next block its inputs: the quantized block's outputs when the recipes
+   propagate quantized outputs (GPTQ: Hessians of quantized inputs, as in
+   `catjax.quantize_model`), else the float block's. A block is called as
+   `block(h, *args, **kwargs)` with the hidden state first; every block gets the
+   other arguments the first one got (positions, mask: checked on the first
+   batch), and its result is `h` or holds exactly one array shaped like `h`
+   (tunix: `(cache, h)`). Without `blocks` the whole model calibrates at once,
+   on full-precision inputs, which closed-form recipes need.
+
 Calibration runs the model eagerly (the linears' inputs are read on the host);
-the quantized model runs under `nnx.jit` like the original. The
-block-sequential engine (GPTQ on quantized-input Hessians, trained CAT,
-quantized propagation) is catjax's own decoder's for now: here GPTQ and the
-clip search use the float inputs' Hessians, and trained CAT or KV-cache
-quantization are refused.
+the quantized model runs under `nnx.jit` like the original. Trained CAT and
+KV-cache quantization are catjax's own decoder's for now (refused here).
 """
 
 from __future__ import annotations
@@ -62,6 +72,8 @@ from catjax.ptq.rules import Rule, as_rules, first_match
 _EINSUM = re.compile(r"\s*([A-Za-z]+)\s*,\s*([A-Za-z]+)\s*->\s*([A-Za-z]+)\s*")
 _CAPTURE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("catjax_capture",
                                                                            default=None)
+_BLOCK_CAPTURE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "catjax_block_capture", default=None)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -327,7 +339,7 @@ def _site_name(linears: list[Linear]) -> str:
 def _check_recipe(recipe: Recipe, rule: Rule) -> None:
   if recipe.train.steps:
     raise ValueError(f"Rule({rule.module_path!r}): train.steps={recipe.train.steps}: trained CAT "
-                     "runs in catjax's own block engine only (catjax.quantize_model)")
+                     "is catjax's own decoder's for now (catjax.quantize_model)")
   if recipe.kv_bits is not None:
     raise ValueError(f"Rule({rule.module_path!r}): kv_bits={recipe.kv_bits}: KV-cache "
                      "quantization needs catjax's own decoder (its key/value hook sites)")
@@ -375,14 +387,194 @@ def quantize_site(site: Site, recipe: Recipe, transform: Transform | None) -> di
   return scales
 
 
+# ---------------------------------------------------------------------------
+# The block-sequential engine
+
+
+class _StopForward(Exception):
+  """Ends a calibration forward once the first block's inputs are recorded."""
+
+
+@functools.cache
+def _recording_class(cls: type) -> type:
+  """`cls` whose `__call__` first reports its arguments to the block capture."""
+
+  def __call__(self, *args, **kwargs):
+    capture = _BLOCK_CAPTURE.get()
+    if capture is not None:
+      capture(self, args, kwargs)
+    return cls.__call__(self, *args, **kwargs)
+
+  return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                     "__qualname__": cls.__qualname__, "catjax_base": cls})
+
+
+def find_blocks(model: nnx.Module, pattern: str) -> list[tuple[str, nnx.Module]]:
+  """`[(path, module)]` of the modules whose path fully matches `pattern`, in graph order."""
+  if not isinstance(pattern, str):
+    raise ValueError(f"blocks={pattern!r} must be a module-path regex such as r'layers/\\d+'")
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"blocks={pattern!r} is not a valid regex: {e}") from None
+  found = [(module_path(p), m) for p, m in nnx.iter_modules(model)
+           if regex.fullmatch(module_path(p))]
+  if not found:
+    paths = [module_path(p) for p, _ in nnx.iter_modules(model)][1:9]
+    raise ValueError(f"blocks={pattern!r} matches no module of the model; its modules start "
+                     f"{', '.join(paths) or 'with none'}")
+  paths = {path for path, _ in found}
+  for inner, _ in found:
+    parts = inner.split("/")
+    outer = next((o for o in ("/".join(parts[:k]) for k in range(len(parts))) if o in paths), None)
+    if outer is not None:
+      raise ValueError(f"blocks={pattern!r} matches {outer!r} and {inner!r} inside it: "
+                       "blocks must not nest")
+  return found
+
+
+def _same(a, b) -> bool:
+  """Whether two argument trees are equal: the same structure, arrays equal or identical."""
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  if ta != tb:
+    return False
+  for x, y in zip(la, lb):
+    if x is y:
+      continue
+    if hasattr(x, "shape"):
+      if getattr(y, "shape", None) != x.shape or not bool(jnp.array_equal(x, y)):
+        return False
+    elif x != y:
+      return False
+  return True
+
+
+def block_inputs(model: nnx.Module, blocks: list[tuple[str, nnx.Module]], calibration: Iterable,
+                 forward: Callable, *, progress: bool = True) -> tuple[list[jax.Array], tuple, dict]:
+  """The hidden states entering the first block, one per batch, and the other arguments
+  every block is called with.
+
+  On the first batch the forward runs through: each block must run once, in graph
+  order, with the first block's other arguments; on the others it stops at the
+  first block."""
+  hidden: list[jax.Array] = []
+  rest: list[tuple[tuple, dict]] = []
+  order: list[int] = []
+  first = [True]
+
+  def capture(module, args, kwargs):
+    i = vars(module).get("catjax_block")  # an attribute: nnx.jit's copies carry it too
+    if i is None:
+      return
+    path = blocks[i][0]
+    if not args or not hasattr(args[0], "shape"):
+      raise ValueError(f"block {path!r} was called without an array as its first argument "
+                       "(its hidden state): blocks are called as block(h, *args, **kwargs)")
+    if isinstance(args[0], jax.core.Tracer):
+      raise ValueError(f"block {path!r} ran under a jax transformation during calibration; "
+                       "calibration runs the model eagerly: pass a forward that does not jit, "
+                       "scan or remat the layers")
+    order.append(i)
+    if first[0] and i != len(order) - 1:
+      raise ValueError(f"the forward ran the blocks in the order {order[:8]} (indices into "
+                       f"{[p for p, _ in blocks[:4]]}...): each block must run once, in "
+                       "graph order")
+    if i == 0:
+      hidden.append(args[0])
+      rest.append((args[1:], kwargs))
+    elif not _same((args[1:], kwargs), rest[-1]):
+      raise ValueError(f"block {path!r} got other arguments than {blocks[0][0]!r} (besides its "
+                       "hidden state); the block engine calls every block with the first "
+                       "block's arguments")
+    if not first[0]:
+      raise _StopForward
+
+  swapped = [(m, type(m)) for _, m in blocks]
+  for i, (m, cls) in enumerate(swapped):
+    m.__class__ = _recording_class(cls)
+    m.catjax_block = i
+  token = _BLOCK_CAPTURE.set(capture)
+  try:
+    for batch in tqdm(calibration, desc="block inputs", unit="batch", disable=not progress,
+                      leave=False):
+      try:
+        forward(model, batch)
+      except _StopForward:
+        pass
+      if first[0]:
+        if len(order) != len(blocks):
+          raise ValueError(f"the forward ran {len(order)} of the {len(blocks)} blocks "
+                           f"{blocks[0][0]!r}...{blocks[-1][0]!r}: each must run once")
+        first[0] = False
+  finally:
+    _BLOCK_CAPTURE.reset(token)
+    for m, cls in swapped:
+      m.__class__ = cls
+      del m.catjax_block
+  if not hidden:
+    raise ValueError("calibration holds no batch")
+  return hidden, rest[0][0], rest[0][1]
+
+
+def _hidden_of(out, h: jax.Array, path: str) -> jax.Array:
+  if hasattr(out, "shape") and out.shape == h.shape:
+    return out
+  like = [a for a in jax.tree.leaves(out) if getattr(a, "shape", None) == h.shape]
+  if len(like) != 1:
+    raise ValueError(f"block {path!r} returned {jax.tree.structure(out)} with {len(like)} arrays "
+                     f"shaped like its input {tuple(h.shape)}; the block engine needs exactly "
+                     "one (the hidden state)")
+  return like[0]
+
+
+def walk_blocks(blocks: list[tuple[str, nnx.Module]], assigned: dict[str, tuple[Linear, int]],
+                rules: tuple[Rule, ...], hidden: list[jax.Array], args: tuple, kwargs: dict, *,
+                quantized_inputs: bool, progress: bool = True) -> None:
+  """Quantize the assigned linears block by block (in place), each block calibrated on
+  the outputs of the ones before it: quantized when `quantized_inputs`, else float."""
+  ordinal = 0
+  for path, block in tqdm(blocks, desc="quantize", unit="block", disable=not progress,
+                          leave=False):
+    mine = {p: a for p, a in assigned.items() if p.startswith(path + "/")}
+    outs: list[jax.Array] = []
+
+    def run(blk, h):
+      outs.append(_hidden_of(blk(h, *args, **kwargs), h, path))
+
+    sites = calibrate_sites(block, mine, rules, hidden, run, progress=False) if mine else []
+    if not mine:
+      for h in hidden:
+        run(block, h)
+    for site in sites:
+      recipe = rules[site.rule].recipe
+      quantize_site(site, recipe, fit_site(site, recipe, ordinal))
+      ordinal += 1
+    if quantized_inputs and sites:
+      outs.clear()
+      for h in hidden:
+        run(block, h)
+    hidden = list(outs)
+
+
 def _default_forward(model, batch):
   return model(batch)
 
 
+def _propagation(rules: tuple[Rule, ...]) -> bool:
+  """Whether the recipes propagate quantized outputs (they must agree)."""
+  kinds = {r.recipe.propagates_quantized: r for r in rules if r.recipe is not None}
+  if len(kinds) > 1:
+    raise ValueError(f"Rule({kinds[True].module_path!r}) propagates quantized outputs and "
+                     f"Rule({kinds[False].module_path!r}) full-precision ones; the block engine "
+                     "walks the model one way: set the recipes' propagate to one value")
+  return bool(kinds) and kinds.popitem()[0]
+
+
 def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibration: Iterable,
-             *, forward: Callable | None = None, copy: bool = True,
+             *, forward: Callable | None = None, blocks: str | None = None, copy: bool = True,
              progress: bool = True) -> nnx.Module:
-  """Quantize any NNX model by rules over its module paths (closed-form recipes).
+  """Quantize any NNX model by rules over its module paths.
 
   Args:
     model: an `nnx.Module`; not changed unless `copy=False`.
@@ -390,8 +582,13 @@ def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibrati
     calibration: an iterable of batches, each passed to `forward`.
     forward: `forward(model, batch)` runs the model (its result is not used);
       default `model(batch)`.
+    blocks: a regex of the decoder blocks' module paths (`r"layers/\\d+"`): walk
+      the model block by block (needed by recipes that propagate quantized
+      outputs, e.g. GPTQ: their Hessians come from the quantized blocks before);
+      only linears inside the blocks are quantized then. None: calibrate the
+      whole model at once, on full-precision inputs.
     copy: quantize a copy (`nnx.clone`) and leave `model` as it is.
-    progress: show a progress bar.
+    progress: show progress bars.
 
   Returns:
     The quantized model: the same classes, each quantized linear's weight merged
@@ -400,7 +597,11 @@ def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibrati
   Raises:
     ValueError: a rule that matches no linear or a module that is not a linear;
       two rules on the linears of one site; a linear the forward does not run, or
-      runs twice; a recipe this path does not take (trained CAT, KV bits).
+      runs twice; a recipe this path does not take (trained CAT, KV bits); with
+      `blocks`: a pattern that matches no module, a rule on a linear outside the
+      blocks, blocks called in another order or with other arguments, recipes
+      that disagree on propagation; without it, a recipe that propagates
+      quantized outputs.
   """
   rules = as_rules(rules)
   for r in rules:
@@ -408,15 +609,35 @@ def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibrati
       _check_recipe(r.recipe, r)
   if not isinstance(model, nnx.Module):
     raise ValueError(f"model must be an nnx.Module, got {type(model).__name__}")
+  quantized_inputs = _propagation(rules)
+  if blocks is None and quantized_inputs:
+    r = next(r for r in rules if r.recipe is not None and r.recipe.propagates_quantized)
+    raise ValueError(f"Rule({r.module_path!r}): recipe {r.recipe.label!r} propagates quantized "
+                     "outputs (its Hessians come from the quantized blocks before): pass "
+                     "blocks=<regex of the decoder blocks' paths>, e.g. r'layers/\\d+', or "
+                     "set propagate='fp'")
   if copy:
     model = nnx.clone(model)
   assigned = _assign(model, rules)
+  found = None if blocks is None else find_blocks(model, blocks)
+  if found is not None:
+    outside = [p for p in assigned if not any(p.startswith(b + "/") for b, _ in found)]
+    if outside:
+      r = rules[assigned[outside[0]][1]]
+      raise ValueError(f"Rule({r.module_path!r}) quantizes {outside[0]!r}, outside the blocks "
+                       f"{blocks!r}: with blocks, only linears inside them are quantized (give "
+                       "the others a Rule(path, None))")
   for lin, _ in assigned.values():
     if not hasattr(type(lin.module), "catjax_base"):
       lin.module.__class__ = _quantizing_class(type(lin.module))
     lin.module.catjax_path = lin.path
-  sites = calibrate_sites(model, assigned, rules, calibration, forward or _default_forward,
-                          progress=progress)
+  forward = forward or _default_forward
+  if found is not None:
+    hidden, args, kwargs = block_inputs(model, found, calibration, forward, progress=progress)
+    walk_blocks(found, assigned, rules, hidden, args, kwargs, quantized_inputs=quantized_inputs,
+                progress=progress)
+    return model
+  sites = calibrate_sites(model, assigned, rules, calibration, forward, progress=progress)
   for i, site in enumerate(tqdm(sites, desc="quantize", unit="site", disable=not progress,
                                 leave=False)):
     recipe = rules[site.rule].recipe

@@ -126,8 +126,58 @@ def test_gptq_and_clip_take_the_site_hessian():
   net = Net()
   for weights in ("gptq", "clip"):
     q = foreign.quantize(net, Rule(r"blocks/\d+/.*", Recipe(method="cat", block_size=8, weights=weights,
-                                                            a_bits=None)), CALIB, progress=False)
+                                                            a_bits=None, propagate="fp")),
+                         CALIB, progress=False)
     assert np.isfinite(np.asarray(q(TOKENS))).all()
+
+
+def test_blocks_on_float_inputs_equal_the_whole_model_calibration():
+  net = Net()
+  whole = foreign.quantize(net, LAYERS, CALIB, progress=False)
+  walked = foreign.quantize(net, LAYERS, CALIB, blocks=r"blocks/\d+", progress=False)
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(walked)),
+               nnx.to_pure_dict(nnx.state(whole)))
+  np.testing.assert_array_equal(walked(TOKENS), whole(TOKENS))
+
+
+def test_gptq_through_the_blocks_sees_the_quantized_blocks_before():
+  """Block 0 reads the same inputs either way; block 1 reads quantized block 0's outputs."""
+  net = Net()
+  gptq = dict(method="cat", block_size=8, weights="gptq")
+  walked = foreign.quantize(net, Rule(r"blocks/\d+/.*", Recipe(**gptq)), CALIB,
+                            blocks=r"blocks/\d+", progress=False)
+  fp_inputs = foreign.quantize(net, Rule(r"blocks/\d+/.*", Recipe(**gptq, propagate="fp")), CALIB,
+                               progress=False)
+  for name in ("q", "o", "down"):
+    ws = [foreign.find_linears(m)[f"blocks/{i}/{name}"].kernel() for i in (0, 1)
+          for m in (walked, fp_inputs)]
+    np.testing.assert_array_equal(ws[0], ws[1])
+    assert not np.array_equal(ws[2], ws[3]), name
+  assert np.isfinite(np.asarray(walked(TOKENS))).all()
+
+
+def _reversed(m, t):
+  return m.head(m.blocks[0](m.blocks[1](m.embed(t))))
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(blocks=r"layer/\d+"), "blocks='layer/\\\\d+' matches no module of the model; its modules start"),
+    (dict(blocks="("), "blocks='(' is not a valid regex"),
+    (dict(blocks=r"blocks/\d+(/q)?"), "matches 'blocks/0' and 'blocks/0/q' inside it: blocks must not nest"),
+    (dict(blocks=r"blocks/\d+", rules=Rule(".*", Recipe())),
+     "Rule('.*') quantizes 'head', outside the blocks"),
+    (dict(rules=Rule(r"blocks/\d+/.*", Recipe(weights="gptq"))),
+     "propagates quantized outputs (its Hessians come from the quantized blocks before): pass blocks="),
+    (dict(blocks=r"blocks/\d+", rules=[Rule(r"blocks/\d+/(q|k|v|o)", Recipe(weights="gptq")),
+                                       Rule(r"blocks/\d+/.*", Recipe())]),
+     "Rule('blocks/\\\\d+/(q|k|v|o)') propagates quantized outputs and Rule('blocks/\\\\d+/.*') full-precision"),
+    (dict(blocks=r"blocks/\d+", forward=_reversed), "ran the blocks in the order [1] (indices into ['blocks/0', 'blocks/1']...)"),
+    (dict(blocks=r"blocks/\d+", forward=nnx.jit(lambda m, t: m(t))), "runs the model eagerly"),
+])
+def test_bad_blocks_are_one_clear_error(kw, words):
+  kw = {"rules": LAYERS, **kw}
+  with pytest.raises(ValueError, match=re.escape(words)):
+    foreign.quantize(Net(), kw.pop("rules"), CALIB, progress=False, **kw)
 
 
 @pytest.mark.parametrize("rules, words", [

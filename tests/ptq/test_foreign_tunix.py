@@ -31,9 +31,9 @@ def models(request, tmp_path_factory):
   return own, tx.load_tunix(folder)
 
 
-def _foreign(model, recipe):
+def _foreign(model, recipe, blocks=None):
   return cj.quantize(model, _rules(recipe), [CALIB[i:i + 1] for i in range(len(CALIB))],
-                     forward=tx.forward, progress=False)
+                     forward=tx.forward, blocks=blocks, progress=False)
 
 
 def test_transforms_keep_the_logits(models):
@@ -44,15 +44,20 @@ def test_transforms_keep_the_logits(models):
 
 
 # Measured on the tiny models: relative differences below 2e-5 (float rounding of two
-# implementations, through W4A4 rounding); GPTQ with fp Hessians on both sides.
-@pytest.mark.parametrize("recipe", [
-    cj.Recipe(method="fp"), cj.Recipe(method="cat", block_size=16), cj.Recipe(method="hadamard"),
-    cj.Recipe(method="cat", block_size=16, weights="gptq", propagate="fp"),
-], ids=lambda r: r.label)
-def test_perplexity_equals_catjax_own_model(models, recipe):
+# implementations, through W4A4 rounding). GPTQ with fp Hessians (propagate="fp") runs
+# on the whole model at once; GPTQ on quantized inputs (the default) and one closed form
+# walk tunix's decoder layers block by block, as catjax's own engine does.
+@pytest.mark.parametrize("recipe, blocks", [
+    (cj.Recipe(method="fp"), None), (cj.Recipe(method="cat", block_size=16), None),
+    (cj.Recipe(method="hadamard"), None),
+    (cj.Recipe(method="cat", block_size=16, weights="gptq", propagate="fp"), None),
+    (cj.Recipe(method="cat", block_size=16, weights="gptq"), r"layers/\d+"),
+    (cj.Recipe(method="hadamard"), r"layers/\d+"),
+], ids=lambda v: v.label if isinstance(v, cj.Recipe) else ("blocks" if v else "whole"))
+def test_perplexity_equals_catjax_own_model(models, recipe, blocks):
   own, model = models
   qo = cj.quantize_model(own, CALIB, recipe, progress=False)
   want = perplexity(qo.model, EVAL, hook=qo.hook, hook_state=qo.transforms, progress=False)
-  q = model if recipe.method == "fp" else _foreign(model, recipe)
+  q = model if recipe.method == "fp" else _foreign(model, recipe, blocks)
   got = math.exp(float(token_nll(tx.forward(q, EVAL), jnp.asarray(EVAL)).mean()))
   assert got == pytest.approx(want.perplexity, rel=1e-4)
