@@ -16,6 +16,7 @@ from flax import nnx
 
 from catjax.models.llama import Llama, capture
 from catjax.models.spec import spec_for
+from catjax.ptq import foreign
 from catjax.ptq.policy import site_variants
 from catjax.ptq.quantized import QuantizedModel
 from catjax.ptq.blocks import site_kernel
@@ -168,6 +169,45 @@ def site_report(model: Llama, qm: QuantizedModel, windows: np.ndarray, *,
           concentration_w_db=_db(v["c_w"]),
           alignment_gain_db=_db(d * v["align"])))
   rows.sort(key=lambda r: (r.layer, spec.site_names.index(r.site)))
+  return rows
+
+
+def _as_tokens(x: jax.Array, in_ndim: int) -> jax.Array:
+  """A linear's input as `(windows, positions, d_in)`: the contracted trailing axes
+  flattened, the last leading axis the positions (`(1, n, d)` for one leading axis)."""
+  lead = x.shape[:x.ndim - in_ndim]
+  d = math.prod(x.shape[x.ndim - in_ndim:])
+  return x.reshape((math.prod(lead[:-1]), lead[-1], d) if len(lead) >= 2 else (1, -1, d))
+
+
+def foreign_site_report(model: nnx.Module, quantized: nnx.Module, batches, *, forward=None,
+                        label: str = "") -> list[SiteSQNR]:
+  """`site_report` for a model quantized by `catjax.quantize`: one `SiteSQNR` per site
+  (linears reading one input) on held-out `batches`, in the order of their call.
+
+  Each site's inputs are captured from the float `model` (`forward(model, batch)`,
+  default `model(batch)`); the quantized kernels, transform and quantizers come
+  from `quantized`. `layer` is the site's position in call order and `site` its
+  module paths (`layers/3/attn/{q_proj,k_proj,v_proj}`); `method` is `label`.
+  """
+  qlinears = foreign.quantized_linears(quantized)
+  if not qlinears:
+    raise ValueError("quantized has no linear quantized by catjax.quantize")
+  rows = []
+  for i, site in enumerate(foreign.site_inputs(model, list(qlinears), batches, forward)):
+    first = site.linears[0]
+    iq = vars(qlinears[first.path].module)["catjax_input"]
+    x = jnp.concatenate([_as_tokens(a.astype(jnp.float32), first.in_ndim) for a in site.inputs])
+    kernel = jnp.concatenate([lin.kernel() for lin in site.linears], axis=-1)
+    qkernel = jnp.concatenate([qlinears[lin.path].kernel() for lin in site.linears], axis=-1)
+    t = None if iq.transform is None else jax.tree.map(lambda a: a[None], iq.transform)
+    v = {k: float(a[0]) for k, a in jax.device_get(_site_terms(
+        x[None], kernel[None], qkernel[None], t, a_config=iq.config, w_config=iq.weights)).items()}
+    rows.append(SiteSQNR(
+        layer=i, site=site.name, method=label, measured_sqnr_db=_db(v["measured"]),
+        measured_sqnr_excl_pos0_db=_db(v["measured_excl_pos0"]),
+        predicted_sqnr_db=_db(v["predicted"]), concentration_x_db=_db(v["c_x"]),
+        concentration_w_db=_db(v["c_w"]), alignment_gain_db=_db(x.shape[-1] * v["align"])))
   return rows
 
 

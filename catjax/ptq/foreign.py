@@ -154,14 +154,16 @@ def find_linears(model: nnx.Module) -> dict[str, Linear]:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["transform"],
-                   meta_fields=["config", "in_ndim"])
+                   meta_fields=["config", "in_ndim", "weights"])
 @dataclasses.dataclass(frozen=True)
 class InputQuantizer:
-  """What a quantized linear does to its input: `x Tᵀ`, then per-token fake quantization."""
+  """What a quantized linear does to its input: `x Tᵀ`, then per-token fake quantization
+  with `config`. `weights` is the grid its weight was rounded onto (for site reports)."""
 
   transform: Transform | None
   config: QuantConfig | None
   in_ndim: int
+  weights: QuantConfig | None = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.transform is not None:
@@ -245,6 +247,7 @@ class Site:
   linears: list[Linear]
   rule: int
   stats: SecondMoment | None = None
+  inputs: list[jax.Array] | None = None
 
 
 _update = jax.jit(lambda s, x: s.update(x))
@@ -256,9 +259,10 @@ def _flat(x: jax.Array, lin: Linear) -> jax.Array:
 
 def calibrate_sites(model: nnx.Module, assigned: dict[str, tuple[Linear, int]],
                     rules: tuple[Rule, ...], calibration: Iterable, forward: Callable,
-                    *, progress: bool = True) -> list[Site]:
+                    *, keep_inputs: bool = False, progress: bool = True) -> list[Site]:
   """Run `forward(model, batch)` on every calibration batch, group the linears into
-  sites on the first and accumulate each site's input second moment."""
+  sites on the first and accumulate each site's input second moment (and keep the
+  inputs themselves, `Site.inputs`, with `keep_inputs`)."""
   sites: list[Site] | None = None
   first_of: dict[str, Site] = {}
   batches = 0
@@ -291,6 +295,8 @@ def calibrate_sites(model: nnx.Module, assigned: dict[str, tuple[Linear, int]],
         v = _flat(x, lin)
         site.stats = _update(SecondMoment.zeros(v.shape[-1]) if site.stats is None
                              else site.stats, v)
+        if keep_inputs:
+          site.inputs = (site.inputs or []) + [x]
     batches += 1
   if not batches:
     raise ValueError("calibration holds no batch")
@@ -383,7 +389,8 @@ def quantize_site(site: Site, recipe: Recipe, transform: Transform | None) -> di
       if scale is not None:
         scales[lin.path] = scale
     lin.set_kernel(k)
-    lin.module.catjax_input = InputQuantizer(transform, recipe.a_config, lin.in_ndim)
+    lin.module.catjax_input = InputQuantizer(transform, recipe.a_config, lin.in_ndim,
+                                             recipe.w_config)
   return scales
 
 
@@ -557,6 +564,36 @@ def walk_blocks(blocks: list[tuple[str, nnx.Module]], assigned: dict[str, tuple[
     hidden = list(outs)
 
 
+def _instrument(assigned: dict[str, tuple[Linear, int]]) -> None:
+  """Give each assigned linear the quantizing class (records its input, runs its quantizer)."""
+  for lin, _ in assigned.values():
+    if not hasattr(type(lin.module), "catjax_base"):
+      lin.module.__class__ = _quantizing_class(type(lin.module))
+    lin.module.catjax_path = lin.path
+
+
+def quantized_linears(model: nnx.Module) -> dict[str, Linear]:
+  """`{path: Linear}` of the linears `catjax.quantize` quantized (those with an input quantizer)."""
+  return {p: lin for p, lin in find_linears(model).items()
+          if vars(lin.module).get("catjax_input") is not None}
+
+
+def site_inputs(model: nnx.Module, paths: Sequence[str], batches: Iterable,
+                forward: Callable | None = None) -> list[Site]:
+  """The sites of the linears at `paths` in `model` (not changed) and their inputs, kept
+  from `forward(model, batch)` on every batch (`Site.inputs`, as called)."""
+  model = nnx.clone(model)
+  linears = find_linears(model)
+  missing = [p for p in paths if p not in linears]
+  if missing:
+    raise ValueError(f"linears {missing[:4]} are not linears of the model (its linears: "
+                     f"{list(linears)[:6]}...)")
+  assigned = {p: (linears[p], 0) for p in paths}
+  _instrument(assigned)
+  return calibrate_sites(model, assigned, (Rule(".*"),), batches, forward or _default_forward,
+                         keep_inputs=True, progress=False)
+
+
 def _default_forward(model, batch):
   return model(batch)
 
@@ -627,10 +664,7 @@ def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibrati
       raise ValueError(f"Rule({r.module_path!r}) quantizes {outside[0]!r}, outside the blocks "
                        f"{blocks!r}: with blocks, only linears inside them are quantized (give "
                        "the others a Rule(path, None))")
-  for lin, _ in assigned.values():
-    if not hasattr(type(lin.module), "catjax_base"):
-      lin.module.__class__ = _quantizing_class(type(lin.module))
-    lin.module.catjax_path = lin.path
+  _instrument(assigned)
   forward = forward or _default_forward
   if found is not None:
     hidden, args, kwargs = block_inputs(model, found, calibration, forward, progress=progress)

@@ -2,6 +2,7 @@
 the graph (nnx.Linear and einsum modules with N-D weights), sites by shared input,
 function preservation, rules and their errors. tunix's models: tests/models/test_tunix.py."""
 
+import math
 import re
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from catjax.analysis.sites import SITE_FIELDS, foreign_site_report
 from catjax.ptq import foreign
 from catjax.ptq.configs import TrainConfig
 from catjax.ptq.recipe import Recipe
@@ -154,6 +156,30 @@ def test_gptq_through_the_blocks_sees_the_quantized_blocks_before():
     np.testing.assert_array_equal(ws[0], ws[1])
     assert not np.array_equal(ws[2], ws[3]), name
   assert np.isfinite(np.asarray(walked(TOKENS))).all()
+
+
+def test_site_report_of_a_foreign_model():
+  net = Net()
+  eval_batches = [TOKENS[:2], TOKENS[2:]]
+  rows = {}
+  for method in ("none", "cat"):
+    q = foreign.quantize(net, Rule(r"blocks/\d+/.*", Recipe(method=method, block_size=8)), CALIB,
+                         progress=False)
+    rows[method] = foreign_site_report(net, q, eval_batches, label=method)
+  assert [r.site for r in rows["cat"]] == [f"blocks/{i}/{s}" for i in (0, 1)
+                                          for s in ("{q,k,v}", "o", "{gate,up}", "down")]
+  assert [r.layer for r in rows["cat"]] == list(range(8)) and rows["cat"][0].method == "cat"
+  for r in rows["none"] + rows["cat"]:
+    assert all(math.isfinite(getattr(r, f)) for f in SITE_FIELDS), r
+  # The outlier channels of the attention norms: CAT lifts the q/k/v sites' SQNR.
+  for i in (0, 4):
+    assert rows["cat"][i].measured_sqnr_db > rows["none"][i].measured_sqnr_db + 3, i
+  with pytest.raises(ValueError, match="no linear quantized by catjax.quantize"):
+    foreign_site_report(net, net, eval_batches)
+  transforms_only = foreign.quantize(net, Rule(r"blocks/\d+/.*", _fp("cat", block_size=8)), CALIB,
+                                     progress=False)
+  exact = [r.measured_sqnr_db for r in foreign_site_report(net, transforms_only, eval_batches)]
+  assert all(db is None or db > 80 for db in exact), exact  # float rounding only
 
 
 def _reversed(m, t):

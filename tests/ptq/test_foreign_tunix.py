@@ -1,5 +1,6 @@
 """The rule path on tunix's Llama3 and Qwen2 (foreign models): transforms keep the
-logits, and fp / W4A4 perplexities equal catjax's own decoder's on the same windows.
+logits, and fp / W4A4 perplexities and site reports equal catjax's own decoder's on the
+same windows.
 Runs where google-tunix is installed (scripts/test.sh's tunix stage)."""
 
 import math
@@ -13,10 +14,13 @@ pytest.importorskip("tunix")
 import tiny  # noqa: E402
 import catjax as cj  # noqa: E402
 from catjax.analysis.evaluate import perplexity, token_nll  # noqa: E402
+from catjax.analysis.sites import SITE_FIELDS, foreign_site_report, site_report  # noqa: E402
 from catjax.models import tunix as tx  # noqa: E402
 
 CALIB = tiny.tokens((8, 32), 128, seed=2)
 EVAL = tiny.tokens((8, 32), 128, seed=9)
+FOREIGN_SITES = {"attn_in": "attn/{q_proj,k_proj,v_proj}", "o_in": "attn/o_proj",
+                 "mlp_in": "mlp/{gate_proj,up_proj}", "down_in": "mlp/down_proj"}
 
 
 def _rules(recipe):
@@ -61,3 +65,19 @@ def test_perplexity_equals_catjax_own_model(models, recipe, blocks):
   q = model if recipe.method == "fp" else _foreign(model, recipe, blocks)
   got = math.exp(float(token_nll(tx.forward(q, EVAL), jnp.asarray(EVAL)).mean()))
   assert got == pytest.approx(want.perplexity, rel=1e-4)
+
+
+@pytest.mark.parametrize("recipe", [cj.Recipe(method="cat", block_size=16), cj.Recipe(method="hadamard")],
+                         ids=lambda r: r.label)
+def test_site_report_equals_catjax_own_model(models, recipe):
+  """Per site, in call order: measured and predicted SQNR, C(x), C(W), A, each equal to
+  1e-3 dB (the same inputs and kernels up to float rounding)."""
+  own, model = models
+  qo = cj.quantize_model(own, CALIB, recipe, progress=False)
+  want = site_report(own, qo, EVAL)
+  got = foreign_site_report(model, _foreign(model, recipe), [EVAL[i:i + 2] for i in range(0, 8, 2)],
+                            forward=tx.forward, label=recipe.label)
+  assert [r.site for r in got] == [f"layers/{w.layer}/{FOREIGN_SITES[w.site]}" for w in want]
+  for g, w in zip(got, want):
+    for field in SITE_FIELDS:
+      assert getattr(g, field) == pytest.approx(getattr(w, field), abs=1e-3), (g.site, field)
