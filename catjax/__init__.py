@@ -35,7 +35,8 @@ __getattr__, __dir__, _lazy = lazy_names(__name__, {
     "save_quantized": ".artifacts.checkpoint", "load_quantized": ".artifacts.checkpoint",
     "CheckpointError": ".artifacts.checkpoint", "perplexity": ".analysis.evaluate",
     "site_report": ".analysis.sites", "InputError": ".base.errors",
-    "Rule": ".ptq.rules", "quantize": ".ptq.foreign",
+    "Rule": ".ptq.rules", "quantize": ".ptq.foreign", "foreign_site_report": ".analysis.sites",
+    "save_foreign": ".artifacts.foreign", "load_foreign": ".artifacts.foreign",
 })
 
 __all__ = sorted([

@@ -102,17 +102,25 @@ class Linear:
     nd = self.weight[...].ndim
     return self.in_axes + tuple(a for a in range(nd) if a not in self.in_axes)
 
+  def flatten(self, w) -> jax.Array:
+    """An array shaped like the weight as a `(d_in, d_out)` kernel (its dtype kept)."""
+    w = jnp.transpose(jnp.asarray(w), self._order())
+    return w.reshape(math.prod(w.shape[:len(self.in_axes)]), -1)
+
+  def unflatten(self, kernel) -> jax.Array:
+    """A `(d_in, d_out)` kernel in the weight's own shape (its dtype kept)."""
+    order = self._order()
+    shape = self.weight[...].shape
+    moved = jnp.reshape(jnp.asarray(kernel), tuple(shape[a] for a in order))
+    return jnp.transpose(moved, tuple(order.index(a) for a in range(len(shape))))
+
   def kernel(self) -> jax.Array:
     """The weight as a float32 `(d_in, d_out)` kernel."""
-    w = jnp.transpose(self.weight[...], self._order())
-    return w.reshape(math.prod(w.shape[:len(self.in_axes)]), -1).astype(jnp.float32)
+    return self.flatten(self.weight[...]).astype(jnp.float32)
 
   def set_kernel(self, kernel: jax.Array) -> None:
     """Store a `(d_in, d_out)` kernel back in the weight's own shape and dtype."""
-    w = self.weight[...]
-    order = self._order()
-    moved = kernel.reshape(tuple(w.shape[a] for a in order)).astype(w.dtype)
-    self.weight[...] = jnp.transpose(moved, tuple(order.index(a) for a in range(w.ndim)))
+    self.weight[...] = self.unflatten(kernel).astype(self.weight[...].dtype)
 
 
 def _as_linear(path: str, module: nnx.Module) -> Linear | str | None:
@@ -153,17 +161,19 @@ def find_linears(model: nnx.Module) -> dict[str, Linear]:
 # The quantized linear: its input transformed and fake-quantized, then its own call.
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["transform"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["transform", "w_scale"],
                    meta_fields=["config", "in_ndim", "weights"])
 @dataclasses.dataclass(frozen=True)
 class InputQuantizer:
   """What a quantized linear does to its input: `x Tᵀ`, then per-token fake quantization
-  with `config`. `weights` is the grid its weight was rounded onto (for site reports)."""
+  with `config`. Its weight's grid rides along, for site reports and checkpoints:
+  `weights` (the quantizer) and `w_scale` (per-output-channel scales of an integer grid)."""
 
   transform: Transform | None
   config: QuantConfig | None
   in_ndim: int
   weights: QuantConfig | None = None
+  w_scale: jax.Array | None = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.transform is not None:
@@ -390,7 +400,7 @@ def quantize_site(site: Site, recipe: Recipe, transform: Transform | None) -> di
         scales[lin.path] = scale
     lin.set_kernel(k)
     lin.module.catjax_input = InputQuantizer(transform, recipe.a_config, lin.in_ndim,
-                                             recipe.w_config)
+                                             recipe.w_config, scales.get(lin.path))
   return scales
 
 
@@ -564,7 +574,7 @@ def walk_blocks(blocks: list[tuple[str, nnx.Module]], assigned: dict[str, tuple[
     hidden = list(outs)
 
 
-def _instrument(assigned: dict[str, tuple[Linear, int]]) -> None:
+def instrument(assigned: dict[str, tuple[Linear, int]]) -> None:
   """Give each assigned linear the quantizing class (records its input, runs its quantizer)."""
   for lin, _ in assigned.values():
     if not hasattr(type(lin.module), "catjax_base"):
@@ -589,7 +599,7 @@ def site_inputs(model: nnx.Module, paths: Sequence[str], batches: Iterable,
     raise ValueError(f"linears {missing[:4]} are not linears of the model (its linears: "
                      f"{list(linears)[:6]}...)")
   assigned = {p: (linears[p], 0) for p in paths}
-  _instrument(assigned)
+  instrument(assigned)
   return calibrate_sites(model, assigned, (Rule(".*"),), batches, forward or _default_forward,
                          keep_inputs=True, progress=False)
 
@@ -664,7 +674,7 @@ def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibrati
       raise ValueError(f"Rule({r.module_path!r}) quantizes {outside[0]!r}, outside the blocks "
                        f"{blocks!r}: with blocks, only linears inside them are quantized (give "
                        "the others a Rule(path, None))")
-  _instrument(assigned)
+  instrument(assigned)
   forward = forward or _default_forward
   if found is not None:
     hidden, args, kwargs = block_inputs(model, found, calibration, forward, progress=progress)

@@ -17,61 +17,8 @@ from catjax.ptq.configs import TrainConfig
 from catjax.ptq.recipe import Recipe
 from catjax.ptq.rules import Rule
 
-D, HEADS, HD, F = 32, 4, 8, 48
+from foreign_net import CALIB, D, HD, HEADS, TOKENS, Einsum, Net
 
-
-class Einsum(nnx.Module):
-  def __init__(self, eq, shape, rngs):
-    self.eq = eq
-    self.w = nnx.Param(jax.random.normal(rngs.params(), shape) * 0.3)
-
-  def __call__(self, x):
-    return jnp.einsum(self.eq, x, self.w[...])
-
-
-class Block(nnx.Module):
-  """q/k/v as (D, N, H) einsums reading one normed input, o as NH,NHD->D, an MLP of
-  nnx.Linear (gate/up share an input), with outlier channels in the norm scales."""
-
-  def __init__(self, rngs):
-    self.norm = nnx.RMSNorm(D, rngs=rngs)
-    self.norm.scale[...] = jnp.ones(D).at[jnp.array([3, 17])].set(12.0)
-    self.q = Einsum("btd,dnh->btnh", (D, HEADS, HD), rngs)
-    self.k = Einsum("btd,dnh->btnh", (D, HEADS, HD), rngs)
-    self.v = Einsum("btd,dnh->btnh", (D, HEADS, HD), rngs)
-    self.o = Einsum("btnh,nhd->btd", (HEADS, HD, D), rngs)
-    self.mlp_norm = nnx.RMSNorm(D, rngs=rngs)
-    self.gate = nnx.Linear(D, F, use_bias=False, rngs=rngs)
-    self.up = nnx.Linear(D, F, use_bias=True, rngs=rngs)
-    self.down = nnx.Linear(F, D, use_bias=False, rngs=rngs)
-
-  def __call__(self, h):
-    x = self.norm(h)
-    q, k, v = self.q(x), self.k(x), self.v(x)
-    t = h.shape[1]
-    s = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(HD)
-    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9)
-    h = h + self.o(jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), v))
-    x = self.mlp_norm(h)
-    return h + self.down(nnx.silu(self.gate(x)) * self.up(x))
-
-
-class Net(nnx.Module):
-  def __init__(self, seed=0, layers=2):
-    rngs = nnx.Rngs(seed)
-    self.embed = nnx.Embed(64, D, rngs=rngs)
-    self.blocks = nnx.List([Block(rngs) for _ in range(layers)])
-    self.head = nnx.Linear(D, 64, rngs=rngs)
-
-  def __call__(self, tokens):
-    h = self.embed(tokens)
-    for b in self.blocks:
-      h = b(h)
-    return self.head(h)
-
-
-TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 16)), jnp.int32)
-CALIB = [TOKENS[i:i + 1] for i in range(4)]
 LAYERS = Rule(r"blocks/\d+/.*", Recipe(method="cat", block_size=8))
 
 

@@ -14,6 +14,7 @@ pytest.importorskip("tunix")
 import tiny  # noqa: E402
 import catjax as cj  # noqa: E402
 from catjax.analysis.evaluate import perplexity, token_nll  # noqa: E402
+from catjax.artifacts.foreign import load_foreign, save_foreign  # noqa: E402
 from catjax.analysis.sites import SITE_FIELDS, foreign_site_report, site_report  # noqa: E402
 from catjax.models import tunix as tx  # noqa: E402
 
@@ -32,7 +33,7 @@ def models(request, tmp_path_factory):
   kw = {"model_type": "qwen2", "qkv_bias": True} if request.param == "qwen2" else {}
   folder = tmp_path_factory.mktemp(request.param) / "m"
   own = tiny.hf_folder(folder, seed=3, **kw)
-  return own, tx.load_tunix(folder)
+  return own, tx.load_tunix(folder), kw
 
 
 def _foreign(model, recipe, blocks=None):
@@ -41,7 +42,7 @@ def _foreign(model, recipe, blocks=None):
 
 
 def test_transforms_keep_the_logits(models):
-  _, model = models
+  _, model, _ = models
   q = _foreign(model, cj.Recipe(method="cat", block_size=16, w_bits=None, a_bits=None))
   np.testing.assert_allclose(tx.forward(q, EVAL), tx.forward(model, EVAL), atol=2e-5, rtol=1e-5)
   assert q.layers[0].attn.o_proj.catjax_input.in_ndim == 2  # BTNH,NHD->BTD
@@ -59,7 +60,7 @@ def test_transforms_keep_the_logits(models):
     (cj.Recipe(method="hadamard"), r"layers/\d+"),
 ], ids=lambda v: v.label if isinstance(v, cj.Recipe) else ("blocks" if v else "whole"))
 def test_perplexity_equals_catjax_own_model(models, recipe, blocks):
-  own, model = models
+  own, model, _ = models
   qo = cj.quantize_model(own, CALIB, recipe, progress=False)
   want = perplexity(qo.model, EVAL, hook=qo.hook, hook_state=qo.transforms, progress=False)
   q = model if recipe.method == "fp" else _foreign(model, recipe, blocks)
@@ -72,7 +73,7 @@ def test_perplexity_equals_catjax_own_model(models, recipe, blocks):
 def test_site_report_equals_catjax_own_model(models, recipe):
   """Per site, in call order: measured and predicted SQNR, C(x), C(W), A, each equal to
   1e-3 dB (the same inputs and kernels up to float rounding)."""
-  own, model = models
+  own, model, _ = models
   qo = cj.quantize_model(own, CALIB, recipe, progress=False)
   want = site_report(own, qo, EVAL)
   got = foreign_site_report(model, _foreign(model, recipe), [EVAL[i:i + 2] for i in range(0, 8, 2)],
@@ -81,3 +82,14 @@ def test_site_report_equals_catjax_own_model(models, recipe):
   for g, w in zip(got, want):
     for field in SITE_FIELDS:
       assert getattr(g, field) == pytest.approx(getattr(w, field), abs=1e-3), (g.site, field)
+
+
+def test_checkpoint_loads_onto_a_fresh_tunix_model(models, tmp_path):
+  """What a user needs to rebuild the model: its float structure (load_tunix of the same
+  architecture); every parameter, transform and quantizer comes from the checkpoint."""
+  _, model, kw = models
+  q = _foreign(model, cj.Recipe(method="cat", block_size=16, weights="gptq"), r"layers/\d+")
+  save_foreign(q, tmp_path / "ck")
+  tiny.hf_folder(tmp_path / "other", seed=4, **kw)  # the same architecture, other weights
+  back = load_foreign(tx.load_tunix(tmp_path / "other"), tmp_path / "ck")
+  np.testing.assert_array_equal(tx.forward(back, EVAL), tx.forward(q, EVAL))
