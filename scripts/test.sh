@@ -41,8 +41,12 @@ stage() {  # stage NAME COMMAND
 # processes, these files and the others.
 split="tests/models/test_real_models.py tests/models/test_sharding.py tests/app/test_lmeval.py"
 split+=" tests/app/test_smollm2.py tests/app/test_report_cli.py tests/core/test_formats.py"
-# The docs' code blocks read the same on every Python: they run on 3.11 only.
-once="tests/app/test_doc_snippets.py"
+# The app floor (CLI, reports, data and asset files, the docs' code blocks) is
+# Python over the library, the same on every interpreter: it runs on 3.11 only,
+# which keeps the full run within CI's budget; every library floor runs on both.
+once="tests/app"
+# The slowest tests of every stage, for the next budget decision.
+durations="--durations=15"
 args=""
 [ $# -gt 0 ] && args=$(printf '%q ' "$@")
 for v in $pythons; do
@@ -57,10 +61,10 @@ for v in $pythons; do
       fetched=1
     fi
     if [ "$v" = 3.11 ] && [ -z "$args" ]; then
-      stage "Python $v, part 1" "\"$py\" -m pytest -q $split"
-      stage "Python $v, part 2" "\"$py\" -m pytest -q $(printf -- '--ignore=%s ' $split)"
+      stage "Python $v, part 1" "\"$py\" -m pytest -q $durations $split"
+      stage "Python $v, part 2" "\"$py\" -m pytest -q $durations $(printf -- '--ignore=%s ' $split)"
     elif [ -z "$args" ]; then
-      stage "Python $v" "\"$py\" -m pytest -q --ignore=$once"
+      stage "Python $v" "\"$py\" -m pytest -q $durations --ignore=$once"
     else
       stage "Python $v" "\"$py\" -m pytest -q $args"
     fi
@@ -80,7 +84,7 @@ if [ -n "$kjax" ] && [ -n "${py312:-}" ]; then
        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); then
     echo "--- setup of jax $kjax: $(elapsed "$t0")"
     stage "kernels on jax $kjax" \
-      "PYTHONPATH=\"$PWD\" \"$venv/bin/python\" -m pytest -q tests/kernels/test_kernels.py"
+      "PYTHONPATH=\"$PWD\" \"$venv/bin/python\" -m pytest -q $durations tests/kernels/test_kernels.py"
   else
     echo "setup of jax $kjax for the kernel tests failed"
     status=1
@@ -98,7 +102,7 @@ if [ -n "$tunix" ] && [ -n "${py311:-}" ]; then
        "google-tunix==$tunix" "torch==2.13.0" pytest \
        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); then
     echo "--- setup of google-tunix $tunix: $(elapsed "$t0")"
-    stage "tunix $tunix models" "\"$venv/bin/python\" -m pytest -q -W ignore::DeprecationWarning $tunix_tests"
+    stage "tunix $tunix models" "\"$venv/bin/python\" -m pytest -q $durations -W ignore::DeprecationWarning $tunix_tests"
   else
     echo "setup of google-tunix $tunix failed"
     status=1

@@ -41,9 +41,12 @@ about (tunix's `Llama3`, your own):
    (tunix: `(cache, h)`). Without `blocks` the whole model calibrates at once,
    on full-precision inputs, which closed-form recipes need.
 
+   Trained CAT (`train.steps`) trains each block's transforms in the walk, as
+   catjax's own engine does (`catjax.ptq.foreign_train`).
+
 Calibration runs the model eagerly (the linears' inputs are read on the host);
-the quantized model runs under `nnx.jit` like the original. Trained CAT and
-KV-cache quantization are catjax's own decoder's for now (refused here).
+the quantized model runs under `nnx.jit` like the original. KV-cache
+quantization is catjax's own decoder's for now (refused here).
 """
 
 from __future__ import annotations
@@ -162,7 +165,7 @@ def find_linears(model: nnx.Module) -> dict[str, Linear]:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["transform", "w_scale"],
-                   meta_fields=["config", "in_ndim", "weights"])
+                   meta_fields=["config", "in_ndim", "weights", "ste"])
 @dataclasses.dataclass(frozen=True)
 class InputQuantizer:
   """What a quantized linear does to its input: `x Tᵀ`, then per-token fake quantization
@@ -174,6 +177,7 @@ class InputQuantizer:
   in_ndim: int
   weights: QuantConfig | None = None
   w_scale: jax.Array | None = None
+  ste: bool = False  # straight-through rounding (trained CAT's loss)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.transform is not None:
@@ -182,7 +186,7 @@ class InputQuantizer:
       return x
     shape = x.shape
     flat = x.reshape(*shape[:x.ndim - self.in_ndim], -1)
-    return fake_quantize_ste(flat, self.config, ste=False).reshape(shape)
+    return fake_quantize_ste(flat, self.config, ste=self.ste).reshape(shape)
 
 
 nnx.register_data_type(InputQuantizer)
@@ -353,9 +357,6 @@ def _site_name(linears: list[Linear]) -> str:
 
 
 def _check_recipe(recipe: Recipe, rule: Rule) -> None:
-  if recipe.train.steps:
-    raise ValueError(f"Rule({rule.module_path!r}): train.steps={recipe.train.steps}: trained CAT "
-                     "is catjax's own decoder's for now (catjax.quantize_model)")
   if recipe.kv_bits is not None:
     raise ValueError(f"Rule({rule.module_path!r}): kv_bits={recipe.kv_bits}: KV-cache "
                      "quantization needs catjax's own decoder (its key/value hook sites)")
@@ -378,8 +379,10 @@ def fit_site(site: Site, recipe: Recipe, ordinal: int) -> Transform | None:
   return fold_block_hadamard(t) if recipe.hadamard == "block" else t
 
 
-def quantize_site(site: Site, recipe: Recipe, transform: Transform | None) -> dict[str, jax.Array]:
-  """Merge `T⁻ᵀ` into each kernel of the site, round it onto its grid, attach the input
+def quantize_site(site: Site, recipe: Recipe, transform: Transform | None,
+                  w_clip: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+  """Merge `T⁻ᵀ` into each kernel of the site, round it onto its grid (with trained CAT's
+  learned clip ratios `w_clip`, `{linear path: (d_out,)}`, where given), attach the input
   quantizer. Returns `{linear path: per-output-channel scales}` of integer grids."""
   scales = {}
   sigma = []
@@ -395,7 +398,7 @@ def quantize_site(site: Site, recipe: Recipe, transform: Transform | None) -> di
       k = merge_kernel(transform, k)
     if recipe.w_config is not None:
       k, scale = rounding.REGISTRY[recipe.weights].quantize(
-          k, recipe.w_config, hessian=hessian, ratio=None, recipe=recipe)
+          k, recipe.w_config, hessian=hessian, ratio=(w_clip or {}).get(lin.path), recipe=recipe)
       if scale is not None:
         scales[lin.path] = scale
     lin.set_kernel(k)
@@ -534,7 +537,7 @@ def block_inputs(model: nnx.Module, blocks: list[tuple[str, nnx.Module]], calibr
   return hidden, rest[0][0], rest[0][1]
 
 
-def _hidden_of(out, h: jax.Array, path: str) -> jax.Array:
+def hidden_of(out, h: jax.Array, path: str) -> jax.Array:
   if hasattr(out, "shape") and out.shape == h.shape:
     return out
   like = [a for a in jax.tree.leaves(out) if getattr(a, "shape", None) == h.shape]
@@ -547,31 +550,58 @@ def _hidden_of(out, h: jax.Array, path: str) -> jax.Array:
 
 def walk_blocks(blocks: list[tuple[str, nnx.Module]], assigned: dict[str, tuple[Linear, int]],
                 rules: tuple[Rule, ...], hidden: list[jax.Array], args: tuple, kwargs: dict, *,
-                quantized_inputs: bool, progress: bool = True) -> None:
+                quantized_inputs: bool, progress: bool = True) -> list[dict]:
   """Quantize the assigned linears block by block (in place), each block calibrated on
-  the outputs of the ones before it: quantized when `quantized_inputs`, else float."""
-  ordinal = 0
-  for path, block in tqdm(blocks, desc="quantize", unit="block", disable=not progress,
-                          leave=False):
+  the outputs of the ones before it: quantized when `quantized_inputs`, else float.
+  Recipes with `train.steps` train each block's transforms first
+  (`catjax.ptq.foreign_train`), against the float model's outputs. Returns the
+  training reports, one per trained block."""
+  from catjax.ptq.foreign_train import train_sites
+
+  training = any(r.recipe is not None and r.recipe.train.steps for r in rules)
+  twin = list(hidden) if training and quantized_inputs else None  # the float model's stream
+  ordinal, reports = 0, []
+  for b, (path, block) in enumerate(tqdm(blocks, desc="quantize", unit="block",
+                                         disable=not progress, leave=False)):
     mine = {p: a for p, a in assigned.items() if p.startswith(path + "/")}
-    outs: list[jax.Array] = []
 
-    def run(blk, h):
-      outs.append(_hidden_of(blk(h, *args, **kwargs), h, path))
+    def run(blk, h, outs):
+      outs.append(hidden_of(blk(h, *args, **kwargs), h, path))
 
-    sites = calibrate_sites(block, mine, rules, hidden, run, progress=False) if mine else []
+    floats: list[jax.Array] = []  # the float block's outputs on this block's inputs
+    sites = calibrate_sites(block, mine, rules, hidden, functools.partial(run, outs=floats),
+                            progress=False) if mine else []
     if not mine:
       for h in hidden:
-        run(block, h)
-    for site in sites:
-      recipe = rules[site.rule].recipe
-      quantize_site(site, recipe, fit_site(site, recipe, ordinal))
-      ordinal += 1
-    if quantized_inputs and sites:
-      outs.clear()
-      for h in hidden:
-        run(block, h)
-    hidden = list(outs)
+        run(block, h, floats)
+    targets = floats
+    if twin is not None:
+      targets = []
+      for h in twin:
+        run(block, h, targets)
+    recipes = [rules[site.rule].recipe for site in sites]
+    ts = [fit_site(site, r, ordinal + i) for i, (site, r) in enumerate(zip(sites, recipes))]
+    w_clip = None
+    if sites and recipes[0].train.steps:
+      ts, w_clip, info = train_sites(block, path, sites, ts, recipes, hidden, targets, args,
+                                     kwargs, layer=b)
+      reports.append(info)
+    for site, r, t in zip(sites, recipes, ts):
+      quantize_site(site, r, t, w_clip)
+    ordinal += len(sites)
+    if twin is not None:
+      twin = targets
+    hidden = _next_inputs(block, hidden, floats, args, kwargs, path,
+                          quantized=quantized_inputs and bool(sites))
+  return reports
+
+
+def _next_inputs(block, hidden, floats, args, kwargs, path, *, quantized) -> list[jax.Array]:
+  """The next block's inputs: this (quantized) block run again on its inputs, or its float
+  outputs."""
+  if not quantized:
+    return floats
+  return [hidden_of(block(h, *args, **kwargs), h, path) for h in hidden]
 
 
 def instrument(assigned: dict[str, tuple[Linear, int]]) -> None:
@@ -620,7 +650,7 @@ def _propagation(rules: tuple[Rule, ...]) -> bool:
 
 def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibration: Iterable,
              *, forward: Callable | None = None, blocks: str | None = None, copy: bool = True,
-             progress: bool = True) -> nnx.Module:
+             progress: bool = True, info: dict | None = None) -> nnx.Module:
   """Quantize any NNX model by rules over its module paths.
 
   Args:
@@ -636,6 +666,9 @@ def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibrati
       whole model at once, on full-precision inputs.
     copy: quantize a copy (`nnx.clone`) and leave `model` as it is.
     progress: show progress bars.
+    info: a dict to receive what the walk reports: `info["train"]`, per trained
+      block its losses (closed form, first and last step, trained), the largest
+      condition number of `I + Δ` and whether the trained transforms were kept.
 
   Returns:
     The quantized model: the same classes, each quantized linear's weight merged
@@ -644,7 +677,8 @@ def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibrati
   Raises:
     ValueError: a rule that matches no linear or a module that is not a linear;
       two rules on the linears of one site; a linear the forward does not run, or
-      runs twice; a recipe this path does not take (trained CAT, KV bits); with
+      runs twice; a recipe this path does not take (KV bits), trained CAT without
+      `blocks` or with recipes that train differently; with
       `blocks`: a pattern that matches no module, a rule on a linear outside the
       blocks, blocks called in another order or with other arguments, recipes
       that disagree on propagation; without it, a recipe that propagates
@@ -656,6 +690,13 @@ def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibrati
       _check_recipe(r.recipe, r)
   if not isinstance(model, nnx.Module):
     raise ValueError(f"model must be an nnx.Module, got {type(model).__name__}")
+  trains = {r.recipe.train for r in rules if r.recipe is not None}
+  if len(trains) > 1 and any(t.steps for t in trains):
+    raise ValueError(f"the rules' recipes train differently ({sorted(map(str, trains))}); trained "
+                     "CAT trains each block once: give the recipes one TrainConfig")
+  if blocks is None and any(t.steps for t in trains):
+    raise ValueError("trained CAT (train.steps > 0) trains the model block by block: pass "
+                     "blocks=<regex of the decoder blocks' paths>, e.g. r'layers/\\d+'")
   quantized_inputs = _propagation(rules)
   if blocks is None and quantized_inputs:
     r = next(r for r in rules if r.recipe is not None and r.recipe.propagates_quantized)
@@ -678,8 +719,10 @@ def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibrati
   forward = forward or _default_forward
   if found is not None:
     hidden, args, kwargs = block_inputs(model, found, calibration, forward, progress=progress)
-    walk_blocks(found, assigned, rules, hidden, args, kwargs, quantized_inputs=quantized_inputs,
-                progress=progress)
+    reports = walk_blocks(found, assigned, rules, hidden, args, kwargs,
+                          quantized_inputs=quantized_inputs, progress=progress)
+    if info is not None:
+      info["train"] = reports
     return model
   sites = calibrate_sites(model, assigned, rules, calibration, forward, progress=progress)
   for i, site in enumerate(tqdm(sites, desc="quantize", unit="site", disable=not progress,

@@ -94,7 +94,7 @@ def clip_ratio(theta: jax.Array) -> jax.Array:
   return 1.0 + W_CLIP_LR_SCALE * theta
 
 
-def _project(params: dict) -> dict:
+def project_clips(params: dict) -> dict:
   """Keep every learned clip ratio in `[W_CLIP_MIN, 1]`."""
   lo = (W_CLIP_MIN - 1.0) / W_CLIP_LR_SCALE
   return {**params, "w_clip": jax.tree.map(lambda t: jnp.clip(t, lo, 0.0), params["w_clip"])}
@@ -136,7 +136,7 @@ _STATIC = ("graphdef", "hook", "spec", "w_config")
 _error_jit = jax.jit(_error, static_argnames=_STATIC)
 
 
-def _optimizer(lr: float, steps: int):
+def optimizer(lr: float, steps: int):
   return optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1)), weight_decay=0.0)
 
 
@@ -145,8 +145,8 @@ def _step(params, opt_state, block, base, x, y, rope, *, graphdef, hook, spec, w
           steps):
   loss, grads = jax.value_and_grad(_loss)(params, block, base, x, y, rope, graphdef=graphdef,
                                           hook=hook, spec=spec, w_config=w_config)
-  updates, opt_state = _optimizer(lr, steps).update(grads, opt_state, params)
-  return _project(optax.apply_updates(params, updates)), opt_state, loss
+  updates, opt_state = optimizer(lr, steps).update(grads, opt_state, params)
+  return project_clips(optax.apply_updates(params, updates)), opt_state, loss
 
 
 def block_loss(runner, block, transforms, x, y, recipe, *, spec: ArchSpec,
@@ -208,7 +208,7 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
   batch = min(recipe.train.batch, n)
   static = dict(graphdef=runner.graphdef, hook=_hook(recipe, spec), spec=spec,
                 w_config=recipe.w_config)
-  opt_state = _optimizer(recipe.train.lr, steps).init(params)
+  opt_state = optimizer(recipe.train.lr, steps).init(params)
   key = jax.random.fold_in(jax.random.PRNGKey(recipe.seed), layer)
   curve = []
   for step in range(steps):

@@ -129,6 +129,25 @@ def test_site_report_of_a_foreign_model():
   assert all(db is None or db > 80 for db in exact), exact  # float rounding only
 
 
+def test_trained_cat_on_a_foreign_model_beats_its_closed_form():
+  net = Net()
+  ref = net(TOKENS)
+  walk = dict(blocks=r"blocks/\d+", progress=False)
+  info = {}
+  trained = foreign.quantize(net, Rule(r"blocks/\d+/.*", Recipe(
+      method="cat", block_size=8, train=TrainConfig(steps=20, batch=2))), CALIB, info=info, **walk)
+  closed = foreign.quantize(net, Rule(r"blocks/\d+/.*", Recipe(
+      method="cat", block_size=8, propagate="quantized")), CALIB, **walk)
+  assert [r["block"] for r in info["train"]] == ["blocks/0", "blocks/1"]
+  for r in info["train"]:  # kept only when the trained loss on all inputs is lower
+    assert r["kept"] and r["trained_loss"] < r["closed_form_loss"] and r["max_cond"] < 2, r
+  assert not np.array_equal(trained.blocks[0].q.w[...], closed.blocks[0].q.w[...])
+  assert float(jnp.mean((trained(TOKENS) - ref) ** 2)) < float(jnp.mean((closed(TOKENS) - ref) ** 2))
+  with pytest.raises(ValueError, match="give the recipes one TrainConfig"):
+    foreign.quantize(net, [Rule(r"blocks/\d+/(q|k|v|o)", Recipe(train=TrainConfig(steps=5))),
+                           Rule(r"blocks/\d+/.*", Recipe(train=TrainConfig(steps=6)))], CALIB, **walk)
+
+
 def _reversed(m, t):
   return m.head(m.blocks[0](m.blocks[1](m.embed(t))))
 
@@ -160,7 +179,7 @@ def test_bad_blocks_are_one_clear_error(kw, words):
                                       "which is not a linear"),
     ([Rule(r"blocks/\d+/(q|k)", Recipe(method="cat", block_size=8)), Rule(r"blocks/\d+/v", Recipe())],
      "two rules on one site"),
-    ([Rule(".*", Recipe(train=TrainConfig(steps=5)))], "train.steps=5: trained CAT"),
+    ([Rule(".*", Recipe(train=TrainConfig(steps=5)))], "trained CAT (train.steps > 0) trains the model block by block: pass blocks="),
     ([Rule(".*", Recipe(kv_bits=4))], "kv_bits=4"),
 ])
 def test_bad_rules_are_one_clear_error(rules, words):
