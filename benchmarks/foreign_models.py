@@ -78,9 +78,9 @@ def main() -> None:
     row["own_forward_s"] = median_time(lambda: jax.block_until_ready(own_nll(batch)))
     if recipe.quantized:
       row["own_site_sqnr_db"] = mean_sqnr(site_report(model, qo, report, acts=own_acts))
-    if recipe.quantized and not recipe.propagates_quantized:
+    if recipe.quantized:
       # The chaos band: the same recipe on the calibration windows in reverse order
-      # (the same statistics up to float rounding).
+      # (the same statistics up to float rounding; GPTQ's Hessians too).
       qr = cj.quantize_model(model, calib[::-1], recipe, batch_size=args.batch_size, progress=False)
       row["own_ppl_reordered"] = nll_ppl(window_nll(qr.model, hook=qr.hook, hook_state=qr.transforms))
     t0 = time.perf_counter()
