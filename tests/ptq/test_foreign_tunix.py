@@ -113,3 +113,24 @@ def test_trained_cat_solves_catjax_own_training_problem(models):
   want = perplexity(qo.model, EVAL, hook=qo.hook, hook_state=qo.transforms, progress=False)
   got = math.exp(float(token_nll(tx.forward(q, EVAL), jnp.asarray(EVAL)).mean()))
   assert got == pytest.approx(want.perplexity, rel=1e-2)
+
+
+def test_qwix_runs_catjax_weights(models):
+  """tunix's model quantized by catjax (GPTQ through the blocks), exported as qwix's
+  parameters (int4 codes, per-channel scales, the input quantizers) into the model qwix's
+  own `quantize_model` made: the same logits as catjax's."""
+  qwix = pytest.importorskip("qwix")
+  from catjax.ptq import qwix_interop as cq
+
+  _, model, _ = models
+  recipe = cj.Recipe(method="cat", block_size=16, weights="gptq")
+  q = _foreign(model, recipe, r"layers/\d+")
+  t = jnp.asarray(EVAL[:2])
+  positions = jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape)
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t.shape[1],) * 2, bool)), (2, *(t.shape[1],) * 2))
+  ptq = qwix.quantize_model(model, cq.CatPtqProvider(_rules(recipe)), t, positions, None, mask)
+  theirs = cq.export(q, ptq)
+  assert isinstance(theirs.layers[0].attn.o_proj.w, cq.WithCatInput)
+  want = tx.forward(q, EVAL)
+  np.testing.assert_allclose(tx.forward(theirs, EVAL), want, rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(want).max()))

@@ -1,0 +1,334 @@
+"""catjax's CAT in qwix's pipeline, and catjax's quantized weights as qwix's parameters.
+
+qwix (Google's JAX quantization library) quantizes a Flax model by intercepting
+`jax.lax.dot_general` / `jnp.einsum` while it runs, under rules with a
+`module_path` regex (first match wins). This module gives it what it lacks, an
+online input transform, in its own terms; it needs `pip install qwix` (only
+this module imports it).
+
+- `CatRule`: a `qwix.QuantizationRule` carrying a catjax `Recipe`; its
+  `weight_qtype` follows the recipe's integer weight bits (`int4`, `int8`).
+  catjax quantizes the activations itself, after the transform, so `act_qtype`
+  stays None (a qwix activation quantizer would run on the transformed input a
+  second time).
+- `CatCalibrationProvider`: for `qwix.quantize_model(model, provider, sample)`;
+  while the returned model runs (eagerly or under `nnx.jit`), each matched
+  linear accumulates its input's second moment in the `quant_stats` collection
+  (`<weight>_cat`, a `catjax.core.stats.SecondMoment` of the flattened input),
+  and the provider records which linears read the very same input array in one
+  forward: those are a site (q/k/v, gate/up) and share one transform.
+- `CatPtqProvider`: qwix's `PtqProvider` whose ops also take a `WithCatInput`
+  weight: the weight as qwix's `QArray` (integer codes in the weight's shape,
+  per-output-channel scales) plus catjax's input quantizer (`x Tᵀ`, then
+  per-token fake quantization), run on the op's input first.
+- `fit(ptq_model, model, calibrated, provider)`: fit each site's transform from
+  the collected statistics and the summed weight Gram, merge, round, and write
+  the weights into the model `qwix.quantize_model(model, CatPtqProvider(...))`
+  made — calibrate → fit → quantize, in qwix's order.
+- `export(quantized, ptq_model)`: the same writing step from a model
+  `catjax.quantize` returned (any recipe the rule path takes: GPTQ with
+  quantized-input Hessians, trained CAT, ...), where the formats meet: integer
+  weights with per-channel scales.
+
+The weights' flattening is the rule path's (`catjax.ptq.foreign`): a linear is
+an `nnx.Linear` or a module with one einsum equation and one weight, its input
+axes flatten to `d_in`, the others to `d_out`. qwix's calibration providers
+skip einsums that contract several axes (o_proj `BTNH,NHD->BTD`); this one
+takes them. Linen models are not covered: the rule path's linears and blocks
+are NNX modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import qwix
+from flax import nnx
+from qwix._src.providers import ptq as qwix_ptq
+from qwix._src.utils import flax_util
+
+from catjax.core.stats import SecondMoment
+from catjax.ptq import foreign
+from catjax.ptq.foreign import InputQuantizer, Linear, Site
+from catjax.ptq.recipe import Recipe
+from catjax.ptq.rules import Rule
+
+_SUFFIX = "_cat"
+
+
+# ---------------------------------------------------------------------------
+# Rules
+
+
+def _unfit(w) -> str | None:
+  """Why weights quantized by `w` (a QuantConfig or None) have no qwix format, or None."""
+  if w is None:
+    return "no weight quantization"
+  if w.format != "int":
+    return f"{w.format} weights"
+  if not w.symmetric or w.bits not in (4, 8):
+    return f"{'' if w.symmetric else 'asymmetric '}{w.bits}-bit integer weights"
+  return None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CatRule(qwix.QuantizationRule):
+  """A qwix rule whose linears get a catjax `recipe` (transform, bits, rounding)."""
+
+  recipe: Recipe | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.recipe, Recipe):
+      raise ValueError(f"CatRule({self.module_path!r}): recipe must be a catjax Recipe, got "
+                       f"{self.recipe!r}")
+    if self.act_qtype is not None:
+      raise ValueError(f"CatRule({self.module_path!r}): act_qtype={self.act_qtype!r}: catjax "
+                       "quantizes the activations itself, after the transform (the recipe's "
+                       "a_bits); leave act_qtype None")
+    why = _unfit(self.recipe.w_config)
+    if why:
+      raise ValueError(f"CatRule({self.module_path!r}): recipe {self.recipe.label!r} has {why}; "
+                       "qwix's parameters take symmetric int4 / int8 weights")
+    w = self.recipe.w_config
+    qtype = f"int{w.bits}"
+    if self.weight_qtype is not None and str(jnp.dtype(self.weight_qtype)) != qtype:
+      raise ValueError(f"CatRule({self.module_path!r}): weight_qtype={self.weight_qtype!r} "
+                       f"but the recipe's weights are {qtype}")
+    object.__setattr__(self, "weight_qtype", qtype)
+
+
+def qwix_rules(rules: Rule | Recipe | Sequence[Rule]) -> list[qwix.QuantizationRule]:
+  """catjax `Rule`s as qwix rules: a recipe becomes a `CatRule`, a float rule a qwix rule
+  that quantizes nothing (it keeps the first-match order)."""
+  return [qwix.QuantizationRule(module_path=r.module_path) if r.recipe is None
+          else CatRule(module_path=r.module_path, recipe=r.recipe)
+          for r in foreign.as_rules(rules)]
+
+
+def _rules(rules) -> list[qwix.QuantizationRule]:
+  if isinstance(rules, (Rule, Recipe)) or (
+      isinstance(rules, (list, tuple)) and any(isinstance(r, Rule) for r in rules)):
+    return qwix_rules(rules)
+  return list(rules)
+
+
+def _first_match(rules: Sequence[qwix.QuantizationRule], path: str) -> int:
+  return next(i for i, r in enumerate(rules) if re.fullmatch(r.module_path, path))
+
+
+def _current_linear() -> Linear | None:
+  """The linear (rule path's reading) whose op qwix intercepted, or None."""
+  module = flax_util.get_current_module()
+  if not isinstance(module, nnx.Module):
+    return None
+  lin = foreign._as_linear("/".join(map(str, getattr(module, "qwix_path", ()))), module)
+  return lin if isinstance(lin, Linear) else None
+
+
+# ---------------------------------------------------------------------------
+# Calibration
+
+
+class CatCalibrationProvider(qwix.QuantizationProvider):
+  """Collects each `CatRule` linear's input second moment and the sites (see the module)."""
+
+  def __init__(self, rules, **kwargs):
+    super().__init__(_rules(rules), **kwargs)
+    self.sites: list[tuple[str, ...]] | None = None  # linear paths per site, in call order
+    self._calls: dict[int, list[str]] = {}
+    self._keep: list[Any] = []  # the inputs of one forward: their ids stay unique
+
+  def process_model_inputs(self, model, model_args, model_kwargs):
+    self._calls, self._keep = {}, []
+    return super().process_model_inputs(model, model_args, model_kwargs)
+
+  def process_model_output(self, method_name, model_output):
+    if self.sites is None and self._calls:
+      self.sites = [tuple(paths) for paths in self._calls.values()]
+    self._calls, self._keep = {}, []
+    return super().process_model_output(method_name, model_output)
+
+  def _record(self, op: str, x: jax.Array, w: jax.Array) -> None:
+    rule, _ = self._get_current_rule_and_op_id(op)
+    if not isinstance(rule, CatRule):
+      return
+    lin = _current_linear()
+    if lin is None or tuple(w.shape) != tuple(lin.weight[...].shape):
+      return
+    self._keep.append(x)
+    paths = self._calls.setdefault(id(x), [])
+    if lin.path in paths or any(lin.path in p for p in self._calls.values() if p is not paths):
+      raise ValueError(f"linear {lin.path!r} ran more than once in one forward; catjax needs "
+                       "each quantized linear to run once per forward (one input, one site)")
+    paths.append(lin.path)
+    v = foreign._flat(x, lin)
+    var = flax_util.get_or_create_variable("quant_stats", lin.param + _SUFFIX,
+                                           lambda: SecondMoment.zeros(v.shape[-1]))
+    if flax_util.should_update_quant_stats():
+      var.value = var.value.update(v)
+
+  def dot_general(self, lhs, rhs, dimension_numbers, *args, **kwargs):
+    self._record("dot_general", lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, *args, **kwargs)
+
+  def einsum(self, equation, *operands, **kwargs):
+    if len(operands) == 2:
+      self._record("einsum", *operands)
+    return jnp.einsum(equation, *operands, **kwargs)
+
+  def get_intercept_map(self):
+    return super().get_intercept_map() | {"jax.lax.dot_general": self.dot_general,
+                                          "jax.numpy.einsum": self.einsum}
+
+
+# ---------------------------------------------------------------------------
+# The quantized weight and the provider that runs it
+
+
+@flax.struct.dataclass(kw_only=True)
+class WithCatInput(qwix_ptq.WithAux[qwix.QArray]):
+  """A qwix quantized weight (`array`, `how`) with catjax's input quantizer, run on the
+  op's input before the product."""
+
+  quantizer: InputQuantizer
+
+
+nnx.register_data_type(WithCatInput)
+
+
+class CatPtqProvider(qwix.PtqProvider):
+  """qwix's `PtqProvider`, whose ops run a `WithCatInput` weight's input quantizer first.
+
+  `rules`: qwix rules (`CatRule`s for catjax's linears, any qwix rule besides) or
+  catjax `Rule`s (converted by `qwix_rules`)."""
+
+  def __init__(self, rules, **kwargs):
+    super().__init__(_rules(rules), **kwargs)
+
+  def dot_general(self, lhs, rhs, dimension_numbers, *args, **kwargs):
+    if isinstance(rhs, WithCatInput):
+      lhs, rhs = rhs.quantizer(lhs), qwix_ptq.WithAux(rhs.array, rhs.how)
+    return super().dot_general(lhs, rhs, dimension_numbers, *args, **kwargs)
+
+  def einsum(self, equation, *operands, **kwargs):
+    if len(operands) == 2 and isinstance(operands[1], WithCatInput):
+      x, w = operands
+      operands = (w.quantizer(x), qwix_ptq.WithAux(w.array, w.how))
+    return super().einsum(equation, *operands, **kwargs)
+
+  def astype(self, x, dtype, *args, **kwargs):
+    """`jnp.astype` of a quantized weight casts its dequantized type (tunix's Qwen2 casts
+    its einsum weights before the product; qwix's own provider refuses that)."""
+    if isinstance(x, qwix_ptq.WithAux):
+      return x.replace(array=x.array.astype(dtype))
+    return jnp.astype(x, dtype, *args, **kwargs)
+
+  def get_intercept_map(self):
+    return super().get_intercept_map() | {"jax.numpy.astype": self.astype}
+
+
+# ---------------------------------------------------------------------------
+# Writing catjax's weights into qwix's model
+
+
+def _scale_shape(lin: Linear) -> tuple[int, ...]:
+  return tuple(1 if a in lin.in_axes else n for a, n in enumerate(lin.weight[...].shape))
+
+
+def _with_cat_input(lin: Linear, target: Any, path: str) -> WithCatInput:
+  """`lin` (a linear `catjax.quantize` quantized) as qwix's weight, in `target`'s format."""
+  q: InputQuantizer = lin.module.catjax_input
+  why = _unfit(q.weights) or (None if q.w_scale is not None else "no per-channel scales")
+  if why:
+    raise ValueError(f"linear {path!r}: its weights have {why}; qwix's parameters take "
+                     "symmetric int4 / int8 weights with per-channel scales")
+  qtype = jnp.dtype(target.how.qtype)
+  if str(qtype) != f"int{q.weights.bits}":
+    raise ValueError(f"linear {path!r}: catjax's weights are int{q.weights.bits}, qwix's model "
+                     f"quantizes it to {qtype}: give it a rule with weight_qtype "
+                     f"'int{q.weights.bits}'")
+  if sorted(set(range(lin.weight[...].ndim)) - set(target.how.channelwise_axes)) != sorted(
+      lin.in_axes) or target.how.tiled_axes:
+    raise ValueError(f"linear {path!r}: qwix's weight is quantized along axes "
+                     f"{target.how.channelwise_axes} (tiles {dict(target.how.tiled_axes)}); "
+                     "catjax's scales are per output channel, over the input axes "
+                     f"{lin.in_axes}")
+  kernel, scale = lin.kernel(), jnp.asarray(q.w_scale, jnp.float32)
+  codes = jnp.round(kernel / scale)
+  err = float(jnp.max(jnp.abs(codes * scale - kernel)) / jnp.maximum(jnp.max(scale), 1e-30))
+  if not err < 1e-3:
+    raise ValueError(f"linear {path!r}: its weight is not on its grid (off by {err:.2g} of a "
+                     "step); was it changed after catjax.quantize?")
+  array = qwix.QArray(qvalue=lin.unflatten(codes).astype(qtype),
+                      scale=scale.reshape(_scale_shape(lin)), qtype=qtype)
+  return WithCatInput(array=array, how=target.how,
+                      quantizer=dataclasses.replace(q, weights=None, w_scale=None))
+
+
+def export(quantized: nnx.Module, ptq_model: nnx.Module) -> nnx.Module:
+  """Write the weights of `quantized` (from `catjax.quantize`) into `ptq_model` (from
+  `qwix.quantize_model(model, CatPtqProvider(rules), sample)` on the same float model),
+  in place, and return it: each quantized linear's weight becomes a `WithCatInput`
+  (integer codes, per-channel scales, its input quantizer). Every linear catjax
+  quantized must be a quantized weight of `ptq_model` at the same path, and no other."""
+  modules = {foreign.module_path(p): m for p, m in nnx.iter_modules(ptq_model)}
+  theirs = {path for path, m in modules.items()
+            if any(isinstance(v, qwix_ptq.WithAux) for v in vars(m).values())}
+  ours = foreign.quantized_linears(quantized)
+  if not ours:
+    raise ValueError("the model has no linear catjax quantized (pass catjax.quantize's result)")
+  for path, lin in ours.items():
+    if not isinstance(vars(modules.get(path, object())).get(lin.param), qwix_ptq.WithAux):
+      raise ValueError(f"linear {path!r}, quantized by catjax, is not a quantized weight of "
+                       f"qwix's model: its rules must quantize the same linears (qwix's: "
+                       f"{sorted(theirs)[:4]}...)")
+  extra = sorted(theirs - set(ours))
+  if extra:
+    raise ValueError(f"qwix's model quantizes {extra[:4]}, which catjax did not: its rules must "
+                     "quantize the same linears")
+  for path, lin in ours.items():
+    setattr(modules[path], lin.param, _with_cat_input(lin, vars(modules[path])[lin.param], path))
+  return ptq_model
+
+
+def fit(ptq_model: nnx.Module, model: nnx.Module, calibrated: nnx.Module,
+        provider: CatCalibrationProvider) -> nnx.Module:
+  """Fit, merge, round and write catjax's weights into `ptq_model`, in place.
+
+  Args:
+    ptq_model: `qwix.quantize_model(model, CatPtqProvider(rules), sample)`.
+    model: the float model both came from (not changed).
+    calibrated: `qwix.quantize_model(model, provider, sample)` after running it on the
+      calibration batches: its `quant_stats` hold each linear's statistics.
+    provider: that `CatCalibrationProvider` (its `sites`, its rules).
+
+  Every site's transform is fitted on full-precision inputs, as `catjax.quantize`
+  without `blocks` does (its Hadamard keys follow the sites' call order), so the
+  result equals `export(catjax.quantize(model, rules, batches), ptq_model)`.
+  """
+  if provider.sites is None:
+    raise ValueError("the calibration provider saw no forward: run the model qwix.quantize_model "
+                     "returned on the calibration batches first")
+  rules = provider._rules
+  work = nnx.clone(model)
+  linears = foreign.find_linears(work)
+  stats_of = {foreign.module_path(p): m for p, m in nnx.iter_modules(calibrated)}
+  for ordinal, paths in enumerate(provider.sites):
+    idx = {_first_match(rules, p) for p in paths}
+    if len(idx) > 1:
+      raise ValueError(f"two rules on one site (linears that read the same input): {paths}; a "
+                       "site shares one transform: give its linears one rule")
+    rule = rules[idx.pop()]
+    lins = [linears[p] for p in paths]
+    stats = getattr(stats_of[paths[0]], lins[0].param + _SUFFIX).value
+    if int(stats.count) == 0:
+      raise ValueError(f"site {paths}: no calibration tokens were seen (run the calibrated model "
+                       "on the batches; its first call, inside qwix.quantize_model, counts none)")
+    site = Site(foreign._site_name(lins), lins, 0, stats=stats)
+    foreign.quantize_site(site, rule.recipe, foreign.fit_site(site, rule.recipe, ordinal))
+  return export(work, ptq_model)
