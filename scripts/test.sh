@@ -93,7 +93,7 @@ fi
 
 # tunix's Llama3 and Qwen2 as foreign models: their own environment (google-tunix
 # brings ~100 packages; torch for the transformers reference), their own stage.
-tunix_tests="tests/models/test_tunix.py tests/ptq/test_foreign_tunix.py"
+tunix_tests="tests/models/test_tunix.py tests/ptq/test_foreign_tunix.py tests/ptq/test_qwix.py"
 if [ -n "$tunix" ] && [ -n "${py311:-}" ]; then
   t0=$SECONDS
   venv=".venv-tunix"
