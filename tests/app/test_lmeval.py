@@ -90,11 +90,18 @@ def test_rolling_and_generation_equal_hflm(models):
 def test_offline_tasks_through_simple_evaluate(models):
   import lm_eval
   from lm_eval.tasks import TaskManager
-  _, ours, theirs = models
+  from lm_eval.api.registry import get_model
+  from lm_eval.models.huggingface import HFLM
+  folder, _, _ = models
+  # Importing catjax's model type adds "catjax" to lm-eval's registry and keeps its own
+  # models: both resolve by name in one process, and one simple_evaluate each runs.
+  assert get_model("hf") is HFLM and get_model("catjax") is CatjaxLM
   tasks = ["catjax_wiki_lastword", "catjax_wiki_cloze"]
   manager = TaskManager(include_path=str(TASKS_DIR))
-  runs = [lm_eval.simple_evaluate(model=m, tasks=tasks, limit=12, task_manager=manager)
-          for m in (ours, theirs)]
+  runs = [lm_eval.simple_evaluate(model=name, model_args=args, tasks=tasks, limit=12,
+                                  task_manager=manager)
+          for name, args in (("catjax", f"model={folder},batch_size=3"),
+                             ("hf", f"pretrained={folder},device=cpu,batch_size=3,dtype=float32"))]
   for task, metric in (("catjax_wiki_lastword", "acc,none"), ("catjax_wiki_cloze", "acc,none"),
                        ("catjax_wiki_cloze", "acc_norm,none")):
     assert runs[0]["results"][task][metric] == runs[1]["results"][task][metric]
