@@ -69,6 +69,24 @@ def _positive_float(text: str) -> float:
   return value
 
 
+def _nonnegative_float(text: str) -> float:
+  value = float(text)
+  if not 0 <= value < float("inf"):
+    raise argparse.ArgumentTypeError(f"{value} is not a finite number >= 0")
+  return value
+
+
+def _seed(text: str) -> int:
+  from catjax.base.checks import check_seed
+  value = int(text)
+  try:
+    check_seed("seed", value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{value} is not a 64-bit seed (an integer in "
+                                     "[-2**63, 2**63 - 1])") from None
+  return value
+
+
 def _bits(text: str) -> int | None:
   value = int(text)
   if value == 16:
@@ -167,7 +185,7 @@ def _ptq_args(p: argparse.ArgumentParser, *, several: bool, plan: bool = False):
                  help="what each block's successor sees during quantization: the quantized or "
                       "the full-precision outputs; auto = quantized for GPTQ and trained "
                       "recipes (default: %(default)s)")
-  q.add_argument("--seed", type=int, default=0, help="Hadamard sign seed (default: %(default)s)")
+  q.add_argument("--seed", type=_seed, default=0, help="Hadamard sign seed (default: %(default)s)")
   p.set_defaults(recipe_defaults={a.option_strings[0]: (a.dest, a.default)
                                   for a in q._group_actions})
   d = p.add_argument_group("data")
@@ -241,12 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
   gen.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the model's chat template")
-  gen.add_argument("--temperature", type=float, default=0.0,
+  gen.add_argument("--temperature", type=_nonnegative_float, default=0.0,
                    help="sampling temperature; 0 is greedy (default: %(default)s)")
   gen.add_argument("--top-p", type=_ratio, default=1.0,
                    help="nucleus sampling: keep the most likely tokens up to this probability "
                         "mass (default: %(default)s)")
-  gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+  gen.add_argument("--seed", type=_seed, default=0, help="sampling seed (default: %(default)s)")
   gen.add_argument("--json", type=Path, help="write prompt, completion and token ids here")
 
   qz = sub.add_parser("quantize", help="calibrate, quantize with one recipe, evaluate, report")
@@ -429,8 +447,8 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   """Run the command line; returns the exit status: 0, or 2 on a user error
-  (bad flag, value, file or configuration: one line on stderr naming it; the
-  traceback with --debug), 130 on an interrupt. Other exceptions are bugs and
+  (bad flag, value, file or configuration, or a fit the data cannot take: one
+  line on stderr naming it; the traceback with --debug), 130 on an interrupt. Other exceptions are bugs and
   keep their traceback."""
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -444,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
               "compare": _compare, "plan": _plan}[args.command](args)
     if getattr(args, "json", None) and args.command in ("eval", "generate"):
       _wrote([write_text(args.json, json.dumps(report, indent=2) + "\n")])
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, FloatingPointError) as e:  # a fit that failed on the data
     if args.debug:
       raise
     print(f"catjax {args.command}: error: {_one_line(e)}", file=sys.stderr)

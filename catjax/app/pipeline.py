@@ -179,7 +179,8 @@ def _calibration(cfg: RunConfig, model, tokenizer, mesh):
   info["seconds"] = time.perf_counter() - t0 if stats is None else _timed(stats, t0)
   if cfg.stats_out is not None:
     out = save_stats(cfg.stats_out, stats, model=cfg.model, fingerprint=fingerprint,
-                     **{k: v for k, v in info.items() if k not in ("seconds", "report_windows")})
+                     **{k: v for k, v in info.items()  # loaded statistics' meta names their model
+                        if k not in ("seconds", "report_windows", "model", "model_fingerprint")})
     log.info("calibration statistics saved to %s (%.0f MB)", out, out.stat().st_size / 2**20)
   return stats, fit, held, info
 

@@ -55,6 +55,36 @@ def _unpack_upper(packed: np.ndarray, d: int, name: str) -> np.ndarray:
   return full
 
 
+_META_TYPES = {"data": str, "windows": int, "seqlen": int, "tokens": int}
+# Second moments up to this width get the full positive-semidefinite check (a float64
+# Cholesky, O(d³)); wider ones the O(d²) necessary conditions only.
+_PSD_CHECK_MAX_DIM = 4096
+
+
+def _not_a_second_moment(xx: np.ndarray) -> str | None:
+  """Why `xx` (`(d, d)` or stacked `(L, d, d)`) is no second moment (" in layer i is
+  ..."), or None. Symmetric to float rounding; every 2 × 2 minor within
+  Cauchy–Schwarz; up to `_PSD_CHECK_MAX_DIM`, positive semidefinite (Cholesky of
+  `xx + 1e-6 · max diag · I` in float64)."""
+  mats = np.asarray(xx, np.float64).reshape(-1, *xx.shape[-2:])
+  layered = xx.ndim == 3
+  for i, m in enumerate(mats):
+    where = f" in layer {i}" if layered else ""
+    diag = np.diagonal(m)
+    scale = max(float(diag.max(initial=0.0)), 1e-30)
+    if np.abs(m - m.T).max(initial=0.0) > 1e-5 * scale:
+      return f"{where} are not symmetric (off by {np.abs(m - m.T).max():.3g})"
+    bound = np.sqrt(np.outer(diag, diag))
+    if (np.abs(m) > bound * (1 + 1e-4) + 1e-6 * scale).any():
+      return f"{where} break Cauchy–Schwarz (|Σ_ij| > √(Σ_ii Σ_jj))"
+    if m.shape[-1] <= _PSD_CHECK_MAX_DIM:
+      try:
+        np.linalg.cholesky(m + 1e-6 * scale * np.eye(m.shape[-1]))
+      except np.linalg.LinAlgError:
+        return f"{where} are indefinite (a negative eigenvalue)"
+  return None
+
+
 def load_stats(path: str | Path, cfg: ModelConfig | None = None, *,
                fingerprint: str | None = None) -> tuple[dict[str, SecondMoment], dict[str, Any]]:
   """Read statistics written by `save_stats`; with `cfg`, check they fit that
@@ -93,6 +123,15 @@ def load_stats(path: str | Path, cfg: ModelConfig | None = None, *,
       raise
     raise InputError(path, f"not a readable statistics file (truncated, or not written by "
                            f"save_stats): {type(e).__name__}: {e}") from None
+  if not isinstance(meta, dict):
+    raise InputError(path, f"its metadata is a JSON {type(meta).__name__}, expected an object "
+                           "(was it written by save_stats?)")
+  for key, want in _META_TYPES.items():
+    v = meta.get(key)
+    if v is not None and not (isinstance(v, str) if want is str else
+                              isinstance(v, int) and not isinstance(v, bool) and v > 0):
+      raise InputError(path, f"its metadata {key}={v!r}: expected "
+                             f"{'a string' if want is str else 'a positive integer'}")
   for site, r in raw.items():
     xx = r["xx"]
     if not np.isfinite(xx).all() or not np.isfinite(r["absmax"]).all():
@@ -101,6 +140,10 @@ def load_stats(path: str | Path, cfg: ModelConfig | None = None, *,
         or (r["count"] <= 0).any():
       raise InputError(path, f"statistics of {site} are impossible (negative second moment or "
                              "absmax, or no tokens counted); was the file altered?")
+    why = _not_a_second_moment(xx)
+    if why:
+      raise InputError(path, f"statistics of {site}{why}; a second moment is symmetric "
+                             "positive semidefinite: was the file altered?")
   stats = {s: SecondMoment(xx=jnp.asarray(r["xx"]), absmax=jnp.asarray(r["absmax"]),
                            count=jnp.asarray(r["count"])) for s, r in raw.items()}
   if cfg is not None:

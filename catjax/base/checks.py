@@ -37,3 +37,13 @@ def check_bool(name: str, v) -> None:
   """`v` is True or False."""
   if not isinstance(v, _BOOL):
     raise ValueError(f"{name}={v!r}: expected True or False")
+
+
+SEED_RANGE = (-2**63, 2**63 - 1)  # what jax.random.PRNGKey takes
+
+
+def check_seed(name: str, v) -> None:
+  """`v` is an integer seed (not a bool) in `SEED_RANGE`, a 64-bit signed integer."""
+  lo, hi = SEED_RANGE
+  if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+    raise ValueError(f"{name}={v!r}: expected an integer in [-2**63, 2**63 - 1] (a 64-bit seed)")

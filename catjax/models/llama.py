@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from catjax.base.checks import check_seed
 from catjax.models.config import ModelConfig
 from catjax.models.spec import LLAMA
 
@@ -468,6 +469,7 @@ def generate_batch(model: Llama, prompts, *, max_new_tokens: int = 32,
     raise ValueError(f"temperature={temperature!r}: expected a finite value >= 0")
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p!r}: expected a value in (0, 1]")
+  check_seed("seed", seed)
   if isinstance(eos_token_id, str):
     if eos_token_id != FROM_CONFIG:
       raise ValueError(f"eos_token_id={eos_token_id!r}: expected token ids, None or "

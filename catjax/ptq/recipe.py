@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from catjax.base.checks import check_bits, check_bool, check_int, is_real
+from catjax.base.checks import check_bits, check_bool, check_int, check_seed, is_real
 from catjax.core import hadamard as hd
 from catjax.core import transforms as tf
 from catjax.ptq import rounding
@@ -120,8 +120,7 @@ class Recipe:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected a {kind.__name__}")
     if not (is_real(self.eps) and self.eps >= 0):
       raise ValueError(f"eps={self.eps!r}: expected a finite value >= 0")
-    if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-      raise ValueError(f"seed={self.seed!r}: expected an integer")
+    check_seed("seed", self.seed)
     check_bool("fit_x64", self.fit_x64)
     if self.propagate not in PROPAGATE:
       raise ValueError(f"propagate={self.propagate!r}: expected one of {PROPAGATE}")

@@ -51,6 +51,36 @@ def _variant(stats, tmp_path, kind):
     np.savez(out, **arrays)
   elif kind == "text":
     out.write_text("not statistics")
+  else:  # a second moment or the metadata edited
+    with np.load(stats) as z:
+      arrays = {k: z[k] for k in z.files}
+    key = next(k for k in sorted(arrays) if k.endswith(".xx_upper"))
+    site = key[:-len(".xx_upper")]
+    d = arrays[f"{site}.absmax"].shape[-1]
+    xx = np.zeros(arrays[key].shape[:-1] + (d, d), np.float32)
+    rows, cols = np.triu_indices(d)
+    xx[..., rows, cols] = arrays[key]
+    xx[..., cols, rows] = arrays[key]
+    if kind in ("asymmetric", "off-diagonal x3", "indefinite"):
+      del arrays[key]
+      m = xx[1]
+      if kind == "asymmetric":
+        m[0, 1] += 0.5 * m[0, 0]
+      elif kind == "off-diagonal x3":
+        m[:] = np.diag(np.diag(m)) + 3 * (m - np.diag(np.diag(m)))
+      else:  # every correlation within [-1, 1] (Cauchy–Schwarz), jointly impossible
+        c = np.eye(d)
+        c[:3, :3] = [[1, 0.9, 0.9], [0.9, 1, -0.9], [0.9, -0.9, 1]]
+        s = np.sqrt(np.diag(m))
+        m[:] = c * np.outer(s, s)
+      arrays[f"{site}.xx"] = xx
+    elif kind == "meta list":
+      arrays["meta"] = np.asarray("[1, 2]")
+    elif kind == "meta types":
+      import json
+      meta = json.loads(str(arrays["meta"]))
+      arrays["meta"] = np.asarray(json.dumps({**meta, "windows": "four"}))
+    np.savez(out, **arrays)
   return out
 
 
@@ -118,6 +148,11 @@ def test_eval_and_generate_json_checked_first(setup, tmp_path, monkeypatch, caps
     ("negated", [], ["negated.npz", "impossible", "negative second moment"]),
     ("nan", [], ["nan.npz", "non-finite"]),
     ("missing", [], ["no calibration statistics at", "missing.npz"]),
+    ("asymmetric", [], ["asymmetric.npz", "in layer 1 are not symmetric"]),
+    ("off-diagonal x3", [], ["in layer 1 break Cauchy–Schwarz"]),
+    ("indefinite", [], ["in layer 1 are indefinite", "positive semidefinite"]),
+    ("meta list", [], ["its metadata is a JSON list, expected an object"]),
+    ("meta types", [], ["its metadata windows='four': expected a positive integer"]),
     ("good", ["--calib-windows", "3"], [r"calib_windows \(--calib-windows\)=3 but they used 4",
                                         "Leave these unset"]),
     ("good", ["--calib-text", "wiki-eval"], [r"--calib-text\)='wiki-eval' but they used"]),
@@ -146,6 +181,47 @@ def test_loaded_statistics_default_to_their_calibration(setup, capsys):
   i = common.index("--calib-windows")
   del common[i:i + 2]
   assert cli.main(["quantize", *common, "--method", "hadamard", "--load-stats", str(stats)]) == 0
+
+
+def test_statistics_loaded_and_saved_to_the_same_file(setup, tmp_path):
+  """--load-stats F --save-stats F rewrites F with the same statistics (and metadata)."""
+  path, text, _, stats = setup
+  copy = tmp_path / "same.npz"
+  copy.write_bytes(stats.read_bytes())
+  assert cli.main(["quantize", *_common(path, text), "--method", "hadamard",
+                   "--load-stats", str(copy), "--save-stats", str(copy)]) == 0
+  with np.load(stats) as a, np.load(copy) as b:
+    assert sorted(a.files) == sorted(b.files)
+    for k in a.files:
+      if k != "meta":
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("flags", [
+    ["quantize", "--method", "hadamard", "--seed", str(2**64)],
+    ["generate", "--prompt", "hi", "--seed", str(-2**63 - 1)],
+    ["generate", "--prompt", "hi", "--temperature", "nan"],
+    ["generate", "--prompt", "hi", "--temperature", "-1"],
+], ids=["quantize seed", "generate seed", "temperature nan", "temperature -1"])
+def test_bad_numbers_refused_before_any_work(setup, monkeypatch, capsys, flags):
+  path, text, _, _ = setup
+  _no_model_load(monkeypatch)
+  monkeypatch.setattr(runnable, "load_runnable", lambda *a, **k: (_ for _ in ()).throw(
+      AssertionError("the model was loaded before the error was found")))
+  common = _common(path, text) if flags[0] == "quantize" else ["--model", str(path)]
+  with pytest.raises(SystemExit) as e:
+    cli.main([flags[0], *common, *flags[1:]])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "Traceback" not in err
+  assert re.search(r"(64-bit seed|finite number >= 0)", err), err
+
+
+def test_gptq_without_damping_is_one_line(setup, capsys):
+  """@d0: the undamped Hessian of these few tokens is singular; GPTQ's Cholesky fails and
+  the CLI says so in one line, with what to raise."""
+  path, text, _, _ = setup
+  assert cli.main(["compare", *_common(path, text), "--methods", "cat@k16@gptq@d0"]) == 2
+  _one_error_line(capsys, "Cholesky", "raise damping")
 
 
 def test_debug_shows_the_traceback(setup, tmp_path):
