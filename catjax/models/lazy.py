@@ -46,6 +46,10 @@ class LazyTensors(Mapping):
       raise KeyError(name)
     return tuple(self._shapes[name]) if name in self._shapes else self[name].shape
 
+  def header_shape(self, name: str) -> tuple[int, ...] | None:
+    """The tensor's shape when its file's header gives it (nothing read), else None."""
+    return tuple(self._shapes[name]) if name in self._shapes else None
+
   def file(self, name: str) -> str | None:
     """The file the tensor is read from, when known."""
     return self._files.get(name)

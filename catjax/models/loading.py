@@ -92,6 +92,18 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype
   if unknown:
     raise InputError(source, f"unknown tensor {unknown[0]!r} ({len(unknown)} unknown in all)")
   np_dtype = jnp.dtype(dtype)
+  if isinstance(tensors, LazyTensors):  # the shapes files state, checked before allocating
+    for path, names, stacked, transpose in plan:
+      want = tuple(slots[path].shape[1:] if stacked else slots[path].shape)
+      for n in names:
+        got = tensors.header_shape(n)
+        if got is not None and (got[::-1] if transpose else got) != want:
+          raise InputError(tensors.file(n) or source, f"tensor {tensors.label(n)} has shape "
+                           f"{got}, expected {want[::-1] if transpose else want} for "
+                           f"{'/'.join(path)} (from the config)")
+  if place is None:
+    check_memory(sum(int(np.prod(v.shape)) for v in slots.values()) * np_dtype.itemsize,
+                 jax.devices()[0], source=source, dtype=np_dtype.name)
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   for path, names, stacked, transpose in plan:
     var = slots[path]
@@ -126,6 +138,36 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype
       value = _write_block(value, _on(read(n)[None], sharding), i)
     var.set_value(value)
   return model
+
+
+def available_bytes(device: jax.Device) -> int | None:
+  """Memory free for new arrays on `device`: an accelerator's allocator limit less
+  what is in use; on CPU, Linux's MemAvailable; None when unknown."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001  backends without allocator statistics
+    stats = None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  if device.platform == "cpu":
+    try:
+      for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+      return None
+  return None
+
+
+def check_memory(need: int, device: jax.Device, *, source: str, dtype: str) -> None:
+  """Refuse, in one line naming `source`, parameters of `need` bytes in `dtype` that do not
+  fit the free memory of `device` (before any is allocated)."""
+  have = available_bytes(device)
+  if have is not None and need > have:
+    raise InputError(source, f"its parameters need {need / 2**30:.1f} GiB in {dtype}; "
+                     f"{device.platform} device {device.id} has {have / 2**30:.1f} GiB free: "
+                     "load in bfloat16 (--dtype bfloat16), shard over a mesh (--mesh), or check "
+                     "the config's sizes")
 
 
 def _on(a: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

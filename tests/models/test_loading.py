@@ -4,6 +4,7 @@ Hugging Face folder (safetensors, index, config.json) is refused naming the file
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -263,6 +264,10 @@ HF_BAD = {
     "tie_word_embeddings a string": (_config(tie_word_embeddings="no"), CFG,
                                      ["tie_word_embeddings='no'"], {}),
     "eos_token_id a string": (_config(eos_token_id="</s>"), CFG, ["eos_token_id='</s>'"], {}),
+    # 10^11 parameters by the config: refused from the tensors' shapes, nothing allocated.
+    "intermediate_size too large for memory": (
+        _config(intermediate_size=10**9), ST, ["mlp/gate_proj/kernel", "from the config",
+                                               "expected (1000000000, 64)"], {}),
 }
 
 
@@ -274,3 +279,13 @@ def test_bad_hugging_face_folders(hf_base, tmp_path, case):
   edit(folder)
   where = folder if file == "." else folder / file
   tiny.raises(InputError, words, load_hf, folder, path=where, **kw)
+
+
+def test_parameters_larger_than_free_memory_are_refused_before_allocating(hf_base, monkeypatch):
+  from catjax.models import loading
+  need = []
+  monkeypatch.setattr(loading, "available_bytes", lambda device: need.append(device) or 1000)
+  monkeypatch.setattr(loading, "_zeros", lambda *a: pytest.fail("allocated before the check"))
+  tiny.raises(InputError, ["its parameters need 0.0 GiB in float32", "0.0 GiB free",
+                           "--dtype bfloat16"], load_hf, hf_base, path=hf_base)
+  assert need == [jax.devices()[0]]
