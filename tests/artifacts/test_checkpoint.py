@@ -283,6 +283,7 @@ def cli_folder(tmp_path_factory):
   return tiny.folder_and_text(tmp_path_factory, "cli")
 
 
+@pytest.mark.cli
 def test_cli_quantize_save_then_eval_and_generate_the_folder(cli_folder, tmp_path, capsys):
   path, text = cli_folder
   out = tmp_path / "w4a4"

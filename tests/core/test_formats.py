@@ -366,6 +366,7 @@ def test_recipe_checks_block_widths_and_refuses_integer_export(tmp_path):
     realize(model, QuantizedModel(model, None, Recipe(method="none", w_format="nvfp4")))
 
 
+@pytest.mark.cli
 def test_cli_format_flags(capsys):
   args = cli.build_parser().parse_args(
       ["compare", "--methods", "hadamard,cat@mxfp4,none@int", "--w-format", "nvfp4",
@@ -387,6 +388,7 @@ def test_cli_format_flags(capsys):
   assert "weights='clip'" in capsys.readouterr().err
 
 
+@pytest.mark.cli
 def test_cli_compare_and_save_on_the_tiny_model(tmp_path_factory, tmp_path, capsys):
   path, text = tiny.folder_and_text(tmp_path_factory, "formats")
   common = ["--model", str(path), "--calib-text", str(text), "--eval-text", str(text),

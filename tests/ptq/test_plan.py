@@ -209,6 +209,7 @@ def test_plan_json_round_trip_and_bad_files(planned, tmp_path):
     wrong_k.check_model(model.config)
 
 
+@pytest.mark.cli
 def test_cli_plan_then_quantize_the_plan(tmp_path_factory, tmp_path, capsys):
   """`catjax plan` writes the plan file and its table; `quantize --plan` applies
   it and reports every site; recipe flags beside --plan are refused."""
