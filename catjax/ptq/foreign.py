@@ -126,7 +126,7 @@ class Linear:
     self.weight[...] = self.unflatten(kernel).astype(self.weight[...].dtype)
 
 
-def _as_linear(path: str, module: nnx.Module) -> Linear | str | None:
+def as_linear(path: str, module: nnx.Module) -> Linear | str | None:
   """The module as a `Linear`, None when it is not one, or why a module that looks like
   a linear cannot be read (for the error when a rule names it)."""
   if isinstance(module, nnx.Linear):
@@ -157,7 +157,7 @@ def module_path(path: Sequence[Any]) -> str:
 def find_linears(model: nnx.Module) -> dict[str, Linear]:
   """`{module path: Linear}` of every linear of `model`, in graph order."""
   return {lin.path: lin for p, m in nnx.iter_modules(model)
-          if isinstance(lin := _as_linear(module_path(p), m), Linear)}
+          if isinstance(lin := as_linear(module_path(p), m), Linear)}
 
 
 # ---------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def _assign(model: nnx.Module, rules: tuple[Rule, ...]) -> dict[str, tuple[Linea
   others: dict[int, tuple[str, nnx.Module, str | None]] = {}
   for p, m in nnx.iter_modules(model):
     path = module_path(p)
-    lin = _as_linear(path, m)
+    lin = as_linear(path, m)
     if isinstance(lin, Linear):
       i = first_match(rules, path)
       if i is not None:
@@ -267,7 +267,7 @@ class Site:
 _update = jax.jit(lambda s, x: s.update(x))
 
 
-def _flat(x: jax.Array, lin: Linear) -> jax.Array:
+def flat_input(x: jax.Array, lin: Linear) -> jax.Array:
   return jnp.reshape(x, (-1, math.prod(x.shape[x.ndim - lin.in_ndim:]))).astype(jnp.float32)
 
 
@@ -306,7 +306,7 @@ def calibrate_sites(model: nnx.Module, assigned: dict[str, tuple[Linear, int]],
     for lin, x in calls:
       site = first_of.get(lin.path)
       if site is not None:
-        v = _flat(x, lin)
+        v = flat_input(x, lin)
         site.stats = _update(SecondMoment.zeros(v.shape[-1]) if site.stats is None
                              else site.stats, v)
         if keep_inputs:
@@ -338,11 +338,11 @@ def _group(calls, assigned, rules) -> list[Site]:
                         for i in sorted(idx))
       raise ValueError(f"two rules on one site (linears that read the same input): {named}; "
                        "a site shares one transform: give its linears one rule")
-    sites.append(Site(_site_name(linears), linears, idx.pop()))
+    sites.append(Site(site_name(linears), linears, idx.pop()))
   return sites
 
 
-def _site_name(linears: list[Linear]) -> str:
+def site_name(linears: list[Linear]) -> str:
   """`layers/3/attn/{q_proj,k_proj,v_proj}`-style name of a site."""
   if len(linears) == 1:
     return linears[0].path

@@ -126,7 +126,7 @@ def _current_linear() -> Linear | None:
   module = flax_util.get_current_module()
   if not isinstance(module, nnx.Module):
     return None
-  lin = foreign._as_linear("/".join(map(str, getattr(module, "qwix_path", ()))), module)
+  lin = foreign.as_linear("/".join(map(str, getattr(module, "qwix_path", ()))), module)
   return lin if isinstance(lin, Linear) else None
 
 
@@ -138,7 +138,8 @@ class CatCalibrationProvider(qwix.QuantizationProvider):
   """Collects each `CatRule` linear's input second moment and the sites (see the module)."""
 
   def __init__(self, rules, **kwargs):
-    super().__init__(_rules(rules), **kwargs)
+    self.rules = _rules(rules)  # in qwix's precedence order
+    super().__init__(self.rules, **kwargs)
     self.sites: list[tuple[str, ...]] | None = None  # linear paths per site, in call order
     self._calls: dict[int, list[str]] = {}
     self._keep: list[Any] = []  # the inputs of one forward: their ids stay unique
@@ -166,7 +167,7 @@ class CatCalibrationProvider(qwix.QuantizationProvider):
       raise ValueError(f"linear {lin.path!r} ran more than once in one forward; catjax needs "
                        "each quantized linear to run once per forward (one input, one site)")
     paths.append(lin.path)
-    v = foreign._flat(x, lin)
+    v = foreign.flat_input(x, lin)
     var = flax_util.get_or_create_variable("quant_stats", lin.param + _SUFFIX,
                                            lambda: SecondMoment.zeros(v.shape[-1]))
     if flax_util.should_update_quant_stats():
@@ -314,7 +315,7 @@ def fit(ptq_model: nnx.Module, model: nnx.Module, calibrated: nnx.Module,
   if provider.sites is None:
     raise ValueError("the calibration provider saw no forward: run the model qwix.quantize_model "
                      "returned on the calibration batches first")
-  rules = provider._rules
+  rules = provider.rules
   work = nnx.clone(model)
   linears = foreign.find_linears(work)
   stats_of = {foreign.module_path(p): m for p, m in nnx.iter_modules(calibrated)}
@@ -329,6 +330,6 @@ def fit(ptq_model: nnx.Module, model: nnx.Module, calibrated: nnx.Module,
     if int(stats.count) == 0:
       raise ValueError(f"site {paths}: no calibration tokens were seen (run the calibrated model "
                        "on the batches; its first call, inside qwix.quantize_model, counts none)")
-    site = Site(foreign._site_name(lins), lins, 0, stats=stats)
+    site = Site(foreign.site_name(lins), lins, 0, stats=stats)
     foreign.quantize_site(site, rule.recipe, foreign.fit_site(site, rule.recipe, ordinal))
   return export(work, ptq_model)
