@@ -20,7 +20,9 @@ this module imports it).
 - `CatPtqProvider`: qwix's `PtqProvider` whose ops also take a `WithCatInput`
   weight: the weight as qwix's `QArray` (integer codes in the weight's shape,
   per-output-channel scales) plus catjax's input quantizer (`x Tᵀ`, then
-  per-token fake quantization), run on the op's input first.
+  per-token fake quantization), run on the op's input first; `integer=True`
+  hands qwix the input's integer codes and per-token scales instead, so its
+  product multiplies integers (a W4A4 / W8A8 integer forward).
 - `fit(ptq_model, model, calibrated, provider)`: fit each site's transform from
   the collected statistics and the summed weight Gram, merge, round, and write
   the weights into the model `qwix.quantize_model(model, CatPtqProvider(...))`
@@ -52,6 +54,7 @@ from flax import nnx
 from qwix._src.providers import ptq as qwix_ptq
 from qwix._src.utils import flax_util
 
+from catjax.core.quant import quantize
 from catjax.core.stats import SecondMoment
 from catjax.ptq import foreign
 from catjax.ptq.foreign import InputQuantizer, Linear, Site
@@ -202,24 +205,48 @@ class WithCatInput(qwix_ptq.WithAux[qwix.QArray]):
 nnx.register_data_type(WithCatInput)
 
 
+def _integer_input(q: InputQuantizer, x: jax.Array) -> qwix.QArray | None:
+  """`x Tᵀ` on catjax's activation grid as a qwix `QArray` (codes in `x`'s shape, one
+  scale per token), or None when the grid is not symmetric int4 / int8."""
+  c = q.config
+  if c is None or c.format != "int" or not c.symmetric or c.bits not in (4, 8) \
+      or c.granularity != "token" or c.group_size is not None:
+    return None
+  if q.transform is not None:
+    x = q.transform.apply(x, in_ndim=q.in_ndim)
+  lead = x.shape[:x.ndim - q.in_ndim]
+  codes = quantize(x.reshape(*lead, -1), c)
+  return qwix.QArray(qvalue=codes.values.reshape(x.shape).astype(f"int{c.bits}"),
+                     scale=codes.scale.reshape(*lead, *(1,) * q.in_ndim).astype(x.dtype),
+                     qtype=f"int{c.bits}")
+
+
 class CatPtqProvider(qwix.PtqProvider):
   """qwix's `PtqProvider`, whose ops run a `WithCatInput` weight's input quantizer first.
 
   `rules`: qwix rules (`CatRule`s for catjax's linears, any qwix rule besides) or
-  catjax `Rule`s (converted by `qwix_rules`)."""
+  catjax `Rule`s (converted by `qwix_rules`). `integer=True`: the transformed input
+  goes to qwix's product as integer codes with per-token scales (catjax's grid), so
+  qwix multiplies integers by integers (W4A4 / W8A8) and scales the result; where
+  the activations are not symmetric int4 / int8 per token, they stay fake-quantized.
+  Either way the result is catjax's fake-quantized product up to float rounding."""
 
-  def __init__(self, rules, **kwargs):
+  def __init__(self, rules, *, integer: bool = False, **kwargs):
     super().__init__(_rules(rules), **kwargs)
+    self.integer = integer
+
+  def _input(self, x, w: WithCatInput):
+    q = _integer_input(w.quantizer, x) if self.integer else None
+    return (w.quantizer(x) if q is None else q), qwix_ptq.WithAux(w.array, w.how)
 
   def dot_general(self, lhs, rhs, dimension_numbers, *args, **kwargs):
     if isinstance(rhs, WithCatInput):
-      lhs, rhs = rhs.quantizer(lhs), qwix_ptq.WithAux(rhs.array, rhs.how)
+      lhs, rhs = self._input(lhs, rhs)
     return super().dot_general(lhs, rhs, dimension_numbers, *args, **kwargs)
 
   def einsum(self, equation, *operands, **kwargs):
     if len(operands) == 2 and isinstance(operands[1], WithCatInput):
-      x, w = operands
-      operands = (w.quantizer(x), qwix_ptq.WithAux(w.array, w.how))
+      operands = self._input(*operands)
     return super().einsum(equation, *operands, **kwargs)
 
   def astype(self, x, dtype, *args, **kwargs):

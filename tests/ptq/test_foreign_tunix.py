@@ -115,10 +115,12 @@ def test_trained_cat_solves_catjax_own_training_problem(models):
   assert got == pytest.approx(want.perplexity, rel=1e-2)
 
 
-def test_qwix_runs_catjax_weights(models):
+@pytest.mark.parametrize("integer", [False, True], ids=["fake", "integer"])
+def test_qwix_runs_catjax_weights(models, integer):
   """tunix's model quantized by catjax (GPTQ through the blocks), exported as qwix's
   parameters (int4 codes, per-channel scales, the input quantizers) into the model qwix's
-  own `quantize_model` made: the same logits as catjax's."""
+  own `quantize_model` made: the same logits as catjax's, with fake-quantized inputs or
+  with integer ones (W4A4 integer products in qwix)."""
   qwix = pytest.importorskip("qwix")
   from catjax.ptq import qwix_interop as cq
 
@@ -128,7 +130,8 @@ def test_qwix_runs_catjax_weights(models):
   t = jnp.asarray(EVAL[:2])
   positions = jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape)
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((t.shape[1],) * 2, bool)), (2, *(t.shape[1],) * 2))
-  ptq = qwix.quantize_model(model, cq.CatPtqProvider(_rules(recipe)), t, positions, None, mask)
+  ptq = qwix.quantize_model(model, cq.CatPtqProvider(_rules(recipe), integer=integer), t,
+                             positions, None, mask)
   theirs = cq.export(q, ptq)
   assert isinstance(theirs.layers[0].attn.o_proj.w, cq.WithCatInput)
   want = tx.forward(q, EVAL)

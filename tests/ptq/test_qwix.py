@@ -2,6 +2,7 @@
 qwix's calibrate → fit → quantize pipeline with catjax's providers, on the small NNX net.
 Runs where qwix is installed (scripts/test.sh's tunix stage; google-tunix brings it)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,8 +21,8 @@ CAT = Recipe(method="cat", block_size=8)
 RULES = [Rule(r"blocks/\d+/.*", CAT)]
 
 
-def _ptq(net, rules=RULES):
-  return qwix.quantize_model(net, cq.CatPtqProvider(rules), TOKENS[:1])
+def _ptq(net, rules=RULES, integer=False):
+  return qwix.quantize_model(net, cq.CatPtqProvider(rules, integer=integer), TOKENS[:1])
 
 
 def _calibrated(net, rules=RULES, jit=False):
@@ -33,18 +34,23 @@ def _calibrated(net, rules=RULES, jit=False):
   return model, provider
 
 
+@pytest.mark.parametrize("integer", [False, True], ids=["fake", "integer"])
 @pytest.mark.parametrize("recipe, blocks", [
     (CAT, None), (Recipe(method="hadamard", w_bits=8, a_bits=8), None),
     (Recipe(method="cat", block_size=8, weights="gptq"), r"blocks/\d+"),
 ], ids=["cat", "hadamard-w8a8", "cat-gptq-blocks"])
-def test_export_runs_catjax_weights_in_qwix(recipe, blocks):
-  """The qwix model with catjax's exported weights computes catjax's quantized logits
-  (the same fake-quantized products: codes × scales, the input quantizer first), and its
-  weights are qwix's: int codes in the weight's shape, scales per output channel."""
+def test_export_runs_catjax_weights_in_qwix(recipe, blocks, integer):
+  """The qwix model with catjax's exported weights computes catjax's quantized logits —
+  with fake-quantized inputs, or (integer=True) with integer inputs: qwix then multiplies
+  integer codes (its dot_generals give int32) — and its weights are qwix's: int codes in
+  the weight's shape, scales per output channel."""
   net = Net()
   rules = [Rule(r"blocks/\d+/.*", recipe)]
   ours = quantize(net, rules, CALIB, blocks=blocks, progress=False)
-  theirs = cq.export(ours, _ptq(net, rules))
+  theirs = cq.export(ours, _ptq(net, rules, integer))
+  products = [line for line in str(jax.make_jaxpr(theirs)(TOKENS)).splitlines()
+              if "dot_general[" in line and ":i32[" in line.replace(" ", "")]
+  assert len(products) == (14 if integer else 0)  # 2 blocks × 7 linears
   w = theirs.blocks[0].o.w
   assert isinstance(w, cq.WithCatInput) and w.array.qvalue.dtype == jnp.dtype(f"int{recipe.w_bits}")
   assert w.array.qvalue.shape == (4, 8, 32) and w.array.scale.shape == (1, 1, 32)
