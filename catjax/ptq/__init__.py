@@ -11,4 +11,4 @@ __getattr__, __dir__, __all__ = lazy_names(__name__, {
     "calibrate": ".calibration", "quantize_model": ".engine", "QuantizedModel": ".quantized",
     "realize": ".realization", "linear_bytes": ".realization", "SiteHook": ".hooks",
     "Rule": ".rules", "quantize": ".foreign", "find_linears": ".foreign",
-}, modules=("planner", "rounding"))
+}, modules=("planner", "rounding", "qwix_interop"))
