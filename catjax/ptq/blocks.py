@@ -163,9 +163,12 @@ def quantize_block(block: dict, recipe: "Recipe | dict[str, Recipe]", *, spec: A
     if recipe.w_config is None:
       return kernel
     ratio = None if w_clip is None else w_clip.get(path)
-    q, scale = rounding.REGISTRY[recipe.weights].quantize(
-        kernel, recipe.w_config, hessian=functools.partial(sigma_t, site), ratio=ratio,
-        recipe=recipe)
+    try:
+      q, scale = rounding.REGISTRY[recipe.weights].quantize(
+          kernel, recipe.w_config, hessian=functools.partial(sigma_t, site), ratio=ratio,
+          recipe=recipe)
+    except FloatingPointError as e:  # GPTQ's Cholesky: say which linear
+      raise FloatingPointError(f"{'/'.join(path)} (site {site}): {e}") from None
     if scale is not None:
       scales[path] = scale
     return q

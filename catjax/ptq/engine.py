@@ -193,8 +193,11 @@ def quantize_model(model: Llama, windows, recipe: Policy, *,
       t_b, w_clip, info = train_block(runner, block, t_b, x, target, base, spec=spec, layer=b)
       losses.append(info)
       x_fp = None if x_fp is None else target
-    qblock, s_b = quantize_block(merge_block(block, t_b, spec=spec), recipe_b, spec=spec,
-                                 transforms=t_b, stats=stats_b, w_clip=w_clip)
+    try:
+      qblock, s_b = quantize_block(merge_block(block, t_b, spec=spec), recipe_b, spec=spec,
+                                   transforms=t_b, stats=stats_b, w_clip=w_clip)
+    except FloatingPointError as e:
+      raise FloatingPointError(f"block {b}, {e}") from None
     if walk and quant_prop:
       hook_b = site_hook([recipe_b], spec, kv_config=base.kv_config)
       state_b = site_state([t_b], [recipe_b], spec)
