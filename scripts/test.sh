@@ -81,7 +81,7 @@ if [ -n "$kjax" ] && [ -n "${py312:-}" ]; then
   venv=".venv-jax$kjax"
   if { [ -x "$venv/bin/python" ] || "$py312" -m venv "$venv"; } &&
      "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-       "jax==$kjax" "jaxlib==$kjax" numpy pytest \
+       "jax==$kjax" "jaxlib==$kjax" numpy pytest filelock \
        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); then
     echo "--- setup of jax $kjax: $(elapsed "$t0")"
     stage "kernels on jax $kjax" \

@@ -2,6 +2,33 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _compilation_cache():
+  """JAX's persistent compilation cache for the tests (and the subprocesses they start),
+  in the asset cache folder: XLA's compile time is most of this suite's time, and a
+  rerun finds each program compiled (entries are keyed by program, jax/jaxlib version
+  and backend). Eviction, and so filelock's locking between the stages that share the
+  folder, needs `filelock`; without it the cache stays off. CATJAX_XLA_CACHE=0 turns
+  it off; another value names the folder."""
+  try:
+    import filelock  # noqa: F401
+  except ImportError:
+    return
+  folder = os.environ.get("CATJAX_XLA_CACHE")
+  if folder == "0":
+    return
+  if not folder:
+    base = os.environ.get("CATJAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "catjax")
+    folder = os.path.join(os.path.expanduser(base), "xla")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", folder)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+
+
+_compilation_cache()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
