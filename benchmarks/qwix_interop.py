@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median_time, smollm2_parser, write  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import qwix  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -59,12 +58,6 @@ def main() -> None:
                 for i in range(0, len(evals), args.batch_size))
     return math.exp(total / (evals.shape[0] * (evals.shape[1] - 1)))
 
-  def sample_args(t):
-    t = jnp.asarray(t, jnp.int32)
-    n = t.shape[1]
-    return (t, jnp.broadcast_to(jnp.arange(n), t.shape), None,
-            jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (t.shape[0], n, n)))
-
   rows = []
 
   def row(name, m, seconds):
@@ -85,17 +78,17 @@ def main() -> None:
   for integer in (False, True):
     t0 = time.perf_counter()
     theirs = cq.export(ours, qwix.quantize_model(
-        foreign, cq.CatPtqProvider(rules, integer=integer), *sample_args(calib[:1])))
+        foreign, cq.CatPtqProvider(rules, integer=integer), *tx.call_args(calib[:1])))
     row(f"export → qwix, {'integer' if integer else 'fake-quantized'} inputs", theirs,
         time.perf_counter() - t0)
   t0 = time.perf_counter()
   provider = cq.CatCalibrationProvider(rules)
-  calibrated = qwix.quantize_model(foreign, provider, *sample_args(calib[:1]))
+  calibrated = qwix.quantize_model(foreign, provider, *tx.call_args(calib[:1]))
   run = nnx.jit(lambda m, *a: m(*a))
   for b in batches:
-    run(calibrated, *sample_args(b))
+    run(calibrated, *tx.call_args(b))
   fitted = cq.fit(qwix.quantize_model(foreign, cq.CatPtqProvider(rules, integer=True),
-                                      *sample_args(calib[:1])), foreign, calibrated, provider)
+                                      *tx.call_args(calib[:1])), foreign, calibrated, provider)
   row("qwix calibrate (jit) → fit → integer", fitted, time.perf_counter() - t0)
 
   head = ("| model | perplexity | quantize s | forward s |\n|---|---|---|---|")

@@ -69,19 +69,6 @@ def _config(c: QuantConfig | None) -> dict | None:
   return None if c is None else dataclasses.asdict(c)
 
 
-def _codes(lin: foreign.Linear, scale: jax.Array) -> np.ndarray | None:
-  """The integer codes of a weight on a per-output-channel grid, in the weight's shape,
-  or None when the weight is not exactly `codes · scale`."""
-  weight = lin.weight[...]
-  k = np.asarray(lin.kernel())
-  s = np.asarray(scale, np.float32)
-  codes = np.rint(k / np.where(s == 0, 1, s))
-  back = jnp.asarray(codes.astype(np.float32) * s).astype(weight.dtype)
-  if np.abs(codes).max(initial=0) > 127 or not bool(jnp.array_equal(back, lin.flatten(weight))):
-    return None
-  return np.asarray(lin.unflatten(codes.astype(np.int8)))
-
-
 def save_foreign(model: nnx.Module, folder: str | Path) -> Path:
   """Write `model` (the result of `catjax.quantize`) to the new folder `folder`
   (written into a temporary sibling, renamed into place when complete).
@@ -101,7 +88,7 @@ def save_foreign(model: nnx.Module, folder: str | Path) -> Path:
   for path, lin in qlinears.items():
     iq = vars(lin.module)["catjax_input"]
     name = f"{path}/{lin.param}"
-    codes = None if iq.w_scale is None else _codes(lin, iq.w_scale)
+    codes = None if iq.w_scale is None else lin.codes(iq.w_scale)
     if codes is not None:
       del tensors[name]
       tensors[f"{name}.values"] = codes

@@ -95,10 +95,16 @@ def load_tunix(folder: str | Path, *, dtype=jnp.float32, rope_fixed: bool = True
   return model
 
 
-def forward(model, tokens: jax.Array) -> jax.Array:
-  """Logits `(B, T, vocab)` of a tunix model over `tokens (B, T)`, causally, no cache."""
+def call_args(tokens) -> tuple:
+  """The arguments of a tunix model's call over `tokens (B, T)`, causally, no cache:
+  `(tokens, positions, None, mask)` (what `qwix.quantize_model` takes as its sample)."""
   tokens = jnp.asarray(tokens, jnp.int32)
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-  return model(tokens, positions, None, mask)[0]
+  return tokens, positions, None, mask
+
+
+def forward(model, tokens: jax.Array) -> jax.Array:
+  """Logits `(B, T, vocab)` of a tunix model over `tokens (B, T)`, causally, no cache."""
+  return model(*call_args(tokens))[0]

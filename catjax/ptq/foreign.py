@@ -60,6 +60,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -124,6 +125,17 @@ class Linear:
   def set_kernel(self, kernel: jax.Array) -> None:
     """Store a `(d_in, d_out)` kernel back in the weight's own shape and dtype."""
     self.weight[...] = self.unflatten(kernel).astype(self.weight[...].dtype)
+
+  def codes(self, scale) -> np.ndarray | None:
+    """The weight's int8 codes on the per-output-channel grid `scale (d_out,)`, in the
+    weight's shape, or None when the weight is not exactly `codes · scale` (in its dtype)."""
+    weight = self.weight[...]
+    s = np.asarray(scale, np.float32)
+    codes = np.rint(np.asarray(self.kernel()) / np.where(s == 0, 1, s))
+    back = jnp.asarray(codes.astype(np.float32) * s).astype(weight.dtype)
+    if np.abs(codes).max(initial=0) > 127 or not bool(jnp.array_equal(back, self.flatten(weight))):
+      return None
+    return np.asarray(self.unflatten(codes.astype(np.int8)))
 
 
 def as_linear(path: str, module: nnx.Module) -> Linear | str | None:

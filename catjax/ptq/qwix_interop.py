@@ -43,7 +43,6 @@ are NNX modules.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Sequence
 
 import flax
@@ -59,7 +58,7 @@ from catjax.core.stats import SecondMoment
 from catjax.ptq import foreign
 from catjax.ptq.foreign import InputQuantizer, Linear, Site
 from catjax.ptq.recipe import Recipe
-from catjax.ptq.rules import Rule
+from catjax.ptq.rules import Rule, first_match
 
 _SUFFIX = "_cat"
 
@@ -118,10 +117,6 @@ def _rules(rules) -> list[qwix.QuantizationRule]:
       isinstance(rules, (list, tuple)) and any(isinstance(r, Rule) for r in rules)):
     return qwix_rules(rules)
   return list(rules)
-
-
-def _first_match(rules: Sequence[qwix.QuantizationRule], path: str) -> int:
-  return next(i for i, r in enumerate(rules) if re.fullmatch(r.module_path, path))
 
 
 def _current_linear() -> Linear | None:
@@ -286,14 +281,13 @@ def _with_cat_input(lin: Linear, target: Any, path: str) -> WithCatInput:
                      f"{target.how.channelwise_axes} (tiles {dict(target.how.tiled_axes)}); "
                      "catjax's scales are per output channel, over the input axes "
                      f"{lin.in_axes}")
-  kernel, scale = lin.kernel(), jnp.asarray(q.w_scale, jnp.float32)
-  codes = jnp.round(kernel / scale)
-  err = float(jnp.max(jnp.abs(codes * scale - kernel)) / jnp.maximum(jnp.max(scale), 1e-30))
-  if not err < 1e-3:
-    raise ValueError(f"linear {path!r}: its weight is not on its grid (off by {err:.2g} of a "
-                     "step); was it changed after catjax.quantize?")
-  array = qwix.QArray(qvalue=lin.unflatten(codes).astype(qtype),
-                      scale=scale.reshape(_scale_shape(lin)), qtype=qtype)
+  codes = lin.codes(q.w_scale)
+  if codes is None:
+    raise ValueError(f"linear {path!r}: its weight is not on its grid (codes · scale); was it "
+                     "changed after catjax.quantize?")
+  array = qwix.QArray(qvalue=jnp.asarray(codes).astype(qtype),
+                      scale=jnp.asarray(q.w_scale, jnp.float32).reshape(_scale_shape(lin)),
+                      qtype=qtype)
   return WithCatInput(array=array, how=target.how,
                       quantizer=dataclasses.replace(q, weights=None, w_scale=None))
 
@@ -347,7 +341,7 @@ def fit(ptq_model: nnx.Module, model: nnx.Module, calibrated: nnx.Module,
   linears = foreign.find_linears(work)
   stats_of = {foreign.module_path(p): m for p, m in nnx.iter_modules(calibrated)}
   for ordinal, paths in enumerate(provider.sites):
-    idx = {_first_match(rules, p) for p in paths}
+    idx = {first_match(rules, p) for p in paths}
     if len(idx) > 1:
       raise ValueError(f"two rules on one site (linears that read the same input): {paths}; a "
                        "site shares one transform: give its linears one rule")

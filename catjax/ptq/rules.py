@@ -59,6 +59,7 @@ def as_rules(rules: Rule | Recipe | Sequence[Rule]) -> tuple[Rule, ...]:
   return rules
 
 
-def first_match(rules: Sequence[Rule], path: str) -> int | None:
-  """The index of the first rule that matches `path`, or None."""
-  return next((i for i, r in enumerate(rules) if r.matches(path)), None)
+def first_match(rules: Sequence, path: str) -> int | None:
+  """The index of the first rule whose `module_path` fully matches `path`, or None
+  (catjax's `Rule`s or any with a `module_path` regex, e.g. qwix's)."""
+  return next((i for i, r in enumerate(rules) if re.fullmatch(r.module_path, path)), None)

@@ -127,11 +127,8 @@ def test_qwix_runs_catjax_weights(models, integer):
   _, model, _ = models
   recipe = cj.Recipe(method="cat", block_size=16, weights="gptq")
   q = _foreign(model, recipe, r"layers/\d+")
-  t = jnp.asarray(EVAL[:2])
-  positions = jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape)
-  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t.shape[1],) * 2, bool)), (2, *(t.shape[1],) * 2))
-  ptq = qwix.quantize_model(model, cq.CatPtqProvider(_rules(recipe), integer=integer), t,
-                             positions, None, mask)
+  ptq = qwix.quantize_model(model, cq.CatPtqProvider(_rules(recipe), integer=integer),
+                            *tx.call_args(EVAL[:2]))
   theirs = cq.export(q, ptq)
   assert isinstance(theirs.layers[0].attn.o_proj.w, cq.WithCatInput)
   want = tx.forward(q, EVAL)
