@@ -36,6 +36,12 @@ stage() {  # stage NAME COMMAND
   echo "started: $1 (log $log)"
 }
 
+# XLA's compiled programs persist between runs (tests/conftest.py turns JAX's
+# compilation cache on, CATJAX_XLA_CACHE=0 off): a rerun skips most compile time.
+# Entries not rewritten for two weeks are pruned here (the cache has no size limit).
+xla="${CATJAX_XLA_CACHE:-${CATJAX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/catjax}/xla}"
+[ "$xla" != 0 ] && [ -d "$xla" ] && find "$xla" -type f -mtime +14 -delete
+
 # 1. Environments and stages. Python 3.11's suite (PyTorch's reference tests run
 # only there) is the longest: without pytest arguments it runs as two
 # processes, these files and the others.
@@ -81,7 +87,7 @@ if [ -n "$kjax" ] && [ -n "${py312:-}" ]; then
   venv=".venv-jax$kjax"
   if { [ -x "$venv/bin/python" ] || "$py312" -m venv "$venv"; } &&
      "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-       "jax==$kjax" "jaxlib==$kjax" numpy pytest filelock \
+       "jax==$kjax" "jaxlib==$kjax" numpy pytest \
        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); then
     echo "--- setup of jax $kjax: $(elapsed "$t0")"
     stage "kernels on jax $kjax" \

@@ -7,13 +7,11 @@ def _compilation_cache():
   """JAX's persistent compilation cache for the tests (and the subprocesses they start),
   in the asset cache folder: XLA's compile time is most of this suite's time, and a
   rerun finds each program compiled (entries are keyed by program, jax/jaxlib version
-  and backend). Eviction, and so filelock's locking between the stages that share the
-  folder, needs `filelock`; without it the cache stays off. CATJAX_XLA_CACHE=0 turns
-  it off; another value names the folder."""
-  try:
-    import filelock  # noqa: F401
-  except ImportError:
-    return
+  and backend, so the interpreters' stages share the folder safely). No size limit:
+  with one, jax scans the whole folder under a lock on every write, which costs more
+  than it saves here; scripts/test.sh prunes entries unused for two weeks. An entry
+  read while another process writes it is a warning and a recompile, never a wrong
+  program. CATJAX_XLA_CACHE=0 turns it off; another value names the folder."""
   folder = os.environ.get("CATJAX_XLA_CACHE")
   if folder == "0":
     return
@@ -24,7 +22,6 @@ def _compilation_cache():
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", folder)
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 
 _compilation_cache()

@@ -27,10 +27,11 @@ def check_bits(name: str, bits) -> None:
     raise ValueError(f"{name}={bits!r}: expected an integer in 2..8, or None for 16-bit")
 
 
-def check_int(name: str, v, lo: int) -> None:
-  """`v` is an integer (not a bool) >= `lo`."""
-  if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-    raise ValueError(f"{name}={v!r}: expected an integer >= {lo}")
+def check_int(name: str, v, lo: int, hi: int | None = None, why: str = "") -> None:
+  """`v` is an integer (not a bool) >= `lo` (and <= `hi`, the reason given in `why`)."""
+  if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+    expected = f">= {lo}" if hi is None else f"in {lo}..{hi}{f' ({why})' if why else ''}"
+    raise ValueError(f"{name}={v!r}: expected an integer {expected}")
 
 
 def check_bool(name: str, v) -> None:

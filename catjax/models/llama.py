@@ -441,6 +441,20 @@ def generate(model: Llama, prompt, *, max_new_tokens: int = 32,
                         temperature=temperature, top_p=top_p, seed=seed, on_token=stream)[0]
 
 
+def _check_cache_memory(model: Llama, batch: int, prompt: int, max_new_tokens: int) -> None:
+  """Refuse, before allocating, a KV cache that does not fit the free memory."""
+  from catjax.models.loading import available_bytes  # loading builds on this module
+
+  cfg = model.config
+  need = (2 * cfg.num_layers * batch * (prompt + max_new_tokens) * cfg.num_kv_heads * cfg.head_dim
+          * jnp.dtype(model.dtype).itemsize)
+  have = available_bytes(jax.devices()[0])
+  if have is not None and need > have:
+    raise ValueError(f"max_new_tokens={max_new_tokens}: the KV cache of {batch} x "
+                     f"{prompt + max_new_tokens} positions needs {need / 2**30:.1f} GiB; "
+                     f"{have / 2**30:.1f} GiB are free")
+
+
 def generate_batch(model: Llama, prompts, *, max_new_tokens: int = 32,
                    eos_token_id: int | list[int] | str | None = FROM_CONFIG,
                    hook: Hook | None = None,
@@ -477,6 +491,7 @@ def generate_batch(model: Llama, prompts, *, max_new_tokens: int = 32,
     eos_token_id = model.config.eos_token_id
   eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
   b, t = len(prompts), max(p.size for p in prompts)
+  _check_cache_memory(model, b, t, max_new_tokens)
   tokens = np.zeros((b, t), np.int32)
   key_mask = np.ones((b, t + max_new_tokens), bool)
   for i, p in enumerate(prompts):

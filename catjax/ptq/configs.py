@@ -57,7 +57,7 @@ class TrainConfig:
   w_clip: bool = True
 
   def __post_init__(self):
-    check_int("train.steps", self.steps, 0)
+    check_int("train.steps", self.steps, 0, 2**31 - 1, "optax counts steps in int32")
     if not (is_real(self.lr) and self.lr > 0):
       raise ValueError(f"train.lr={self.lr!r}: expected a finite value > 0")
     check_int("train.batch", self.batch, 1)

@@ -1,4 +1,4 @@
-"""The block-by-block PTQ engine: one walk over the decoder blocks.
+"""catjax's own decoder through the block engine (`catjax.ptq.walk`).
 
     tokens ─ embed ─► X₀ (n windows × T × d)
     for block b:  stats_b ← site second moments of block b on X_b
@@ -7,13 +7,15 @@
                   Ŵ_b ← quantize(T_b⁻ᵀ W_b)            (RTN | clip | GPTQ with H = T Σ Tᵀ)
                   X_{b+1} ← block_b(X_b), quantized or full precision (`Recipe.propagate`)
 
-Peak memory beyond the parameters: one block's statistics and the calibration
-activations (`n · T · d` floats; twice that when training with quantized
-propagation, which keeps the full-precision twin for the targets), never the
-statistics of all blocks. With statistics given (`stats=`, e.g. from
-`catjax.ptq.calibration.calibrate` or a saved file) and full-precision propagation, a
-closed-form recipe needs no forward at all: the old all-at-once path is this
-engine's special case.
+`DecoderBlocks` is the decoder's adapter: its stacked layers one block at a time,
+run by a jitted block with an explicit site hook (the fast path; foreign models
+reach the same walk through `catjax.ptq.foreign`). Peak memory beyond the
+parameters: one block's statistics and the calibration activations
+(`n · T · d` floats; twice that when training with quantized propagation, which
+keeps the full-precision twin for the targets), never the statistics of all
+blocks. With statistics given (`stats=`, e.g. from
+`catjax.ptq.calibration.calibrate` or a saved file) and full-precision
+propagation, a closed-form recipe needs no forward at all.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from catjax.models.llama import Llama, block_forward, layer_rope, rope_tables
 from catjax.models.spec import spec_for
@@ -37,6 +38,7 @@ from catjax.ptq.blocks import fit_block, merge_block, quantize_block
 from catjax.ptq.calibration import stats_hook
 from catjax.core.stats import SecondMoment
 from catjax.ptq.train import train_block
+from catjax.ptq.walk import walk
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
@@ -74,14 +76,6 @@ class BlockRunner:
 
   def statistics(self, block: dict, x: jax.Array, sites: dict[str, SecondMoment]):
     return self(block, x, hook=stats_hook, hook_state=sites)
-
-
-def _check_finite(stats: dict[str, SecondMoment], layer: int) -> None:
-  for site, st in stats.items():
-    if not bool(jnp.isfinite(st.xx).all() & jnp.isfinite(st.absmax).all()):
-      raise FloatingPointError(
-          f"block {layer} site {site}: non-finite calibration statistics (the inputs of this "
-          "block overflowed or are NaN; check the model's dtype and the earlier blocks)")
 
 
 def _check_windows(windows, cfg) -> np.ndarray:
@@ -152,69 +146,102 @@ def quantize_model(model: Llama, windows, recipe: Policy, *,
                      "come from the quantized model and cannot be given (stats=...)")
   needs_stats = any(r.transform_method is not None or rounding.REGISTRY[r.weights].needs_stats
                     for r in every)
-  walk = (needs_stats and stats is None) or quant_prop or train
+  walked = (needs_stats and stats is None) or quant_prop or train
   t_start = time.perf_counter()
-  graphdef_m, state_m = nnx.split(model)
-  pure = nnx.to_pure_dict(state_m)
-  layers = pure["layers"]
-  if walk:
-    windows = _check_windows(windows, cfg)
-    runner = BlockRunner(model, windows.shape[1], batch_size, mesh)
-    x = model.embed_tokens(jnp.asarray(windows))
-    x_fp = x if (train and quant_prop) else None  # the full-precision twin (training targets)
-  blocks, transforms, scales, losses = [], [], [], []
-  for b in tqdm(range(cfg.num_layers), desc=f"quantize {policy.label}", unit="block",
-                disable=not progress, leave=False):
-    block = jax.tree.map(lambda a: a[b], layers)
-    recipe_b = per_layer[b]
-    if walk:
-      runner.at(b)
-    if not walk and stats is None:  # RTN without a transform: nothing to measure
-      stats_b = y = None
-    elif stats is None:
-      empty = {site: SecondMoment.zeros(d, dtype=jnp.float32)
-               for site, d in spec.site_dims(cfg).items()}
-      y, stats_b = runner.statistics(block, x, empty)
-    else:
-      stats_b = jax.tree.map(lambda a: a[b], stats)
-      y = runner(block, x)[0] if walk else None
-    if stats_b is not None:
-      _check_finite(stats_b, b)
-    # Under a mesh the fits' factorizations would run replicated on every device:
-    # each site's fit runs once, from host copies, spread over this process's devices.
-    if mesh is None:
-      t_b = fit_block(block, stats_b, recipe_b, spec=spec, layer=b)
-    else:
-      t_b = fit_block(*jax.device_get((block, stats_b)), recipe_b, spec=spec, layer=b,
-                      devices=list(mesh.local_devices))
-    w_clip = None
-    if train:
-      target = y if x_fp is None else runner(block, x_fp)[0]
-      t_b, w_clip, info = train_block(runner, block, t_b, x, target, base, spec=spec, layer=b)
-      losses.append(info)
-      x_fp = None if x_fp is None else target
-    try:
-      qblock, s_b = quantize_block(merge_block(block, t_b, spec=spec), recipe_b, spec=spec,
-                                   transforms=t_b, stats=stats_b, w_clip=w_clip)
-    except FloatingPointError as e:
-      raise FloatingPointError(f"block {b}, {e}") from None
-    if walk and quant_prop:
-      hook_b = site_hook([recipe_b], spec, kv_config=base.kv_config)
-      state_b = site_state([t_b], [recipe_b], spec)
-      state_b = None if state_b is None else jax.tree.map(lambda a: a[0], state_b)
-      x = runner(qblock, x, hook=hook_b, hook_state=state_b)[0]
-    elif walk:
-      x = y
-    blocks.append(qblock)
-    transforms.append(t_b)
-    scales.append(s_b)
-  pure["layers"] = stack_layers(blocks)
-  state = jax.tree.map(lambda a: a, state_m)
-  nnx.replace_by_pure_dict(state, pure)
-  info = {"seconds": time.perf_counter() - t_start, "walked": walk,
+  adapter = DecoderBlocks(model, _check_windows(windows, cfg) if walked else None, policy,
+                          per_layer, stats=stats, batch_size=batch_size, mesh=mesh)
+  losses = walk(adapter, quantized_inputs=quant_prop, train=train,
+                desc=f"quantize {policy.label}", progress=progress)
+  info = {"seconds": time.perf_counter() - t_start, "walked": walked,
           "propagate": "quantized" if quant_prop else "fp"}
   if losses:
     info["train"] = losses
-  w_scales = stack_layers(scales) if _same_keys(scales) else None
-  return QuantizedModel(nnx.merge(graphdef_m, state), site_state(transforms, per_layer, spec),
-                        policy, w_scales=w_scales, info=info)
+  return adapter.result(info)
+
+
+class DecoderBlocks:
+  """catjax's own decoder as the block engine's adapter (`catjax.ptq.walk.BlockAdapter`):
+  its stacked layers one block at a time, a jitted block with an explicit site hook,
+  the calibration stream an `(n, T, d)` array (None without windows: statistics
+  given or none needed)."""
+
+  def __init__(self, model: Llama, windows: np.ndarray | None, policy: Policy,
+               per_layer: list[dict], *, stats=None, batch_size: int = 1, mesh=None):
+    self.cfg, self.policy, self.per_layer, self.stats = model.config, policy, per_layer, stats
+    self.spec, self.mesh, self.base = spec_for(model.config), mesh, policy.base
+    self.num_blocks = model.config.num_layers
+    self.graphdef, state = nnx.split(model)
+    self.state = state
+    self.pure = nnx.to_pure_dict(state)
+    self.runner = None if windows is None else BlockRunner(model, windows.shape[1], batch_size,
+                                                           mesh)
+    self.windows = windows
+    self.embed = model.embed_tokens
+    self.blocks, self.transforms, self.scales = [], [], []
+    self._at = None
+
+  def name(self, b: int) -> str:
+    return f"block {b}"
+
+  def block(self, b: int) -> dict:
+    """Block b's float parameters (and the runner set to its layer)."""
+    if self._at is None or self._at[0] != b:
+      self._at = (b, jax.tree.map(lambda a: a[b], self.pure["layers"]))
+      if self.runner is not None:
+        self.runner.at(b)
+    return self._at[1]
+
+  def inputs(self):
+    return None if self.windows is None else self.embed(jnp.asarray(self.windows))
+
+  def calibrate(self, b, x, *, outputs):
+    block = self.block(b)
+    if x is None:
+      return None, None if self.stats is None else jax.tree.map(lambda a: a[b], self.stats)
+    if self.stats is not None:
+      return self.runner(block, x)[0], jax.tree.map(lambda a: a[b], self.stats)
+    empty = {site: SecondMoment.zeros(d, dtype=jnp.float32)
+             for site, d in self.spec.site_dims(self.cfg).items()}
+    return self.runner.statistics(block, x, empty)
+
+  def run(self, b, x):
+    if len(self.blocks) <= b:  # the float block
+      return self.runner(self.block(b), x)[0]
+    recipes = self.per_layer[b]
+    hook = site_hook([recipes], self.spec, kv_config=self.base.kv_config)
+    state = site_state([self.transforms[b]], [recipes], self.spec)
+    state = None if state is None else jax.tree.map(lambda a: a[0], state)
+    return self.runner(self.blocks[b], x, hook=hook, hook_state=state)[0]
+
+  def fit(self, b, stats):
+    block, recipes = self.block(b), self.per_layer[b]
+    # Under a mesh the fits' factorizations would run replicated on every device:
+    # each site's fit runs once, from host copies, spread over this process's devices.
+    if self.mesh is None:
+      return fit_block(block, stats, recipes, spec=self.spec, layer=b)
+    return fit_block(*jax.device_get((block, stats)), recipes, spec=self.spec, layer=b,
+                     devices=list(self.mesh.local_devices))
+
+  def train(self, b, transforms, x, target):
+    return train_block(self.runner, self.block(b), transforms, x, target, self.base,
+                       spec=self.spec, layer=b)
+
+  def quantize(self, b, transforms, stats, w_clip):
+    block = self.block(b)
+    qblock, scales = quantize_block(merge_block(block, transforms, spec=self.spec),
+                                    self.per_layer[b], spec=self.spec, transforms=transforms,
+                                    stats=stats, w_clip=w_clip)
+    self.blocks.append(qblock)
+    self.transforms.append(transforms)
+    self.scales.append(scales)
+    return True
+
+  def result(self, info: dict) -> QuantizedModel:
+    """The quantized model, once every block is quantized."""
+    self.pure["layers"] = stack_layers(self.blocks)
+    state = jax.tree.map(lambda a: a, self.state)
+    nnx.replace_by_pure_dict(state, self.pure)
+    w_scales = stack_layers(self.scales) if _same_keys(self.scales) else None
+    return QuantizedModel(nnx.merge(self.graphdef, state),
+                          site_state(self.transforms, self.per_layer, self.spec), self.policy,
+                          w_scales=w_scales, info=info)

@@ -29,7 +29,8 @@ about (tunix's `Llama3`, your own):
    that step). The transform is applied once per linear, not once per site.
 
 5. **Blocks** (`blocks=`, a module-path regex such as `r"layers/\\d+"`) turn on
-   the block-sequential engine, as catjax's own decoder has it: the inputs of the
+   the block-sequential walk, the one catjax's own decoder goes through
+   (`catjax.ptq.walk`; `ModuleBlocks` is this model's adapter): the inputs of the
    first block are recorded (the forward stops there), then each block in turn is
    calibrated on its inputs, fitted, merged and rounded, and run again to give the
    next block its inputs: the quantized block's outputs when the recipes
@@ -39,7 +40,8 @@ about (tunix's `Llama3`, your own):
    other arguments the first one got (positions, mask: checked on the first
    batch), and its result is `h` or holds exactly one array shaped like `h`
    (tunix: `(cache, h)`). Without `blocks` the whole model calibrates at once,
-   on full-precision inputs, which closed-form recipes need.
+   on full-precision inputs, which closed-form recipes need (the same walk, over
+   the whole model as its one block).
 
    Trained CAT (`train.steps`) trains each block's transforms in the walk, as
    catjax's own engine does (`catjax.ptq.foreign_train`).
@@ -72,6 +74,7 @@ from catjax.ptq.blocks import merge_kernel, transformed_sigma
 from catjax.ptq.hooks import fake_quantize_ste
 from catjax.ptq.recipe import Recipe
 from catjax.ptq.rules import Rule, as_rules, first_match
+from catjax.ptq.walk import walk
 
 _EINSUM = re.compile(r"\s*([A-Za-z]+)\s*,\s*([A-Za-z]+)\s*->\s*([A-Za-z]+)\s*")
 _CAPTURE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("catjax_capture",
@@ -409,8 +412,12 @@ def quantize_site(site: Site, recipe: Recipe, transform: Transform | None,
     if transform is not None:
       k = merge_kernel(transform, k)
     if recipe.w_config is not None:
-      k, scale = rounding.REGISTRY[recipe.weights].quantize(
-          k, recipe.w_config, hessian=hessian, ratio=(w_clip or {}).get(lin.path), recipe=recipe)
+      try:
+        k, scale = rounding.REGISTRY[recipe.weights].quantize(
+            k, recipe.w_config, hessian=hessian, ratio=(w_clip or {}).get(lin.path),
+            recipe=recipe)
+      except FloatingPointError as e:  # GPTQ's Cholesky: say which linear
+        raise FloatingPointError(f"{lin.path} (site {site.name}): {e}") from None
       if scale is not None:
         scales[lin.path] = scale
     lin.set_kernel(k)
@@ -560,60 +567,81 @@ def hidden_of(out, h: jax.Array, path: str) -> jax.Array:
   return like[0]
 
 
-def walk_blocks(blocks: list[tuple[str, nnx.Module]], assigned: dict[str, tuple[Linear, int]],
-                rules: tuple[Rule, ...], hidden: list[jax.Array], args: tuple, kwargs: dict, *,
-                quantized_inputs: bool, progress: bool = True) -> list[dict]:
-  """Quantize the assigned linears block by block (in place), each block calibrated on
-  the outputs of the ones before it: quantized when `quantized_inputs`, else float.
-  Recipes with `train.steps` train each block's transforms first
-  (`catjax.ptq.foreign_train`), against the float model's outputs. Returns the
-  training reports, one per trained block."""
-  from catjax.ptq.foreign_train import train_sites
+class ModuleBlocks:
+  """Any NNX model as the block engine's adapter (`catjax.ptq.walk.BlockAdapter`): its
+  blocks, found by module path, each called as `block(h, *args, **kwargs)`; or, with
+  `forward`, the whole model as one block called as `forward(model, batch)` (the
+  stream is then the calibration batches themselves). A block's sites are found in its
+  calibration, from the identity of its linears' inputs; the stream is one hidden state
+  per batch."""
 
-  training = any(r.recipe is not None and r.recipe.train.steps for r in rules)
-  twin = list(hidden) if training and quantized_inputs else None  # the float model's stream
-  ordinal, reports = 0, []
-  for b, (path, block) in enumerate(tqdm(blocks, desc="quantize", unit="block",
-                                         disable=not progress, leave=False)):
-    mine = {p: a for p, a in assigned.items() if p.startswith(path + "/")}
+  def __init__(self, blocks: list[tuple[str, nnx.Module]], assigned: dict[str, tuple[Linear, int]],
+               rules: tuple[Rule, ...], inputs, *, args: tuple = (), kwargs: dict | None = None,
+               forward: Callable | None = None, progress: bool = False):
+    self.blocks, self.assigned, self.rules, self._inputs = blocks, assigned, rules, inputs
+    self.args, self.kwargs, self.forward = args, kwargs or {}, forward
+    self.num_blocks = len(blocks)
+    self.progress = progress  # the sites' progress bars (the whole model: its only block)
+    self.sites: list[Site] = []  # the current block's
+    self.ordinal = 0  # sites before the current block's (their Hadamard keys)
 
-    def run(blk, h, outs):
-      outs.append(hidden_of(blk(h, *args, **kwargs), h, path))
+  def name(self, b):
+    path = self.blocks[b][0]
+    return f"block {path!r}" if path else "the model"
 
-    floats: list[jax.Array] = []  # the float block's outputs on this block's inputs
-    sites = calibrate_sites(block, mine, rules, hidden, functools.partial(run, outs=floats),
-                            progress=False) if mine else []
-    if not mine:
-      for h in hidden:
-        run(block, h, floats)
-    targets = floats
-    if twin is not None:
-      targets = []
-      for h in twin:
-        run(block, h, targets)
-    recipes = [rules[site.rule].recipe for site in sites]
-    ts = [fit_site(site, r, ordinal + i) for i, (site, r) in enumerate(zip(sites, recipes))]
-    w_clip = None
-    if sites and recipes[0].train.steps:
-      ts, w_clip, info = train_sites(block, path, sites, ts, recipes, hidden, targets, args,
-                                     kwargs, layer=b)
-      reports.append(info)
-    for site, r, t in zip(sites, recipes, ts):
+  def inputs(self):
+    return self._inputs
+
+  def call(self, block: nnx.Module, h, path: str):
+    if self.forward is not None:
+      return self.forward(block, h)
+    return hidden_of(block(h, *self.args, **self.kwargs), h, path)
+
+  def calibrate(self, b, x, *, outputs):
+    path, block = self.blocks[b]
+    mine = {p: a for p, a in self.assigned.items() if not path or p.startswith(path + "/")}
+    outs: list[jax.Array] = []
+
+    def run(blk, h):
+      out = self.call(blk, h, path)
+      if outputs:
+        outs.append(out)
+
+    self.sites = []
+    if mine:
+      self.sites = calibrate_sites(block, mine, self.rules, x, run, progress=self.progress)
+    elif outputs:
+      for h in x:
+        run(block, h)
+    return (outs if outputs else None), {s.name: s.stats for s in self.sites}
+
+  def run(self, b, x):
+    path, block = self.blocks[b]
+    return [self.call(block, h, path) for h in x]
+
+  def recipes(self) -> list[Recipe]:
+    return [self.rules[site.rule].recipe for site in self.sites]
+
+  def fit(self, b, stats):
+    return [fit_site(site, r, self.ordinal + i)
+            for i, (site, r) in enumerate(zip(self.sites, self.recipes()))]
+
+  def train(self, b, transforms, x, target):
+    from catjax.ptq.foreign_train import train_sites
+
+    recipes = self.recipes()
+    if not self.sites or not recipes[0].train.steps:
+      return transforms, None, None
+    path, block = self.blocks[b]
+    return train_sites(block, path, self.sites, transforms, recipes, x, target, self.args,
+                       self.kwargs, layer=b)
+
+  def quantize(self, b, transforms, stats, w_clip):
+    for site, r, t in tqdm(list(zip(self.sites, self.recipes(), transforms)), desc="quantize",
+                           unit="site", disable=not self.progress, leave=False):
       quantize_site(site, r, t, w_clip)
-    ordinal += len(sites)
-    if twin is not None:
-      twin = targets
-    hidden = _next_inputs(block, hidden, floats, args, kwargs, path,
-                          quantized=quantized_inputs and bool(sites))
-  return reports
-
-
-def _next_inputs(block, hidden, floats, args, kwargs, path, *, quantized) -> list[jax.Array]:
-  """The next block's inputs: this (quantized) block run again on its inputs, or its float
-  outputs."""
-  if not quantized:
-    return floats
-  return [hidden_of(block(h, *args, **kwargs), h, path) for h in hidden]
+    self.ordinal += len(self.sites)
+    return bool(self.sites)
 
 
 def instrument(assigned: dict[str, tuple[Linear, int]]) -> None:
@@ -731,14 +759,12 @@ def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibrati
   forward = forward or _default_forward
   if found is not None:
     hidden, args, kwargs = block_inputs(model, found, calibration, forward, progress=progress)
-    reports = walk_blocks(found, assigned, rules, hidden, args, kwargs,
-                          quantized_inputs=quantized_inputs, progress=progress)
-    if info is not None:
-      info["train"] = reports
-    return model
-  sites = calibrate_sites(model, assigned, rules, calibration, forward, progress=progress)
-  for i, site in enumerate(tqdm(sites, desc="quantize", unit="site", disable=not progress,
-                                leave=False)):
-    recipe = rules[site.rule].recipe
-    quantize_site(site, recipe, fit_site(site, recipe, i))
+    adapter = ModuleBlocks(found, assigned, rules, hidden, args=args, kwargs=kwargs)
+  else:
+    adapter = ModuleBlocks([("", model)], assigned, rules, calibration, forward=forward,
+                           progress=progress)
+  reports = walk(adapter, quantized_inputs=quantized_inputs,
+                 train=any(t.steps for t in trains), progress=progress)
+  if info is not None and found is not None:
+    info["train"] = reports
   return model

@@ -101,10 +101,13 @@ def test_generation_from_the_loaded_model(saved):
     ({"temperature": math.nan}, "temperature=nan"),
     ({"top_p": 0.0}, "top_p=0.0"),
     ({"top_p": 1.5}, "top_p=1.5"),
+    ({"max_new_tokens": 0}, "max_new_tokens=0"),
+    # a KV cache past the free memory: refused before it is allocated
+    ({"max_new_tokens": 10**15}, r"max_new_tokens=1000000000000000: the KV cache .* GiB are free"),
 ])
 def test_generation_errors(kw, match):
   with pytest.raises(ValueError, match=match):
-    generate(random_model(tiny.config(), seed=0), [1, 2], max_new_tokens=2, **kw)
+    generate(random_model(tiny.config(), seed=0), [1, 2], **{"max_new_tokens": 2, **kw})
 
 
 def _edit_manifest(fn, rehash=False):

@@ -37,6 +37,9 @@ def test_check_int_and_bool():
     check_int("steps", -1, 0)
   with pytest.raises(ValueError, match=r"steps=True"):
     check_int("steps", True, 0)
+  check_int("steps", 7, 0, 7)
+  with pytest.raises(ValueError, match=r"steps=8: expected an integer in 0\.\.7 \(int32\)"):
+    check_int("steps", 8, 0, 7, "int32")
   with pytest.raises(ValueError, match=r"flag=1: expected True or False"):
     check_bool("flag", 1)
 

@@ -58,6 +58,7 @@ CONFIG_CASES = [
     (TrainConfig, {"lr": True}, "train.lr=True"),
     (TrainConfig, {"lr": 0.0}, "train.lr=0.0"),
     (TrainConfig, {"steps": -1}, "train.steps=-1"),
+    (TrainConfig, {"steps": 2**31}, r"train.steps=2147483648: expected an integer in 0\.\.2147483647"),
     (TrainConfig, {"batch": 0}, "train.batch=0"),
     (TrainConfig, {"w_clip": None}, "train.w_clip=None"),
     (SmoothQuantConfig, {"alpha": True}, "smoothquant.alpha=True"),
