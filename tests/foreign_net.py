@@ -62,3 +62,62 @@ class Net(nnx.Module):
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 16)), jnp.int32)
 CALIB = [TOKENS[i:i + 1] for i in range(4)]
+
+
+def linen_net(layers=2):
+  """`Net` written in Linen (Flax's older API), with the same math and parameter names;
+  `linen_params(net)` gives it an NNX `Net`'s weights."""
+  from flax import linen as nn
+
+  class LinenEinsum(nn.Module):
+    eq: str
+    shape: tuple
+
+    @nn.compact
+    def __call__(self, x):
+      return jnp.einsum(self.eq, x, self.param("w", nn.initializers.normal(0.3), self.shape))
+
+  class LinenBlock(nn.Module):
+    def setup(self):
+      self.norm, self.mlp_norm = nn.RMSNorm(), nn.RMSNorm()
+      self.q, self.k, self.v = (LinenEinsum("btd,dnh->btnh", (D, HEADS, HD)) for _ in range(3))
+      self.o = LinenEinsum("btnh,nhd->btd", (HEADS, HD, D))
+      self.gate, self.up, self.down = nn.Dense(F, use_bias=False), nn.Dense(F), nn.Dense(D, use_bias=False)
+
+    def __call__(self, h):
+      x = self.norm(h)
+      q, k, v = self.q(x), self.k(x), self.v(x)
+      t = h.shape[1]
+      s = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(HD)
+      s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9)
+      h = h + self.o(jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), v))
+      x = self.mlp_norm(h)
+      return h + self.down(nn.silu(self.gate(x)) * self.up(x))
+
+  class LinenNet(nn.Module):
+    def setup(self):
+      self.embed = nn.Embed(64, D)
+      self.blocks = [LinenBlock() for _ in range(layers)]
+      self.head = nn.Dense(64)
+
+    def __call__(self, tokens):
+      h = self.embed(tokens)
+      for b in self.blocks:
+        h = b(h)
+      return self.head(h)
+
+  return LinenNet()
+
+
+def linen_params(net: Net) -> dict:
+  """An NNX `Net`'s weights as `linen_net()`'s parameters."""
+  def dense(m):
+    return {"kernel": m.kernel[...], **({"bias": m.bias[...]} if m.bias is not None else {})}
+
+  def block(b):
+    return {"norm": {"scale": b.norm.scale[...]}, "mlp_norm": {"scale": b.mlp_norm.scale[...]},
+            **{n: {"w": getattr(b, n).w[...]} for n in "qkvo"},
+            **{n: dense(getattr(b, n)) for n in ("gate", "up", "down")}}
+
+  return {"embed": {"embedding": net.embed.embedding[...]}, "head": dense(net.head),
+          **{f"blocks_{i}": block(b) for i, b in enumerate(net.blocks)}}

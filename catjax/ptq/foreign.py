@@ -151,18 +151,35 @@ def as_linear(path: str, module: nnx.Module) -> Linear | str | None:
   params = [n for n, v in attrs.items() if isinstance(v, nnx.Param) and v[...].ndim >= 2]
   if len(equations) != 1 or len(params) != 1:
     return None
-  m = _EINSUM.fullmatch(equations[0])
+  axes = einsum_axes(equations[0], getattr(module, params[0])[...].ndim)
+  return Linear(path, module, params[0], *axes) if isinstance(axes, tuple) else axes
+
+
+def einsum_axes(equation: str, weight_ndim: int) -> tuple[tuple[int, ...], int] | str | None:
+  """`(in_axes, in_ndim)` of a weight of `weight_ndim` axes, the second operand of
+  `equation` (the flattening rule above); None when the operand has other axes; or why
+  the einsum is no linear."""
+  m = _EINSUM.fullmatch(equation)
   if m is None:
-    return f"its einsum {equations[0]!r} is not of the form 'lhs,rhs->out'"
+    return f"its einsum {equation!r} is not of the form 'lhs,rhs->out'"
   lhs, rhs, out = m.groups()
-  if getattr(module, params[0])[...].ndim != len(rhs):
+  if weight_ndim != len(rhs):
     return None
   shared = [c for c in rhs if c in lhs and c in out]
   contracted = [c for c in lhs if c in rhs and c not in out]
   if shared or not contracted or lhs[len(lhs) - len(contracted):] != "".join(contracted):
-    return (f"its einsum {equations[0]!r} does not contract trailing input axes with the weight "
-            "alone")
-  return Linear(path, module, params[0], tuple(rhs.index(c) for c in contracted), len(contracted))
+    return f"its einsum {equation!r} does not contract trailing input axes with the weight alone"
+  return tuple(rhs.index(c) for c in contracted), len(contracted)
+
+
+def dot_general_axes(dimension_numbers, lhs_ndim: int) -> tuple[tuple[int, ...], int] | None:
+  """`(in_axes, in_ndim)` of the weight (right operand) of a `jax.lax.dot_general`
+  that contracts the input's trailing axes with it and batches none, else None."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  pairs = sorted((int(a) % lhs_ndim, int(b)) for a, b in zip(lc, rc))
+  if lb or rb or not pairs or [a for a, _ in pairs] != list(range(lhs_ndim - len(pairs), lhs_ndim)):
+    return None
+  return tuple(b for _, b in pairs), len(pairs)
 
 
 def module_path(path: Sequence[Any]) -> str:

@@ -36,8 +36,15 @@ The weights' flattening is the rule path's (`catjax.ptq.foreign`): a linear is
 an `nnx.Linear` or a module with one einsum equation and one weight, its input
 axes flatten to `d_in`, the others to `d_out`. qwix's calibration providers
 skip einsums that contract several axes (o_proj `BTNH,NHD->BTD`); this one
-takes them. Linen models are not covered: the rule path's linears and blocks
-are NNX modules.
+takes them.
+
+Linen models: the same providers under `qwix.quantize_model(linen_model, ...)`.
+A linen linear is an op whose weight is a parameter of the module running it
+(qwix's `find_param`), flattened as the op contracts it (`dot_general` over the
+input's trailing axes, or an einsum, by the same rule); the statistics live in
+the `quant_stats` collection (apply with `mutable=["quant_stats"]`), and
+`fit_params(abstract, params, quant_stats, provider)` returns the parameters of
+qwix's PTQ model, as `qwix.quantize_params` does for its own.
 """
 
 from __future__ import annotations
@@ -119,13 +126,32 @@ def _rules(rules) -> list[qwix.QuantizationRule]:
   return list(rules)
 
 
-def _current_linear() -> Linear | None:
-  """The linear (rule path's reading) whose op qwix intercepted, or None."""
+def _current_linear(w, axes) -> Linear | None:
+  """The linear whose op qwix intercepted (its weight `w`; `axes`, the op's reading of
+  the weight's input axes), or None. NNX: the rule path's reading of the module. Linen:
+  the module's parameter that is `w`, flattened as the op contracts it (a `Linear`
+  over a holder of that parameter)."""
   module = flax_util.get_current_module()
-  if not isinstance(module, nnx.Module):
+  if isinstance(module, nnx.Module):
+    lin = foreign.as_linear("/".join(map(str, getattr(module, "qwix_path", ()))), module)
+    return lin if isinstance(lin, Linear) and tuple(w.shape) == lin.weight[...].shape else None
+  if not isinstance(module, flax.linen.Module) or not isinstance(axes, tuple):
     return None
-  lin = foreign.as_linear("/".join(map(str, getattr(module, "qwix_path", ()))), module)
-  return lin if isinstance(lin, Linear) else None
+  param = flax_util.find_param(w)
+  if param is None:
+    return None
+  return _held_linear("/".join(map(str, module.path)), param, jax.ShapeDtypeStruct(w.shape, w.dtype),
+                      *axes)
+
+
+class _Held:
+  """Holds one linen parameter as an `nnx.Param` attribute, for a `Linear` to read."""
+
+
+def _held_linear(path: str, param: str, value, in_axes, in_ndim) -> Linear:
+  holder = _Held()
+  setattr(holder, param, nnx.Param(value))
+  return Linear(path, holder, param, tuple(in_axes), in_ndim)
 
 
 # ---------------------------------------------------------------------------
@@ -139,6 +165,7 @@ class CatCalibrationProvider(qwix.QuantizationProvider):
     self.rules = _rules(rules)  # in qwix's precedence order
     super().__init__(self.rules, **kwargs)
     self.sites: list[tuple[str, ...]] | None = None  # linear paths per site, in call order
+    self.linears: dict[str, tuple[str, tuple[int, ...], int]] = {}  # path: param, axes, ndim
     self._calls: dict[int, list[str]] = {}
     self._keep: list[Any] = []  # the inputs of one forward: their ids stay unique
 
@@ -152,13 +179,14 @@ class CatCalibrationProvider(qwix.QuantizationProvider):
     self._calls, self._keep = {}, []
     return super().process_model_output(method_name, model_output)
 
-  def _record(self, op: str, x: jax.Array, w: jax.Array) -> None:
+  def _record(self, op: str, x: jax.Array, w: jax.Array, axes) -> None:
     rule, _ = self._get_current_rule_and_op_id(op)
     if not isinstance(rule, CatRule):
       return
-    lin = _current_linear()
-    if lin is None or tuple(w.shape) != tuple(lin.weight[...].shape):
+    lin = _current_linear(w, axes)
+    if lin is None:
       return
+    self.linears[lin.path] = (lin.param, lin.in_axes, lin.in_ndim)
     self._keep.append(x)
     paths = self._calls.setdefault(id(x), [])
     if lin.path in paths or any(lin.path in p for p in self._calls.values() if p is not paths):
@@ -172,12 +200,12 @@ class CatCalibrationProvider(qwix.QuantizationProvider):
       var.value = var.value.update(v)
 
   def dot_general(self, lhs, rhs, dimension_numbers, *args, **kwargs):
-    self._record("dot_general", lhs, rhs)
+    self._record("dot_general", lhs, rhs, foreign.dot_general_axes(dimension_numbers, lhs.ndim))
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, *args, **kwargs)
 
   def einsum(self, equation, *operands, **kwargs):
-    if len(operands) == 2:
-      self._record("einsum", *operands)
+    if len(operands) == 2 and isinstance(equation, str):
+      self._record("einsum", *operands, foreign.einsum_axes(equation, operands[1].ndim))
     return jnp.einsum(equation, *operands, **kwargs)
 
   def get_intercept_map(self):
@@ -318,6 +346,31 @@ def export(quantized: nnx.Module, ptq_model: nnx.Module) -> nnx.Module:
   return ptq_model
 
 
+def _fit_sites(provider: CatCalibrationProvider, linear, stats) -> list[Linear]:
+  """Fit, merge and round every site `provider` saw, in its call order (the Hadamard
+  keys), as `catjax.quantize` without `blocks` does; `linear(path)` gives a linear to
+  write into, `stats(lin)` its statistics. Returns the quantized linears."""
+  if provider.sites is None:
+    raise ValueError("the calibration provider saw no forward: run the model qwix.quantize_model "
+                     "returned on the calibration batches first")
+  rules, done = provider.rules, []
+  for ordinal, paths in enumerate(provider.sites):
+    idx = {first_match(rules, p) for p in paths}
+    if len(idx) > 1:
+      raise ValueError(f"two rules on one site (linears that read the same input): {paths}; a "
+                       "site shares one transform: give its linears one rule")
+    rule = rules[idx.pop()]
+    lins = [linear(p) for p in paths]
+    st = stats(lins[0])
+    if int(st.count) == 0:
+      raise ValueError(f"site {paths}: no calibration tokens were seen (run the calibrated model "
+                       "on the batches; its first call, inside qwix.quantize_model, counts none)")
+    site = Site(foreign.site_name(lins), lins, 0, stats=st)
+    foreign.quantize_site(site, rule.recipe, foreign.fit_site(site, rule.recipe, ordinal))
+    done += lins
+  return done
+
+
 def fit(ptq_model: nnx.Module, model: nnx.Module, calibrated: nnx.Module,
         provider: CatCalibrationProvider) -> nnx.Module:
   """Fit, merge, round and write catjax's weights into `ptq_model`, in place.
@@ -332,25 +385,69 @@ def fit(ptq_model: nnx.Module, model: nnx.Module, calibrated: nnx.Module,
   Every site's transform is fitted on full-precision inputs, as `catjax.quantize`
   without `blocks` does (its Hadamard keys follow the sites' call order), so the
   result equals `export(catjax.quantize(model, rules, batches), ptq_model)`.
+  Linen models: `fit_params`.
   """
-  if provider.sites is None:
-    raise ValueError("the calibration provider saw no forward: run the model qwix.quantize_model "
-                     "returned on the calibration batches first")
-  rules = provider.rules
   work = nnx.clone(model)
   linears = foreign.find_linears(work)
   stats_of = {foreign.module_path(p): m for p, m in nnx.iter_modules(calibrated)}
-  for ordinal, paths in enumerate(provider.sites):
-    idx = {first_match(rules, p) for p in paths}
-    if len(idx) > 1:
-      raise ValueError(f"two rules on one site (linears that read the same input): {paths}; a "
-                       "site shares one transform: give its linears one rule")
-    rule = rules[idx.pop()]
-    lins = [linears[p] for p in paths]
-    stats = getattr(stats_of[paths[0]], lins[0].param + _SUFFIX).value
-    if int(stats.count) == 0:
-      raise ValueError(f"site {paths}: no calibration tokens were seen (run the calibrated model "
-                       "on the batches; its first call, inside qwix.quantize_model, counts none)")
-    site = Site(foreign.site_name(lins), lins, 0, stats=stats)
-    foreign.quantize_site(site, rule.recipe, foreign.fit_site(site, rule.recipe, ordinal))
+  _fit_sites(provider, linears.__getitem__,
+             lambda lin: getattr(stats_of[lin.path], lin.param + _SUFFIX).value)
   return export(work, ptq_model)
+
+
+def _at(tree, path: str) -> dict:
+  """The sub-dict of a linen variable tree at module path `a/b/c`."""
+  for name in path.split("/"):
+    tree = tree[name]
+  return tree
+
+
+def fit_params(ptq_params, params, quant_stats, provider: CatCalibrationProvider) -> dict:
+  """Linen: catjax's weights as the parameters of qwix's PTQ model (the Linen
+  counterpart of `fit`, in the role of `qwix.quantize_params`).
+
+  Args:
+    ptq_params: the (abstract) parameters of `qwix.quantize_model(model,
+      CatPtqProvider(rules))`: `jax.eval_shape(ptq_model.init, key, sample)["params"]`.
+    params: the float model's parameters (not changed).
+    quant_stats: the `"quant_stats"` collection after applying
+      `qwix.quantize_model(model, provider)` to every calibration batch with
+      `mutable=["quant_stats"]` (each call given the previous one's).
+    provider: that `CatCalibrationProvider`.
+
+  Returns:
+    A copy of `params` whose quantized kernels are `WithCatInput`s (integer codes,
+    per-channel scales, catjax's input quantizer): pass it to `ptq_model.apply`.
+  """
+  params = flax.core.unfreeze(params)
+  out = jax.tree.map(lambda a: a, params)  # new containers, shared leaves
+  ptq_params = flax.linen.unbox(flax.core.unfreeze(ptq_params))
+
+  def linear(path):
+    if path not in provider.linears:
+      raise ValueError(f"linear {path!r} was not recorded by this provider")
+    param, in_axes, in_ndim = provider.linears[path]
+    return _held_linear(path, param, jnp.asarray(_at(params, path)[param]), in_axes, in_ndim)
+
+  done = _fit_sites(provider, linear, lambda lin: _at(quant_stats, lin.path)[lin.param + _SUFFIX])
+  theirs = {p for p, v in _with_aux(ptq_params)}
+  ours = {f"{lin.path}/{lin.param}" for lin in done}
+  if theirs != ours:
+    why = [f"qwix's model quantizes {sorted(theirs - ours)[:4]}, which catjax did not"] * bool(
+        theirs - ours) + [f"catjax quantized {sorted(ours - theirs)[:4]}, which qwix's model "
+                          "does not"] * bool(ours - theirs)
+    raise ValueError(f"{'; '.join(why)}: their rules must quantize the same linears")
+  for lin in done:
+    target = _at(ptq_params, lin.path)[lin.param]
+    _at(out, lin.path)[lin.param] = _with_cat_input(lin, target, lin.path)
+  return out
+
+
+def _with_aux(tree, prefix: str = ""):
+  """`(path, value)` of every qwix quantized weight in a nested parameter dict."""
+  for name, v in tree.items():
+    path = f"{prefix}{name}"
+    if isinstance(v, qwix_ptq.WithAux):
+      yield path, v
+    elif isinstance(v, dict):
+      yield from _with_aux(v, path + "/")

@@ -2,6 +2,9 @@
 qwix's calibrate → fit → quantize pipeline with catjax's providers, on the small NNX net.
 Runs where qwix is installed (scripts/test.sh's tunix stage; google-tunix brings it)."""
 
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,3 +130,67 @@ def test_bad_fit():
   calibrated, provider = _calibrated(net, [Rule("blocks/0/q", CAT), Rule(r"blocks/\d+/.*", CAT)])
   with pytest.raises(ValueError, match="two rules on one site"):
     cq.fit(_ptq(net), net, calibrated, provider)
+
+
+def _doc_cat_linen():
+  """docs/api.md's Linen block (`cat_linen`), run as written."""
+  page = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+  block = next(b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "def cat_linen" in b)
+  namespace = {}
+  exec(block, namespace)  # noqa: S102 - the docs' own code
+  return namespace["cat_linen"]
+
+
+def _linen_pipeline(rules, *, jit=False, integer=False, ptq_rules=None):
+  """qwix's Linen pipeline with catjax's providers: calibrate → fit_params → the PTQ
+  model's logits; eagerly by the docs' own `cat_linen`, or with a jitted calibration
+  (apply with a mutable quant_stats)."""
+  from foreign_net import linen_net, linen_params
+
+  net = Net()
+  model, params = linen_net(), linen_params(net)
+  if not jit and not integer and ptq_rules is None:
+    ptq, qparams = _doc_cat_linen()(model, params, rules, CALIB)
+    return net, model, params, qparams, ptq.apply({"params": qparams}, TOKENS)
+  provider = cq.CatCalibrationProvider(rules)
+  calibrated = qwix.quantize_model(model, provider)
+  apply = lambda v, b: calibrated.apply(v, b, mutable=["quant_stats"])  # noqa: E731
+  apply = jax.jit(apply) if jit else apply
+  stats = {}
+  for batch in CALIB:
+    _, stats = apply({"params": params, **stats}, batch)
+  ptq = qwix.quantize_model(model, cq.CatPtqProvider(ptq_rules or rules, integer=integer))
+  abstract = jax.eval_shape(ptq.init, jax.random.key(0), TOKENS)["params"]
+  qparams = cq.fit_params(abstract, params, stats["quant_stats"], provider)
+  if jit:  # sites found by input identity under jit too
+    assert provider.sites[:4] == [("blocks_0/q", "blocks_0/k", "blocks_0/v"), ("blocks_0/o",),
+                                  ("blocks_0/gate", "blocks_0/up"), ("blocks_0/down",)]
+  return net, model, params, qparams, ptq.apply({"params": qparams}, TOKENS)
+
+
+@pytest.mark.parametrize("jit, integer", [(False, False), (True, True)],
+                         ids=["eager-fake", "jit-integer"])
+def test_linen_pipeline_equals_catjax_quantize(jit, integer):
+  """A Linen model (the net written in Linen, same weights) through qwix with catjax's
+  providers — calibrate → fit_params → qwix's PTQ model — computes what catjax.quantize
+  makes of the NNX net, to float rounding, with fake-quantized or integer inputs; its
+  sites are found by input identity as in NNX (q/k/v, gate/up). The eager case is
+  docs/api.md's own block."""
+  rules = [Rule(r"blocks.\d+/.*", CAT)]
+  net, model, params, qparams, got = _linen_pipeline(rules, jit=jit, integer=integer)
+  np.testing.assert_array_equal(model.apply({"params": params}, TOKENS), net(TOKENS))
+  w = qparams["blocks_0"]["o"]["w"]
+  assert isinstance(w, cq.WithCatInput) and w.array.qvalue.shape == (4, 8, 32)
+  assert isinstance(params["blocks_0"]["o"]["w"], jax.Array)  # the float params are not changed
+  want = quantize(net, rules, CALIB, progress=False)(TOKENS)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+  assert float(jnp.abs(want - net(TOKENS)).max()) > 1e-2 * float(jnp.abs(want).max())
+
+
+def test_linen_rules_must_agree():
+  """qwix's PTQ model must quantize the linears catjax fitted, and no others."""
+  with pytest.raises(ValueError, match=r"qwix's model quantizes \['blocks_0/down/kernel', "
+                                       r"'blocks_1/down/kernel'\], which catjax did not: their "
+                                       "rules must quantize the same linears"):
+    _linen_pipeline([Rule(r"blocks.\d+/(q|k|v|o|gate|up)", CAT), Rule(".*", None)],
+                    ptq_rules=[Rule(r"blocks.\d+/.*", CAT)])
