@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import linen, nnx
 from tqdm.auto import tqdm
 
 from catjax.core.quant import QuantConfig
@@ -705,13 +705,35 @@ def _propagation(rules: tuple[Rule, ...]) -> bool:
   return bool(kinds) and kinds.popitem()[0]
 
 
+def _quantize_linen(model, rules, calibration, *, forward, blocks, progress):
+  """A Linen `(module, params)` through qwix (`catjax.ptq.qwix_interop.quantize_linen`)."""
+  if isinstance(model, linen.Module):
+    raise ValueError("a Linen model comes with its parameters: pass (module, params)")
+  why = ("blocks=" if blocks is not None else "forward=" if forward is not None else None)
+  walking = [r for r in rules if r.recipe is not None
+             and (r.recipe.propagates_quantized or r.recipe.train.steps)]
+  if why or walking:
+    raise ValueError(f"{why or f'Rule({walking[0].module_path!r}): recipe {walking[0].recipe.label!r}'}: "
+                     "a Linen model is calibrated whole, as module.apply({'params': params}, "
+                     "batch), with closed-form recipes that propagate full-precision outputs "
+                     "(the block walk runs NNX modules)")
+  try:
+    from catjax.ptq import qwix_interop
+  except ImportError as e:
+    raise ImportError(f"a Linen model is quantized through qwix ({e}): pip install qwix") from None
+  return qwix_interop.quantize_linen(*model, rules, calibration, progress=progress)
+
+
 def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibration: Iterable,
              *, forward: Callable | None = None, blocks: str | None = None, copy: bool = True,
              progress: bool = True, info: dict | None = None) -> nnx.Module:
-  """Quantize any NNX model by rules over its module paths.
+  """Quantize any NNX model (or Linen model) by rules over its module paths.
 
   Args:
-    model: an `nnx.Module`; not changed unless `copy=False`.
+    model: an `nnx.Module`; not changed unless `copy=False`. Or a Linen
+      `(module, params)` pair, quantized through qwix (`pip install qwix`; closed-form
+      recipes, calibrated whole as `module.apply({"params": params}, batch)`), which
+      returns `(ptq_module, ptq_params)`: run `ptq_module.apply({"params": ptq_params}, x)`.
     rules: `Rule`s (first match wins), one `Rule`, or a `Recipe` for every linear.
     calibration: an iterable of batches, each passed to `forward`.
     forward: `forward(model, batch)` runs the model (its result is not used);
@@ -745,8 +767,13 @@ def quantize(model: nnx.Module, rules: Rule | Recipe | Sequence[Rule], calibrati
   for r in rules:
     if r.recipe is not None:
       _check_recipe(r.recipe, r)
+  if isinstance(model, linen.Module) or (isinstance(model, tuple) and len(model) == 2
+                                         and isinstance(model[0], linen.Module)):
+    return _quantize_linen(model, rules, calibration, forward=forward, blocks=blocks,
+                           progress=progress)
   if not isinstance(model, nnx.Module):
-    raise ValueError(f"model must be an nnx.Module, got {type(model).__name__}")
+    raise ValueError(f"model must be an nnx.Module or a Linen (module, params) pair, got "
+                     f"{type(model).__name__}")
   trains = {r.recipe.train for r in rules if r.recipe is not None}
   if len(trains) > 1 and any(t.steps for t in trains):
     raise ValueError(f"the rules' recipes train differently ({sorted(map(str, trains))}); trained "

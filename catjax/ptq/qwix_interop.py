@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 from flax import nnx
+from tqdm.auto import tqdm
 from qwix._src.providers import ptq as qwix_ptq
 from qwix._src.utils import flax_util
 
@@ -451,3 +452,24 @@ def _with_aux(tree, prefix: str = ""):
       yield path, v
     elif isinstance(v, dict):
       yield from _with_aux(v, path + "/")
+
+
+def quantize_linen(module: flax.linen.Module, params, rules, calibration, *,
+                   integer: bool = False, progress: bool = True):
+  """A Linen model quantized by catjax's `rules` through qwix (what `catjax.quantize`
+  does with a `(module, params)` pair): calibrate on every batch
+  (`module.apply({"params": params}, batch)`), fit, and return `(ptq_module,
+  ptq_params)`; run it as `ptq_module.apply({"params": ptq_params}, x)`.
+  `integer=True`: qwix multiplies integer inputs (see `CatPtqProvider`)."""
+  provider = CatCalibrationProvider(rules)
+  calibrated = qwix.quantize_model(module, provider)
+  stats, sample = {}, None
+  for batch in tqdm(calibration, desc="calibrate", unit="batch", disable=not progress,
+                    leave=False):
+    sample = batch if sample is None else sample
+    _, stats = calibrated.apply({"params": params, **stats}, batch, mutable=["quant_stats"])
+  if sample is None:
+    raise ValueError("calibration holds no batch")
+  ptq = qwix.quantize_model(module, CatPtqProvider(rules, integer=integer))
+  abstract = jax.eval_shape(ptq.init, jax.random.key(0), sample)["params"]
+  return ptq, fit_params(abstract, params, stats["quant_stats"], provider)

@@ -194,3 +194,23 @@ def test_linen_rules_must_agree():
                                        "rules must quantize the same linears"):
     _linen_pipeline([Rule(r"blocks.\d+/(q|k|v|o|gate|up)", CAT), Rule(".*", None)],
                     ptq_rules=[Rule(r"blocks.\d+/.*", CAT)])
+
+
+def test_catjax_quantize_takes_a_linen_pair():
+  """`catjax.quantize((module, params), rules, batches)`: the same pipeline behind the
+  rule API, `(ptq_module, ptq_params)` out; the block walk and its recipes are refused."""
+  from foreign_net import linen_net, linen_params
+
+  net = Net()
+  model, params = linen_net(), linen_params(net)
+  rules = [Rule(r"blocks.\d+/.*", CAT)]
+  ptq, qparams = quantize((model, params), rules, CALIB, progress=False)
+  want = quantize(net, rules, CALIB, progress=False)(TOKENS)
+  np.testing.assert_allclose(ptq.apply({"params": qparams}, TOKENS), want, rtol=1e-4,
+                             atol=1e-5 * float(jnp.abs(want).max()))
+  with pytest.raises(ValueError, match="blocks=: a Linen model is calibrated whole"):
+    quantize((model, params), rules, CALIB, blocks=r"blocks_\d+")
+  with pytest.raises(ValueError, match=r"Rule\('.\*'\): recipe .*gptq.*closed-form recipes"):
+    quantize((model, params), Recipe(method="cat", block_size=8, weights="gptq"), CALIB)
+  with pytest.raises(ValueError, match=r"pass \(module, params\)"):
+    quantize(model, rules, CALIB)
