@@ -48,7 +48,9 @@ about (tunix's `Llama3`, your own):
 
 Calibration runs the model eagerly (the linears' inputs are read on the host);
 the quantized model runs under `nnx.jit` like the original. KV-cache
-quantization is catjax's own decoder's for now (refused here).
+quantization is catjax's own decoder's for now (refused here). A Linen
+`(module, params)` pair goes through qwix's interception instead
+(`catjax.ptq.qwix_interop.quantize_linen`: closed-form recipes, calibrated whole).
 """
 
 from __future__ import annotations
