@@ -27,7 +27,7 @@ from _common import machine, write  # noqa: E402
 
 from catjax.app import load_pretrained, parse_spec, text_windows  # noqa: E402
 from catjax.analysis import window_nll  # noqa: E402
-from catjax.ptq import Recipe, quantize_model  # noqa: E402
+from catjax.ptq import quantize_model  # noqa: E402
 
 
 def torch_nll_fn(path):

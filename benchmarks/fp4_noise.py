@@ -26,7 +26,6 @@ from _common import machine, smollm2_parser, write  # noqa: E402
 
 from catjax.app import RunConfig, assets, markdown_table, parse_spec, run  # noqa: E402
 from catjax.models import load_config, spec_for  # noqa: E402
-from catjax.ptq import Recipe  # noqa: E402
 from catjax import predicted_sqnr  # noqa: E402
 from catjax.core import stats  # noqa: E402
 

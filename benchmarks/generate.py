@@ -32,7 +32,7 @@ from _common import machine, write  # noqa: E402
 
 from catjax.app import load_pretrained, parse_spec, text_windows  # noqa: E402
 from catjax.artifacts import load_quantized, save_quantized  # noqa: E402
-from catjax.ptq import Recipe, linear_bytes, quantize_model, realize  # noqa: E402
+from catjax.ptq import linear_bytes, quantize_model, realize  # noqa: E402
 from catjax.analysis import perplexity  # noqa: E402
 from catjax.models import generate, save_hf  # noqa: E402
 

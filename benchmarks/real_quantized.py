@@ -33,7 +33,7 @@ from catjax.app import load_pretrained, parse_spec, text_windows  # noqa: E402
 from catjax.analysis import perplexity, site_report  # noqa: E402
 from catjax.kernels import QuantizedWeight, quantized_matmul  # noqa: E402
 from catjax.models import LLAMA, capture, get_path  # noqa: E402
-from catjax.ptq import Recipe, calibrate, linear_bytes, quantize_model, realize  # noqa: E402
+from catjax.ptq import calibrate, linear_bytes, quantize_model, realize  # noqa: E402
 
 
 def _layer(tree, l):

@@ -26,7 +26,7 @@ from real_quantized import embed_scaled  # noqa: E402
 from catjax.app import load_pretrained, parse_spec, text_windows  # noqa: E402
 from catjax.analysis import token_nll  # noqa: E402
 from catjax.models import SITES, forward  # noqa: E402
-from catjax.ptq import Recipe, SiteHook, quantize_model  # noqa: E402
+from catjax.ptq import SiteHook, quantize_model  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,7 +66,6 @@ class CatjaxLM(TemplateLM):
         raise ValueError(f"recipe={recipe!r} given for the quantized checkpoint {r.path}")
       from catjax.app.data import text_windows
       from catjax.ptq.engine import quantize_model
-      from catjax.ptq.recipe import Recipe
       calib = text_windows(r.tokenizer, "wiki-calib", seqlen=512,
                            max_tokens=int(calib_windows) * 512).tokens
       qm = quantize_model(r.model, calib, parse_spec(recipe))
