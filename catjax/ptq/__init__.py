@@ -11,4 +11,5 @@ __getattr__, __dir__, __all__ = lazy_names(__name__, {
     "calibrate": ".calibration", "quantize_model": ".engine", "QuantizedModel": ".quantized",
     "realize": ".realization", "linear_bytes": ".realization", "SiteHook": ".hooks",
     "Rule": ".rules", "quantize": ".foreign", "find_linears": ".foreign",
+    "site_grams": ".blocks",
 }, modules=("planner", "rounding", "qwix_interop"))

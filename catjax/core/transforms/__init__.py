@@ -21,7 +21,7 @@ A method is a `Method` entry (`base.py`) in one file; registering it is its
 line below. `Recipe`, the CLI's method specs and `fit_transform` read `REGISTRY`.
 """
 
-from catjax.core.transforms import cat, rotation, smoothquant
+from catjax.core.transforms import cat, permutation, rotation, smoothquant
 from catjax.core.transforms.base import (
     DEFAULT_BLOCK_SIZE, DEFAULT_EPS, REGISTRY, FitInputs, Method, Transform, fit_transform,
     fold_block_hadamard)
@@ -34,5 +34,5 @@ REGISTRY.update({m.name: m for m in (
 )})
 METHODS = tuple(REGISTRY)
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_EPS", "REGISTRY", "METHODS", "FitInputs", "Method",
+__all__ = ["permutation", "DEFAULT_BLOCK_SIZE", "DEFAULT_EPS", "REGISTRY", "METHODS", "FitInputs", "Method",
            "Transform", "fit_transform", "fold_block_hadamard"]
