@@ -19,6 +19,18 @@ class Einsum(nnx.Module):
     return jnp.einsum(self.eq, x, self.w[...])
 
 
+def block_math(b, h):
+  """One block's computation over its submodules (`Block`'s, and the Linen twin's)."""
+  x = b.norm(h)
+  q, k, v = b.q(x), b.k(x), b.v(x)
+  t = h.shape[1]
+  s = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(HD)
+  s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9)
+  h = h + b.o(jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), v))
+  x = b.mlp_norm(h)
+  return h + b.down(jax.nn.silu(b.gate(x)) * b.up(x))
+
+
 class Block(nnx.Module):
   """q/k/v as (D, N, H) einsums reading one normed input, o as NH,NHD->D, an MLP of
   nnx.Linear (gate/up share an input), with outlier channels in the norm scales."""
@@ -36,14 +48,7 @@ class Block(nnx.Module):
     self.down = nnx.Linear(F, D, use_bias=False, rngs=rngs)
 
   def __call__(self, h):
-    x = self.norm(h)
-    q, k, v = self.q(x), self.k(x), self.v(x)
-    t = h.shape[1]
-    s = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(HD)
-    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9)
-    h = h + self.o(jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), v))
-    x = self.mlp_norm(h)
-    return h + self.down(nnx.silu(self.gate(x)) * self.up(x))
+    return block_math(self, h)
 
 
 class Net(nnx.Module):
@@ -85,14 +90,7 @@ def linen_net(layers=2):
       self.gate, self.up, self.down = nn.Dense(F, use_bias=False), nn.Dense(F), nn.Dense(D, use_bias=False)
 
     def __call__(self, h):
-      x = self.norm(h)
-      q, k, v = self.q(x), self.k(x), self.v(x)
-      t = h.shape[1]
-      s = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(HD)
-      s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9)
-      h = h + self.o(jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), v))
-      x = self.mlp_norm(h)
-      return h + self.down(nn.silu(self.gate(x)) * self.up(x))
+      return block_math(self, h)
 
   class LinenNet(nn.Module):
     def setup(self):
