@@ -12,8 +12,10 @@ parameters (`embed`, `norm.scale`, `layers.attn_norm.scale`, `lm_head.kernel`,
 signed nibbles per byte, K-major split halves as `catjax.kernels` stores them),
 `.scale` (float32 per output channel), `.blocks` (the block-diagonal transform
 the kernel applies) and `.bias`; and per site with a full-width Hadamard the
-online transform `transforms.<site>.signs` (`(L, d)` ±1) and `.blocks` (when
-it has a block part). Everything is stacked over the layers.
+online transform `transforms.<site>.signs` (`(L, d)` ±1), `.blocks` (when
+it has a block part) and `.perm` (`(L, d)` int32, when it reorders the channels;
+such a transform stays online even without a Hadamard). Everything is stacked
+over the layers.
 
 `save_quantized` writes into a temporary sibling folder and renames it into
 place when complete, so an interrupted save leaves no folder that
@@ -55,6 +57,7 @@ from catjax.core.transforms import Transform
 FORMAT = "catjax-quantized"
 VERSION = 1
 MANIFEST = "quantization.json"
+ONLINE_PARTS = ("blocks", "signs", "perm")  # what a site hook needs of a transform
 
 
 class CheckpointError(ValueError):
@@ -79,6 +82,8 @@ def _site_layout(qm: QuantizedModel) -> dict[str, dict[str, Any]]:
          None if online is None or online.blocks is None else online.blocks.shape[-1])
     out[site] = {"dim": dim, "block_size": k, "in_kernel": fused, "online": online is not None,
                  "hadamard": dim if online is not None and online.signs is not None else None}
+    if online is not None and online.perm is not None:
+      out[site]["perm"] = True
   return out
 
 
@@ -86,7 +91,7 @@ def _tensors(qm: QuantizedModel) -> dict[str, jax.Array]:
   out = {".".join(str(k) for k in path): var[...]
          for path, var in nnx.to_flat_state(nnx.state(qm.model, nnx.Param))}
   for site, t in (qm.transforms or {}).items():
-    for field in ("blocks", "signs"):
+    for field in ONLINE_PARTS:
       if getattr(t, field) is not None:
         out[f"transforms.{site}.{field}"] = getattr(t, field)
   return out
@@ -277,7 +282,8 @@ def _expected(cfg: ModelConfig, dtype, recipe: Recipe, sites: dict, implementati
       online[site] = Transform(
           None if k is None else jax.ShapeDtypeStruct((L, d // k, k, k), jnp.float32), None,
           None if s["hadamard"] is None else jax.ShapeDtypeStruct((L, d), jnp.float32),
-          recipe.transform_method, d)
+          recipe.transform_method, d,
+          jax.ShapeDtypeStruct((L, d), jnp.int32) if s.get("perm") else None)
   return model, online
 
 
@@ -314,7 +320,7 @@ def load_quantized(folder: str | Path, *, implementation: str | None = None
   slots = {".".join(str(k) for k in path): var
            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   for site, t in online.items():
-    for field in ("blocks", "signs"):
+    for field in ONLINE_PARTS:
       if getattr(t, field) is not None:
         slots[f"transforms.{site}.{field}"] = getattr(t, field)
   table = manifest["tensors"]
@@ -347,7 +353,8 @@ def load_quantized(folder: str | Path, *, implementation: str | None = None
     if not name.startswith("transforms."):
       var.set_value(values[name])
   transforms = {site: Transform(values.get(f"transforms.{site}.blocks"), None,
-                                values.get(f"transforms.{site}.signs"), t.method, t.dim)
+                                values.get(f"transforms.{site}.signs"), t.method, t.dim,
+                                values.get(f"transforms.{site}.perm"))
                 for site, t in online.items()}
   tokenizer = _load_tokenizer(folder)
   return QuantizedModel(model, transforms or None, recipe, real=True,

@@ -11,7 +11,7 @@ Tensors are named by the model's parameter paths joined with "/"
 stored as its integer codes `<path>.values` (int8, in the weight's own shape)
 and the per-output-channel scales `<path>.scale` (float32, `(d_out,)`); on any
 other grid (FP4) as the rounded weight itself. A site's transform is
-`sites/<i>/{blocks,inv_blocks,signs}`.
+`sites/<i>/{blocks,inv_blocks,signs,perm}`.
 
 To load one, rebuild the float model's structure (its class and config, e.g.
 `catjax.models.tunix.load_tunix(folder)` or the same constructor under
@@ -47,7 +47,7 @@ from catjax.ptq import foreign
 FORMAT = "catjax-foreign-quantized"
 VERSION = 1
 MANIFEST = "quantization.json"
-_PARTS = ("blocks", "inv_blocks", "signs")
+_PARTS = ("blocks", "inv_blocks", "signs", "perm")
 
 
 def _checksum(manifest: dict) -> str:
@@ -207,8 +207,9 @@ def load_foreign(model: nnx.Module, folder: str | Path) -> nnx.Module:
   nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(
       treedef, [jnp.asarray(params[_key(p)]) for p, _ in leaves]))
   nnx.update(model, state)
-  sites = {i: Transform(*(jnp.asarray(tensors[f"sites/{i}/{part}"]) if f"sites/{i}/{part}" in tensors
-                          else None for part in _PARTS), s["method"], s["dim"])
+  sites = {i: Transform(**{part: jnp.asarray(tensors[f"sites/{i}/{part}"])
+                           if f"sites/{i}/{part}" in tensors else None for part in _PARTS},
+                        method=s["method"], dim=s["dim"])
            for i, s in manifest["sites"].items()}
   assigned = {}
   for path, info in manifest["linears"].items():

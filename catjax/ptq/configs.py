@@ -1,7 +1,7 @@
 """The per-algorithm settings of a `Recipe`: small frozen, validated records.
 
-`Recipe.gptq` (weights="gptq"), `Recipe.train` (trained CAT) and
-`Recipe.smoothquant` (the SmoothQuant methods) hold them; each checks its own
+`Recipe.gptq` (weights="gptq"), `Recipe.train` (trained CAT), `Recipe.smoothquant`
+(the SmoothQuant methods) and `Recipe.spinquant` (its optimizer) hold them; each checks its own
 fields, naming them as the recipe does (`gptq.damping=-1.0: ...`).
 """
 
@@ -79,5 +79,27 @@ class SmoothQuantConfig:
       raise ValueError(f"smoothquant.alpha={self.alpha!r}: expected a value in [0, 1]")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpinQuantConfig:
+  """SpinQuant's optimizer (`catjax.ptq.spinquant.cayley_sgd`); steps and windows per
+  step are `Recipe.train`'s.
+
+  Attributes:
+    lr: Cayley SGD's learning rate, a finite value > 0 (the step is also capped
+      by the retraction's bound `2q / ‖W‖`).
+    momentum: in [0, 1).
+  """
+
+  lr: float = 1.5
+  momentum: float = 0.9
+
+  def __post_init__(self):
+    if not (is_real(self.lr) and self.lr > 0):
+      raise ValueError(f"spinquant.lr={self.lr!r}: expected a finite value > 0")
+    if not (is_real(self.momentum) and 0 <= self.momentum < 1):
+      raise ValueError(f"spinquant.momentum={self.momentum!r}: expected a value in [0, 1)")
+
+
 # The recipe fields that hold a config, and their types.
-CONFIGS = {"gptq": GPTQConfig, "train": TrainConfig, "smoothquant": SmoothQuantConfig}
+CONFIGS = {"gptq": GPTQConfig, "train": TrainConfig, "smoothquant": SmoothQuantConfig,
+           "spinquant": SpinQuantConfig}

@@ -4,6 +4,7 @@
     for block b:  stats_b ← site second moments of block b on X_b
                   T_b ← fit(stats_b, W_b)              (closed form; `catjax.ptq.blocks.fit_block`)
                   T_b ← train(T_b)                     (trained CAT, `catjax.ptq.train`)
+                  (SpinQuant: T_b learned for the whole model before the walk, `catjax.ptq.spinquant`)
                   Ŵ_b ← quantize(T_b⁻ᵀ W_b)            (RTN | clip | GPTQ with H = T Σ Tᵀ)
                   X_{b+1} ← block_b(X_b), quantized or full precision (`Recipe.propagate`)
 
@@ -31,7 +32,7 @@ from flax import nnx
 from catjax.models.llama import Llama, block_forward, layer_rope, rope_tables
 from catjax.models.spec import spec_for
 from catjax.models.sharding import shard_batch
-from catjax.ptq import rounding
+from catjax.ptq import rounding, spinquant
 from catjax.ptq.policy import Policy, layer_recipes, site_hook, site_state, stack_layers
 from catjax.ptq.quantized import QuantizedModel
 from catjax.ptq.blocks import fit_block, merge_block, quantize_block
@@ -148,12 +149,18 @@ def quantize_model(model: Llama, windows, recipe: Policy, *,
                     for r in every)
   walked = (needs_stats and stats is None) or quant_prop or train
   t_start = time.perf_counter()
-  adapter = DecoderBlocks(model, _check_windows(windows, cfg) if walked else None, policy,
-                          per_layer, stats=stats, batch_size=batch_size, mesh=mesh)
-  losses = walk(adapter, quantized_inputs=quant_prop, train=train,
+  windows = _check_windows(windows, cfg) if walked else None
+  given, extra = None, {}
+  if train and any(r.transform is not None and r.transform.end_to_end for r in every):
+    if policy.uniform is None:  # plans take closed-form methods only (`catjax.ptq.plan`)
+      raise ValueError(f"learned end to end, {policy.label!r} needs one recipe for every site")
+    given, extra["spinquant"] = spinquant.learn(model, windows, policy.uniform, progress=progress)
+  adapter = DecoderBlocks(model, windows, policy, per_layer, stats=stats, batch_size=batch_size,
+                          mesh=mesh, transforms=given)
+  losses = walk(adapter, quantized_inputs=quant_prop, train=train and given is None,
                 desc=f"quantize {policy.label}", progress=progress)
   info = {"seconds": time.perf_counter() - t_start, "walked": walked,
-          "propagate": "quantized" if quant_prop else "fp"}
+          "propagate": "quantized" if quant_prop else "fp", **extra}
   if losses:
     info["train"] = losses
   return adapter.result(info)
@@ -166,8 +173,10 @@ class DecoderBlocks:
   given or none needed)."""
 
   def __init__(self, model: Llama, windows: np.ndarray | None, policy: Policy,
-               per_layer: list[dict], *, stats=None, batch_size: int = 1, mesh=None):
+               per_layer: list[dict], *, stats=None, batch_size: int = 1, mesh=None,
+               transforms: list[dict] | None = None):
     self.cfg, self.policy, self.per_layer, self.stats = model.config, policy, per_layer, stats
+    self.given = transforms  # per block, learned before the walk (not fitted)
     self.spec, self.mesh, self.base = spec_for(model.config), mesh, policy.base
     self.num_blocks = model.config.num_layers
     self.graphdef, state = nnx.split(model)
@@ -214,6 +223,8 @@ class DecoderBlocks:
     return self.runner(self.blocks[b], x, hook=hook, hook_state=state)[0]
 
   def fit(self, b, stats):
+    if self.given is not None:
+      return self.given[b]
     block, recipes = self.block(b), self.per_layer[b]
     # Under a mesh the fits' factorizations would run replicated on every device:
     # each site's fit runs once, from host copies, spread over this process's devices.

@@ -5,7 +5,8 @@
 one whose seven block linears hold packed int4 (or int8) weights, per-channel
 scales and, when the site's transform is block-diagonal, that transform, which
 the kernel applies before quantizing the activations per token. Transforms with
-a full-width Hadamard stay in the site hook (online), ahead of the kernel.
+a full-width Hadamard or a channel permutation stay in the site hook (online),
+ahead of the kernel.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def realize(model: Llama, qm: QuantizedModel, *, implementation: str | None = No
   online = {}
   for site, path in spec.linears:
     t = None if qm.transforms is None else qm.transforms[site]
-    fused = t is not None and t.signs is None  # block-diagonal: the kernel applies it
+    # block-diagonal in the channels' own order: the kernel applies it
+    fused = t is not None and t.signs is None and t.perm is None
     if t is not None and not fused:
       online[site] = t
     old = get_path(new.layers, path)

@@ -15,7 +15,7 @@ from catjax.models.config import ModelConfig
 from catjax.models.spec import spec_for
 from catjax.core.quant import FORMATS, FP4_GROUP, QuantConfig, activation_config, weight_config
 from catjax.core.transforms import DEFAULT_EPS
-from catjax.ptq.configs import CONFIGS, GPTQConfig, SmoothQuantConfig, TrainConfig
+from catjax.ptq.configs import CONFIGS, GPTQConfig, SmoothQuantConfig, SpinQuantConfig, TrainConfig
 
 
 def ptq_methods() -> tuple[str, ...]:
@@ -72,6 +72,9 @@ class Recipe:
       (`steps` > 0 trains, methods with a block-diagonal part only; lr, batch,
       learned weight clips).
     smoothquant: SmoothQuant's settings, a `catjax.ptq.configs.SmoothQuantConfig`.
+    spinquant: SpinQuant's optimizer, a `catjax.ptq.configs.SpinQuantConfig`
+      (method "spinquant" with `train.steps` > 0: rotations learned end to end,
+      `catjax.ptq.spinquant`).
     propagate: what the next block sees: "fp" (outputs of the
       full-precision block) or "quantized" (of the quantized block); "auto"
       is "quantized" for GPTQ or trained recipes, else "fp".
@@ -98,6 +101,7 @@ class Recipe:
   gptq: GPTQConfig = GPTQConfig()
   train: TrainConfig = TrainConfig()
   smoothquant: SmoothQuantConfig = SmoothQuantConfig()
+  spinquant: SpinQuantConfig = SpinQuantConfig()
   propagate: str = "auto"
   seed: int = 0
   hadamard: str = "full"
@@ -125,8 +129,8 @@ class Recipe:
     if self.propagate not in PROPAGATE:
       raise ValueError(f"propagate={self.propagate!r}: expected one of {PROPAGATE}")
     transform = self.transform
-    if self.train.steps and (transform is None or transform.blocks is None):
-      trainable = ", ".join(m.name for m in tf.REGISTRY.values() if m.blocks)
+    if self.train.steps and (transform is None or not (transform.blocks or transform.end_to_end)):
+      trainable = ", ".join(m.name for m in tf.REGISTRY.values() if m.blocks or m.end_to_end)
       raise ValueError(f"train.steps={self.train.steps} needs a method with trainable blocks "
                        f"({trainable}), not {self.method!r}")
     if self.hadamard not in ("full", "block"):

@@ -30,6 +30,7 @@ condition number below `MAX_COND`; otherwise the closed form stays.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -77,7 +78,7 @@ def with_delta(t: Transform, delta: jax.Array) -> Transform:
   m = jnp.eye(delta.shape[-1], dtype=jnp.float32) + delta
   blocks = jnp.einsum("bij,bjk->bik", m, t.blocks, precision=HIGHEST)
   inv = jnp.einsum("bij,bjk->bik", t.inv_blocks, _near_identity_inverse(m), precision=HIGHEST)
-  return Transform(blocks=blocks, inv_blocks=inv, signs=t.signs, method=t.method, dim=t.dim)
+  return dataclasses.replace(t, blocks=blocks, inv_blocks=inv)
 
 
 def exact_with_delta(t: Transform, delta: jax.Array) -> Transform:
@@ -85,8 +86,8 @@ def exact_with_delta(t: Transform, delta: jax.Array) -> Transform:
   m = np.eye(delta.shape[-1]) + np.asarray(delta, np.float64)
   b0, inv0 = np.asarray(t.blocks, np.float64), np.asarray(t.inv_blocks, np.float64)
   blocks, inv = m @ b0, inv0 @ np.linalg.inv(m)
-  return Transform(blocks=jnp.asarray(blocks, jnp.float32), inv_blocks=jnp.asarray(inv, jnp.float32),
-                   signs=t.signs, method=t.method, dim=t.dim)
+  return dataclasses.replace(t, blocks=jnp.asarray(blocks, jnp.float32),
+                             inv_blocks=jnp.asarray(inv, jnp.float32))
 
 
 def clip_ratio(theta: jax.Array) -> jax.Array:

@@ -76,6 +76,24 @@ def test_sharded_checkpoint_and_block_hadamard_recipe(tmp_path):
   np.testing.assert_array_equal(_run(loaded, WINDOWS), _run(real, WINDOWS))
 
 
+def test_permuted_transforms_are_saved_and_loaded(tmp_path):
+  """"cat_perm" with block Hadamards: no Hadamard, but the permutation keeps the transform
+  online; the checkpoint carries `transforms.<site>.perm`."""
+  model = random_model(tiny.config(), seed=6)
+  qm = quantize_model(model, WINDOWS, Recipe(method="cat_perm", block_size=16, hadamard="block"),
+                      progress=False)
+  real = realize(model, qm)
+  assert real.model.layers.attn.q_proj.blocks is None and real.transforms["attn_in"].perm is not None
+  folder = save_quantized(real, tmp_path / "p")
+  manifest = json.loads((folder / MANIFEST).read_text())
+  assert manifest["sites"]["mlp_in"]["perm"] is True
+  assert manifest["tensors"]["transforms.mlp_in.perm"] == {"shape": [2, 64], "dtype": "int32"}
+  loaded, _ = load_quantized(folder)
+  np.testing.assert_array_equal(np.asarray(loaded.transforms["down_in"].perm),
+                                np.asarray(real.transforms["down_in"].perm))
+  np.testing.assert_array_equal(_run(loaded, WINDOWS), _run(real, WINDOWS))
+
+
 def test_generation_from_the_loaded_model(saved):
   real, folder = saved
   loaded, _ = load_quantized(folder)

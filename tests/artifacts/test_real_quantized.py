@@ -23,7 +23,8 @@ def setup():
 @pytest.mark.parametrize("spec,a_clip", [("none", 1.0), ("hadamard", 1.0), ("cat", 1.0),
                                          ("cat@bh", 1.0), ("none@w8a8", 1.0), ("cat@kv4", 1.0),
                                          ("cat@bh", 0.8), ("cat@gptq", 1.0), ("none@clip", 1.0),
-                                         ("cat@bh@gptq@t2", 1.0)])
+                                         ("cat@bh@gptq@t2", 1.0), ("cat_perm", 1.0),
+                                         ("cat_perm@bh", 1.0), ("spinquant@t2", 1.0)])
 def test_real_model_equals_fake_quantized(setup, spec, a_clip):
   model, windows, stats = setup
   recipe = parse_spec(spec, Recipe(block_size=16, a_clip=a_clip))
@@ -31,9 +32,12 @@ def test_real_model_equals_fake_quantized(setup, spec, a_clip):
   real = realize(model, qm)
   assert isinstance(real.model.layers.mlp.down_proj, QLinear)
   # Block-only transforms go into the kernel; full-width Hadamards stay in the hook.
-  fused = qm.recipe.hadamard == "block"
+  # SpinQuant's R1 (no Hadamard after it) goes into the kernel too; a permutation stays online.
+  fused = (qm.recipe.hadamard == "block" and qm.recipe.method != "cat_perm"
+           or qm.recipe.method == "spinquant" and qm.recipe.train.steps > 0)
   assert (real.model.layers.attn.q_proj.blocks is not None) == fused
-  assert (real.transforms is None) == (fused or qm.transforms is None)
+  assert (real.transforms is None) == (qm.recipe.hadamard == "block" and fused
+                                       or qm.transforms is None)
   fake = np.asarray(forward(qm.model, windows[4:], hook=qm.hook, hook_state=qm.transforms)[0])
   got = np.asarray(forward(real.model, windows[4:], hook=real.hook,
                            hook_state=real.transforms)[0])

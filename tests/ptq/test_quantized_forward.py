@@ -211,7 +211,7 @@ def test_method_specs():
   assert parse_spec("cat@gptq@act", base).label == "cat k=64 gptq act-order W4A4"
   with pytest.raises(ValueError, match="a_clip"):
     parse_spec("cat@ac1.5", base)
-  with pytest.raises(ValueError, match="hadamard='block' applies to 'cat' and 'cat_full'"):
+  with pytest.raises(ValueError, match="hadamard='block' applies to 'cat' and 'cat_full' and 'cat_perm'"):
     parse_spec("hadamard@bh", base)
   with pytest.raises(ValueError, match="unknown option 'x3'"):
     parse_spec("cat@x3", base)

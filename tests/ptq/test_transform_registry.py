@@ -32,7 +32,7 @@ def test_a_transform_is_one_entry_in_the_registry(rms_method):
   with pytest.raises(ValueError, match="needs a method with trainable blocks"):
     parse_spec("hadamard@t5")
   assert parse_spec("rms@t5").train.steps == 5  # its blocks are trainable
-  with pytest.raises(ValueError, match="hadamard='block' applies to 'cat' and 'cat_full'"):
+  with pytest.raises(ValueError, match="hadamard='block' applies to 'cat' and 'cat_full' and 'cat_perm'"):
     parse_spec("rms@bh")
   from catjax.app.cli import build_parser
   q = build_parser()._subparsers._group_actions[0].choices["quantize"]

@@ -1,8 +1,8 @@
 """Function-preserving transforms of a linear layer's input (docs/design.md §1.3).
 
-Every transform is `T = H · D · B`: a block-diagonal `B` (`d/k` blocks of
-`k × k`; absent for pure rotations), then an optional randomized orthonormal
-Hadamard `H · D` (`D` a ±1 diagonal). Activations become `x' = x Tᵀ` and the
+Every transform is `T = H · D · B · P`: an optional channel permutation `P`, a
+block-diagonal `B` (`d/k` blocks of `k × k`; absent for pure rotations), then an
+optional randomized orthonormal Hadamard `H · D` (`D` a ±1 diagonal). Activations become `x' = x Tᵀ` and the
 kernel `kernel' = T⁻ᵀ kernel`, so `x' @ kernel' == x @ kernel`. `B⁻¹` is
 computed once, at fit time, from the same eigendecomposition as `B`.
 
@@ -14,8 +14,10 @@ Methods (all fitted from `Σ_x = E[x xᵀ]` and `Σ_W = Wᵀ W = kernel @ kernel
 | smoothquant | `diag(1/s)`, `s_j = a_j^α / w_j^(1-α)` | -- | `smoothquant.py` |
 | smoothquant_hadamard | as smoothquant | yes | `smoothquant.py` |
 | hadamard | -- | yes | `rotation.py` |
+| spinquant | -- (learned rotations: `catjax.ptq.spinquant`) | yes | `rotation.py` |
 | cat | blockdiag of `(Σ_x,i⁻¹ # Σ_W,i)^½` over `k × k` diagonal blocks | yes | `cat.py` |
 | cat_full | `(Σ_x⁻¹ # Σ_W)^½` (k = d, the optimum) | yes | `cat.py` |
+| cat_perm | as cat, after `P` = `permutation.coupling_permutation` | yes | `cat.py` |
 
 A method is a `Method` entry (`base.py`) in one file; registering it is its
 line below. `Recipe`, the CLI's method specs and `fit_transform` read `REGISTRY`.
@@ -30,7 +32,8 @@ REGISTRY.update({m.name: m for m in (
     rotation.IDENTITY,
     *smoothquant.METHODS,  # smoothquant, smoothquant_hadamard
     rotation.HADAMARD,
-    *cat.METHODS,  # cat, cat_full
+    rotation.SPINQUANT,
+    *cat.METHODS,  # cat, cat_full, cat_perm
 )})
 METHODS = tuple(REGISTRY)
 

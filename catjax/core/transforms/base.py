@@ -1,4 +1,4 @@
-"""What every transform shares: the `Transform` pytree `T = H · D · B`, the
+"""What every transform shares: the `Transform` pytree `T = H · D · B · P`, the
 `Method` entry of the registry, and `fit_transform`, which checks the
 statistics, draws the Hadamard signs and calls the method's fit of `B`.
 """
@@ -19,6 +19,7 @@ from catjax.base.checks import is_real
 from catjax.core import hadamard as hd
 from catjax.core import linalg
 from catjax.core.linalg import HIGHEST
+from catjax.core.transforms.permutation import coupling_permutation
 
 DEFAULT_EPS = 1e-6
 DEFAULT_BLOCK_SIZE = 64  # `k` of block CAT (`Recipe.block_size`, the CLI's --block-size)
@@ -62,6 +63,10 @@ class Method:
     fit: `fit(FitInputs) -> (blocks, inv_blocks)`, the `(d/k, k, k)` blocks of
       `B` and `B⁻¹`; None when `blocks` is None.
     summary: one line for the docs and the help.
+    permute: whether the channels are first reordered so that coupled ones share a
+      block (`permutation.coupling_permutation` on the statistics; "block" only).
+    end_to_end: `Recipe.train.steps` learns this method's transforms for the whole
+      model at once (`catjax.ptq.spinquant`) instead of refining each block's `B`.
   """
 
   name: str
@@ -69,6 +74,8 @@ class Method:
   hadamard: bool
   fit: Callable[[FitInputs], tuple[jax.Array, jax.Array]] | None = None
   summary: str = ""
+  permute: bool = False
+  end_to_end: bool = False
 
   def __post_init__(self):
     if self.blocks not in (None, "diagonal", "block", "full"):
@@ -76,6 +83,8 @@ class Method:
                        f"'diagonal', 'block' or 'full'")
     if (self.fit is None) != (self.blocks is None):
       raise ValueError(f"Method {self.name!r}: a fit is needed exactly when there are blocks")
+    if self.permute and self.blocks != "block":
+      raise ValueError(f"Method {self.name!r}: a channel permutation needs blocks='block'")
 
   @property
   def takes_block_size(self) -> bool:
@@ -108,10 +117,10 @@ def _check_in_ndim(v: jax.Array, n: int, d: int, *, leading: bool = False) -> tu
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["blocks", "inv_blocks", "signs"], meta_fields=["method", "dim"])
+    data_fields=["blocks", "inv_blocks", "signs", "perm"], meta_fields=["method", "dim"])
 @dataclasses.dataclass(frozen=True)
 class Transform:
-  """`T = H · D · B` as a pytree.
+  """`T = H · D · B · P` as a pytree.
 
   Attributes:
     blocks: `(d/k, k, k)` float32 blocks `B_i` of `B`, or None.
@@ -120,6 +129,8 @@ class Transform:
       the transform has no Hadamard.
     method: the method it was fitted with.
     dim: `d`, the input width of the layer.
+    perm: `(d,)` int32 channel order `P` applied before the blocks (`(x Pᵀ)_i =
+      x_perm[i]`, so channel `perm[i]` lands in position `i`), or None (as they are).
   """
 
   blocks: jax.Array | None
@@ -127,6 +138,7 @@ class Transform:
   signs: jax.Array | None
   method: str
   dim: int
+  perm: jax.Array | None = None
 
   @property
   def block_size(self) -> int | None:
@@ -149,6 +161,8 @@ class Transform:
       return self.apply(x.reshape(*shape[:-in_ndim], self.dim)).reshape(shape)
     self._check(x, -1, "x")
     v = x.astype(jnp.float32)
+    if self.perm is not None:
+      v = jnp.take(v, self.perm, axis=-1)
     if self._fuses(x):
       return self._apply_fused(v.reshape(-1, self.dim)).reshape(x.shape).astype(x.dtype)
     if self.blocks is not None:
@@ -207,6 +221,8 @@ class Transform:
       return jnp.transpose(merged, tuple(order.index(a) for a in range(nd)))
     self._check(kernel, 0, "kernel")
     k = kernel.astype(jnp.float32)
+    if self.perm is not None:  # P⁻ᵀ = P: the rows in the activations' new order
+      k = jnp.take(k, self.perm, axis=0)
     if self.inv_blocks is not None:
       nb, bs, _ = self.inv_blocks.shape
       k = jnp.einsum("bkj,bko->bjo", self.inv_blocks, k.reshape(nb, bs, -1), precision=HIGHEST)
@@ -322,6 +338,12 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
   if x64 is None:
     x64 = jax.default_backend() != "tpu"
   arrays = (sigma_x, gram_w, act_absmax, weight_absmax, weight)
+  perm = None
+  if REGISTRY[method].permute:
+    perm = coupling_permutation(np.asarray(sigma_x), np.asarray(gram_w), block_size)
+    reorder = lambda a, n: None if a is None else jnp.asarray(  # noqa: E731
+        np.asarray(a)[np.ix_(perm, perm)] if n == 2 else np.asarray(a)[perm])
+    arrays = tuple(reorder(a, n) for a, n in zip(arrays, (2, 2, 1, 1, 1)))
   if not x64:  # float32 inputs, as a jit with x64 off would see them
     arrays = tuple(None if a is None else _float32(jnp.asarray(a)) for a in arrays)
   # float64 arrays exist only with x64 on: a scope of this thread, for this fit.
@@ -330,7 +352,7 @@ def fit_transform(method: str, sigma_x: jax.Array, gram_w: jax.Array, *,
              method=method, block_size=block_size, alpha=float(alpha), eps=float(eps),
              dtype=jnp.dtype(jnp.float64 if x64 else jnp.float32))
   linalg.ensure_finite(name, t.blocks, t.inv_blocks)
-  return t
+  return t if perm is None else dataclasses.replace(t, perm=jnp.asarray(perm, jnp.int32))
 
 
 def _float32(a: jax.Array) -> jax.Array:
@@ -358,4 +380,4 @@ def fold_block_hadamard(t: Transform) -> Transform:
   hs = h * s[..., None, :]  # H_k D_i
   blocks = jnp.einsum("...bij,...bjk->...bik", hs, t.blocks, precision=HIGHEST)
   inv = jnp.einsum("...bij,...bkj->...bik", t.inv_blocks, hs, precision=HIGHEST)
-  return Transform(blocks=blocks, inv_blocks=inv, signs=None, method=t.method, dim=t.dim)
+  return dataclasses.replace(t, blocks=blocks, inv_blocks=inv, signs=None)

@@ -1,7 +1,9 @@
 """Concentration-alignment transforms: `B_i = (Σ_x,i⁻¹ # Σ_W,i)^½` over the `k × k`
 diagonal blocks of the activation second moment and the weight Gram (the
 matrix geometric mean, `catjax.core.linalg.alignment_transform`), then a
-randomized Hadamard. "cat_full" is the one block `k = d`, the optimum."""
+randomized Hadamard. "cat_full" is the one block `k = d`, the optimum; "cat_perm"
+first reorders the channels so that coupled ones share a block
+(`catjax.core.transforms.permutation`)."""
 
 from __future__ import annotations
 
@@ -35,4 +37,6 @@ def fit(inp: FitInputs) -> tuple[jax.Array, jax.Array]:
 METHODS = (
     Method("cat", "block", True, fit, "block CAT: geometric-mean blocks of k, then a Hadamard"),
     Method("cat_full", "full", True, fit, "full CAT: one geometric-mean block of the width"),
+    Method("cat_perm", "block", True, fit, "block CAT after a channel permutation that puts "
+           "coupled channels in one block", permute=True),
 )

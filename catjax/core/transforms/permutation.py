@@ -17,8 +17,8 @@ costs nothing at run time (it folds into the kernels and the block matrix).
 `2 × 2` nuclear norm has a closed form, `‖X‖_* = (‖X‖_F² + 2 |det X|)^½`), and keeps
 the channels' own order when that groups better. Host code (NumPy, float64).
 
-This is the math only: no `Method` uses it yet (the `Transform` carries no
-permutation so far).
+The method "cat_perm" (`cat.py`) fits block CAT on the reordered statistics and
+keeps the order as `Transform.perm`.
 """
 
 from __future__ import annotations
