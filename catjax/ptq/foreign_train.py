@@ -41,7 +41,7 @@ def train_sites(block: nnx.Module, path: str, sites: list[Site], transforms: lis
   graphdef, state = nnx.split(block)
   prefix = len(path) + 1
   kernels = {lin.path: lin.kernel() for site in sites for lin in site.linears}
-  params = {"deltas": {str(i): jnp.zeros_like(t.blocks) for i, t in enumerate(transforms)
+  params = {"deltas": {str(i): train.parametrization(t).init(t) for i, t in enumerate(transforms)
                        if t is not None and t.blocks is not None}, "w_clip": {}}
   if train.learns_w_clip(base):
     params["w_clip"] = {p: jnp.zeros(k.shape[1], jnp.float32) for p, k in kernels.items()}
@@ -53,7 +53,7 @@ def train_sites(block: nnx.Module, path: str, sites: list[Site], transforms: lis
     modules = _relative(blk)
     for i, (site, t, recipe) in enumerate(zip(sites, ts, recipes)):
       if str(i) in deltas:
-        t = train.with_delta(t, deltas[str(i)])
+        t = train.parametrization(t).traced(t, deltas[str(i)])
       for lin in site.linears:
         own = Linear(lin.path[prefix:], modules[lin.path[prefix:]], lin.param, lin.in_axes,
                      lin.in_ndim)
@@ -101,13 +101,12 @@ def train_sites(block: nnx.Module, path: str, sites: list[Site], transforms: lis
 
   closed = loss_all({}, transforms)
   deltas = params["deltas"]
-  conds = [float(np.max(np.linalg.cond(np.eye(d.shape[-1]) + np.asarray(d, np.float64))))
-           if np.isfinite(np.asarray(d)).all() else float("inf") for d in deltas.values()]
-  cond = max(conds, default=1.0)
+  cond = max((train.parametrization(transforms[int(i)]).cond(d) for i, d in deltas.items()),
+             default=1.0)
   w_clip = {p: train.clip_ratio(t) for p, t in params["w_clip"].items()} or None
   result, trained = list(transforms), float("inf")
   if np.isfinite(cond) and cond < train.MAX_COND:
-    result = [train.exact_with_delta(t, deltas[str(i)]) if str(i) in deltas else t
+    result = [train.parametrization(t).exact(t, deltas[str(i)]) if str(i) in deltas else t
               for i, t in enumerate(transforms)]
     trained = loss_all(w_clip or {}, result)
   keep = bool(np.isfinite(trained) and trained < closed)

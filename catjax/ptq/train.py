@@ -23,6 +23,13 @@ W_CLIP_LR_SCALE` gives the ratios a 10× larger step than the block entries:
 Adam's steps are about the learning rate in parameter units, and a useful
 ratio lies ~0.1 below 1, a useful `Δ` entry ~0.01 from 0.
 
+FlatQuant ("flatquant", `catjax.core.transforms.flatquant`) trains the same way with
+its own parametrization (`PARAMETRIZATIONS`): per site the Kronecker factors
+`P_i = (I + Δ_i) H_i` and log-scales `σ` from zero, inverses `H_iᵀ (I + Δ_i)⁻¹` (the
+same Newton–Schulz iterations on the small factors; exact in float64 when kept)
+and `exp(σ)`, so the inverse stays well conditioned while `I + Δ_i` does; its
+condition bound is `cond(I + Δ₁) · cond(I + Δ₂) · max c / min c`.
+
 Safeguards (per block): the trained transforms are kept only if their loss on
 all calibration windows is below the closed form's and every `I + Δ` has a
 condition number below `MAX_COND`; otherwise the closed form stays.
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +53,7 @@ from catjax.ptq import rounding
 from catjax.ptq.blocks import map_kernels
 from catjax.ptq.rounding import channel_clipped_quantize
 from catjax.core.quant import QuantConfig
-from catjax.core.transforms import Transform
+from catjax.core.transforms import Transform, flatquant
 from catjax.core.linalg import HIGHEST
 
 MAX_COND = 1e3
@@ -90,6 +98,78 @@ def exact_with_delta(t: Transform, delta: jax.Array) -> Transform:
                              inv_blocks=jnp.asarray(inv, jnp.float32))
 
 
+def _delta_cond(delta) -> float:
+  m = np.eye(delta.shape[-1]) + np.asarray(delta, np.float64)
+  return float(np.max(np.linalg.cond(m))) if np.isfinite(m).all() else float("inf")
+
+
+def _kron_factors(t: Transform):
+  return tuple(jnp.asarray(h, jnp.float32) for h in flatquant.start_factors(t.dim))
+
+
+def _kron_init(t: Transform) -> dict:
+  a, b = flatquant.kron_sizes(t.dim)
+  return {"d1": jnp.zeros((a, a), jnp.float32), "d2": jnp.zeros((b, b), jnp.float32),
+          "sigma": jnp.zeros(t.dim, jnp.float32)}
+
+
+def _kron_traced(t: Transform, p: dict) -> Transform:
+  (h1, h2), out = _kron_factors(t), []
+  for h, d in ((h1, p["d1"]), (h2, p["d2"])):
+    m = jnp.eye(d.shape[-1], dtype=jnp.float32) + d
+    out.append((m @ h, h.T @ _near_identity_inverse(m[None])[0]))
+  (p1, i1), (p2, i2) = out
+  blocks, inv = flatquant.assemble(p1, p2, i1, i2, p["sigma"])
+  return dataclasses.replace(t, blocks=blocks, inv_blocks=inv)
+
+
+def _kron_exact(t: Transform, p: dict) -> Transform:
+  factors = []
+  for h, d in zip(flatquant.start_factors(t.dim), (p["d1"], p["d2"])):
+    m = np.eye(h.shape[0]) + np.asarray(d, np.float64)
+    factors.append((m @ h, h.T @ np.linalg.inv(m)))
+  (p1, i1), (p2, i2) = factors
+  blocks, inv = flatquant.assemble(p1, p2, i1, i2, np.asarray(p["sigma"], np.float64), xp=np)
+  return dataclasses.replace(t, blocks=jnp.asarray(blocks, jnp.float32),
+                             inv_blocks=jnp.asarray(inv, jnp.float32))
+
+
+def _kron_cond(p: dict) -> float:
+  sigma = np.asarray(p["sigma"], np.float64)
+  if not np.isfinite(sigma).all():
+    return float("inf")
+  return _delta_cond(p["d1"]) * _delta_cond(p["d2"]) * float(np.exp(sigma.max() - sigma.min()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Parametrization:
+  """How training writes a site's transform from its parameters.
+
+  Attributes:
+    init: `init(t)`, the parameters at which the transform is `t` (the closed form).
+    traced: `traced(t, params)`, the transform inside the training step (traceable).
+    exact: `exact(t, params)`, the kept transform (float64, exact inverse).
+    cond: `cond(params)`, a bound on the condition number of what training added.
+  """
+
+  init: Callable[[Transform], Any]
+  traced: Callable[[Transform, Any], Transform]
+  exact: Callable[[Transform, Any], Transform]
+  cond: Callable[[Any], float]
+
+
+# Trained CAT's `(I + Δ) B₀` per block; FlatQuant's Kronecker factors and scales.
+DELTA = Parametrization(lambda t: jnp.zeros_like(t.blocks), with_delta, exact_with_delta,
+                        _delta_cond)
+KRONECKER = Parametrization(_kron_init, _kron_traced, _kron_exact, _kron_cond)
+PARAMETRIZATIONS = {"flatquant": KRONECKER}
+
+
+def parametrization(t: Transform) -> Parametrization:
+  """The parametrization that trains `t` (by its method; `DELTA` by default)."""
+  return PARAMETRIZATIONS.get(t.method, DELTA)
+
+
 def clip_ratio(theta: jax.Array) -> jax.Array:
   """The weight clip ratio of a trained parameter `θ` (see the module docstring)."""
   return 1.0 + W_CLIP_LR_SCALE * theta
@@ -121,7 +201,8 @@ def _quantized_block(block, transforms, spec: ArchSpec, w_config: QuantConfig | 
 def _error(deltas, ratios, block, base, x, y, rope, *, graphdef, hook, spec, w_config):
   """The quantized block's relative output error with blocks `(I + Δ) B₀` and
   weight clip ratios `ratios`."""
-  ts = {site: (with_delta(t, deltas[site]) if site in deltas else t) for site, t in base.items()}
+  ts = {site: (parametrization(t).traced(t, deltas[site]) if site in deltas else t)
+        for site, t in base.items()}
   qblock = _quantized_block(block, ts, spec, w_config, ratios)
   out, _, _ = block_forward(graphdef, qblock, x, rope, hook=hook, hook_state=ts)
   err = jnp.sum((out.astype(jnp.float32) - y) ** 2)
@@ -200,7 +281,7 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
     the mean learned clip ratio, and whether the trained result was kept.
   """
   trainable = {s: t for s, t in transforms.items() if t.blocks is not None}
-  params = {"deltas": {s: jnp.zeros_like(t.blocks) for s, t in trainable.items()},
+  params = {"deltas": {s: parametrization(t).init(t) for s, t in trainable.items()},
             "w_clip": {}}
   if learns_w_clip(recipe):
     params["w_clip"] = {path: jnp.zeros(get_path(block, path)["kernel"].shape[-1], jnp.float32)
@@ -218,18 +299,14 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
                                     runner.rope, lr=float(recipe.train.lr), steps=steps, **static)
     curve.append(float(loss))
 
-  def _cond(d):
-    m = np.eye(d.shape[-1]) + np.asarray(d, np.float64)
-    return float(np.max(np.linalg.cond(m))) if np.isfinite(m).all() else float("inf")
-
   deltas = params["deltas"]
   w_clip = {p: clip_ratio(t) for p, t in params["w_clip"].items()} or None
-  cond = max(map(_cond, deltas.values()), default=1.0)
+  cond = max((parametrization(transforms[s]).cond(d) for s, d in deltas.items()), default=1.0)
   closed = block_loss(runner, block, transforms, x, y, recipe, spec=spec)
   result = transforms
   trained = float("inf")
   if np.isfinite(cond) and cond < MAX_COND:
-    result = {s: (exact_with_delta(t, deltas[s]) if s in deltas else t)
+    result = {s: (parametrization(t).exact(t, deltas[s]) if s in deltas else t)
               for s, t in transforms.items()}
     trained = block_loss(runner, block, result, x, y, recipe, spec=spec, w_clip=w_clip)
   keep = bool(np.isfinite(trained) and trained < closed)

@@ -18,12 +18,13 @@ Methods (all fitted from `Σ_x = E[x xᵀ]` and `Σ_W = Wᵀ W = kernel @ kernel
 | cat | blockdiag of `(Σ_x,i⁻¹ # Σ_W,i)^½` over `k × k` diagonal blocks | yes | `cat.py` |
 | cat_full | `(Σ_x⁻¹ # Σ_W)^½` (k = d, the optimum) | yes | `cat.py` |
 | cat_perm | as cat, after `P` = `permutation.coupling_permutation` | yes | `cat.py` |
+| flatquant | `(P₁ ⊗ P₂) diag(1/c)`, one `d × d` block; closed form `H_a ⊗ H_b` (trained: `catjax.ptq.train`) | -- | `flatquant.py` |
 
 A method is a `Method` entry (`base.py`) in one file; registering it is its
 line below. `Recipe`, the CLI's method specs and `fit_transform` read `REGISTRY`.
 """
 
-from catjax.core.transforms import cat, permutation, rotation, smoothquant
+from catjax.core.transforms import cat, flatquant, permutation, rotation, smoothquant
 from catjax.core.transforms.base import (
     DEFAULT_BLOCK_SIZE, DEFAULT_EPS, REGISTRY, FitInputs, Method, Transform, fit_transform,
     fold_block_hadamard)
@@ -34,8 +35,9 @@ REGISTRY.update({m.name: m for m in (
     rotation.HADAMARD,
     rotation.SPINQUANT,
     *cat.METHODS,  # cat, cat_full, cat_perm
+    flatquant.FLATQUANT,
 )})
 METHODS = tuple(REGISTRY)
 
-__all__ = ["permutation", "DEFAULT_BLOCK_SIZE", "DEFAULT_EPS", "REGISTRY", "METHODS", "FitInputs", "Method",
+__all__ = ["flatquant", "permutation", "DEFAULT_BLOCK_SIZE", "DEFAULT_EPS", "REGISTRY", "METHODS", "FitInputs", "Method",
            "Transform", "fit_transform", "fold_block_hadamard"]
