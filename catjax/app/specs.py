@@ -22,13 +22,14 @@ SPEC_OPTIONS = (("wNaM", "weight / activation bits, 16 = not quantized"), ("kN",
                 ("|".join(rounding.REGISTRY), "weight rounding"), ("dX", "GPTQ damping"),
                 ("act", "GPTQ act-order"), ("tN", "trained CAT, N steps per block"),
                 ("nowc", "trained CAT without learned weight clips"),
+                ("lac", "trained CAT also learns an activation clip per layer and site"),
                 ("acX", "activation clip ratio"), ("pfp|pq", "propagate fp / quantized outputs"),
                 ("f32", "float32 fits"), ("|".join(_FORMATS), "number format of both operands"))
 
 # Options that set one field to one value (and every weight method of the registry).
 _FLAGS = {"bh": ("hadamard", "block"), "pfp": ("propagate", "fp"),
           "pq": ("propagate", "quantized"), "f32": ("fit_x64", False), "act": ("gptq.act_order", True),
-          "nowc": ("train.w_clip", False)}
+          "nowc": ("train.w_clip", False), "lac": ("train.a_clip", True)}
 
 # Options with a number: (pattern, how its groups set the fields).
 _bits = lambda v: None if int(v) == 16 else int(v)  # 16 bits: not quantized
@@ -53,7 +54,8 @@ def parse_spec(spec: str, base: Recipe | None = None) -> Recipe:
   `bh` (block Hadamard), `rtn` / `clip` / `gptq` (weight rounding), `tN`
   (trained CAT, N steps per block), `pfp` / `pq` (propagate fp / quantized
   outputs), `f32` (float32 fits), `dX` (GPTQ damping), `act` (GPTQ act-order),
-  `nowc` (trained CAT without learned weight clips), `acX` (activation clip
+  `nowc` (trained CAT without learned weight clips), `lac` (trained CAT also
+  learns an activation clip per layer and site), `acX` (activation clip
   ratio), `mxfp4` / `nvfp4` (both formats, and 4 bits), `int` (both formats
   integer), e.g. "none@w6a6", "cat@k192", "cat@bh", "hadamard@gptq",
   "cat@gptq@d0.1@t200", "hadamard@ac0.9", "cat@mxfp4", "hadamard@nvfp4".

@@ -11,10 +11,11 @@ parameters (`embed`, `norm.scale`, `layers.attn_norm.scale`, `lm_head.kernel`,
 ...), per block linear `layers.<path>.values` (int8; for `w_bits <= 4` two
 signed nibbles per byte, K-major split halves as `catjax.kernels` stores them),
 `.scale` (float32 per output channel), `.blocks` (the block-diagonal transform
-the kernel applies) and `.bias`; and per site with a full-width Hadamard the
+the kernel applies), `.clips` (learned activation clip ratios, one per layer) and
+`.bias`; and per site with a full-width Hadamard the
 online transform `transforms.<site>.signs` (`(L, d)` ±1), `.blocks` (when
-it has a block part) and `.perm` (`(L, d)` int32, when it reorders the channels;
-such a transform stays online even without a Hadamard). Everything is stacked
+it has a block part), `.perm` (`(L, d)` int32, when it reorders the channels;
+such a transform stays online even without a Hadamard) and `.a_clip` (`(L,)`). Everything is stacked
 over the layers.
 
 `save_quantized` writes into a temporary sibling folder and renames it into
@@ -57,7 +58,7 @@ from catjax.core.transforms import Transform
 FORMAT = "catjax-quantized"
 VERSION = 1
 MANIFEST = "quantization.json"
-ONLINE_PARTS = ("blocks", "signs", "perm")  # what a site hook needs of a transform
+ONLINE_PARTS = ("blocks", "signs", "perm", "a_clip")  # what a site hook needs of a transform
 
 
 class CheckpointError(ValueError):
@@ -84,6 +85,8 @@ def _site_layout(qm: QuantizedModel) -> dict[str, dict[str, Any]]:
                  "hadamard": dim if online is not None and online.signs is not None else None}
     if online is not None and online.perm is not None:
       out[site]["perm"] = True
+    if lin.clips is not None:  # learned activation clips, one per layer
+      out[site]["a_clip"] = True
   return out
 
 
@@ -269,9 +272,11 @@ def _expected(cfg: ModelConfig, dtype, recipe: Recipe, sites: dict, implementati
                            jnp.zeros((L, d_out), jnp.float32), recipe.w_bits, (d_in, d_out))
       k = sites[site]["block_size"]
       blocks = jnp.zeros((L, d_in // k, k, k), jnp.float32) if sites[site]["in_kernel"] else None
+      clips = jnp.zeros((L,), jnp.float32) if sites[site].get("a_clip") else None
       set_path(model.layers, path, QLinear(
           qw, bias=None if lin.bias is None else lin.bias[...], blocks=blocks,
-          a_bits=recipe.a_bits, a_clip=float(recipe.a_clip), implementation=implementation))
+          a_bits=recipe.a_bits, a_clip=float(recipe.a_clip), implementation=implementation,
+          clips=clips))
     return model
 
   model = nnx.eval_shape(build)
@@ -283,7 +288,8 @@ def _expected(cfg: ModelConfig, dtype, recipe: Recipe, sites: dict, implementati
           None if k is None else jax.ShapeDtypeStruct((L, d // k, k, k), jnp.float32), None,
           None if s["hadamard"] is None else jax.ShapeDtypeStruct((L, d), jnp.float32),
           recipe.transform_method, d,
-          jax.ShapeDtypeStruct((L, d), jnp.int32) if s.get("perm") else None)
+          jax.ShapeDtypeStruct((L, d), jnp.int32) if s.get("perm") else None,
+          jax.ShapeDtypeStruct((L,), jnp.float32) if s.get("a_clip") else None)
   return model, online
 
 
@@ -354,7 +360,8 @@ def load_quantized(folder: str | Path, *, implementation: str | None = None
       var.set_value(values[name])
   transforms = {site: Transform(values.get(f"transforms.{site}.blocks"), None,
                                 values.get(f"transforms.{site}.signs"), t.method, t.dim,
-                                values.get(f"transforms.{site}.perm"))
+                                values.get(f"transforms.{site}.perm"),
+                                values.get(f"transforms.{site}.a_clip"))
                 for site, t in online.items()}
   tokenizer = _load_tokenizer(folder)
   return QuantizedModel(model, transforms or None, recipe, real=True,

@@ -11,7 +11,7 @@ Tensors are named by the model's parameter paths joined with "/"
 stored as its integer codes `<path>.values` (int8, in the weight's own shape)
 and the per-output-channel scales `<path>.scale` (float32, `(d_out,)`); on any
 other grid (FP4) as the rounded weight itself. A site's transform is
-`sites/<i>/{blocks,inv_blocks,signs,perm}`.
+`sites/<i>/{blocks,inv_blocks,signs,perm,a_clip}`.
 
 To load one, rebuild the float model's structure (its class and config, e.g.
 `catjax.models.tunix.load_tunix(folder)` or the same constructor under
@@ -47,7 +47,7 @@ from catjax.ptq import foreign
 FORMAT = "catjax-foreign-quantized"
 VERSION = 1
 MANIFEST = "quantization.json"
-_PARTS = ("blocks", "inv_blocks", "signs", "perm")
+_PARTS = ("blocks", "inv_blocks", "signs", "perm", "a_clip")
 
 
 def _checksum(manifest: dict) -> str:

@@ -188,12 +188,13 @@ def grouped(v: jax.Array, config: QuantConfig) -> tuple[jax.Array, tuple[int, ..
   return v.reshape(shape), (axis + 1,)
 
 
-def quantize(v: jax.Array, config: QuantConfig) -> QArray:
+def quantize(v: jax.Array, config: QuantConfig, *, clip: jax.Array | None = None) -> QArray:
   """Round-to-nearest quantization of `v` (computed in float32).
 
   Args:
     v: array to quantize; rank >= 1 for "token", >= 2 for "channel".
     config: the quantizer.
+    clip: a scalar clip ratio (may be traced) in place of `config.clip_ratio`.
 
   Returns:
     A `QArray` with int8 (symmetric) or uint8 (asymmetric) values. Integers
@@ -211,7 +212,7 @@ def quantize(v: jax.Array, config: QuantConfig) -> QArray:
   v = jnp.asarray(v)
   shape = v.shape
   g, axes = grouped(v.astype(jnp.float32), config)
-  q, scale, zero = _levels(g, axes, config)
+  q, scale, zero = _levels(g, axes, config, clip)
   zero = None if zero is None else zero.astype(jnp.int32)
   values = q.astype(config.storage_dtype).reshape(shape)
   return QArray(values=values, scale=scale, zero_point=zero, config=config, shape=shape)
@@ -230,11 +231,11 @@ def safe_scale(scale: jax.Array) -> jax.Array:
   return jnp.where(scale == 0, 1.0, jnp.where(jnp.isinf(scale), jnp.nan, scale))
 
 
-def _levels(g: jax.Array, axes, config: QuantConfig):
+def _levels(g: jax.Array, axes, config: QuantConfig, clip: jax.Array | None = None):
   """`(levels, scale, zero point or None)` of grouped float32 `g`; the levels
   are integers held as float32 (exact: at most 8 bits). A group with a NaN or
-  ±Inf gets a NaN scale."""
-  clip = jnp.float32(config.clip_ratio)
+  ±Inf gets a NaN scale. `clip` replaces `config.clip_ratio` when given."""
+  clip = jnp.float32(config.clip_ratio) if clip is None else jnp.asarray(clip, jnp.float32)
   if config.symmetric:
     scale = safe_scale(clip * channel_absmax(jnp.abs(g), axes) / config.qmax)
     return jnp.clip(jnp.round(g / scale), -config.qmax, config.qmax), scale, None
@@ -254,18 +255,22 @@ def dequantize(q: QArray, dtype: Any = jnp.float32) -> jax.Array:
   return (g * q.scale).reshape(q.shape).astype(dtype)
 
 
-def fake_quantize(v: jax.Array, config: QuantConfig) -> jax.Array:
+def fake_quantize(v: jax.Array, config: QuantConfig, *, clip: jax.Array | None = None
+                  ) -> jax.Array:
   """`dequantize(quantize(v))`, returned in the dtype of `v`: the same values,
   computed without the round trip through the integer storage dtype (the
   levels are exact integers in float32). FP4 formats: `E2M1(v / s) · s` with
   each block's scale `s` (`fp4_scales`). A group holding a NaN or ±Inf comes
-  back all NaN; an all-zero group comes back zero."""
+  back all NaN; an all-zero group comes back zero. `clip`: a scalar clip ratio (may
+  be traced, e.g. learned per layer) in place of `config.clip_ratio`; integer formats."""
   v = jnp.asarray(v)
+  if clip is not None and config.is_fp4:
+    raise ValueError(f"a clip ratio per call takes the integer format, not {config.format!r}")
   if config.is_fp4:
     g, axes = grouped(v.astype(jnp.float32), config)
     return _fp4_levels(g, _fp4_scale(g, axes, config)).reshape(v.shape).astype(v.dtype)
   g, axes = grouped(v.astype(jnp.float32), config)
-  q, scale, zero = _levels(g, axes, config)
+  q, scale, zero = _levels(g, axes, config, clip)
   return ((q if zero is None else q - zero) * scale).reshape(v.shape).astype(v.dtype)
 
 

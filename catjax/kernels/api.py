@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from catjax.kernels import pallas_gpu, reference
 from catjax.kernels.qweight import QuantizedWeight
@@ -20,7 +21,13 @@ def _validate(x, transform_blocks, qweight, a_bits, a_clip, implementation, out_
     raise ValueError(f"qweight must be a QuantizedWeight (from quantize_weight), got {type(qweight).__name__}")
   if isinstance(a_bits, bool) or not isinstance(a_bits, int) or not 2 <= a_bits <= 8:
     raise ValueError(f"a_bits must be an integer in 2..8, got {a_bits=!r}")
-  if isinstance(a_clip, bool) or not isinstance(a_clip, (int, float)) or not 0 < a_clip <= 1:
+  if isinstance(a_clip, (jax.Array, np.ndarray)):
+    if a_clip.shape != () or not jnp.issubdtype(a_clip.dtype, jnp.floating):
+      raise ValueError(f"a_clip as an array must be a float scalar, got shape {a_clip.shape} "
+                       f"{a_clip.dtype}")
+    if not isinstance(a_clip, jax.core.Tracer) and not 0 < float(a_clip) <= 1:
+      raise ValueError(f"a_clip must be in (0, 1], got {float(a_clip)!r}")
+  elif isinstance(a_clip, bool) or not isinstance(a_clip, (int, float)) or not 0 < a_clip <= 1:
     raise ValueError(f"a_clip must be a number in (0, 1], got {a_clip=!r}")
   if jnp.dtype(out_dtype) not in pallas_gpu.OUT_DTYPES:
     raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype=}")
@@ -42,7 +49,8 @@ def _validate(x, transform_blocks, qweight, a_bits, a_clip, implementation, out_
 
 
 @functools.partial(jax.jit, static_argnames=("a_bits", "a_clip", "kind", "config", "out_dtype"))
-def _run(x2, transform_blocks, qweight, *, a_bits, a_clip, kind, config, out_dtype):
+def _run(x2, transform_blocks, qweight, clip, *, a_bits, a_clip, kind, config, out_dtype):
+  a_clip = a_clip if clip is None else clip  # a number (static) or a scalar array
   if kind == "reference":
     return reference.quantized_matmul(x2, transform_blocks, qweight, a_bits=a_bits, a_clip=a_clip,
                                       out_dtype=out_dtype)
@@ -68,7 +76,9 @@ def quantized_matmul(x: jax.Array, transform_blocks: jax.Array | None, qweight: 
       `Transform.blocks`) applied online, or None.
     qweight: one layer from `quantize_weight`.
     a_bits: activation bits (symmetric per token), 2..8.
-    a_clip: the activation range is `a_clip` times each token's absmax, in (0, 1].
+    a_clip: the activation range is `a_clip` times each token's absmax, in (0, 1]: a
+      number (compiled in) or a float32 scalar array (a learned per-layer clip; may be
+      traced, e.g. inside the scan over layers).
     implementation: None (the Pallas kernel on a Hopper GPU when the shape is
       supported, else the reference, silently), "reference", "pallas"
       (Mosaic GPU; ValueError with the reason where it cannot run) or
@@ -114,6 +124,8 @@ def quantized_matmul(x: jax.Array, transform_blocks: jax.Array | None, qweight: 
     kind = "mosaic_interpret" if pallas_gpu.has_gpu_interpret() else "portable_interpret"
   if m == 0:
     return jnp.zeros(lead + (d_out,), out_dtype)
-  out = _run(x2, transform_blocks, qweight, a_bits=a_bits, a_clip=float(a_clip), kind=kind,
-             config=config, out_dtype=out_dtype)
+  static = isinstance(a_clip, (int, float))
+  out = _run(x2, transform_blocks, qweight, None if static else jnp.asarray(a_clip, jnp.float32),
+             a_bits=a_bits, a_clip=float(a_clip) if static else 1.0, kind=kind, config=config,
+             out_dtype=out_dtype)
   return out.reshape(lead + (d_out,))

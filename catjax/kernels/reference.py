@@ -38,21 +38,25 @@ def transform_activations(x: jax.Array, transform_blocks: jax.Array | None) -> j
 
 
 def quantize_activations(x: jax.Array, transform_blocks: jax.Array | None, *,
-                         a_bits: int, a_clip: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                         a_bits: int, a_clip: float | jax.Array = 1.0
+                         ) -> tuple[jax.Array, jax.Array]:
   """The pre-pass: transform, then quantize per token.
 
   Args:
     x: `(m, d_in)` activations (any float dtype).
     transform_blocks: `(d_in/k, k, k)` blocks or None.
     a_bits: activation bit width, 2..8.
-    a_clip: clip ratio of the per-token range, in (0, 1].
+    a_clip: clip ratio of the per-token range, in (0, 1]: a number, or a float32
+      scalar array (e.g. learned per layer; may be traced).
 
   Returns:
     `(x_q, s_x)`: int8 `(m, d_in)` integers and float32 `(m, 1)` scales; a
     token holding a NaN or ±Inf gets a NaN scale.
   """
-  config = quant.activation_config(a_bits, clip_ratio=a_clip)
-  q = quant.quantize(transform_activations(x, transform_blocks), config)
+  static = isinstance(a_clip, (int, float))
+  config = quant.activation_config(a_bits, clip_ratio=a_clip if static else 1.0)
+  q = quant.quantize(transform_activations(x, transform_blocks), config,
+                     clip=None if static else a_clip)
   return q.values, q.scale
 
 
@@ -78,7 +82,7 @@ def int_matmul(x_q: jax.Array, s_x: jax.Array, values: jax.Array, scale: jax.Arr
 
 
 def quantized_matmul(x: jax.Array, transform_blocks: jax.Array | None,
-                     qw: qweight.QuantizedWeight, *, a_bits: int, a_clip: float = 1.0,
+                     qw: qweight.QuantizedWeight, *, a_bits: int, a_clip: float | jax.Array = 1.0,
                      out_dtype=jnp.float32) -> jax.Array:
   """Reference `(m, d_in) -> (m, d_out)` transformed W`bits`A`a_bits` matmul.
 

@@ -49,12 +49,16 @@ class TrainConfig:
     w_clip: also learn a weight clip ratio per output channel (in
       [`catjax.ptq.train.W_CLIP_MIN`, 1], from 1), which then sets the grid
       of RTN and GPTQ; not with weights="clip" (its search replaces it).
+    a_clip: also learn the activation clip ratio of every site, one per layer and
+      site (in [`catjax.ptq.train.A_CLIP_MIN`, 1], from the recipe's `a_clip`),
+      kept in the site's transform (`Transform.a_clip`); integer activations.
   """
 
   steps: int = 0
   lr: float = 1e-3
   batch: int = 4
   w_clip: bool = True
+  a_clip: bool = False
 
   def __post_init__(self):
     check_int("train.steps", self.steps, 0, 2**31 - 1, "optax counts steps in int32")
@@ -62,6 +66,7 @@ class TrainConfig:
       raise ValueError(f"train.lr={self.lr!r}: expected a finite value > 0")
     check_int("train.batch", self.batch, 1)
     check_bool("train.w_clip", self.w_clip)
+    check_bool("train.a_clip", self.a_clip)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -220,7 +220,8 @@ class InputQuantizer:
       return x
     shape = x.shape
     flat = x.reshape(*shape[:x.ndim - self.in_ndim], -1)
-    return fake_quantize_ste(flat, self.config, ste=self.ste).reshape(shape)
+    clip = None if self.transform is None else self.transform.a_clip
+    return fake_quantize_ste(flat, self.config, ste=self.ste, clip=clip).reshape(shape)
 
 
 nnx.register_data_type(InputQuantizer)

@@ -2,7 +2,8 @@
 
 The same training as catjax's own engine (`catjax.ptq.train`): per site with a
 block-diagonal part, blocks `(I + Δ) B₀` from `Δ = 0`; with learned weight clips
-a ratio per output channel of every kernel; AdamW on the block's relative output
+a ratio per output channel of every kernel; with learned activation clips one ratio
+per site (`Transform.a_clip`); AdamW on the block's relative output
 error under straight-through fake quantization, on random batches of the
 calibration inputs (seeded by the recipe's seed and the block's index); the
 trained result is kept only if its loss on all inputs is below the closed form's
@@ -45,6 +46,14 @@ def train_sites(block: nnx.Module, path: str, sites: list[Site], transforms: lis
                        if t is not None and t.blocks is not None}, "w_clip": {}}
   if train.learns_w_clip(base):
     params["w_clip"] = {p: jnp.zeros(k.shape[1], jnp.float32) for p, k in kernels.items()}
+  a_clip0 = float(base.a_clip)
+  if base.train.a_clip:
+    params["a_clip"] = {str(i): jnp.zeros((), jnp.float32) for i, t in enumerate(transforms)
+                        if t is not None}
+
+  def clipped(ts, p):  # the transforms carrying the learned activation clips
+    out = train.with_clips({str(i): t for i, t in enumerate(ts)}, p, a_clip0)
+    return [out[str(i)] for i in range(len(ts))]
 
   def error(deltas, ratios, ts, x, y):
     """The block's relative output error with transforms `ts` (blocks `(I + Δ) B₀` where
@@ -70,7 +79,7 @@ def train_sites(block: nnx.Module, path: str, sites: list[Site], transforms: lis
 
   def loss(params, x, y):
     ratios = {p: train.clip_ratio(t) for p, t in params["w_clip"].items()}
-    return error(params["deltas"], ratios, transforms, x, y)
+    return error(params["deltas"], ratios, clipped(transforms, params), x, y)
 
   steps = base.train.steps
   opt = train.optimizer(base.train.lr, steps)
@@ -79,7 +88,7 @@ def train_sites(block: nnx.Module, path: str, sites: list[Site], transforms: lis
   def step(params, opt_state, x, y):
     value, grads = jax.value_and_grad(loss)(params, x, y)
     updates, opt_state = opt.update(grads, opt_state, params)
-    return train.project_clips(optax.apply_updates(params, updates)), opt_state, value
+    return train.project_clips(optax.apply_updates(params, updates), a_clip0), opt_state, value
 
   error_jit = jax.jit(error)
   norms = [float(jnp.sum(y.astype(jnp.float32) ** 2)) for y in targets]
@@ -106,11 +115,13 @@ def train_sites(block: nnx.Module, path: str, sites: list[Site], transforms: lis
   w_clip = {p: train.clip_ratio(t) for p, t in params["w_clip"].items()} or None
   result, trained = list(transforms), float("inf")
   if np.isfinite(cond) and cond < train.MAX_COND:
-    result = [train.parametrization(t).exact(t, deltas[str(i)]) if str(i) in deltas else t
-              for i, t in enumerate(transforms)]
+    result = clipped([train.parametrization(t).exact(t, deltas[str(i)]) if str(i) in deltas
+                      else t for i, t in enumerate(transforms)], params)
     trained = loss_all(w_clip or {}, result)
   keep = bool(np.isfinite(trained) and trained < closed)
   info = {"layer": layer, "block": path, "closed_form_loss": closed, "trained_loss": trained,
           "first_step_loss": curve[0] if curve else None,
           "last_step_loss": curve[-1] if curve else None, "max_cond": cond, "kept": keep}
-  return (result, w_clip, info) if keep else (list(transforms), None, info)
+  if keep:
+    return result, w_clip, info
+  return clipped(transforms, jax.tree.map(jnp.zeros_like, params)), None, info

@@ -1,6 +1,7 @@
 """The site hook of a quantized forward: online transform, then activation / KV fake quantization.
 
-One hook serves every policy (`catjax.ptq.policy`): a site has one or more
+A transform with a learned activation clip (`Transform.a_clip`) sets the clip
+ratio of its site's quantizer. One hook serves every policy (`catjax.ptq.policy`): a site has one or more
 *variants* (its transform kind and activation quantizer); a site with one
 variant reads its transform straight from the hook state, a site whose
 layers use several reads `{"choice": (L,), "transforms": (per variant)}` and
@@ -14,21 +15,36 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 
-from catjax.core.quant import QuantConfig, fake_quantize
+from catjax.core.quant import QuantConfig, channel_absmax, fake_quantize, grouped, safe_scale
 from catjax.core.transforms import Transform
 
 
-def fake_quantize_ste(x: jax.Array, config: QuantConfig, *, ste: bool) -> jax.Array:
-  """`fake_quantize`; with `ste`, its gradient is the identity (straight-through)."""
-  q = fake_quantize(x, config)
-  return x + jax.lax.stop_gradient(q - x) if ste else q
+def fake_quantize_ste(x: jax.Array, config: QuantConfig, *, ste: bool,
+                      clip: jax.Array | None = None) -> jax.Array:
+  """`fake_quantize` (with the scalar clip ratio `clip` in place of the config's, where
+  given); with `ste`, its gradient is the identity (straight-through), and with a
+  `clip` too the rounding alone is straight-through, so that the clip ratio gets
+  LSQ's gradient and clipped values none (symmetric integer configs)."""
+  if clip is None or not ste:
+    q = fake_quantize(x, config, clip=clip)
+    return x + jax.lax.stop_gradient(q - x) if ste else q
+  if not config.symmetric or config.is_fp4:
+    raise ValueError(f"a learned clip takes a symmetric integer quantizer, got {config}")
+  g, axes = grouped(x.astype(jnp.float32), config)
+  scale = safe_scale(clip * channel_absmax(jnp.abs(g), axes) / config.qmax)
+  u = g / scale
+  levels = jnp.clip(u + jax.lax.stop_gradient(jnp.round(u) - u), -config.qmax, config.qmax)
+  return (levels * scale).reshape(x.shape).astype(x.dtype)
 
 
 def _run(x: jax.Array, transform: Transform | None, config: QuantConfig | None, ste: bool):
   if transform is not None:
     x = transform.apply(x)
-  return x if config is None else fake_quantize_ste(x, config, ste=ste)
+  if config is None:
+    return x
+  return fake_quantize_ste(x, config, ste=ste, clip=None if transform is None else transform.a_clip)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,21 +26,25 @@ class QLinear(nnx.Module):
     values, scale: the `QuantizedWeight` arrays (leading layer axis).
     blocks: the site's block-diagonal transform `(L, d/k, k, k)`, or None.
     bias: float bias or None.
+    clips: the site's learned activation clip ratios `(L,)` (`Transform.a_clip`),
+      or None (`a_clip`, the recipe's, for every layer).
   """
 
   def __init__(self, qweight: QuantizedWeight, *, bias, blocks, a_bits: int,
-               a_clip: float = 1.0, implementation: str | None = None):
+               a_clip: float = 1.0, implementation: str | None = None, clips=None):
     self.values = nnx.Param(qweight.values)
     self.scale = nnx.Param(qweight.scale)
     self.blocks = None if blocks is None else nnx.Param(blocks)
     self.bias = None if bias is None else nnx.Param(bias)
+    self.clips = None if clips is None else nnx.Param(clips)  # learned, one per layer
     self.bits, self.shape = qweight.bits, qweight.shape
     self.a_bits, self.a_clip, self.implementation = a_bits, a_clip, implementation
 
   def __call__(self, x):
     qw = QuantizedWeight(self.values[...], self.scale[...], self.bits, self.shape)
     y = quantized_matmul(x, None if self.blocks is None else self.blocks[...], qw,
-                         a_bits=self.a_bits, a_clip=self.a_clip,
+                         a_bits=self.a_bits,
+                         a_clip=self.a_clip if self.clips is None else self.clips[...],
                          implementation=self.implementation).astype(x.dtype)
     return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
@@ -86,7 +90,8 @@ def realize(model: Llama, qm: QuantizedModel, *, implementation: str | None = No
     qw = quantize_weight(old.kernel[...], bits=r.w_bits, scale=scale)
     set_path(new.layers, path, QLinear(qw, bias=None if old.bias is None else old.bias[...],
                                        blocks=t.blocks if fused else None, a_bits=r.a_bits,
-                                       a_clip=float(r.a_clip), implementation=implementation))
+                                       a_clip=float(r.a_clip), implementation=implementation,
+                                       clips=None if t is None else t.a_clip))
   return QuantizedModel(new, online or None, r, real=True)
 
 

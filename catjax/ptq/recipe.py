@@ -133,6 +133,14 @@ class Recipe:
       trainable = ", ".join(m.name for m in tf.REGISTRY.values() if m.blocks or m.end_to_end)
       raise ValueError(f"train.steps={self.train.steps} needs a method with trainable blocks "
                        f"({trainable}), not {self.method!r}")
+    if self.train.a_clip:
+      why = ("needs train.steps > 0" if not self.train.steps else
+             f"is learned block by block, not by {self.method!r}" if transform.end_to_end else
+             "needs quantized activations (a_bits)" if self.a_bits is None else
+             f"takes integer activations, not a_format={self.a_format!r}"
+             if self.a_format != "int" else None)
+      if why:
+        raise ValueError(f"train.a_clip=True (a learned activation clip per layer and site) {why}")
     if self.hadamard not in ("full", "block"):
       raise ValueError(f"hadamard={self.hadamard!r}: expected 'full' or 'block'")
     if self.hadamard == "block" and not (transform and transform.eigen_fit and transform.hadamard):
@@ -219,6 +227,7 @@ class Recipe:
     name += f" aclip={self.a_clip:g}" if self.a_clip != 1.0 else ""
     name += f" t{self.train.steps}" if self.train.steps else ""
     name += " nowc" if self.train.steps and not self.train.w_clip else ""
+    name += " lac" if self.train.a_clip else ""
     name += "" if self.fit_x64 else " f32"
     if self.propagate != "auto":
       name += f" prop={self.propagate}"

@@ -30,6 +30,12 @@ same Newton–Schulz iterations on the small factors; exact in float64 when kept
 and `exp(σ)`, so the inverse stays well conditioned while `I + Δ_i` does; its
 condition bound is `cond(I + Δ₁) · cond(I + Δ₂) · max c / min c`.
 
+With `Recipe.train.a_clip` every site also learns its activation clip ratio,
+`a_clip + c·θ` from `θ = 0` (the recipe's `a_clip`), projected into
+`[A_CLIP_MIN, 1]`, with LSQ's gradient (`catjax.ptq.hooks.fake_quantize_ste`); the
+kept ratio rides in the site's transform (`Transform.a_clip`) to the site hook, the
+integer linears and the checkpoints.
+
 Safeguards (per block): the trained transforms are kept only if their loss on
 all calibration windows is below the closed form's and every `I + Δ` has a
 condition number below `MAX_COND`; otherwise the closed form stays.
@@ -59,6 +65,7 @@ from catjax.core.linalg import HIGHEST
 MAX_COND = 1e3
 W_CLIP_MIN = 0.5
 W_CLIP_LR_SCALE = 10.0
+A_CLIP_MIN = 0.3
 
 
 NEWTON_STEPS = 12
@@ -175,10 +182,27 @@ def clip_ratio(theta: jax.Array) -> jax.Array:
   return 1.0 + W_CLIP_LR_SCALE * theta
 
 
-def project_clips(params: dict) -> dict:
-  """Keep every learned clip ratio in `[W_CLIP_MIN, 1]`."""
+def project_clips(params: dict, a_clip0: float = 1.0) -> dict:
+  """Keep every learned weight clip ratio in `[W_CLIP_MIN, 1]` and every activation
+  clip ratio `a_clip0 + c·θ` in `[A_CLIP_MIN, 1]`."""
   lo = (W_CLIP_MIN - 1.0) / W_CLIP_LR_SCALE
-  return {**params, "w_clip": jax.tree.map(lambda t: jnp.clip(t, lo, 0.0), params["w_clip"])}
+  a_lo, a_hi = ((b - a_clip0) / W_CLIP_LR_SCALE for b in (min(A_CLIP_MIN, a_clip0), 1.0))
+  out = {**params, "w_clip": jax.tree.map(lambda t: jnp.clip(t, lo, 0.0), params["w_clip"])}
+  if "a_clip" in params:
+    out["a_clip"] = jax.tree.map(lambda t: jnp.clip(t, a_lo, a_hi), params["a_clip"])
+  return out
+
+
+def act_clip(theta: jax.Array, a_clip0: float) -> jax.Array:
+  """The activation clip ratio of a trained parameter `θ`: `a_clip0 + c·θ`."""
+  return a_clip0 + W_CLIP_LR_SCALE * theta
+
+
+def with_clips(transforms: dict, params: dict, a_clip0: float) -> dict:
+  """`transforms` carrying the learned activation clips of `params["a_clip"]`."""
+  return {s: t if s not in params.get("a_clip", {}) else
+          dataclasses.replace(t, a_clip=act_clip(params["a_clip"][s], a_clip0))
+          for s, t in transforms.items()}
 
 
 def _quantized_block(block, transforms, spec: ArchSpec, w_config: QuantConfig | None,
@@ -209,9 +233,9 @@ def _error(deltas, ratios, block, base, x, y, rope, *, graphdef, hook, spec, w_c
   return err / jnp.sum(y.astype(jnp.float32) ** 2)
 
 
-def _loss(params, *args, **kw):
+def _loss(params, block, base, *args, a_clip0, **kw):
   ratios = {p: clip_ratio(t) for p, t in params["w_clip"].items()}
-  return _error(params["deltas"], ratios, *args, **kw)
+  return _error(params["deltas"], ratios, block, with_clips(base, params, a_clip0), *args, **kw)
 
 
 _STATIC = ("graphdef", "hook", "spec", "w_config")
@@ -222,13 +246,13 @@ def optimizer(lr: float, steps: int):
   return optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1)), weight_decay=0.0)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("lr", "steps"))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("lr", "steps", "a_clip0"))
 def _step(params, opt_state, block, base, x, y, rope, *, graphdef, hook, spec, w_config, lr,
-          steps):
+          steps, a_clip0):
   loss, grads = jax.value_and_grad(_loss)(params, block, base, x, y, rope, graphdef=graphdef,
-                                          hook=hook, spec=spec, w_config=w_config)
+                                          hook=hook, spec=spec, w_config=w_config, a_clip0=a_clip0)
   updates, opt_state = optimizer(lr, steps).update(grads, opt_state, params)
-  return project_clips(optax.apply_updates(params, updates)), opt_state, loss
+  return project_clips(optax.apply_updates(params, updates), a_clip0), opt_state, loss
 
 
 def block_loss(runner, block, transforms, x, y, recipe, *, spec: ArchSpec,
@@ -286,6 +310,10 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
   if learns_w_clip(recipe):
     params["w_clip"] = {path: jnp.zeros(get_path(block, path)["kernel"].shape[-1], jnp.float32)
                         for _, path in spec.linears}
+  a_clip0 = float(recipe.a_clip)
+  if recipe.train.a_clip:  # one ratio per site, where the site has a transform to carry it
+    params["a_clip"] = {s: jnp.zeros((), jnp.float32) for s, t in transforms.items()
+                        if t is not None}
   steps, n = recipe.train.steps, x.shape[0]
   batch = min(recipe.train.batch, n)
   static = dict(graphdef=runner.graphdef, hook=_hook(recipe, spec), spec=spec,
@@ -296,7 +324,8 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
   for step in range(steps):
     idx = jax.random.choice(jax.random.fold_in(key, step), n, (batch,), replace=False)
     params, opt_state, loss = _step(params, opt_state, block, transforms, x[idx], y[idx],
-                                    runner.rope, lr=float(recipe.train.lr), steps=steps, **static)
+                                    runner.rope, lr=float(recipe.train.lr), steps=steps,
+                                    a_clip0=a_clip0, **static)
     curve.append(float(loss))
 
   deltas = params["deltas"]
@@ -306,8 +335,8 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
   result = transforms
   trained = float("inf")
   if np.isfinite(cond) and cond < MAX_COND:
-    result = {s: (parametrization(t).exact(t, deltas[s]) if s in deltas else t)
-              for s, t in transforms.items()}
+    result = with_clips({s: (parametrization(t).exact(t, deltas[s]) if s in deltas else t)
+                         for s, t in transforms.items()}, params, a_clip0)
     trained = block_loss(runner, block, result, x, y, recipe, spec=spec, w_clip=w_clip)
   keep = bool(np.isfinite(trained) and trained < closed)
   info = {"layer": layer, "closed_form_loss": closed, "trained_loss": trained,
@@ -315,5 +344,11 @@ def train_block(runner, block: dict, transforms: dict[str, Transform], x: jax.Ar
           "last_step_loss": curve[-1] if curve else None, "max_cond": cond,
           "mean_w_clip": (float(np.mean([np.mean(np.asarray(r)) for r in w_clip.values()]))
                           if w_clip else None),
+          "a_clip": ({s: float(act_clip(v, a_clip0)) for s, v in params["a_clip"].items()}
+                     if params.get("a_clip") else None),
           "kept": keep}
-  return (result, w_clip, info) if keep else (transforms, None, info)
+  if keep:
+    return result, w_clip, info
+  if params.get("a_clip"):  # every layer's transforms carry a clip (they are stacked)
+    transforms = with_clips(transforms, jax.tree.map(jnp.zeros_like, params), a_clip0)
+  return transforms, None, info

@@ -59,7 +59,7 @@ def test_the_gains_table_is_shown_only_with_its_baselines():
   assert has_gains([Comparison("cat k=64 W4A4", vs_none_w6a6=gain)])
 
 
-EXAMPLES = {"wNaM": "w6a8", "kN": "k32", "kvN": "kv4", "dX": "d0.05", "tN": "t2", "acX": "ac0.9"}
+EXAMPLES = {"wNaM": "w6a8", "kN": "k32", "kvN": "kv4", "dX": "d0.05", "tN": "t2", "acX": "ac0.9", "lac": "t2@lac"}
 
 
 def test_every_spec_option_is_parsed_and_in_the_help():

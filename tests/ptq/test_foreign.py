@@ -148,6 +148,26 @@ def test_trained_cat_on_a_foreign_model_beats_its_closed_form():
                            Rule(r"blocks/\d+/.*", Recipe(train=TrainConfig(steps=6)))], CALIB, **walk)
 
 
+def test_learned_activation_clips_on_a_foreign_model(tmp_path):
+  """train.a_clip through the rule API: one learned clip per site, in the site's transform,
+  used by the model's input quantizers and kept by the foreign checkpoint."""
+  from catjax.artifacts.foreign import load_foreign, save_foreign
+  net = Net()
+  walk = dict(blocks=r"blocks/\d+", progress=False)
+  recipe = Recipe(method="cat", block_size=8, train=TrainConfig(steps=10, batch=2, a_clip=True))
+  trained = foreign.quantize(net, Rule(r"blocks/\d+/.*", recipe), CALIB, **walk)
+  clips = [float(b.q.catjax_input.transform.a_clip) for b in trained.blocks]
+  assert all(0.3 <= c <= 1.0 for c in clips) and not np.allclose(clips, 1.0), clips
+  assert trained.blocks[0].q.catjax_input.transform is trained.blocks[0].k.catjax_input.transform
+  plain = foreign.quantize(net, Rule(r"blocks/\d+/.*", recipe.with_fields({"train.a_clip": False})),
+                           CALIB, **walk)
+  assert plain.blocks[0].q.catjax_input.transform.a_clip is None
+  folder = save_foreign(trained, tmp_path / "f")
+  again = load_foreign(Net(), folder)
+  assert float(again.blocks[1].q.catjax_input.transform.a_clip) == clips[1]
+  np.testing.assert_array_equal(np.asarray(again(TOKENS)), np.asarray(trained(TOKENS)))
+
+
 def _reversed(m, t):
   return m.head(m.blocks[0](m.blocks[1](m.embed(t))))
 

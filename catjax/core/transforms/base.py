@@ -117,7 +117,7 @@ def _check_in_ndim(v: jax.Array, n: int, d: int, *, leading: bool = False) -> tu
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["blocks", "inv_blocks", "signs", "perm"], meta_fields=["method", "dim"])
+    data_fields=["blocks", "inv_blocks", "signs", "perm", "a_clip"], meta_fields=["method", "dim"])
 @dataclasses.dataclass(frozen=True)
 class Transform:
   """`T = H · D · B · P` as a pytree.
@@ -131,6 +131,9 @@ class Transform:
     dim: `d`, the input width of the layer.
     perm: `(d,)` int32 channel order `P` applied before the blocks (`(x Pᵀ)_i =
       x_perm[i]`, so channel `perm[i]` lands in position `i`), or None (as they are).
+    a_clip: the clip ratio of the activation quantizer that reads this site, a float32
+      scalar learned with the transform (`catjax.ptq.train`, `TrainConfig.a_clip`), or
+      None (the recipe's `a_clip`). It does not change `apply` or `merge`.
   """
 
   blocks: jax.Array | None
@@ -139,6 +142,7 @@ class Transform:
   method: str
   dim: int
   perm: jax.Array | None = None
+  a_clip: jax.Array | None = None
 
   @property
   def block_size(self) -> int | None:

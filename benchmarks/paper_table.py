@@ -1,0 +1,153 @@
+"""The paper's comparison in one harness: QuaRot, CAT, CAT with a channel permutation,
+SpinQuant, FlatQuant and trained CAT at W4A4, with RTN and with GPTQ weights, on one
+calibration set per model.
+
+Per model: one calibration text (`--calib-windows` × 512 tokens of the Wikipedia
+calibration split, the same for every method), then each method through the block
+engine; perplexity on `--eval-max-tokens` tokens of the disjoint Wikipedia eval
+split at `--seqlen`; beside it the mean per-site SQNR, concentration C(x), C(W) and
+alignment gain of the transformed operands (2 held-out calibration windows), and
+the quantize time. KV cache in 16 bits, per-token activations, per-channel weights.
+
+Training budgets, equal in block passes: trained CAT and FlatQuant take
+`--train-steps` AdamW steps per block on one 512-token window each; SpinQuant
+takes the same number of Cayley SGD steps, each a forward and backward of the
+whole model on one window (so every method runs `steps × blocks` block passes
+of 512 tokens).
+
+The methods run in groups (closed form, trained with RTN, trained with GPTQ); the
+results file `results/paper_table_<model>.{json,md}` is rewritten after each group,
+so a long run keeps what it finished. `results/paper_table.md` collects every model
+that has a results file.
+
+    python benchmarks/paper_table.py [--models smollm2-135m,gemma3-270m,qwen2.5-coder-1.5b]
+        [--calib-windows 32] [--seqlen 512] [--eval-max-tokens 16384] [--train-steps 50]
+        [--groups closed,trained_rtn,trained_gptq]
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine  # noqa: E402
+
+from catjax.app import RunConfig, parse_spec, run  # noqa: E402
+from catjax.ptq import Recipe, TrainConfig  # noqa: E402
+
+# (column, method spec without weights); {T}: --train-steps; {K}: the block sizes
+CLOSED = (("QuaRot", "hadamard"), ("CAT k=64", "cat@k64"), ("CAT k=128", "cat@k128"),
+          ("CAT+perm k=64", "cat_perm@k64"))
+TRAINED = (("SpinQuant", "spinquant@t{T}"), ("FlatQuant", "flatquant@t{T}"),
+           ("CAT-trained k=64", "cat@k64@t{T}"))
+GROUPS = {"closed": [("FP", "fp")] + [(c, s) for c, s in CLOSED]
+                    + [(c, s + "@gptq") for c, s in CLOSED],
+          "trained_rtn": list(TRAINED), "trained_gptq": [(c, s + "@gptq") for c, s in TRAINED]}
+COLUMNS = ("perplexity", "x fp", "mean SQNR dB", "C(x) dB", "C(W) dB", "align gain dB",
+           "quantize s")
+
+
+def _fits(recipe: Recipe, widths) -> bool:
+  k = recipe.site_block_size
+  return k is None or all(w % k == 0 for w in widths)
+
+
+def _widths(model: str) -> tuple[int, ...]:
+  from catjax.app import load_pretrained
+  from catjax.models import spec_for
+  m, _, _ = load_pretrained(model)
+  return tuple(spec_for(m.config).site_dims(m.config).values())
+
+
+def _rows(report) -> list[dict]:
+  rows = []
+  for m, s in zip(report.methods, report.summary):
+    base = m.recipe if isinstance(m.recipe, Recipe) else m.recipe.base
+    rows.append({"label": m.recipe.label, "weights": base.weights if base.method != "fp" else "-",
+                 "perplexity": m.perplexity, "fit_seconds": m.fit_seconds,
+                 "mean_sqnr_db": s.mean_measured_sqnr_db, "cx_db": s.mean_concentration_x_db,
+                 "cw_db": s.mean_concentration_w_db, "align_db": s.mean_alignment_gain_db,
+                 "engine": {k: v for k, v in m.engine.items() if k in ("train", "spinquant")}})
+  return rows
+
+
+def _f(v, fmt):
+  return "–" if v is None else format(v, fmt)
+
+
+def markdown(model: str, payload: dict) -> str:
+  rows = payload["rows"]
+  fp = next((r["perplexity"] for r in rows if r["column"] == "FP"), None)
+  lines = [f"### {model}", "",
+           "| method | weights | " + " | ".join(COLUMNS) + " |",
+           "|---|---|" + "---|" * len(COLUMNS)]
+  for r in rows:
+    ratio = None if fp is None else r["perplexity"] / fp
+    lines.append(f"| {r['column']} | {r['weights']} | {r['perplexity']:.3f} | {_f(ratio, '.3f')} | "
+                 f"{_f(r['mean_sqnr_db'], '.2f')} | {_f(r['cx_db'], '.2f')} | "
+                 f"{_f(r['cw_db'], '.2f')} | {_f(r['align_db'], '.2f')} | {r['fit_seconds']:.0f} |")
+  c = payload["config"]
+  lines += ["", f"{model}, float32; calibration {c['calib_windows']} × 512 tokens of wiki-calib "
+            f"(one set for every method); eval {c['eval_max_tokens']} tokens of wiki-eval at "
+            f"seqlen {c['seqlen']}; W4A4, KV16; trained methods {c['train_steps']} steps "
+            f"(per block for FlatQuant / CAT-trained, whole model for SpinQuant), one window "
+            f"each; {payload['machine']['processor']}, {payload['machine']['cpu_count']} cores; "
+            f"groups {', '.join(payload['groups'])} in {payload['seconds']:.0f} s."]
+  return "\n".join(lines)
+
+
+def collect() -> None:
+  parts = ["Results of `python benchmarks/paper_table.py` (one file per model).", ""]
+  for f in sorted(RESULTS.glob("paper_table_*.json")):
+    payload = json.loads(f.read_text())
+    parts += [markdown(payload["model"], payload), ""]
+  (RESULTS / "paper_table.md").write_text("\n".join(parts))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--models", default="smollm2-135m")
+  p.add_argument("--calib-windows", type=int, default=32)
+  p.add_argument("--seqlen", type=int, default=512)
+  p.add_argument("--eval-max-tokens", type=int, default=16384)
+  p.add_argument("--train-steps", type=int, default=50)
+  p.add_argument("--groups", default=",".join(GROUPS))
+  args = p.parse_args()
+  base = Recipe(w_bits=4, a_bits=4, train=TrainConfig(lr=1e-3, batch=1))
+  groups = args.groups.split(",")
+  bad = [g for g in groups if g not in GROUPS]
+  if bad:
+    p.error(f"--groups: unknown {bad}; expected some of {tuple(GROUPS)}")
+  for model in args.models.split(","):
+    widths = _widths(model)
+    out = RESULTS / f"paper_table_{model}.json"
+    payload = json.loads(out.read_text()) if out.exists() else {}
+    config = {"calib_windows": args.calib_windows, "seqlen": args.seqlen,
+              "eval_max_tokens": args.eval_max_tokens, "train_steps": args.train_steps}
+    if payload.get("config") != config:
+      payload = {"model": model, "config": config, "rows": [], "groups": [], "seconds": 0.0}
+    for group in groups:
+      specs = [(c, parse_spec(s.replace("{T}", str(args.train_steps)), base))
+               for c, s in GROUPS[group]]
+      specs = [(c, r) for c, r in specs if _fits(r, widths)]
+      t0 = time.perf_counter()
+      report = run(RunConfig(recipes=tuple(r for _, r in specs), model=model,
+                             calib_windows=args.calib_windows, calib_seqlen=512,
+                             seqlen=args.seqlen, eval_max_tokens=args.eval_max_tokens,
+                             batch_size=4))
+      rows = [{"column": c, **row} for (c, _), row in zip(specs, _rows(report))]
+      done = {r["label"] for r in rows}
+      payload["rows"] = [r for r in payload["rows"] if r["label"] not in done] + rows
+      payload["groups"] = sorted(set(payload["groups"]) | {group}, key=list(GROUPS).index)
+      payload["seconds"] += time.perf_counter() - t0
+      payload["machine"] = machine()
+      out.write_text(json.dumps(payload, indent=2) + "\n")
+      (RESULTS / f"paper_table_{model}.md").write_text(markdown(model, payload) + "\n")
+      collect()
+      print(markdown(model, payload), flush=True)
+
+
+if __name__ == "__main__":
+  main()
