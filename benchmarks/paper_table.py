@@ -10,7 +10,9 @@ alignment gain of the transformed operands (2 held-out calibration windows), and
 the quantize time. KV cache in 16 bits, per-token activations, per-channel weights.
 
 Training budgets, equal in block passes: trained CAT and FlatQuant take
-`--train-steps` AdamW steps per block on one 512-token window each; SpinQuant
+`--train-steps` AdamW steps per block on one 512-token window each, learning their
+transforms, a weight clip per output channel and an activation clip per site
+(`@lac`); SpinQuant
 takes the same number of Cayley SGD steps, each a forward and backward of the
 whole model on one window (so every method runs `steps × blocks` block passes
 of 512 tokens).
@@ -40,8 +42,8 @@ from catjax.ptq import Recipe, TrainConfig  # noqa: E402
 # (column, method spec without weights); {T}: --train-steps; {K}: the block sizes
 CLOSED = (("QuaRot", "hadamard"), ("CAT k=64", "cat@k64"), ("CAT k=128", "cat@k128"),
           ("CAT+perm k=64", "cat_perm@k64"))
-TRAINED = (("SpinQuant", "spinquant@t{T}"), ("FlatQuant", "flatquant@t{T}"),
-           ("CAT-trained k=64", "cat@k64@t{T}"))
+TRAINED = (("SpinQuant", "spinquant@t{T}"), ("FlatQuant", "flatquant@t{T}@lac"),
+           ("CAT-trained k=64", "cat@k64@t{T}@lac"))
 GROUPS = {"closed": [("FP", "fp")] + [(c, s) for c, s in CLOSED]
                     + [(c, s + "@gptq") for c, s in CLOSED],
           "trained_rtn": list(TRAINED), "trained_gptq": [(c, s + "@gptq") for c, s in TRAINED]}

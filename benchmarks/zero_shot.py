@@ -2,16 +2,17 @@
 offline lm-eval tasks, through the "catjax" lm-eval model type.
 
 Methods: fp, then W4A4 with none / hadamard / cat k=64 / cat_full (block
-engine, RTN weights, fake quantization; calibration `--calib-windows` × 512
+engine, RTN weights unless a spec says otherwise, fake quantization; calibration `--calib-windows` × 512
 wiki-calib tokens). Tasks (`catjax/app/lmeval_tasks`, built from the Wikipedia
 eval split by scripts/make_lmeval_tasks.py): `catjax_wiki_lastword`
 (LAMBADA-style last word: accuracy of the greedy word, perplexity) and
 `catjax_wiki_cloze` (4-way multiple-choice cloze: acc, acc_norm), the first
 `--limit` examples of each; lm-eval's standard errors.
 
-    python benchmarks/zero_shot.py [--limit 300] [--calib-windows 16]
+    python benchmarks/zero_shot.py [--limit 300] [--calib-windows 16] [--methods ...]
+        [--name zero_shot]
 
-Writes `results/zero_shot.{json,md}`.
+Writes `results/<name>.{json,md}`.
 """
 
 import argparse
@@ -38,6 +39,7 @@ def main() -> None:
   p.add_argument("--calib-windows", type=int, default=16)
   p.add_argument("--methods", default="fp,none,hadamard,cat@k64,cat_full")
   p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--name", default="zero_shot", help="results file stem (default: %(default)s)")
   args = p.parse_args()
   manager = TaskManager(include_path=str(lmeval.TASKS_DIR))
   base = load_runnable("smollm2-135m")
@@ -58,7 +60,7 @@ def main() -> None:
     print(row, flush=True)
   head = ["method", "last word acc", "last word ppl", "cloze acc", "cloze acc_norm"]
   lines = [f"SmolLM2-135M, first {args.limit} examples of each task, zero-shot; W4A4 = block "
-           f"engine, RTN weights, fake quantization, {args.calib_windows} × 512 wiki-calib "
+           f"engine, fake quantization, {args.calib_windows} × 512 wiki-calib "
            "calibration tokens. Accuracies ± lm-eval's standard error.", "",
            "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
   for r in rows:
@@ -71,7 +73,7 @@ def main() -> None:
   info = {**machine(), "lm_eval": lm_eval.__version__}
   md = "\n".join(lines) + f"\n\nMachine: {info}.\n"
   print("\n" + md)
-  write("zero_shot", {"machine": info, "args": vars(args), "rows": rows}, md)
+  write(args.name, {"machine": info, "args": vars(args), "rows": rows}, md)
 
 
 if __name__ == "__main__":

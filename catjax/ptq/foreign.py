@@ -395,6 +395,10 @@ def _check_recipe(recipe: Recipe, rule: Rule) -> None:
   if recipe.kv_bits is not None:
     raise ValueError(f"Rule({rule.module_path!r}): kv_bits={recipe.kv_bits}: KV-cache "
                      "quantization needs catjax's own decoder (its key/value hook sites)")
+  if recipe.train.steps and recipe.transform is not None and recipe.transform.end_to_end:
+    raise ValueError(f"Rule({rule.module_path!r}): {recipe.method!r} with train.steps learns its "
+                     "rotations end to end through catjax's own decoder (its residual readers "
+                     "and heads); the rules take its closed form (train.steps=0)")
 
 
 def fit_site(site: Site, recipe: Recipe, ordinal: int) -> Transform | None:

@@ -168,6 +168,27 @@ def test_learned_activation_clips_on_a_foreign_model(tmp_path):
   np.testing.assert_array_equal(np.asarray(again(TOKENS)), np.asarray(trained(TOKENS)))
 
 
+def test_the_new_methods_through_the_rules():
+  """cat_perm and trained FlatQuant fit per site, so the rules take them; SpinQuant's
+  learning needs catjax's own decoder and is refused with its reason."""
+  net = Net()
+  ref = net(TOKENS)
+  walk = dict(blocks=r"blocks/\d+", progress=False)
+  perm = foreign.quantize(net, Rule(r"blocks/\d+/.*", Recipe(method="cat_perm", block_size=8)),
+                          CALIB, **walk)
+  assert perm.blocks[0].o.catjax_input.transform.perm is not None
+  fp_perm = foreign.quantize(net, Rule(r"blocks/\d+/.*", _fp("cat_perm", block_size=8)), CALIB,
+                             **walk)
+  np.testing.assert_allclose(np.asarray(fp_perm(TOKENS)), np.asarray(ref), rtol=1e-3, atol=1e-3)
+  info = {}
+  foreign.quantize(net, Rule(r"blocks/\d+/.*", Recipe(method="flatquant", train=TrainConfig(
+      steps=4, batch=2))), CALIB, info=info, **walk)
+  assert [r["block"] for r in info["train"]] == ["blocks/0", "blocks/1"]
+  with pytest.raises(ValueError, match="learns its rotations end to end through catjax's own"):
+    foreign.quantize(net, Rule(r"blocks/\d+/.*", Recipe(method="spinquant", train=TrainConfig(
+        steps=2))), CALIB, **walk)
+
+
 def _reversed(m, t):
   return m.head(m.blocks[0](m.blocks[1](m.embed(t))))
 
