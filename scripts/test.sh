@@ -47,6 +47,10 @@ xla="${CATJAX_XLA_CACHE:-${CATJAX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/catjax}
 # processes, these files and the others.
 split="tests/models/test_real_models.py tests/models/test_sharding.py tests/app/test_lmeval.py"
 split+=" tests/app/test_smollm2.py tests/app/test_report_cli.py tests/core/test_formats.py"
+# SpinQuant's whole-model programs run in part 1: in part 2's process, after its other
+# tests, jaxlib 0.10's reading of one of them from the compilation cache aborted
+# (twice, at the same test; alone, and on 3.12, they pass).
+split+=" tests/ptq/test_spinquant.py"
 # The app floor (CLI, reports, data and asset files, the docs' code blocks) is
 # Python over the library, the same on every interpreter: it runs on 3.11 only,
 # which keeps the full run within CI's budget; every library floor runs on both,
