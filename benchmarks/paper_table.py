@@ -57,10 +57,11 @@ def _fits(recipe: Recipe, widths) -> bool:
 
 
 def _widths(model: str) -> tuple[int, ...]:
-  from catjax.app import load_pretrained
-  from catjax.models import spec_for
-  m, _, _ = load_pretrained(model)
-  return tuple(spec_for(m.config).site_dims(m.config).values())
+  """The site widths, from the model's config alone (`run` loads the weights)."""
+  from catjax.app import assets
+  from catjax.models import load_config, spec_for
+  cfg = load_config(assets.resolve_model(model))
+  return tuple(spec_for(cfg).site_dims(cfg).values())
 
 
 def _rows(report) -> list[dict]:

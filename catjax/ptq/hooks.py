@@ -15,10 +15,10 @@ import dataclasses
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 
-from catjax.core.quant import QuantConfig, channel_absmax, fake_quantize, grouped, safe_scale
+from catjax.core.quant import QuantConfig, fake_quantize
 from catjax.core.transforms import Transform
+from catjax.ptq.rounding.base import clipped_quantize
 
 
 def fake_quantize_ste(x: jax.Array, config: QuantConfig, *, ste: bool,
@@ -30,13 +30,9 @@ def fake_quantize_ste(x: jax.Array, config: QuantConfig, *, ste: bool,
   if clip is None or not ste:
     q = fake_quantize(x, config, clip=clip)
     return x + jax.lax.stop_gradient(q - x) if ste else q
-  if not config.symmetric or config.is_fp4:
-    raise ValueError(f"a learned clip takes a symmetric integer quantizer, got {config}")
-  g, axes = grouped(x.astype(jnp.float32), config)
-  scale = safe_scale(clip * channel_absmax(jnp.abs(g), axes) / config.qmax)
-  u = g / scale
-  levels = jnp.clip(u + jax.lax.stop_gradient(jnp.round(u) - u), -config.qmax, config.qmax)
-  return (levels * scale).reshape(x.shape).astype(x.dtype)
+  if not config.symmetric or config.is_fp4 or config.granularity != "token" or config.group_size:
+    raise ValueError(f"a learned clip takes a symmetric integer per-token quantizer, got {config}")
+  return clipped_quantize(x, clip, config.qmax, axis=-1)[0].astype(x.dtype)
 
 
 def _run(x: jax.Array, transform: Transform | None, config: QuantConfig | None, ste: bool):

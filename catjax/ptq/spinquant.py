@@ -42,8 +42,9 @@ from catjax.core import hadamard as hd
 from catjax.core.linalg import HIGHEST
 from catjax.core.transforms import Transform
 from catjax.models.llama import Llama
-from catjax.models.spec import ArchSpec, get_path, spec_for
-from catjax.ptq.hooks import SiteHook, fake_quantize_ste
+from catjax.models.spec import ArchSpec, spec_for
+from catjax.ptq.hooks import SiteHook
+from catjax.ptq.train import quantized_block
 
 RESIDUAL_SITES = ("attn_in", "mlp_in")  # read the residual stream: R1
 HEAD_SITE = "o_in"  # the attention heads' output: R2 per head, then a Hadamard
@@ -172,15 +173,8 @@ def _loss(params, state, signs, tokens, *, graphdef, spec, dims, hook, w_config)
   merged and (with `w_config`) fake-quantized with straight-through rounding."""
   ts = transforms(params, signs, dict(dims), spec)
   pure = nnx.to_pure_dict(state)
-  layers = pure["layers"]
-  for site, path in spec.linears:
-    leaf = get_path(layers, path)
-
-    def merge_q(t, k):
-      k = t.merge(k)
-      return k if w_config is None else fake_quantize_ste(k, w_config, ste=True)
-
-    leaf["kernel"] = jax.vmap(merge_q)(ts[site], leaf["kernel"])
+  pure["layers"] = jax.vmap(lambda block, t: quantized_block(block, t, spec, w_config, {}))(
+      pure["layers"], ts)
   state = jax.tree.map(lambda a: a, state)
   nnx.replace_by_pure_dict(state, pure)
   logits, _ = nnx.merge(graphdef, state)(tokens, hook=hook, hook_state=ts)

@@ -205,8 +205,8 @@ def with_clips(transforms: dict, params: dict, a_clip0: float) -> dict:
           for s, t in transforms.items()}
 
 
-def _quantized_block(block, transforms, spec: ArchSpec, w_config: QuantConfig | None,
-                     w_clip: dict):
+def quantized_block(block, transforms, spec: ArchSpec, w_config: QuantConfig | None,
+                    w_clip: dict):
   """The block's kernels merged with `transforms` and fake-quantized with STE
   (on the learned clip grid of `w_clip` where it has the kernel)."""
 
@@ -227,7 +227,7 @@ def _error(deltas, ratios, block, base, x, y, rope, *, graphdef, hook, spec, w_c
   weight clip ratios `ratios`."""
   ts = {site: (parametrization(t).traced(t, deltas[site]) if site in deltas else t)
         for site, t in base.items()}
-  qblock = _quantized_block(block, ts, spec, w_config, ratios)
+  qblock = quantized_block(block, ts, spec, w_config, ratios)
   out, _, _ = block_forward(graphdef, qblock, x, rope, hook=hook, hook_state=ts)
   err = jnp.sum((out.astype(jnp.float32) - y) ** 2)
   return err / jnp.sum(y.astype(jnp.float32) ** 2)

@@ -65,9 +65,19 @@ def channel_clipped_quantize(kernel: jax.Array, ratio: jax.Array, qmax: int
     `(fake-quantized kernel in float32, scales (d_out,))`; a channel holding a
     NaN or ±Inf (or with a NaN ratio) is all NaN, with a NaN scale.
   """
-  k = kernel.astype(jnp.float32)
-  scale = safe_scale(ratio.astype(jnp.float32) * channel_absmax(jnp.abs(k), -2)[..., 0, :] / qmax)
-  u = jnp.clip(k / scale, -qmax, qmax)
+  q, scale = clipped_quantize(kernel, ratio, qmax, axis=-2)
+  return q, scale[..., 0, :]
+
+
+def clipped_quantize(v: jax.Array, ratio: jax.Array, qmax: int, *, axis: int
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Symmetric fake quantization of `v` with scales `ratio · absmax / qmax`, the absmax
+  over `axis` (kept as a length-1 axis of the returned scales) and `ratio` broadcasting
+  against it; straight-through rounding, so `ratio` gets the LSQ gradient (see
+  `channel_clipped_quantize`, the weights' case; the activations' is `axis=-1`)."""
+  v = v.astype(jnp.float32)
+  scale = safe_scale(jnp.asarray(ratio, jnp.float32) * channel_absmax(jnp.abs(v), axis) / qmax)
+  u = jnp.clip(v / scale, -qmax, qmax)
   levels = u + jax.lax.stop_gradient(jnp.round(u) - u)
   return levels * scale, scale
 
