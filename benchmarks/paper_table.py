@@ -24,7 +24,9 @@ that has a results file.
 
     python benchmarks/paper_table.py [--models smollm2-135m,gemma3-270m,qwen2.5-coder-1.5b]
         [--calib-windows 32] [--seqlen 512] [--eval-max-tokens 16384] [--train-steps 50]
-        [--groups closed,trained_rtn,trained_gptq]
+        [--groups closed,trained_rtn,trained_gptq] [--methods SpinQuant,FlatQuant]
+
+`--methods` runs only those columns of the groups (and replaces their rows).
 """
 
 import argparse
@@ -117,12 +119,18 @@ def main() -> None:
   p.add_argument("--eval-max-tokens", type=int, default=16384)
   p.add_argument("--train-steps", type=int, default=50)
   p.add_argument("--groups", default=",".join(GROUPS))
+  p.add_argument("--methods", default=None, help="only these columns (default: all)")
   args = p.parse_args()
   base = Recipe(w_bits=4, a_bits=4, train=TrainConfig(lr=1e-3, batch=1))
   groups = args.groups.split(",")
   bad = [g for g in groups if g not in GROUPS]
   if bad:
     p.error(f"--groups: unknown {bad}; expected some of {tuple(GROUPS)}")
+  columns = {c for g in groups for c, _ in GROUPS[g]}
+  methods = columns if args.methods is None else set(args.methods.split(","))
+  if methods - columns:
+    p.error(f"--methods: unknown {sorted(methods - columns)} in groups {groups}; expected some "
+            f"of {sorted(columns)}")
   for model in args.models.split(","):
     widths = _widths(model)
     out = RESULTS / f"paper_table_{model}.json"
@@ -134,7 +142,9 @@ def main() -> None:
     for group in groups:
       specs = [(c, parse_spec(s.replace("{T}", str(args.train_steps)), base))
                for c, s in GROUPS[group]]
-      specs = [(c, r) for c, r in specs if _fits(r, widths)]
+      specs = [(c, r) for c, r in specs if c in methods and _fits(r, widths)]
+      if not specs:
+        continue
       t0 = time.perf_counter()
       report = run(RunConfig(recipes=tuple(r for _, r in specs), model=model,
                              calib_windows=args.calib_windows, calib_seqlen=512,

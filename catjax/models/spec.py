@@ -30,12 +30,15 @@ class Site:
   `row_parallel`: under tensor parallelism the site's input is split over its
   features (it comes out of column-parallel linears), so its linears split
   their input axis (`catjax.models.sharding`).
+  `norm`: the RMSNorm (path under the stacked block) whose output the site reads,
+  for methods that fold its scale into the linears (SpinQuant), or None.
   """
 
   name: str
   linears: tuple[Path, ...]
   width: Callable[[ModelConfig], int]
   row_parallel: bool = False
+  norm: Path | None = None
 
   @property
   def shared(self) -> bool:
@@ -114,9 +117,10 @@ LLAMA = ArchSpec(
     model_types=("llama", "qwen2"),
     sites=(
         Site("attn_in", (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj")),
-             lambda c: c.hidden_size),
+             lambda c: c.hidden_size, norm=("attn_norm",)),
         Site("o_in", (("attn", "o_proj"),), lambda c: c.num_heads * c.head_dim, row_parallel=True),
-        Site("mlp_in", (("mlp", "gate_proj"), ("mlp", "up_proj")), lambda c: c.hidden_size),
+        Site("mlp_in", (("mlp", "gate_proj"), ("mlp", "up_proj")), lambda c: c.hidden_size,
+             norm=("mlp_norm",)),
         Site("down_in", (("mlp", "down_proj"),), lambda c: c.intermediate_size, row_parallel=True),
     ),
     kv_sites=("keys", "values"),

@@ -5,11 +5,15 @@ every site (`catjax.core.transforms`, closed form). With `train.steps > 0` the
 rotations are learned before the block walk, for the whole model at once:
 
 - `R1` (`d × d`), one rotation of the residual stream: the transform of every
-  site that reads it (`attn_in`, `mlp_in`) in every layer. SpinQuant fuses it
-  offline into the embedding and the residual's writers; catjax applies it
-  where the residual is read, after the norm, which is the same rotation of the
-  same activations (it does not fold the norm scales first: the rotated input
-  is `(x ⊙ g) R1ᵀ`, not `x R1ᵀ` with `g` in the kernels).
+  site that reads it (`attn_in`, `mlp_in`) in every layer. SpinQuant folds the
+  RMSNorm scales `g` into the following linears and fuses `R1` offline into the
+  embedding and the residual's writers. catjax applies it where the residual is
+  read, after the norm, with the norm's scale folded: the site's transform is
+  `R1 · diag(1/g)` (the kernels get `R1 · diag(g) · W`), so the quantized
+  operands are the paper's, `x̂ R1ᵀ` of the normalized `x̂` and `R1 diag(g) W`.
+  (A zero `g_i` is left unfolded: that channel is zero either way.) The
+  residual's writers (`o_proj`, `down_proj`) keep their own output basis, so
+  their per-output-channel weight quantizers see `W`, not `W R1`.
 - `R2` (`head_dim × head_dim` per layer), a rotation of every attention head on
   the value/output path, followed by the online Hadamard across the width (the
   `o_in` transform is `H · D · blockdiag(R2, ..., R2)`).
@@ -42,7 +46,7 @@ from catjax.core import hadamard as hd
 from catjax.core.linalg import HIGHEST
 from catjax.core.transforms import Transform
 from catjax.models.llama import Llama
-from catjax.models.spec import ArchSpec, spec_for
+from catjax.models.spec import ArchSpec, get_path, spec_for
 from catjax.ptq.hooks import SiteHook
 from catjax.ptq.train import quantized_block
 
@@ -143,10 +147,22 @@ def site_signs(cfg, spec: ArchSpec, seed: int) -> dict[str, jax.Array]:
   return out
 
 
+def norm_scales(model: Llama, spec: ArchSpec) -> dict[str, jax.Array]:
+  """`{site: (L, d) float32}`: the effective scale (Gemma's offset included) of the
+  RMSNorm each residual site reads, with zeros replaced by 1 (left unfolded)."""
+  out = {}
+  for site in RESIDUAL_SITES:
+    norm = get_path(model.layers, spec.site(site).norm)
+    g = norm.offset + jnp.asarray(norm.scale[...], jnp.float32)
+    out[site] = jnp.where(g == 0, 1.0, g)
+  return out
+
+
 def transforms(params: dict[str, jax.Array], signs: dict[str, jax.Array], dims: dict[str, int],
-               spec: ArchSpec) -> dict[str, Transform]:
+               spec: ArchSpec, norms: dict[str, jax.Array] | None = None) -> dict[str, Transform]:
   """`{site: Transform stacked over the layers}` of rotations `params` (traceable);
-  `dims`: every site's width."""
+  `dims`: every site's width; `norms`: `norm_scales`, folded at the residual sites
+  (`R1 · diag(1/g)`, inverse `diag(g) · R1ᵀ`), or None (plain `R1`)."""
   r1, r2 = params["r1"], params["r2"]
   (L, hdim, _), d = r2.shape, r1.shape[0]
   out = {}
@@ -154,7 +170,11 @@ def transforms(params: dict[str, jax.Array], signs: dict[str, jax.Array], dims: 
   for site in spec.site_names:
     dim = dims[site]
     if site in RESIDUAL_SITES:  # orthogonal: B⁻¹ = Bᵀ
-      out[site] = Transform(r1, _t(r1), None, METHOD, dim)
+      if norms is None:
+        out[site] = Transform(r1, _t(r1), None, METHOD, dim)
+      else:
+        g = norms[site][:, None]  # (L, 1, d)
+        out[site] = Transform(r1 / g[..., None, :], g[..., :, None] * _t(r1), None, METHOD, dim)
     elif site == HEAD_SITE:
       r2h = jnp.broadcast_to(r2[:, None], (L, dim // hdim, hdim, hdim))
       out[site] = Transform(r2h, _t(r2h), signs[site], METHOD, dim)
@@ -168,10 +188,11 @@ def layer(ts: dict[str, Transform], b: int) -> dict[str, Transform]:
   return {s: jax.tree.map(lambda a: a[b], t) for s, t in ts.items()}
 
 
-def _loss(params, state, signs, tokens, *, graphdef, spec, dims, hook, w_config):
-  """Mean next-token cross-entropy of the model with rotations `params`, its kernels
-  merged and (with `w_config`) fake-quantized with straight-through rounding."""
-  ts = transforms(params, signs, dict(dims), spec)
+def _loss(params, state, signs, norms, tokens, *, graphdef, spec, dims, hook, w_config):
+  """Mean next-token cross-entropy of the model with rotations `params` (norm scales
+  `norms` folded), its kernels merged and (with `w_config`) fake-quantized with
+  straight-through rounding."""
+  ts = transforms(params, signs, dict(dims), spec, norms)
   pure = nnx.to_pure_dict(state)
   pure["layers"] = jax.vmap(lambda block, t: quantized_block(block, t, spec, w_config, {}))(
       pure["layers"], ts)
@@ -187,8 +208,8 @@ _loss_jit = jax.jit(_loss, static_argnames=_STATIC)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("lr", "momentum"))
-def _step(params, opt_state, state, signs, tokens, *, lr, momentum, **static):
-  loss, grads = jax.value_and_grad(_loss)(params, state, signs, tokens, **static)
+def _step(params, opt_state, state, signs, norms, tokens, *, lr, momentum, **static):
+  loss, grads = jax.value_and_grad(_loss)(params, state, signs, norms, tokens, **static)
   updates, opt_state = cayley_sgd(lr, momentum).update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, loss
 
@@ -221,7 +242,7 @@ def learn(model: Llama, windows, recipe, *, progress: bool = False
   check_model(spec)
   windows = jnp.asarray(windows, jnp.int32)
   graphdef, state = nnx.split(model)
-  signs = site_signs(cfg, spec, recipe.seed)
+  signs, norms = site_signs(cfg, spec, recipe.seed), norm_scales(model, spec)
   static = dict(graphdef=graphdef, spec=spec, dims=tuple(sorted(spec.site_dims(cfg).items())),
                 hook=SiteHook.uniform(spec.site_names, recipe.a_config, recipe.kv_config,
                                       spec.kv_sites, ste=True),
@@ -238,15 +259,15 @@ def learn(model: Llama, windows, recipe, *, progress: bool = False
     bar = tqdm(bar, desc="spinquant rotations", unit="step")
   for step in bar:
     idx = jax.random.choice(jax.random.fold_in(key, step), n, (batch,), replace=False)
-    params, opt_state, loss = _step(params, opt_state, state, signs, windows[idx],
+    params, opt_state, loss = _step(params, opt_state, state, signs, norms, windows[idx],
                                     lr=float(recipe.spinquant.lr),
                                     momentum=float(recipe.spinquant.momentum), **static)
     curve.append(float(loss))
 
   def full_loss(p):
-    parts = [float(_loss_jit(p, state, signs, windows[i:i + batch], **static)) * len(windows[i:i + batch])
-             for i in range(0, n, batch)]
-    return sum(parts) / n
+    parts = [(float(_loss_jit(p, state, signs, norms, w, **static)), len(w))
+             for w in (windows[i:i + batch] for i in range(0, n, batch))]
+    return sum(v * k for v, k in parts) / n
 
   first = start(cfg, recipe.seed)
   start_loss, learned_loss = full_loss(first), full_loss(params)
@@ -255,5 +276,5 @@ def learn(model: Llama, windows, recipe, *, progress: bool = False
           "first_step_loss": curve[0] if curve else None,
           "last_step_loss": curve[-1] if curve else None,
           "orthogonality_error": orthogonality_error(params), "kept": keep}
-  ts = transforms(params if keep else first, signs, dict(static["dims"]), spec)
+  ts = transforms(params if keep else first, signs, dict(static["dims"]), spec, norms)
   return [layer(ts, b) for b in range(cfg.num_layers)], info

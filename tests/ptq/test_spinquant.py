@@ -19,7 +19,15 @@ from catjax.ptq.engine import quantize_model
 from catjax.ptq.recipe import Recipe
 
 MODEL = random_model(tiny.config(num_layers=2), seed=3)
+for _norm in (MODEL.layers.attn_norm, MODEL.layers.mlp_norm):  # scales to fold, not ones
+  _norm.scale[...] = jnp.asarray(np.random.default_rng(4).uniform(0.5, 2.0, _norm.scale.shape),
+                                 _norm.scale[...].dtype)
 WINDOWS = tiny.tokens((6, 16), 128, seed=3)
+
+
+def _rotation(t, norms, b):
+  """Block `b`'s `R1` out of a residual site's transform `R1 · diag(1/g)`."""
+  return np.asarray(t.blocks[b, 0], np.float64) * np.asarray(norms[b], np.float64)[None, :]
 
 
 def _recipe(**kw):
@@ -79,15 +87,43 @@ def test_start_is_quarots_rotation():
   assert t["down_in"].blocks is None
 
 
+def test_the_residual_sites_fold_the_norm_scale():
+  """`R1 · diag(1/g)` on the norm's output `x̂ ⊙ g` quantizes `x̂ R1ᵀ`; the kernel gets
+  `R1 · diag(g) · W`, so the product is kept. Gemma's offset is part of `g`."""
+  cfg, spec = MODEL.config, spec_for(MODEL.config)
+  p = spinquant.start(cfg, seed=2)
+  norms = spinquant.norm_scales(MODEL, spec)
+  g = np.asarray(MODEL.layers.mlp_norm.scale[...][1], np.float64)
+  np.testing.assert_allclose(np.asarray(norms["mlp_in"][1]), g, rtol=1e-6)
+  t = spinquant.layer(spinquant.transforms(p, spinquant.site_signs(cfg, spec, 2),
+                                           spec.site_dims(cfg), spec, norms), 1)["mlp_in"]
+  rng = np.random.default_rng(5)
+  x_hat = rng.normal(size=(3, cfg.hidden_size))
+  w = rng.normal(size=(cfg.hidden_size, 7))
+  r1 = np.asarray(p["r1"], np.float64)
+  np.testing.assert_allclose(np.asarray(t.apply(jnp.asarray(x_hat * g, jnp.float32))),
+                             x_hat @ r1.T, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(t.merge(jnp.asarray(w, jnp.float32))),
+                             r1 @ (g[:, None] * w), rtol=1e-4, atol=1e-4)
+  gemma = random_model(tiny.config(model_type="gemma3_text", hidden_act="gelu_pytorch_tanh",
+                                   norm_offset=1.0, embed_scale=True, qk_norm=True,
+                                   sandwich_norms=True), seed=1)
+  gemma.layers.attn_norm.scale[...] = jnp.asarray(rng.normal(size=gemma.layers.attn_norm.scale.shape),
+                                                  jnp.float32)
+  folded = spinquant.norm_scales(gemma, spec_for(gemma.config))["attn_in"]
+  np.testing.assert_allclose(np.asarray(folded), 1.0 + np.asarray(gemma.layers.attn_norm.scale[...]))
+
+
 def test_learning_keeps_orthogonality_and_starts_at_the_start():
   qm = quantize_model(MODEL, WINDOWS[:4], _recipe(steps=6), batch_size=2, progress=False)
   info = qm.info["spinquant"]
   assert info["orthogonality_error"] < 1e-5
   assert info["kept"] == (info["learned_loss"] < info["start_loss"])
-  r1 = np.asarray(qm.transforms["attn_in"].blocks[0, 0], np.float64)
+  norms = spinquant.norm_scales(MODEL, spec_for(MODEL.config))
+  r1 = _rotation(qm.transforms["attn_in"], norms["attn_in"], 0)
   np.testing.assert_allclose(r1.T @ r1, np.eye(r1.shape[0]), atol=1e-5)
   # R1 is one rotation for every residual reader of every layer
-  np.testing.assert_array_equal(np.asarray(qm.transforms["mlp_in"].blocks[1, 0]), r1.astype(np.float32))
+  np.testing.assert_allclose(_rotation(qm.transforms["mlp_in"], norms["mlp_in"], 1), r1, atol=1e-6)
   # step 0 is the start: the first step's loss is the start's on that batch
   cfg, spec = MODEL.config, spec_for(MODEL.config)
   from flax import nnx
@@ -98,7 +134,7 @@ def test_learning_keeps_orthogonality_and_starts_at_the_start():
                           4, (2,), replace=False)
   hook = spinquant.SiteHook.uniform(spec.site_names, recipe.a_config, None, spec.kv_sites, ste=True)
   want = spinquant._loss_jit(spinquant.start(cfg, 0), state, spinquant.site_signs(cfg, spec, 0),
-                             jnp.asarray(WINDOWS[:4])[idx], graphdef=graphdef, spec=spec,
+                             norms, jnp.asarray(WINDOWS[:4])[idx], graphdef=graphdef, spec=spec,
                              dims=tuple(sorted(spec.site_dims(cfg).items())), hook=hook,
                              w_config=recipe.w_config)
   np.testing.assert_allclose(solo.info["spinquant"]["first_step_loss"], float(want), rtol=1e-6)
