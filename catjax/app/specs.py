@@ -23,13 +23,15 @@ SPEC_OPTIONS = (("wNaM", "weight / activation bits, 16 = not quantized"), ("kN",
                 ("act", "GPTQ act-order"), ("tN", "trained CAT, N steps per block"),
                 ("nowc", "trained CAT without learned weight clips"),
                 ("lac", "trained CAT also learns an activation clip per layer and site"),
+                ("nofold", "trained SpinQuant keeps the norm scales in the activations"),
                 ("acX", "activation clip ratio"), ("pfp|pq", "propagate fp / quantized outputs"),
                 ("f32", "float32 fits"), ("|".join(_FORMATS), "number format of both operands"))
 
 # Options that set one field to one value (and every weight method of the registry).
 _FLAGS = {"bh": ("hadamard", "block"), "pfp": ("propagate", "fp"),
           "pq": ("propagate", "quantized"), "f32": ("fit_x64", False), "act": ("gptq.act_order", True),
-          "nowc": ("train.w_clip", False), "lac": ("train.a_clip", True)}
+          "nowc": ("train.w_clip", False), "lac": ("train.a_clip", True),
+          "nofold": ("spinquant.fold_norms", False)}
 
 # Options with a number: (pattern, how its groups set the fields).
 _bits = lambda v: None if int(v) == 16 else int(v)  # 16 bits: not quantized

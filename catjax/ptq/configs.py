@@ -93,16 +93,22 @@ class SpinQuantConfig:
     lr: Cayley SGD's learning rate, a finite value > 0 (the step is also capped
       by the retraction's bound `2q / ‖W‖`).
     momentum: in [0, 1).
+    fold_norms: fold the RMSNorm scale of the residual's readers into their kernels
+      (the paper's SpinQuant: step 0 is QuaRot with folded norms); False keeps the
+      scale in the activations (step 0 is catjax's "hadamard" exactly). Spec `nofold`.
   """
 
   lr: float = 1.5
   momentum: float = 0.9
+  fold_norms: bool = True
 
   def __post_init__(self):
     if not (is_real(self.lr) and self.lr > 0):
       raise ValueError(f"spinquant.lr={self.lr!r}: expected a finite value > 0")
     if not (is_real(self.momentum) and 0 <= self.momentum < 1):
       raise ValueError(f"spinquant.momentum={self.momentum!r}: expected a value in [0, 1)")
+    if not isinstance(self.fold_norms, bool):
+      raise ValueError(f"spinquant.fold_norms={self.fold_norms!r}: expected True or False")
 
 
 # The recipe fields that hold a config, and their types.

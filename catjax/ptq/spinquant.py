@@ -11,7 +11,8 @@ rotations are learned before the block walk, for the whole model at once:
   read, after the norm, with the norm's scale folded: the site's transform is
   `R1 · diag(1/g)` (the kernels get `R1 · diag(g) · W`), so the quantized
   operands are the paper's, `x̂ R1ᵀ` of the normalized `x̂` and `R1 diag(g) W`.
-  (A zero `g_i` is left unfolded: that channel is zero either way.) The
+  (A zero `g_i` is left unfolded: that channel is zero either way;
+  `SpinQuantConfig.fold_norms=False` leaves every `g` in the activations.) The
   residual's writers (`o_proj`, `down_proj`) keep their own output basis, so
   their per-output-channel weight quantizers see `W`, not `W R1`.
 - `R2` (`head_dim × head_dim` per layer), a rotation of every attention head on
@@ -242,7 +243,8 @@ def learn(model: Llama, windows, recipe, *, progress: bool = False
   check_model(spec)
   windows = jnp.asarray(windows, jnp.int32)
   graphdef, state = nnx.split(model)
-  signs, norms = site_signs(cfg, spec, recipe.seed), norm_scales(model, spec)
+  signs = site_signs(cfg, spec, recipe.seed)
+  norms = norm_scales(model, spec) if recipe.spinquant.fold_norms else None
   static = dict(graphdef=graphdef, spec=spec, dims=tuple(sorted(spec.site_dims(cfg).items())),
                 hook=SiteHook.uniform(spec.site_names, recipe.a_config, recipe.kv_config,
                                       spec.kv_sites, ste=True),

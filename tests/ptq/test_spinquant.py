@@ -157,6 +157,27 @@ def test_without_quantization_the_function_is_kept_and_a_seed_repeats():
                          np.asarray(a.transforms["attn_in"].blocks))
 
 
+def test_nofold_starts_at_the_hadamard_itself():
+  """With `fold_norms=False` (spec `nofold`) the residual readers' start is the plain
+  randomized Hadamard (no `diag(1/g)`), and what is learned stays a pure rotation."""
+  recipe = parse_spec("spinquant@t1@nofold", _recipe(steps=1))
+  assert recipe.label.endswith("t1 nofold W4A4") and not recipe.spinquant.fold_norms
+  assert "nofold" not in parse_spec("spinquant@t1").label
+  cfg, spec = MODEL.config, spec_for(MODEL.config)
+  p = spinquant.start(cfg, seed=0)
+  t = spinquant.layer(spinquant.transforms(p, spinquant.site_signs(cfg, spec, 0),
+                                           spec.site_dims(cfg), spec, None), 0)["attn_in"]
+  signs = hd.random_signs(jax.random.fold_in(jax.random.PRNGKey(0), 0x5b1), cfg.hidden_size)
+  x = np.random.default_rng(2).normal(size=(4, cfg.hidden_size)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(t.apply(x)), np.asarray(hd.apply_hadamard(x, signs)),
+                             atol=1e-5)
+  qm = quantize_model(MODEL, WINDOWS[:4], recipe, batch_size=2, progress=False)
+  r1 = np.asarray(qm.transforms["attn_in"].blocks[0, 0], np.float64)  # no diag(1/g) in it
+  np.testing.assert_allclose(r1.T @ r1, np.eye(r1.shape[0]), atol=1e-5)
+  with pytest.raises(ValueError, match="spinquant.fold_norms=1"):
+    SpinQuantConfig(fold_norms=1)
+
+
 def test_closed_form_spinquant_is_hadamard_and_bad_settings_are_named():
   h = quantize_model(MODEL, WINDOWS[:4], Recipe(method="hadamard"), progress=False)
   s = quantize_model(MODEL, WINDOWS[:4], Recipe(method="spinquant"), progress=False)
