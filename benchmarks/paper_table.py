@@ -17,16 +17,19 @@ takes the same number of Cayley SGD steps, each a forward and backward of the
 whole model on one window (so every method runs `steps × blocks` block passes
 of 512 tokens).
 
-The methods run in groups (closed form, trained with RTN, trained with GPTQ); the
+The methods run in groups (closed form, trained with RTN, trained with GPTQ, and
+SpinQuant without the norm fold, whose start is exactly the QuaRot row); the
 results file `results/paper_table_<model>.{json,md}` is rewritten after each group,
 so a long run keeps what it finished. `results/paper_table.md` collects every model
 that has a results file.
 
     python benchmarks/paper_table.py [--models smollm2-135m,gemma3-270m,qwen2.5-coder-1.5b]
         [--calib-windows 32] [--seqlen 512] [--eval-max-tokens 16384] [--train-steps 50]
-        [--groups closed,trained_rtn,trained_gptq] [--methods SpinQuant,FlatQuant]
+        [--groups closed,trained_rtn,trained_gptq,nofold] [--methods SpinQuant,FlatQuant]
+        [--weights rtn,gptq]
 
-`--methods` runs only those columns of the groups (and replaces their rows).
+`--methods` and `--weights` run only those columns and weight methods of the groups
+(and replace their rows).
 """
 
 import argparse
@@ -48,7 +51,10 @@ TRAINED = (("SpinQuant", "spinquant@t{T}"), ("FlatQuant", "flatquant@t{T}@lac"),
            ("CAT-trained k=64", "cat@k64@t{T}@lac"))
 GROUPS = {"closed": [("FP", "fp")] + [(c, s) for c, s in CLOSED]
                     + [(c, s + "@gptq") for c, s in CLOSED],
-          "trained_rtn": list(TRAINED), "trained_gptq": [(c, s + "@gptq") for c, s in TRAINED]}
+          "trained_rtn": list(TRAINED), "trained_gptq": [(c, s + "@gptq") for c, s in TRAINED],
+          # SpinQuant with the norm scales left in the activations: its step 0 is QuaRot's row
+          "nofold": [("SpinQuant nofold", "spinquant@t{T}@nofold"),
+                     ("SpinQuant nofold", "spinquant@t{T}@nofold@gptq")]}
 COLUMNS = ("perplexity", "x fp", "mean SQNR dB", "C(x) dB", "C(W) dB", "align gain dB",
            "quantize s")
 
@@ -118,8 +124,9 @@ def main() -> None:
   p.add_argument("--seqlen", type=int, default=512)
   p.add_argument("--eval-max-tokens", type=int, default=16384)
   p.add_argument("--train-steps", type=int, default=50)
-  p.add_argument("--groups", default=",".join(GROUPS))
+  p.add_argument("--groups", default="closed,trained_rtn,trained_gptq")
   p.add_argument("--methods", default=None, help="only these columns (default: all)")
+  p.add_argument("--weights", default="rtn,gptq", help="only these weight methods")
   args = p.parse_args()
   base = Recipe(w_bits=4, a_bits=4, train=TrainConfig(lr=1e-3, batch=1))
   groups = args.groups.split(",")
@@ -142,7 +149,8 @@ def main() -> None:
     for group in groups:
       specs = [(c, parse_spec(s.replace("{T}", str(args.train_steps)), base))
                for c, s in GROUPS[group]]
-      specs = [(c, r) for c, r in specs if c in methods and _fits(r, widths)]
+      specs = [(c, r) for c, r in specs if c in methods and _fits(r, widths)
+               and (r.method == "fp" or r.weights in args.weights.split(","))]
       if not specs:
         continue
       t0 = time.perf_counter()
