@@ -26,7 +26,7 @@ that has a results file.
     python benchmarks/paper_table.py [--models smollm2-135m,gemma3-270m,qwen2.5-coder-1.5b]
         [--calib-windows 32] [--seqlen 512] [--eval-max-tokens 16384] [--train-steps 50]
         [--groups closed,trained_rtn,trained_gptq,nofold] [--methods SpinQuant,FlatQuant]
-        [--weights rtn,gptq]
+        [--weights rtn,gptq] [--render]
 
 `--methods` and `--weights` run only those columns and weight methods of the groups
 (and replace their rows).
@@ -89,7 +89,9 @@ def _f(v, fmt):
 
 
 def markdown(model: str, payload: dict) -> str:
-  rows = payload["rows"]
+  order = list(dict.fromkeys(c for g in GROUPS.values() for c, _ in g))
+  rows = sorted(payload["rows"], key=lambda r: (["-", "rtn", "gptq"].index(r["weights"]),
+                                                 order.index(r["column"])))
   fp = next((r["perplexity"] for r in rows if r["column"] == "FP"), None)
   lines = [f"### {model}", "",
            "| method | weights | " + " | ".join(COLUMNS) + " |",
@@ -127,7 +129,15 @@ def main() -> None:
   p.add_argument("--groups", default="closed,trained_rtn,trained_gptq")
   p.add_argument("--methods", default=None, help="only these columns (default: all)")
   p.add_argument("--weights", default="rtn,gptq", help="only these weight methods")
+  p.add_argument("--render", action="store_true",
+                 help="only rewrite the tables from the results files (runs nothing)")
   args = p.parse_args()
+  if args.render:
+    for f in sorted(RESULTS.glob("paper_table_*.json")):
+      payload = json.loads(f.read_text())
+      f.with_suffix(".md").write_text(markdown(payload["model"], payload) + "\n")
+    collect()
+    return
   base = Recipe(w_bits=4, a_bits=4, train=TrainConfig(lr=1e-3, batch=1))
   groups = args.groups.split(",")
   bad = [g for g in groups if g not in GROUPS]
