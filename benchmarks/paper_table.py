@@ -18,7 +18,7 @@ whole model on one window (so every method runs `steps × blocks` block passes
 of 512 tokens).
 
 The methods run in groups (closed form, trained with RTN, trained with GPTQ, and
-SpinQuant without the norm fold, whose start is exactly the QuaRot row); the
+SpinQuant without the norm fold, whose start is QuaRot's Hadamard); the
 results file `results/paper_table_<model>.{json,md}` is rewritten after each group,
 so a long run keeps what it finished. `results/paper_table.md` collects every model
 that has a results file.
@@ -52,7 +52,7 @@ TRAINED = (("SpinQuant", "spinquant@t{T}"), ("FlatQuant", "flatquant@t{T}@lac"),
 GROUPS = {"closed": [("FP", "fp")] + [(c, s) for c, s in CLOSED]
                     + [(c, s + "@gptq") for c, s in CLOSED],
           "trained_rtn": list(TRAINED), "trained_gptq": [(c, s + "@gptq") for c, s in TRAINED],
-          # SpinQuant with the norm scales left in the activations: its step 0 is QuaRot's row
+          # SpinQuant with the norm scales left in the activations: step 0 is QuaRot's Hadamard
           "nofold": [("SpinQuant nofold", "spinquant@t{T}@nofold"),
                      ("SpinQuant nofold", "spinquant@t{T}@nofold@gptq")]}
 COLUMNS = ("perplexity", "x fp", "mean SQNR dB", "C(x) dB", "C(W) dB", "align gain dB",

@@ -95,7 +95,8 @@ class SpinQuantConfig:
     momentum: in [0, 1).
     fold_norms: fold the RMSNorm scale of the residual's readers into their kernels
       (the paper's SpinQuant: step 0 is QuaRot with folded norms); False keeps the
-      scale in the activations (step 0 is catjax's "hadamard" exactly). Spec `nofold`.
+      scale in the activations (step 0 is a randomized Hadamard at every site, as
+      catjax's "hadamard", with one sign vector for every residual reader). Spec `nofold`.
   """
 
   lr: float = 1.5
