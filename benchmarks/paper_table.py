@@ -148,6 +148,9 @@ def main() -> None:
   if methods - columns:
     p.error(f"--methods: unknown {sorted(methods - columns)} in groups {groups}; expected some "
             f"of {sorted(columns)}")
+  weights = args.weights.split(",")
+  if set(weights) - {"rtn", "gptq"}:
+    p.error(f"--weights={args.weights!r}: expected some of rtn,gptq")
   for model in args.models.split(","):
     widths = _widths(model)
     out = RESULTS / f"paper_table_{model}.json"
@@ -160,7 +163,7 @@ def main() -> None:
       specs = [(c, parse_spec(s.replace("{T}", str(args.train_steps)), base))
                for c, s in GROUPS[group]]
       specs = [(c, r) for c, r in specs if c in methods and _fits(r, widths)
-               and (r.method == "fp" or r.weights in args.weights.split(","))]
+               and (r.method == "fp" or r.weights in weights)]
       if not specs:
         continue
       t0 = time.perf_counter()

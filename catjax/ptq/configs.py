@@ -108,8 +108,7 @@ class SpinQuantConfig:
       raise ValueError(f"spinquant.lr={self.lr!r}: expected a finite value > 0")
     if not (is_real(self.momentum) and 0 <= self.momentum < 1):
       raise ValueError(f"spinquant.momentum={self.momentum!r}: expected a value in [0, 1)")
-    if not isinstance(self.fold_norms, bool):
-      raise ValueError(f"spinquant.fold_norms={self.fold_norms!r}: expected True or False")
+    check_bool("spinquant.fold_norms", self.fold_norms)
 
 
 # The recipe fields that hold a config, and their types.

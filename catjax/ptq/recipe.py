@@ -228,8 +228,8 @@ class Recipe:
     name += f" t{self.train.steps}" if self.train.steps else ""
     name += " nowc" if self.train.steps and not self.train.w_clip else ""
     name += " lac" if self.train.a_clip else ""
-    end_to_end = getattr(tf.REGISTRY.get(self.method), "end_to_end", False)
-    name += " nofold" if self.train.steps and end_to_end and not self.spinquant.fold_norms else ""
+    end_to_end = self.train.steps and self.transform is not None and self.transform.end_to_end
+    name += " nofold" if end_to_end and not self.spinquant.fold_norms else ""
     name += "" if self.fit_x64 else " f32"
     if self.propagate != "auto":
       name += f" prop={self.propagate}"
