@@ -19,14 +19,14 @@ of 512 tokens).
 
 The methods run in groups (closed form, trained with RTN, trained with GPTQ, and
 SpinQuant without the norm fold, whose start is QuaRot's Hadamard); the
-results file `results/paper_table_<model>.{json,md}` is rewritten after each group,
+results file `results/paper_table_<model>.{json,md}` is rewritten after each method,
 so a long run keeps what it finished. `results/paper_table.md` collects every model
 that has a results file.
 
     python benchmarks/paper_table.py [--models smollm2-135m,gemma3-270m,qwen2.5-coder-1.5b]
         [--calib-windows 32] [--seqlen 512] [--eval-max-tokens 16384] [--train-steps 50]
         [--groups closed,trained_rtn,trained_gptq,nofold] [--methods SpinQuant,FlatQuant]
-        [--weights rtn,gptq] [--render]
+        [--weights rtn,gptq] [--batch-size 4] [--render]
 
 `--methods` and `--weights` run only those columns and weight methods of the groups
 (and replace their rows).
@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine  # noqa: E402
 
+from catjax.analysis import summary_row  # noqa: E402
 from catjax.app import RunConfig, parse_spec, run  # noqa: E402
 from catjax.ptq import Recipe, TrainConfig  # noqa: E402
 
@@ -72,16 +73,16 @@ def _widths(model: str) -> tuple[int, ...]:
   return tuple(spec_for(cfg).site_dims(cfg).values())
 
 
-def _rows(report) -> list[dict]:
-  rows = []
-  for m, s in zip(report.methods, report.summary):
-    base = m.recipe if isinstance(m.recipe, Recipe) else m.recipe.base
-    rows.append({"label": m.recipe.label, "weights": base.weights if base.method != "fp" else "-",
-                 "perplexity": m.perplexity, "fit_seconds": m.fit_seconds,
-                 "mean_sqnr_db": s.mean_measured_sqnr_db, "cx_db": s.mean_concentration_x_db,
-                 "cw_db": s.mean_concentration_w_db, "align_db": s.mean_alignment_gain_db,
-                 "engine": {k: v for k, v in m.engine.items() if k in ("train", "spinquant")}})
-  return rows
+def _row(column: str, m) -> dict:
+  """The results-file row of one `MethodResult`."""
+  s = summary_row(m.recipe.label, m.perplexity, m.sites, None)
+  base = m.recipe if isinstance(m.recipe, Recipe) else m.recipe.base
+  return {"column": column, "label": m.recipe.label,
+          "weights": base.weights if base.method != "fp" else "-",
+          "perplexity": m.perplexity, "fit_seconds": m.fit_seconds,
+          "mean_sqnr_db": s.mean_measured_sqnr_db, "cx_db": s.mean_concentration_x_db,
+          "cw_db": s.mean_concentration_w_db, "align_db": s.mean_alignment_gain_db,
+          "engine": {k: v for k, v in m.engine.items() if k in ("train", "spinquant")}}
 
 
 def _f(v, fmt):
@@ -126,6 +127,8 @@ def main() -> None:
   p.add_argument("--seqlen", type=int, default=512)
   p.add_argument("--eval-max-tokens", type=int, default=16384)
   p.add_argument("--train-steps", type=int, default=50)
+  p.add_argument("--batch-size", type=int, default=4, help="eval and calibration windows per "
+                 "step (1 for the 1.5B model at seqlen 2048: its logits are 1.2 GB a window)")
   p.add_argument("--groups", default="closed,trained_rtn,trained_gptq")
   p.add_argument("--methods", default=None, help="only these columns (default: all)")
   p.add_argument("--weights", default="rtn,gptq", help="only these weight methods")
@@ -166,22 +169,26 @@ def main() -> None:
                and (r.method == "fp" or r.weights in weights)]
       if not specs:
         continue
-      t0 = time.perf_counter()
-      report = run(RunConfig(recipes=tuple(r for _, r in specs), model=model,
-                             calib_windows=args.calib_windows, calib_seqlen=512,
-                             seqlen=args.seqlen, eval_max_tokens=args.eval_max_tokens,
-                             batch_size=4))
-      rows = [{"column": c, **row} for (c, _), row in zip(specs, _rows(report))]
-      done = {r["label"] for r in rows}
-      payload["rows"] = [r for r in payload["rows"] if r["label"] not in done] + rows
       payload["groups"] = sorted(set(payload["groups"]) | {group}, key=list(GROUPS).index)
-      payload["seconds"] += time.perf_counter() - t0
-      payload["machine"] = machine()
-      out.write_text(json.dumps(payload, indent=2) + "\n")
-      (RESULTS / f"paper_table_{model}.md").write_text(markdown(model, payload) + "\n")
-      collect()
-      print(markdown(model, payload), flush=True)
+      columns_of = {r.label: c for c, r in specs}
+      clock = time.perf_counter()
 
+      def keep(m):  # after every method: a long run keeps what it finished
+        nonlocal clock
+        payload["rows"] = [r for r in payload["rows"] if r["label"] != m.recipe.label]
+        payload["rows"].append(_row(columns_of[m.recipe.label], m))
+        payload["seconds"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        payload["machine"] = machine()
+        out.write_text(json.dumps(payload, indent=2) + "\n")
+        (RESULTS / f"paper_table_{model}.md").write_text(markdown(model, payload) + "\n")
+        collect()
+
+      run(RunConfig(recipes=tuple(r for _, r in specs), model=model,
+                    calib_windows=args.calib_windows, calib_seqlen=512, seqlen=args.seqlen,
+                    eval_max_tokens=args.eval_max_tokens, batch_size=args.batch_size),
+          on_method=keep)
+      print(markdown(model, payload), flush=True)
 
 if __name__ == "__main__":
   main()

@@ -292,10 +292,12 @@ def _load_checked(cfg: RunConfig, mesh):
   return runnable.load_pretrained(path, dtype=cfg.dtype, mesh=mesh)
 
 
-def run(cfg: RunConfig) -> RunReport:
+def run(cfg: RunConfig, *, on_method=None) -> RunReport:
   """Calibrate once and quantize, report and evaluate every recipe of `cfg`.
 
   Every recipe is checked against the model's widths before any work starts.
+  `on_method`, if given, is called with each `MethodResult` as soon as that recipe
+  is evaluated, so that a long run can keep what it finished.
   """
   from catjax.app.data import text_windows
   from catjax.analysis.evaluate import perplexity
@@ -332,6 +334,8 @@ def run(cfg: RunConfig) -> RunReport:
       log.info("%28s: real quantized model saved to %s", recipe.label, saved)
     results.append(MethodResult(recipe, ppl.perplexity, ppl.to_dict(), fit_seconds,
                                 qm.info or {}, sites, saved))
+    if on_method is not None:
+      on_method(results[-1])
     log.info("%28s: perplexity %.3f  (fit %.1f s, eval %.0f s)", recipe.label, ppl.perplexity,
              fit_seconds, ppl.seconds)
   fp = getattr(_reference(results), "perplexity", None)

@@ -160,6 +160,20 @@ def test_cli_compare_side_by_side(folder, tmp_path, capsys):
   assert "| cat k=16 W4A4 |" in printed and "sites ≥ none W6A6" in printed
 
 
+def test_run_hands_each_method_over_as_it_finishes(folder):
+  """`run(on_method=...)` sees every result, in order, before the report exists
+  (what lets a long benchmark keep what it finished)."""
+  from catjax.app.pipeline import RunConfig, run
+  path, text = folder
+  seen = []
+  report = run(RunConfig(recipes=(Recipe(method="fp"), Recipe(method="hadamard")),
+                         model=str(path), calib_text=str(text), eval_text=str(text),
+                         seqlen=16, calib_windows=4, report_windows=1, eval_max_tokens=64,
+                         progress=False), on_method=seen.append)
+  assert [m.recipe.label for m in seen] == ["fp", "hadamard W4A4"]
+  assert [m.perplexity for m in seen] == [m.perplexity for m in report.methods]
+
+
 @pytest.mark.parametrize("args, match", [
     (["--methods", "fp,cat@k48"], "block_size=48 does not divide"),
     (["--methods", "cat,quarot"], "method='quarot'"),
