@@ -1,11 +1,13 @@
 """Block CAT with a channel permutation (`catjax.core.transforms.permutation`), measured
-on SmolLM2-135M's own statistics: the alignment gain `d · A` that block CAT reaches
-with its channels as they are and with `coupling_permutation`'s order, at k = 32, 64
-and 192 (a divisor of every width), against full CAT's `d · A*`; mean over every
-block and site, in dB. Closed form (`d · tr(Σ_x Σ_W) / S²`), no forward beyond the
-calibration. Writes `results/permutation.{json,md}`.
+on a model's own statistics (SmolLM2-135M by default): the alignment gain `d · A` that
+block CAT reaches with its channels as they are and with `coupling_permutation`'s
+order, at k = 32, 64, 128 and 192 where k divides the site's width, against full
+CAT's `d · A*`; mean over every block and site, in dB. Closed form
+(`d · tr(Σ_x Σ_W) / S²`), no forward beyond the calibration. Writes
+`results/permutation.{json,md}` (`permutation_<model>` for another `--model`; SmolLM2's
+widths, 576 and 1536, do not divide by 128, Gemma 3 270M's 640, 1024 and 2048 do).
 
-    python benchmarks/permutation.py [--calib-windows 8]
+    python benchmarks/permutation.py [--model smollm2-135m] [--calib-windows 8]
 """
 
 import sys
@@ -26,7 +28,7 @@ from catjax.ptq import calibrate, site_grams  # noqa: E402
 
 perm_math = transforms.permutation
 
-KS = (32, 64, 192)
+KS = (32, 64, 128, 192)
 
 
 def main():
@@ -72,7 +74,8 @@ def main():
           f"{seconds:.1f} s in all; {machine()['processor']}, {machine()['cpu_count']} cores.")
   md = "\n".join(lines) + "\n\n" + note
   print(md)
-  write("permutation", {"rows": table, "calib": list(windows.shape), "search_s": seconds,
+  name = "permutation" if args.model == "smollm2-135m" else f"permutation_{args.model}"
+  write(name, {"model": args.model, "rows": table, "calib": list(windows.shape), "search_s": seconds,
                         "machine": machine()}, md)
 
 
