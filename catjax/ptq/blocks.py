@@ -29,10 +29,13 @@ def _kernel(block: dict, path) -> jax.Array:
   return get_path(block, path)["kernel"]
 
 
-def site_kernel(block: dict, site: str, *, spec: ArchSpec) -> jax.Array:
+def site_kernel(block: dict, site: str, *, spec: ArchSpec, layers=None) -> jax.Array:
   """The kernels that read `site`, side by side on the output axis: `(..., d, Σ d_out)`.
-  `block` is one block's parameter dict or the stacked `layers` dict."""
-  return jnp.concatenate([_kernel(block, p) for p in spec.site(site).linears], axis=-1)
+  `block` is one block's parameter dict or the stacked `layers` dict; `layers`
+  (an index into the stacked axis) takes only those blocks before the kernels are
+  joined, so that the copy holds only them."""
+  pick = (lambda k: k) if layers is None else (lambda k: k[layers])
+  return jnp.concatenate([pick(_kernel(block, p)) for p in spec.site(site).linears], axis=-1)
 
 
 def site_grams(block: dict, *, spec: ArchSpec) -> dict[str, jax.Array]:

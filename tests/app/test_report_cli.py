@@ -107,6 +107,26 @@ def test_site_report_of_cat_equals_the_decomposition_of_the_transformed_operands
   assert all(r.measured_sqnr_db is None and r.predicted_sqnr_db is None for r in fp)
 
 
+def test_site_report_a_layer_at_a_time_equals_all_layers_at_once(model_and_windows, monkeypatch):
+  """With the kernel budget below one layer, the report walks the layers one by one
+  (what keeps a 1.5B model's report within memory) and gives the same rows; a plan
+  whose layers differ splits the sites into groups, each walked the same way."""
+  import catjax.analysis.sites as sites
+  from catjax.ptq.plan import Plan, SitePlan
+  model, windows, stats = model_and_windows
+  cat = Recipe(method="cat", block_size=16)
+  plan = Plan(tuple(SitePlan(b, s, "cat" if b else "hadamard", 16 if b else None, 4, 4)
+                    for b in range(2) for s in SITES))
+  for policy in (cat, plan):
+    qm = quantize_model(model, None, stats=stats, recipe=policy, progress=False)
+    whole = site_report(model, qm, windows[4:])
+    monkeypatch.setattr(sites, "REPORT_CHUNK_BYTES", 1)
+    one_by_one = site_report(model, qm, windows[4:])
+    monkeypatch.undo()
+    assert [r.to_dict() for r in one_by_one] == [r.to_dict() for r in whole]
+    assert len({r.method for r in whole}) == 1 and len(whole) == 2 * len(SITES)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   return tiny.folder_and_text(tmp_path_factory, "ptq")
