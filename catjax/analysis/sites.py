@@ -137,8 +137,8 @@ def _db(v: float) -> float | None:
   return None if not math.isfinite(v) or v <= 0 else 10.0 * math.log10(v)
 
 
-# Bytes of float32 kernels `site_report` copies at a time (per model): a 1.5B model's
-# mlp_in kernels are 3 GB over its 28 layers, 110 MB a layer.
+# Bytes of kernels `site_report` copies at a time (per model): a 1.5B model's
+# float32 mlp_in kernels are 3 GB over its 28 layers, 110 MB a layer.
 REPORT_CHUNK_BYTES = 2**28
 
 
@@ -160,7 +160,7 @@ def site_report(model: Llama, qm: QuantizedModel, windows: np.ndarray, *,
     for idx, t, a_config, w_config in _layer_groups(qm, site, model.config.num_layers):
       # a few layers at a time: the kernels' copies stay near REPORT_CHUNK_BYTES
       one = jax.eval_shape(lambda: site_kernel(layers, site, spec=spec, layers=idx[:1]))
-      step = max(1, REPORT_CHUNK_BYTES // (4 * math.prod(one.shape)))
+      step = max(1, REPORT_CHUNK_BYTES // (one.dtype.itemsize * math.prod(one.shape)))
       for j in range(0, len(idx), step):
         part = idx[j:j + step]
         kernel, qkernel = (site_kernel(p, site, spec=spec, layers=part) for p in (layers, qlayers))
