@@ -59,7 +59,12 @@ def test_export_runs_catjax_weights_in_qwix(recipe, blocks, integer):
   assert w.array.qvalue.shape == (4, 8, 32) and w.array.scale.shape == (1, 1, 32)
   assert w.quantizer.transform is not None and w.quantizer.in_ndim == 2
   want = ours(TOKENS)
-  np.testing.assert_allclose(theirs(TOKENS), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  # Float rounding differs between the two products (qwix dequantizes the codes, catjax
+  # merged them); where a later activation lies at a rounding boundary, that flips one
+  # code by one step (seen at W8A8 on some CPUs), and the flip reaches the tokens after
+  # it. So: most logits agree to float rounding, none by more than such a flip.
+  diff, top = np.abs(np.asarray(theirs(TOKENS)) - np.asarray(want)), float(jnp.abs(want).max())
+  assert np.median(diff) <= 1e-5 * top and diff.max() <= 5e-3 * top, (np.median(diff), diff.max())
   # qwix's own RTN weights without the transform are another model: the check can fail.
   assert float(jnp.abs(_ptq(net, rules)(TOKENS) - want).max()) > 1e-2 * float(jnp.abs(want).max())
 
